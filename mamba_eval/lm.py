@@ -1,0 +1,348 @@
+"""The lm-eval model class ``mamba``: a thin adapter.
+
+It parses ``--model_args`` (the same names as lm-eval's ``hf`` model where they mean the same
+thing), loads the checkpoint through ``mamba_eval.loader``, tokenises as lm-eval's HF models do,
+and hands token-level work to ``mamba_eval.engine`` (scoring) and ``mamba_eval.generation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import torch
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from tqdm import tqdm
+
+from mamba_eval.errors import ModelArgsError, install_excepthook
+from mamba_eval.generation import SamplingParams, generate
+from mamba_eval.engine import score_continuations
+
+log = logging.getLogger(__name__)
+
+# Bad model_args or checkpoints end `lm_eval` with one line, not a traceback.
+install_excepthook()
+
+DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
+DEFAULT_MAX_LENGTH = 2048  # the published Mamba evaluations used lm-eval's mamba default
+DEFAULT_MAX_GEN_TOKS = 256
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# model_args accepted by `hf` that do not apply here: accepted so that scripts written for `hf`
+# keep working, with the reason they have no effect.
+_ACCEPTED_NOOPS = {
+    "trust_remote_code": "checkpoints are read as data; no code from them is ever executed",
+    "use_fast_tokenizer": "the fast tokenizer is always used",
+}
+
+
+def _parse_batch_size(value) -> int | str:
+    if value is None:
+        return 1
+    text = str(value)
+    if text.startswith("auto"):
+        if text not in ("auto",) and not text.startswith("auto:"):
+            raise ModelArgsError(f"batch_size={value!r}: expected an integer or 'auto'")
+        return "auto"  # `auto:N` re-detection is not needed: the budget holds for all lengths
+    try:
+        size = int(text)
+    except ValueError:
+        raise ModelArgsError(f"batch_size={value!r}: expected an integer or 'auto'") from None
+    if size < 1:
+        raise ModelArgsError(f"batch_size={value!r}: must be at least 1")
+    return size
+
+
+def _parse_device(value: str | None) -> torch.device:
+    if value in (None, "", "auto"):
+        value = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise ModelArgsError(f"device={value!r} is not a device torch knows") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("device %s requested but CUDA is not available; using the CPU", value)
+        device = torch.device("cpu")
+    return device
+
+
+def _parse_bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ModelArgsError(f"{name}={value!r}: expected true or false")
+
+
+class MambaLM(TemplateLM):
+    """Mamba and Mamba-2 checkpoints (mamba_ssm or transformers format) for lm-eval.
+
+    model_args: ``pretrained`` (folder or hub id), ``tokenizer`` (default: the checkpoint's own
+    tokenizer files, else EleutherAI/gpt-neox-20b), ``revision``, ``dtype`` (auto, float32,
+    bfloat16, float16), ``device``, ``batch_size`` (int or ``auto``), ``max_batch_size``,
+    ``max_length`` (default 2048), ``backend`` (op implementations: ``ref``), ``add_bos_token``,
+    ``prefix_token_id``.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "state-spaces/mamba-130m",
+        tokenizer: str | None = None,
+        revision: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        batch_size: int | str | None = 1,
+        max_batch_size: int | str | None = 64,
+        max_length: int | str | None = None,
+        backend: str | None = None,
+        add_bos_token: bool | str | None = None,
+        prefix_token_id: int | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        for key in list(kwargs):
+            if key in _ACCEPTED_NOOPS:
+                log.info("model_args %s has no effect: %s", key, _ACCEPTED_NOOPS[key])
+                kwargs.pop(key)
+        if kwargs:
+            accepted = sorted(
+                ["pretrained", "tokenizer", "revision", "dtype", "device", "batch_size",
+                 "max_batch_size", "max_length", "backend", "add_bos_token", "prefix_token_id",
+                 *_ACCEPTED_NOOPS]
+            )
+            raise ModelArgsError(
+                f"unknown model_args key(s) for --model mamba: {', '.join(sorted(kwargs))} "
+                f"(accepted: {', '.join(accepted)})"
+            )
+        if str(dtype) not in DTYPES:
+            raise ModelArgsError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+
+        from mamba_eval import loader  # heavy imports stay out of lm-eval's registry scan
+
+        self._rank, self._world_size, self.accelerator = 0, 1, None
+        device_obj = self._setup_distributed(_parse_device(device))
+        self._device = device_obj
+        self.batch_size_arg = _parse_batch_size(batch_size)
+        self.max_batch_size = int(max_batch_size) if max_batch_size is not None else 64
+        self._max_length = int(max_length) if max_length is not None else DEFAULT_MAX_LENGTH
+        if self._max_length < 1:
+            raise ModelArgsError(f"max_length={max_length!r}: must be at least 1")
+
+        self.pretrained = str(pretrained)
+        self.revision = revision
+        path = loader.resolve_checkpoint(self.pretrained, revision=revision)
+        backend_name = backend or "ref"
+        self.model = loader.load_model(
+            path, dtype=str(dtype), device=device_obj, backend=backend_name
+        )
+        self.model.eval()
+        self.tokenizer = self._load_tokenizer(tokenizer, path, revision)
+        self.add_bos_token = None if add_bos_token is None else _parse_bool("add_bos_token", add_bos_token)
+        self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
+        vocab_rows = self.model.config.vocab_size
+        if len(self.tokenizer) > vocab_rows:
+            raise ModelArgsError(
+                f"tokenizer has {len(self.tokenizer)} tokens but the checkpoint's embedding has "
+                f"only {vocab_rows} rows: wrong tokenizer for this model?"
+            )
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _setup_distributed(self, device: torch.device) -> torch.device:
+        """One process per GPU under `accelerate launch`: lm-eval shards the requests by
+        rank and gathers the results through the methods below."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return device
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        if accelerator.num_processes > 1:
+            self.accelerator = accelerator
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+            return accelerator.device
+        return device
+
+    @staticmethod
+    def _load_tokenizer(name: str | None, checkpoint_dir, revision):
+        from transformers import AutoTokenizer
+
+        from mamba_eval.loader import has_tokenizer_files
+
+        if name is None:
+            name = str(checkpoint_dir) if has_tokenizer_files(checkpoint_dir) else DEFAULT_TOKENIZER
+            rev = revision if name == str(checkpoint_dir) else None
+        else:
+            rev = None
+        try:
+            tok = AutoTokenizer.from_pretrained(name, revision=rev, use_fast=True)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelArgsError(f"cannot load tokenizer {name!r}: {first}") from None
+        return tok
+
+    # -- properties lm-eval reads ---------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
+        if self.tokenizer.bos_token_id is not None:
+            return self.tokenizer.bos_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return DEFAULT_MAX_GEN_TOKS
+
+    @property
+    def batch_size(self):
+        return self.batch_size_arg
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def get_model_info(self) -> dict:
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(next(self.model.parameters()).dtype),
+            "model_revision": self.revision,
+            "mamba_config": dataclasses.asdict(self.model.config),
+        }
+
+    # -- distributed primitives used by lm-eval's evaluator --------------------------------------
+    def all_gather(self, tensor):
+        return self.accelerator.gather(tensor) if self.accelerator else tensor
+
+    def gather_object(self, obj, dst=0):
+        if self.accelerator is None:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self._world_size if self._rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    # -- tokenisation ---------------------------------------------------------------------------
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        special = {}
+        if add_special_tokens is not None:
+            special = {"add_special_tokens": add_special_tokens}
+        elif self.add_bos_token is not None:
+            special = {"add_special_tokens": self.add_bos_token}
+        return self.tokenizer.encode(string, **special)
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def _progress(self, total: int, desc: str, disable: bool):
+        return tqdm(total=total, desc=desc, disable=disable or self._rank != 0)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        with self._progress(len(pairs), "Running loglikelihood requests", disable_tqdm) as bar:
+            results = score_continuations(
+                self.model, pairs, max_length=self.max_length, batch_size=self.batch_size_arg,
+                max_batch_size=self.max_batch_size, device=self._device,
+                pad_id=self.eot_token_id, on_progress=bar.update,
+            )
+        for (request_str, _, _), res in zip(requests, results):
+            if request_str is not None:
+                self.cache_hook.add_partial("loglikelihood", request_str, res)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        # lm-eval's own disjoint windows of max_length tokens, so published perplexities hold.
+        windows, owners = [], []
+        for idx, (string,) in enumerate([req.args for req in requests]):
+            for ctx, cont in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1,
+                ),
+            ):
+                windows.append((ctx, cont))
+                owners.append(idx)
+        with self._progress(len(windows), "Running loglikelihood_rolling windows", disable_tqdm) as bar:
+            scores = score_continuations(
+                self.model, windows, max_length=self.max_length, batch_size=self.batch_size_arg,
+                max_batch_size=self.max_batch_size, device=self._device,
+                pad_id=self.eot_token_id, on_progress=bar.update,
+            )
+        totals = [0.0] * len(requests)
+        for idx, (logprob, _) in zip(owners, scores):
+            totals[idx] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted(req.args[1].items(), key=str)), []).append(i)
+        results: list[str | None] = [None] * len(requests)
+        batch = self.batch_size_arg if isinstance(self.batch_size_arg, int) else self.max_batch_size
+        with self._progress(len(requests), "Running generate_until requests", disable_tqdm) as bar:
+            for indices in groups.values():
+                gen_kwargs = requests[indices[0]].args[1]
+                kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+                max_gen = int(kwargs.pop("max_gen_toks"))
+                params = SamplingParams(
+                    do_sample=bool(kwargs.pop("do_sample", False)),
+                    temperature=float(kwargs.pop("temperature", 0.0) or 0.0),
+                    top_k=int(kwargs.pop("top_k", 0) or 0),
+                    top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
+                    seed=kwargs.pop("seed", None),  # None: the global RNG, seeded by --seed
+                )
+                if kwargs:
+                    log.warning("generation kwargs ignored by --model mamba: %s", sorted(kwargs))
+                max_ctx = self.max_length - max_gen
+                if max_ctx < 1:
+                    raise ModelArgsError(
+                        f"max_gen_toks={max_gen} leaves no room for the prompt within max_length="
+                        f"{self.max_length}"
+                    )
+                prompts = [self.tok_encode(requests[i].args[0])[-max_ctx:] for i in indices]
+                stops = [s for s in until if s]
+
+                def stopped(tokens: list[int]) -> bool:
+                    text = self.tok_decode(tokens, skip_special_tokens=False)
+                    return any(s in text for s in stops)
+
+                outs = generate(
+                    self.model, prompts, max_new_tokens=max_gen, params=params,
+                    eos_id=self.eot_token_id, is_stopped=stopped if stops else None,
+                    batch_size=batch, device=self._device,
+                )
+                for i, toks in zip(indices, outs):
+                    text = postprocess_generated_text(self.tok_decode(toks), until, None)
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    bar.update(1)
+        return results  # type: ignore[return-value]

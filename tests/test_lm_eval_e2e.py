@@ -1,0 +1,96 @@
+"""End to end through lm-eval on real task data and the real GPT-NeoX-20B tokenizer:
+``--model mamba`` and lm-eval's own ``--model hf`` (transformers' Mamba classes) on the same
+random-init checkpoint must agree sample by sample."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers_data import require_data_dir
+
+lm_eval = pytest.importorskip("lm_eval")
+transformers = pytest.importorskip("transformers")
+
+VOCAB_ROWS = 50280  # GPT-NeoX-20B's 50277 tokens padded to a multiple of 8, as the releases do
+
+
+def _write_checkpoint(out_dir, arch: str):
+    torch.manual_seed(0)
+    if arch == "mamba1":
+        cfg = transformers.MambaConfig(
+            vocab_size=VOCAB_ROWS, hidden_size=64, num_hidden_layers=2, state_size=8,
+            expand=2, conv_kernel=4, residual_in_fp32=True, tie_word_embeddings=True,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        model = transformers.MambaForCausalLM(cfg)
+    else:
+        cfg = transformers.Mamba2Config(
+            vocab_size=VOCAB_ROWS, hidden_size=64, num_hidden_layers=2, state_size=16,
+            expand=2, conv_kernel=4, head_dim=16, num_heads=8, n_groups=1, chunk_size=32,
+            residual_in_fp32=True, tie_word_embeddings=True,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        model = transformers.Mamba2ForCausalLM(cfg)
+    # Spread the output distribution so that ranking answers depends on the model.
+    with torch.no_grad():
+        model.backbone.embeddings.weight.normal_(0.0, 0.5)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def offline_tasks():
+    data_dir = require_data_dir()
+    from mamba_eval.offline import prepare_offline_tasks
+
+    return prepare_offline_tasks(data_dir)
+
+
+def _run(model_name, ckpt, tok_dir, tasks, limit, include_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    args = f"pretrained={ckpt},tokenizer={tok_dir},dtype=float32"
+    return simple_evaluate(
+        model=model_name, model_args=args, tasks=tasks, limit=limit, device="cpu",
+        batch_size=4, task_manager=TaskManager(include_path=str(include_path)),
+        log_samples=True, bootstrap_iters=0,
+    )
+
+
+def _compare(ours, theirs, task):
+    r_ours, r_theirs = ours["results"][task], theirs["results"][task]
+    for key, value in r_theirs.items():
+        if key.endswith(",none") and "stderr" not in key and isinstance(value, float):
+            if "perplexity" in key or "bits_per_byte" in key or "byte_perplexity" in key:
+                assert math.isclose(r_ours[key], value, rel_tol=1e-4), (task, key, r_ours[key], value)
+            else:
+                assert r_ours[key] == value, (task, key, r_ours[key], value)
+    s_ours, s_theirs = ours["samples"][task], theirs["samples"][task]
+    assert len(s_ours) == len(s_theirs) > 0
+    for a, b in zip(s_ours, s_theirs):
+        assert a["doc_id"] == b["doc_id"]
+        for ra, rb in zip(a["resps"], b["resps"]):
+            va = ra[0][0] if isinstance(ra[0], (list, tuple)) else ra[0]
+            vb = rb[0][0] if isinstance(rb[0], (list, tuple)) else rb[0]
+            assert abs(va - vb) <= 1e-4 * max(1.0, abs(vb)), (task, a["doc_id"], va, vb)
+
+
+@pytest.mark.parametrize(
+    "arch,tasks,limit",
+    [
+        ("mamba1", ["hellaswag", "piqa", "lambada_openai", "wikitext"], 12),
+        ("mamba2", ["hellaswag", "lambada_openai"], 8),
+    ],
+)
+def test_mamba_equals_hf(tmp_path, offline_tasks, arch, tasks, limit):
+    tok_dir = require_data_dir() / "tokenizers" / "gpt-neox-20b"
+    ckpt = _write_checkpoint(tmp_path / arch, arch)
+    limits = limit
+    ours = _run("mamba", ckpt, tok_dir, tasks, limits, offline_tasks)
+    theirs = _run("hf", ckpt, tok_dir, tasks, limits, offline_tasks)
+    for task in tasks:
+        _compare(ours, theirs, task)
