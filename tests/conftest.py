@@ -1,0 +1,167 @@
+"""Shared fixtures: tiny random-init checkpoints written by transformers, in both formats we read.
+
+Every checkpoint is made by transformers' own ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (an
+implementation written independently of ours), saved with ``save_pretrained`` (transformers
+format), and converted to the mamba_ssm format (``config.json`` with ``d_model, n_layer, ssm_cfg,
+pad_vocab_size_multiple, ...`` and a ``pytorch_model.bin`` with ``backbone.embedding.*`` keys and a
+stored ``lm_head.weight``). The conversion below is written from the mamba_ssm format itself and
+does not use ``mamba_eval.loader``.
+
+``checkpoint(name)`` returns a ``Checkpoint`` with both folders and the transformers model, built
+once per test session; the ``ckpt_name`` fixture runs a test once per checkpoint of ``SPECS``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # `from helpers import ...` from any test folder
+
+
+@dataclass(frozen=True)
+class Spec:
+    arch: str  # "mamba1" | "mamba2"
+    vocab_size: int  # the tokenizer's; stored rows are padded to a multiple of pad_multiple
+    pad_multiple: int
+    hf: dict = field(default_factory=dict)  # transformers config fields
+
+    @property
+    def stored_vocab(self) -> int:
+        """Rows of the embedding and the LM head (the vocabulary padded as mamba_ssm pads it)."""
+        return -(-self.vocab_size // self.pad_multiple) * self.pad_multiple
+
+
+SPECS = {
+    # Mamba-1 with mamba_ssm's defaults (d_conv 4, expand 2, dt_rank "auto"); tied.
+    "mamba1-tiny": Spec("mamba1", 100, 8, dict(hidden_size=64, num_hidden_layers=2, state_size=8)),
+    # Mamba-1 with every size set: odd conv width, explicit dt_rank, projection biases, untied.
+    "mamba1-small": Spec("mamba1", 250, 8, dict(
+        hidden_size=96, num_hidden_layers=3, state_size=16, conv_kernel=3, time_step_rank=7, use_bias=True,
+        tie_word_embeddings=False)),
+    # Mamba-2, one group, tied.
+    "mamba2-tiny": Spec("mamba2", 100, 16, dict(
+        hidden_size=64, num_hidden_layers=2, state_size=8, head_dim=16, num_heads=8, n_groups=1, chunk_size=16,
+        tie_word_embeddings=True)),
+    # Mamba-2, two groups of six heads, no conv bias, projection biases, untied.
+    "mamba2-small": Spec("mamba2", 120, 16, dict(
+        hidden_size=96, num_hidden_layers=3, state_size=12, head_dim=16, num_heads=12, n_groups=2, chunk_size=16,
+        use_conv_bias=False, use_bias=True, tie_word_embeddings=False)),
+}
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    spec: Spec
+    hf_dir: Path  # transformers format (config.json + model.safetensors)
+    ssm_dir: Path  # mamba_ssm format (config.json + pytorch_model.bin)
+    hf_model: torch.nn.Module  # the transformers model the folders were written from (fp32, eval)
+
+    def dir(self, fmt: str) -> Path:
+        return {"transformers": self.hf_dir, "mamba_ssm": self.ssm_dir}[fmt]
+
+
+@torch.no_grad()
+def _perturb(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Move the parameters transformers initialises to constants (norm weights 1, D 1, biases 0) off
+    those constants, so that a mix-up of any of them shows in the logits. A_log and the Δ bias keep
+    transformers' realistic values, jittered."""
+
+    def noise(p, scale):
+        return torch.randn(p.shape, generator=gen) * scale
+
+    for name, p in model.named_parameters():
+        if name.endswith(("norm.weight", "norm_f.weight")):
+            p.copy_(1 + noise(p, 0.3))
+        elif name.endswith("mixer.D"):
+            p.copy_(1 + noise(p, 0.5))
+        elif name.endswith("A_log"):
+            p.add_(noise(p, 0.1))
+        elif name.endswith(("dt_bias", "dt_proj.bias")):
+            p.add_(noise(p, 0.2))
+        elif name.endswith("bias"):  # conv and projection biases
+            p.copy_(noise(p, 0.2))
+
+
+def _mamba_ssm_config(spec: Spec) -> dict:
+    hf = spec.hf
+    if spec.arch == "mamba1":
+        ssm_cfg = {"d_state": hf["state_size"]}
+        for ours, theirs in (("d_conv", "conv_kernel"), ("dt_rank", "time_step_rank"), ("bias", "use_bias")):
+            if theirs in hf:
+                ssm_cfg[ours] = hf[theirs]
+    else:
+        ssm_cfg = {
+            "layer": "Mamba2", "d_state": hf["state_size"], "headdim": hf["head_dim"], "ngroups": hf["n_groups"],
+            "chunk_size": hf["chunk_size"], "conv_bias": hf.get("use_conv_bias", True),
+            "bias": hf.get("use_bias", False),
+        }
+    return {
+        "d_model": hf["hidden_size"],
+        "d_intermediate": 0,
+        "n_layer": hf["num_hidden_layers"],
+        "vocab_size": spec.vocab_size,
+        "ssm_cfg": ssm_cfg,
+        "attn_layer_idx": [],
+        "attn_cfg": {},
+        "rms_norm": True,
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": spec.pad_multiple,
+        "tie_embeddings": hf.get("tie_word_embeddings", spec.arch == "mamba1"),
+    }
+
+
+def write_mamba_ssm_checkpoint(hf_model: torch.nn.Module, spec: Spec, folder: Path) -> None:
+    """Write ``hf_model`` in mamba_ssm's format (keys ``backbone.embedding.*``, lm_head always stored)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for key, tensor in hf_model.state_dict().items():
+        state[key.replace("backbone.embeddings.", "backbone.embedding.")] = tensor.clone()
+    state.setdefault("lm_head.weight", state["backbone.embedding.weight"].clone())
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(_mamba_ssm_config(spec), indent=2))
+
+
+def build_checkpoint(name: str, root: Path) -> Checkpoint:
+    import transformers
+
+    spec = SPECS[name]
+    cls_config, cls_model = {
+        "mamba1": (transformers.MambaConfig, transformers.MambaForCausalLM),
+        "mamba2": (transformers.Mamba2Config, transformers.Mamba2ForCausalLM),
+    }[spec.arch]
+    config = cls_config(vocab_size=spec.stored_vocab, layer_norm_epsilon=1e-5, **spec.hf)
+    torch.manual_seed(1234)
+    model = cls_model(config).eval()
+    _perturb(model, torch.Generator().manual_seed(5678))
+    hf_dir, ssm_dir = root / name / "transformers", root / name / "mamba_ssm"
+    model.save_pretrained(hf_dir)
+    write_mamba_ssm_checkpoint(model, spec, ssm_dir)
+    return Checkpoint(name, spec, hf_dir, ssm_dir, model)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """``checkpoint(name)`` -> ``Checkpoint`` for a name of ``SPECS``, built once per session."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    cache: dict[str, Checkpoint] = {}
+
+    def get(name: str) -> Checkpoint:
+        if name not in cache:
+            cache[name] = build_checkpoint(name, root)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(params=list(SPECS))
+def ckpt_name(request) -> str:
+    """Each checkpoint name of ``SPECS`` in turn."""
+    return request.param
