@@ -1,0 +1,363 @@
+"""Mamba (Gu & Dao 2023) and Mamba-2 (Dao & Gu 2024) language models, forward only.
+
+The network is mamba_ssm's ``MambaLMHeadModel``, with its parameter names and layouts, so its
+checkpoints load without renaming (``mamba_eval.loader`` maps the other formats onto these names)::
+
+    backbone.embedding                                        token embedding        [V, D]
+    backbone.layers.i.norm       pre-norm (fused with the residual add)
+    backbone.layers.i.mixer      Mamba1Mixer or Mamba2Mixer
+    backbone.norm_f              final norm
+    lm_head                      [V, D], the embedding itself when tie_embeddings
+
+A block computes ``residual = x + residual; x = mixer(norm(residual))``; the residual stream is
+kept in fp32 when ``config.residual_in_fp32``. The SSM parameters (``A_log``, ``D`` and the Δ
+bias) stay fp32 whatever the model dtype, as the scans consume them in fp32.
+
+Operators come from a backend chosen once at construction (``mamba_eval.backend.get_ops``).
+Sequence state is explicit: ``forward`` takes an optional initial ``ModelState`` (not modified)
+and can return the final one; ``step`` advances a ``ModelState`` by one token IN PLACE.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mamba_eval.backend import Ops, get_ops
+from mamba_eval.config import MambaConfig
+
+
+@dataclass
+class LayerState:
+    """The recurrent state of one layer for a batch of sequences.
+
+    ``conv``: the last K-1 inputs of the causal conv, ``[B, conv_dim, d_conv - 1]``, model dtype.
+    ``ssm``: the SSM state, fp32; Mamba-1 ``[B, d_inner, d_state]``, Mamba-2 ``[B, nheads, headdim, d_state]``.
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.conv.shape[0]
+
+    def index_select(self, idx: torch.Tensor | list[int]) -> LayerState:
+        """A new state holding rows ``idx`` of the batch (repeats allowed: this is how to fork)."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.conv.device)
+        return LayerState(self.conv.index_select(0, idx), self.ssm.index_select(0, idx))
+
+    def clone(self) -> LayerState:
+        return LayerState(self.conv.clone(), self.ssm.clone())
+
+    def copy_(self, other: LayerState) -> LayerState:
+        """Overwrite this state's tensors in place (keeps their storage, e.g. for CUDA graphs)."""
+        self.conv.copy_(other.conv)
+        self.ssm.copy_(other.ssm)
+        return self
+
+
+ModelState = list[LayerState]  # one LayerState per layer
+
+
+class Norm(nn.Module):
+    """Parameters of an RMSNorm (weight) or LayerNorm (weight, bias); applied by ``ops.add_norm``."""
+
+    def __init__(self, dim: int, is_rms: bool, eps: float, **factory):
+        super().__init__()
+        self.is_rms, self.eps = is_rms, eps
+        self.weight = nn.Parameter(torch.empty(dim, **factory))
+        self.bias = None if is_rms else nn.Parameter(torch.empty(dim, **factory))
+
+    def add_norm(self, ops: Ops, x, residual, residual_in_fp32: bool):
+        return ops.add_norm(x, residual, self.weight, self.bias, self.eps, residual_in_fp32, self.is_rms)
+
+
+def _conv_params(channels: int, width: int, bias: bool, **factory) -> nn.Conv1d:
+    """Holder of a depthwise conv's parameters, weight ``[C, 1, K]`` as in mamba_ssm; applied by ``ops``."""
+    return nn.Conv1d(channels, channels, width, groups=channels, padding=width - 1, bias=bias, **factory)
+
+
+def _inverse_softplus_dt(n: int, device, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4) -> torch.Tensor:
+    """Δ bias whose softplus is log-uniform in [dt_min, dt_max] (mamba_ssm's initialisation)."""
+    dt = torch.exp(torch.rand(n, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba1Mixer(nn.Module):
+    """The Mamba-1 mixer (Mamba paper, Fig. 3): in_proj -> [x; z]; x -> conv -> SiLU -> selective
+    scan with Δ, B, C = x_proj(x) (Δ through the low-rank dt_proj), gated by silu(z); out_proj."""
+
+    def __init__(self, config: MambaConfig, ops: Ops, **factory):
+        super().__init__()
+        self.ops = ops
+        d, di, n, r = config.d_model, config.d_inner, config.d_state, config.dt_rank
+        self.d_state, self.dt_rank = n, r
+        fp32 = {**factory, "dtype": torch.float32}
+        self.in_proj = nn.Linear(d, 2 * di, bias=config.proj_bias, **factory)  # rows [x; z]
+        self.conv1d = _conv_params(di, config.d_conv, config.conv_bias, **factory)
+        self.x_proj = nn.Linear(di, r + 2 * n, bias=False, **factory)  # rows [dt; B; C]
+        self.dt_proj = nn.Linear(r, di, bias=False, **factory)
+        self.dt_proj.bias = nn.Parameter(torch.empty(di, **fp32))  # added in fp32 inside the scan
+        self.A_log = nn.Parameter(torch.empty(di, n, **fp32))
+        self.D = nn.Parameter(torch.empty(di, **fp32))
+        self.out_proj = nn.Linear(di, d, bias=config.proj_bias, **factory)
+
+    @torch.no_grad()
+    def init_ssm_parameters(self):
+        n = self.A_log.shape[-1]
+        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(self.A_log))  # S4D-real
+        self.D.fill_(1.0)
+        self.dt_proj.bias.copy_(_inverse_softplus_dt(self.D.shape[0], self.D.device))
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """Δ (without its bias), B, C from the convolved x [..., d_inner]."""
+        dt, B, C = F.linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def forward(self, h: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
+        """h [B, L, D] -> (out [B, L, D], final LayerState); ``state`` (if given) is read, not written."""
+        x, z = F.linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
+        x, conv_state = self.ops.causal_conv1d(
+            x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+            initial_state=None if state is None else state.conv, activation="silu",
+        )  # [B, d_inner, L]
+        dt, B, C = self._ssm_inputs(x.transpose(1, 2))
+        y, ssm_state = self.ops.selective_scan(
+            x, dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+            self.D, z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True,
+            initial_state=None if state is None else state.ssm,
+        )  # [B, d_inner, L]
+        out = F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
+        return out, LayerState(conv_state, ssm_state)
+
+    def step(self, h: torch.Tensor, state: LayerState) -> torch.Tensor:
+        """h [B, D] -> out [B, D]; advances ``state`` IN PLACE."""
+        x, z = F.linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
+        x = self.ops.causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        dt, B, C = self._ssm_inputs(x)
+        y = self.ops.selective_state_update(
+            state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, self.D, z,
+            dt_bias=self.dt_proj.bias, dt_softplus=True,
+        )
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias)
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 mixer (SSD paper, Fig. 6): in_proj -> [z; x; B; C; dt]; [x; B; C] -> conv ->
+    SiLU; SSD scan (scalar A per head, B/C shared within groups); RMSNorm(y * silu(z)); out_proj."""
+
+    def __init__(self, config: MambaConfig, ops: Ops, **factory):
+        super().__init__()
+        self.ops = ops
+        self.config = config
+        di, h = config.d_inner, config.nheads
+        fp32 = {**factory, "dtype": torch.float32}
+        self.in_proj = nn.Linear(config.d_model, config.d_in_proj, bias=config.proj_bias, **factory)
+        self.conv1d = _conv_params(config.conv_dim, config.d_conv, config.conv_bias, **factory)
+        self.dt_bias = nn.Parameter(torch.empty(h, **fp32))
+        self.A_log = nn.Parameter(torch.empty(h, **fp32))
+        self.D = nn.Parameter(torch.empty(h, **fp32))
+        self.norm = Norm(di, is_rms=True, eps=config.norm_eps, **factory)  # gated, per group
+        self.out_proj = nn.Linear(di, config.d_model, bias=config.proj_bias, **factory)
+
+    @torch.no_grad()
+    def init_ssm_parameters(self):
+        self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1, 16)))
+        self.D.fill_(1.0)
+        self.dt_bias.copy_(_inverse_softplus_dt(self.D.shape[0], self.D.device))
+
+    def _split(self, zxbcdt: torch.Tensor):
+        c = self.config
+        return zxbcdt.split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        """[..., conv_dim] -> x [..., H, P], B [..., G, N], C [..., G, N]."""
+        c = self.config
+        x, B, C = xbc.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        groups = (c.ngroups, c.d_state)
+        return x.unflatten(-1, (c.nheads, c.headdim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
+
+    def _gated_norm_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        y = self.ops.gated_rmsnorm(y, z, self.norm.weight, self.norm.eps, c.d_inner // c.ngroups)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias)
+
+    def forward(self, h: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
+        """h [B, L, D] -> (out [B, L, D], final LayerState); ``state`` (if given) is read, not written."""
+        z, xbc, dt = self._split(F.linear(h, self.in_proj.weight, self.in_proj.bias))
+        xbc, conv_state = self.ops.causal_conv1d(
+            xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+            initial_state=None if state is None else state.conv, activation="silu",
+        )  # [B, conv_dim, L]
+        x, B, C = self._split_xbc(xbc.transpose(1, 2))
+        y, ssm_state = self.ops.ssd_scan(
+            x, dt, -torch.exp(self.A_log.float()), B, C, self.config.chunk_size, self.D,
+            dt_bias=self.dt_bias, dt_softplus=True, initial_state=None if state is None else state.ssm,
+        )  # [B, L, H, P]
+        return self._gated_norm_out(y.flatten(-2), z), LayerState(conv_state, ssm_state)
+
+    def step(self, h: torch.Tensor, state: LayerState) -> torch.Tensor:
+        """h [B, D] -> out [B, D]; advances ``state`` IN PLACE."""
+        z, xbc, dt = self._split(F.linear(h, self.in_proj.weight, self.in_proj.bias))
+        xbc = self.ops.causal_conv1d_update(xbc, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        x, B, C = self._split_xbc(xbc)
+        y = self.ops.ssd_state_update(
+            state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, self.D, dt_bias=self.dt_bias, dt_softplus=True,
+        )  # [B, H, P]
+        return self._gated_norm_out(y.flatten(-2), z)
+
+
+class Block(nn.Module):
+    """``residual = x + residual; x = mixer(norm(residual))`` (add and norm fused, as in mamba_ssm)."""
+
+    def __init__(self, config: MambaConfig, ops: Ops, **factory):
+        super().__init__()
+        self.ops = ops
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
+        mixer_cls = Mamba1Mixer if config.arch == "mamba1" else Mamba2Mixer
+        self.mixer = mixer_cls(config, ops, **factory)
+
+    def forward(self, x, residual, state: LayerState | None):
+        x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
+        x, state = self.mixer(x, state)
+        return x, residual, state
+
+    def step(self, x, residual, state: LayerState):
+        x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
+        return self.mixer.step(x, state), residual
+
+
+class Backbone(nn.Module):
+    """Embedding, ``n_layer`` blocks and the final norm (mamba_ssm's ``MixerModel``)."""
+
+    def __init__(self, config: MambaConfig, ops: Ops, **factory):
+        super().__init__()
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model, **factory)
+        self.layers = nn.ModuleList(Block(config, ops, **factory) for _ in range(config.n_layer))
+        self.norm_f = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
+
+
+class MambaLMHeadModel(nn.Module):
+    """A Mamba or Mamba-2 language model; forward only (parameters do not require grad).
+
+    ``backend`` names the operator implementations (``mamba_eval.backend``); ``dtype`` is the
+    dtype of the weights and activations (the SSM parameters stay fp32). On a real device the
+    weights get mamba_ssm-style random values; on the ``meta`` device they are left unallocated
+    (``mamba_eval.loader`` materialises and fills them).
+    """
+
+    def __init__(self, config: MambaConfig, *, backend: str = "ref", device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.ops = get_ops(backend)
+        factory = {"device": device, "dtype": dtype}
+        self.backbone = Backbone(config, self.ops, **factory)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, **factory)
+        self.tie_weights()
+        if self.backbone.embedding.weight.device.type != "meta":
+            self.init_weights()
+        self.requires_grad_(False)
+        self.eval()
+
+    def tie_weights(self):
+        """Make ``lm_head.weight`` the embedding matrix when ``config.tie_embeddings``."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Random weights in the spirit of mamba_ssm's initialisation (for tests and benchmarks)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                module.reset_parameters()
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, Norm):
+                module.weight.fill_(1.0)
+                if module.bias is not None:
+                    module.bias.zero_()
+        nn.init.normal_(self.backbone.embedding.weight, std=0.02)
+        for layer in self.backbone.layers:
+            layer.mixer.init_ssm_parameters()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embedding.weight.device
+
+    def _check_state(self, state: ModelState, batch_size: int):
+        if len(state) != self.config.n_layer:
+            raise ValueError(f"state has {len(state)} layers, the model has {self.config.n_layer}")
+        if state and state[0].batch_size != batch_size:
+            raise ValueError(f"state is for batch size {state[0].batch_size}, input_ids for {batch_size}")
+
+    def backbone_forward(
+        self, input_ids: torch.Tensor, state: ModelState | None = None, return_state: bool = False
+    ) -> tuple[torch.Tensor, ModelState | None]:
+        """input_ids [B, L] -> (hidden [B, L, D] after norm_f in model dtype, final state or None).
+
+        ``state`` is the state before ``input_ids[:, 0]`` (zeros when None); it is not modified.
+        """
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError(
+                f"input_ids must be an integer tensor [B, L], got {input_ids.dtype} {tuple(input_ids.shape)}"
+            )
+        if state is not None:
+            self._check_state(state, input_ids.shape[0])
+        x, residual = F.embedding(input_ids, self.backbone.embedding.weight), None
+        final_states = [] if return_state else None
+        for i, layer in enumerate(self.backbone.layers):
+            x, residual, layer_state = layer(x, residual, None if state is None else state[i])
+            if return_state:
+                final_states.append(layer_state)
+        hidden, _ = self.backbone.norm_f.add_norm(self.ops, x, residual, self.config.residual_in_fp32)
+        return hidden, final_states
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., D] -> logits [..., V] in fp32 (matmul in the weight dtype), over all stored rows."""
+        weight = self.lm_head.weight
+        return F.linear(hidden.to(weight.dtype), weight).float()
+
+    def forward(
+        self, input_ids: torch.Tensor, state: ModelState | None = None, return_state: bool = False
+    ) -> tuple[torch.Tensor, ModelState | None]:
+        """input_ids [B, L] -> (logits [B, L, V] fp32, final state if ``return_state`` else None)."""
+        hidden, final_state = self.backbone_forward(input_ids, state, return_state)
+        return self.lm_logits(hidden), final_state
+
+    def allocate_state(self, batch_size: int) -> ModelState:
+        """A zero state (the state before any token) for ``batch_size`` sequences."""
+        c = self.config
+        conv_shape = (batch_size, c.conv_dim, c.d_conv - 1)
+        if c.arch == "mamba1":
+            ssm_shape = (batch_size, c.d_inner, c.d_state)
+        else:
+            ssm_shape = (batch_size, c.nheads, c.headdim, c.d_state)
+        return [
+            LayerState(
+                torch.zeros(conv_shape, dtype=self.dtype, device=self.device),
+                torch.zeros(ssm_shape, dtype=torch.float32, device=self.device),
+            )
+            for _ in range(c.n_layer)
+        ]
+
+    def step(self, input_ids: torch.Tensor, state: ModelState) -> torch.Tensor:
+        """One token per sequence: input_ids [B] -> logits [B, V] fp32; advances ``state`` IN PLACE."""
+        if input_ids.ndim != 1:
+            raise ValueError(f"step takes one token per sequence, input_ids [B]; got shape {tuple(input_ids.shape)}")
+        self._check_state(state, input_ids.shape[0])
+        x, residual = F.embedding(input_ids, self.backbone.embedding.weight), None
+        for layer, layer_state in zip(self.backbone.layers, state):
+            x, residual = layer.step(x, residual, layer_state)
+        hidden, _ = self.backbone.norm_f.add_norm(self.ops, x, residual, self.config.residual_in_fp32)
+        return self.lm_logits(hidden)

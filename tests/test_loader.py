@@ -1,0 +1,297 @@
+"""Checkpoint loading: both config dialects, all weight layouts, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mamba_eval.loader import (
+    CheckpointError,
+    has_tokenizer_files,
+    load_model,
+    load_state_dict,
+    parse_dtype,
+    read_config,
+    resolve_checkpoint,
+)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    file = folder / "config.json"
+    config = json.loads(file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    file.write_text(json.dumps(config))
+
+
+def _raises(match: str, fn, *args, exc=CheckpointError, **kwargs) -> str:
+    """Call fn, expect ``exc`` whose one-line message contains every fragment of ``match`` ('|'-separated)."""
+    with pytest.raises(exc) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, f"message is not one line: {message!r}"
+    for fragment in match.split("|"):
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def _logits(model, vocab, length=13):
+    ids = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0))
+    return model(ids)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+def _write_config(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_published_mamba_ssm_configs(tmp_path):
+    """The config.json files of state-spaces/mamba-130m and state-spaces/mamba2-130m, as published."""
+    mamba = read_config(_write_config(tmp_path / "m1", {
+        "d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {}, "rms_norm": True,
+        "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
+    }))
+    assert (mamba.arch, mamba.vocab_size, mamba.d_state, mamba.d_conv, mamba.dt_rank, mamba.d_inner) == (
+        "mamba1", 50280, 16, 4, 48, 1536)
+    assert mamba.tie_embeddings and mamba.rms_norm and mamba.residual_in_fp32 and not mamba.proj_bias
+    mamba2 = read_config(_write_config(tmp_path / "m2", {
+        "d_model": 768, "d_intermediate": 0, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {"layer": "Mamba2"},
+        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+        "pad_vocab_size_multiple": 16, "tie_embeddings": True,
+    }))
+    assert (mamba2.arch, mamba2.vocab_size, mamba2.d_state, mamba2.headdim, mamba2.nheads, mamba2.ngroups,
+            mamba2.chunk_size) == ("mamba2", 50288, 128, 64, 24, 1, 256)
+    assert mamba2.conv_dim == 1536 + 2 * 128 and mamba2.d_in_proj == 2 * 1536 + 2 * 128 + 24
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_transformers_defaults_match_transformers(tmp_path, arch):
+    """A transformers config with most fields left out reads as transformers itself reads it."""
+    import transformers
+
+    minimal = {"model_type": arch, "hidden_size": 256, "num_hidden_layers": 2, "vocab_size": 96}
+    if arch == "mamba2":
+        minimal.update(num_heads=8)  # 8 * head_dim 64 = expand 2 * 256
+    ours = read_config(_write_config(tmp_path, minimal))
+    theirs = (transformers.MambaConfig if arch == "mamba" else transformers.Mamba2Config)(**minimal)
+    assert (ours.d_state, ours.d_conv, ours.expand, ours.norm_eps, ours.conv_bias, ours.proj_bias,
+            ours.residual_in_fp32, ours.tie_embeddings) == (
+        theirs.state_size, theirs.conv_kernel, theirs.expand, theirs.layer_norm_epsilon, theirs.use_conv_bias,
+        theirs.use_bias, theirs.residual_in_fp32, theirs.tie_word_embeddings)
+    if arch == "mamba":
+        assert ours.dt_rank == theirs.time_step_rank
+    else:
+        assert (ours.headdim, ours.nheads, ours.ngroups, ours.chunk_size) == (
+            theirs.head_dim, theirs.num_heads, theirs.n_groups, theirs.chunk_size)
+
+
+def test_architecture_from_architectures_field(checkpoint, tmp_path):
+    folder = _copy(checkpoint("mamba2-tiny").hf_dir, tmp_path / "ckpt")
+    _edit_config(folder, model_type=None)
+    assert read_config(folder).arch == "mamba2"
+
+
+# --------------------------------------------------------------------------------------------
+# Weight layouts
+# --------------------------------------------------------------------------------------------
+
+
+def test_sharded_safetensors(checkpoint, tmp_path):
+    ckpt = checkpoint("mamba2-small")
+    sharded = tmp_path / "sharded"
+    ckpt.hf_model.save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
+    vocab = ckpt.spec.vocab_size
+    assert torch.equal(_logits(load_model(str(sharded)), vocab), _logits(load_model(str(ckpt.hf_dir)), vocab))
+
+
+def test_sharded_bin(checkpoint, tmp_path):
+    ckpt = checkpoint("mamba1-small")
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    shutil.copy(ckpt.ssm_dir / "config.json", folder)
+    state = torch.load(ckpt.ssm_dir / "pytorch_model.bin", weights_only=True)
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, folder / name)
+        weight_map.update({k: name for k in part})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    vocab = ckpt.spec.vocab_size
+    assert torch.equal(_logits(load_model(str(folder)), vocab), _logits(load_model(str(ckpt.ssm_dir)), vocab))
+
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+    _raises("pytorch_model-00002-of-00002.bin|missing", load_model, str(folder))
+
+
+def test_dtype_auto(checkpoint, tmp_path):
+    ckpt = checkpoint("mamba1-tiny")
+    assert load_model(str(ckpt.hf_dir)).dtype == torch.float32  # config "dtype": "float32"
+    assert load_model(str(ckpt.ssm_dir)).dtype == torch.float32  # no dtype field: fp32 weights
+    folder = _copy(ckpt.hf_dir, tmp_path / "bf16")
+    _edit_config(folder, dtype=None, torch_dtype="bfloat16")
+    assert load_model(str(folder)).dtype == torch.bfloat16
+    assert load_model(str(folder), dtype="float32").dtype == torch.float32
+    # No dtype field: the stored dtype of the weights decides.
+    _edit_config(folder, torch_dtype=None)
+    save_file({k: v.half() for k, v in load_file(folder / "model.safetensors").items()}, folder / "model.safetensors")
+    model = load_model(str(folder))
+    assert model.dtype == torch.float16 and model.backbone.layers[0].mixer.A_log.dtype == torch.float32
+
+
+def test_parse_dtype():
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("torch.float16") is torch.float16
+    assert parse_dtype(torch.float32) is torch.float32 and parse_dtype("auto") == "auto"
+    _raises("unknown dtype 'bfloat61'", parse_dtype, "bfloat61", exc=ValueError)
+    _raises("unsupported dtype torch.int8", parse_dtype, torch.int8, exc=ValueError)
+
+
+def test_tokenizer_files(checkpoint, tmp_path):
+    assert not has_tokenizer_files(checkpoint("mamba1-tiny").ssm_dir)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert has_tokenizer_files(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------
+
+
+def test_nonexistent_path(tmp_path):
+    _raises(f"{tmp_path / 'nope'}|does not exist", load_model, str(tmp_path / "nope"))
+    _raises("does not exist", resolve_checkpoint, "./no/such/folder")
+    _raises("neither an existing folder nor a valid Hugging Face Hub id", resolve_checkpoint, "not a hub id")
+
+
+def test_file_instead_of_folder(checkpoint):
+    _raises("is a file", load_model, str(checkpoint("mamba1-tiny").hf_dir / "config.json"))
+
+
+def test_folder_without_config(checkpoint, tmp_path):
+    folder = _copy(checkpoint("mamba1-tiny").hf_dir, tmp_path / "ckpt")
+    (folder / "config.json").unlink()
+    _raises(f"{folder}|no config.json", load_model, str(folder))
+
+
+def test_folder_without_weights(checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shutil.copy(checkpoint("mamba1-tiny").hf_dir / "config.json", folder)
+    _raises("no weights found|model.safetensors|pytorch_model.bin", load_model, str(folder))
+
+
+def test_broken_config_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    _raises("config.json|cannot read JSON", read_config, tmp_path)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"model_type": "llama", "hidden_size": 64}, "unsupported model_type 'llama'"),
+    ({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}, "unsupported architectures ['LlamaForCausalLM']"),
+    ({"n_layer": 2}, "unknown config format"),
+])
+def test_unknown_architecture(tmp_path, config, match):
+    _raises(match, read_config, _write_config(tmp_path, config))
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"model_type": "mamba", "num_hidden_layers": 2, "vocab_size": 8}, "field 'hidden_size' is required but missing"),
+    ({"model_type": "mamba2", "hidden_size": 64, "vocab_size": 8}, "'num_hidden_layers' is required"),
+    ({"d_model": 64, "vocab_size": 8}, "field 'n_layer' is required but missing"),
+    ({"d_model": 64, "n_layer": 2}, "field 'vocab_size' is required but missing"),
+])
+def test_missing_required_field(tmp_path, config, match):
+    _raises(match, read_config, _write_config(tmp_path, config))
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"d_intermediate": 256}, "'d_intermediate'|not supported yet"),
+    ({"attn_layer_idx": [1]}, "'attn_layer_idx'|not supported yet"),
+    ({"ssm_cfg": {"layer": "Mamba3"}}, "'ssm_cfg.layer'|'Mamba3'|not supported"),
+    ({"ssm_cfg": {"layer": "Mamba2", "norm_before_gate": True}}, "'ssm_cfg.norm_before_gate'|not supported yet"),
+    ({"ssm_cfg": {"d_state": 8, "d_sate": 4}}, "'ssm_cfg.d_sate'|not a known Mamba1 setting"),
+    ({"ssm_cfg": {"d_state": "16"}}, "'ssm_cfg.d_state'|must be an integer"),
+    ({"ssm_cfg": {"layer": "Mamba2", "headdim": 48}}, "not a multiple of headdim = 48"),
+    ({"rms_norm": "yes"}, "'rms_norm'|must be true or false"),
+])
+def test_unsupported_or_invalid_mamba_ssm_fields(tmp_path, extra, match):
+    _raises(match, read_config, _write_config(tmp_path, {"d_model": 64, "n_layer": 2, "vocab_size": 50, **extra}))
+
+
+def test_inconsistent_transformers_mamba2_heads(tmp_path):
+    config = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 50,
+              "num_heads": 3, "head_dim": 16}
+    _raises("num_heads * head_dim = 3 * 16|expand * hidden_size = 2 * 64", read_config, _write_config(tmp_path, config))
+
+
+def test_shapes_not_matching_config(checkpoint, tmp_path):
+    folder = _copy(checkpoint("mamba2-tiny").ssm_dir, tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    _edit_config(folder, ssm_cfg={**config["ssm_cfg"], "d_state": 4})
+    _raises("'backbone.layers.0.mixer.in_proj.weight'|(280, 64)|(272, 64)", load_model, str(folder))
+    # The padded vocabulary is part of the shapes: another padding multiple gives other rows.
+    _edit_config(folder, ssm_cfg=config["ssm_cfg"], pad_vocab_size_multiple=1)
+    _raises("'backbone.embedding.weight'|(112, 64)|(100, 64)", load_model, str(folder))
+
+
+def test_missing_key(checkpoint, tmp_path):
+    folder = _copy(checkpoint("mamba2-tiny").hf_dir, tmp_path / "ckpt")
+    state = load_file(folder / "model.safetensors")
+    del state["backbone.layers.1.mixer.D"]
+    save_file(state, folder / "model.safetensors")
+    _raises("1 weight(s) missing|backbone.layers.1.mixer.D", load_model, str(folder))
+
+
+def test_missing_untied_lm_head(checkpoint, tmp_path):
+    folder = _copy(checkpoint("mamba2-small").hf_dir, tmp_path / "ckpt")
+    state = load_file(folder / "model.safetensors")
+    del state["lm_head.weight"]
+    save_file(state, folder / "model.safetensors")
+    _raises("missing|lm_head.weight", load_model, str(folder))
+
+
+def test_unexpected_key(checkpoint, tmp_path):
+    folder = _copy(checkpoint("mamba1-tiny").ssm_dir, tmp_path / "ckpt")
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    state["backbone.layers.0.mixer.extra_proj.weight"] = torch.zeros(3)
+    torch.save(state, folder / "pytorch_model.bin")
+    _raises("1 unexpected weight(s)|backbone.layers.0.mixer.extra_proj.weight", load_model, str(folder))
+
+
+def test_config_with_more_layers_than_weights(checkpoint, tmp_path):
+    folder = _copy(checkpoint("mamba1-tiny").ssm_dir, tmp_path / "ckpt")
+    _edit_config(folder, n_layer=3)
+    _raises("missing|backbone.layers.2.", load_state_dict, folder, read_config(folder))
+
+
+def test_unreadable_weights(checkpoint, tmp_path):
+    folder = _copy(checkpoint("mamba1-tiny").ssm_dir, tmp_path / "ckpt")
+    (folder / "pytorch_model.bin").write_bytes(b"definitely not a checkpoint")
+    _raises("pytorch_model.bin|cannot read weights", load_model, str(folder))
+
+
+def test_bad_runtime_arguments(checkpoint):
+    folder = str(checkpoint("mamba1-tiny").hf_dir)
+    _raises("unknown dtype 'bfloat61'", load_model, folder, dtype="bfloat61", exc=ValueError)
+    _raises("unknown kernel backend 'cuda'", load_model, folder, backend="cuda", exc=ValueError)
+    _raises("invalid device 'gpu0'", load_model, folder, device="gpu0", exc=ValueError)
