@@ -1,0 +1,326 @@
+"""A self-contained demo that evaluates a real (tiny) Mamba checkpoint with no hub access.
+
+The project ships no third-party data or tokenizer files, so everything the demo needs is
+generated here from a fixed seed, byte for byte the same on every machine:
+
+1. :func:`build_tokenizer`: a byte-level BPE tokenizer trained with ``tokenizers`` on English-
+   like text from :func:`demo_corpus`, saved as a transformers tokenizer folder laid out like
+   GPT-NeoX-20B's (``<|endoftext|>`` id 0 = bos = eos = unk, ``<|padding|>`` id 1, no prefix
+   space, so ``decode(encode(s)) == s``).
+2. :func:`write_random_checkpoint`: a Mamba-1 checkpoint in mamba_ssm format (``config.json`` +
+   ``pytorch_model.bin``, fp32, ``lm_head.weight`` tied to the embedding) with mamba_ssm's
+   initialisation, d_model 64, 2 layers, the embedding padded to a multiple of 8 rows. It scores
+   at chance; a trained checkpoint written into the same folder can replace it.
+3. :func:`write_demo_task`: an lm-eval task of our own, :data:`DEMO_TASK`: multiple choice,
+   "which continuation repeats the key stated earlier" (a recall test, which selective SSMs are
+   built for), :data:`DEMO_NUM_DOCS` documents, 4 choices each, metrics ``acc`` / ``acc_norm``.
+
+:func:`build_demo` runs the three steps. The evaluation it prepares is::
+
+    lm_eval --model mamba --model_args pretrained=OUT/model --tasks mamba_eval_demo_recall \\
+        --include_path OUT/tasks --device cpu --batch_size 8
+
+(:func:`demo_lm_eval_args` returns that argument list.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+__all__ = [
+    "DEMO_NUM_DOCS",
+    "DEMO_SEED",
+    "DEMO_TASK",
+    "MODEL_CONFIG",
+    "build_demo",
+    "build_tokenizer",
+    "demo_corpus",
+    "demo_lm_eval_args",
+    "pad_vocab_size",
+    "random_mamba_state_dict",
+    "write_demo_task",
+    "write_random_checkpoint",
+]
+
+DEMO_SEED = 20240531
+DEMO_TASK = "mamba_eval_demo_recall"
+DEMO_NUM_DOCS = 200
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|padding|>"
+#: Requested BPE vocabulary size, specials included (the trainer stops early if the corpus runs
+#: out of merges). Deliberately not a multiple of 8, like GPT-NeoX's 50277, so that the
+#: checkpoint's embedding padding is exercised.
+TOKENIZER_VOCAB_SIZE = 1021
+
+#: mamba_ssm ``config.json`` of the demo checkpoint (``vocab_size`` is filled in from the tokenizer).
+#: ``ssm_cfg`` is empty as in the released Mamba-1 checkpoints: d_state 16, d_conv 4, expand 2.
+MODEL_CONFIG: dict = {
+    "d_model": 64,
+    "d_intermediate": 0,
+    "n_layer": 2,
+    "vocab_size": None,
+    "ssm_cfg": {},
+    "attn_layer_idx": [],
+    "attn_cfg": {},
+    "rms_norm": True,
+    "residual_in_fp32": True,
+    "fused_add_norm": True,
+    "pad_vocab_size_multiple": 8,
+    "tie_embeddings": True,
+}
+# Mamba-1 defaults of mamba_ssm's Mamba block, which an empty ssm_cfg selects.
+_D_STATE, _D_CONV, _EXPAND = 16, 4, 2
+_DT_MIN, _DT_MAX, _DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
+
+# --------------------------------------------------------------------------- text
+
+_COLORS = "amber azure black blue brown coral crimson cyan gold gray green indigo ivory jade lemon lilac maroon olive orange pink plum red rose ruby silver tan teal violet white yellow".split()
+_ANIMALS = "badger bat bear beaver bison camel cat crab crane crow deer dog dove eagle ferret finch fox frog goat goose hare hawk heron horse lynx mole moose mouse otter owl panda pig raven seal sheep snake swan tiger toad trout whale wolf yak zebra".split()
+_NOUNS = "river garden city market forest village harbor valley bridge castle island road tower library school station kitchen window mountain desert field lake meadow ship train letter story song map lamp clock door wall table chair book stone tree cloud storm morning evening winter summer".split()
+_VERBS = "found saw carried painted crossed watched opened closed followed built visited remembered described measured counted cleaned repaired lost kept shared".split()
+_ADJS = "old small quiet bright dark long narrow warm cold busy empty green distant hidden famous simple heavy gentle strange wooden".split()
+_NAMES = "Ada Ben Clara David Elena Felix Grace Henry Iris Jonas Kira Leo Maya Nora Oscar Paula Quinn Rosa Sam Tara".split()
+_PREPS = "near across behind beside under over through past".split()
+
+
+def _sentence(rng: random.Random) -> str:
+    """One sentence of the demo's small English-like language."""
+    form = rng.randrange(4)
+    if form == 0:
+        return f"{rng.choice(_NAMES)} {rng.choice(_VERBS)} the {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_PREPS)} the {rng.choice(_NOUNS)}."
+    if form == 1:
+        return f"The {rng.choice(_NOUNS)} was {rng.choice(_ADJS)}, and the {rng.choice(_NOUNS)} was {rng.choice(_ADJS)}."
+    if form == 2:
+        n = rng.randint(2, 999)
+        return f"There were {n} {rng.choice(_NOUNS)}s {rng.choice(_PREPS)} the {rng.choice(_NOUNS)}."
+    return f'"{rng.choice(_NAMES)}, look at the {rng.choice(_COLORS)} {rng.choice(_ANIMALS)}!" said {rng.choice(_NAMES)}.'
+
+
+def _key(rng: random.Random) -> str:
+    return f"{rng.choice(_COLORS)} {rng.choice(_ANIMALS)} {rng.randint(10, 99)}"
+
+
+def demo_corpus(seed: int = DEMO_SEED, num_sentences: int = 20000) -> Iterator[str]:
+    """Deterministic English-like lines (plain sentences and key statements) for tokenizer training."""
+    rng = random.Random(seed)
+    for _ in range(num_sentences):
+        if rng.random() < 0.1:
+            yield f"The key is {_key(rng)}. Remember the key."
+        else:
+            yield " ".join(_sentence(rng) for _ in range(rng.randint(1, 3)))
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(out_dir: str | Path, seed: int = DEMO_SEED, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> "Tokenizer":
+    """Train the demo's byte-level BPE tokenizer and save it as a transformers tokenizer folder.
+
+    Writes ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` into
+    ``out_dir`` and returns the ``tokenizers.Tokenizer``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],  # ids 0 and 1, as in GPT-NeoX-20B
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable
+        show_progress=False,
+    )
+    tok.train_from_iterator(demo_corpus(seed), trainer)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
+    config = {
+        "add_prefix_space": False,
+        **special,
+        "pad_token": PAD_TOKEN,
+        "model_max_length": 2048,
+        "tokenizer_class": "GPTNeoXTokenizer",
+    }
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "special_tokens_map.json", {**special, "pad_token": PAD_TOKEN})
+    return tok
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def pad_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Embedding rows for ``vocab_size`` tokens, rounded up to ``multiple`` as mamba_ssm does."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def random_mamba_state_dict(config: Mapping, seed: int = DEMO_SEED) -> dict:
+    """A Mamba-1 state dict in mamba_ssm's key names, initialised as mamba_ssm initialises a new model.
+
+    Shapes (D = d_model, E = expand·D, N = d_state, R = dt_rank = ceil(D/16), K = d_conv,
+    V = vocab padded to ``pad_vocab_size_multiple``):
+    embedding (V, D); per layer: norm (D), in_proj (2E, D) rows [x; z], conv1d (E, 1, K) + bias (E),
+    x_proj (R + 2N, E) rows [dt; B; C], dt_proj (E, R) + bias (E), A_log (E, N), D (E),
+    out_proj (D, E); norm_f (D); lm_head (V, D), the same tensor as the embedding.
+
+    Initialisation: embedding N(0, 0.02); linear and conv weights uniform(±1/sqrt(fan_in)) (torch's
+    default); out_proj further divided by sqrt(n_layer) (GPT-2-style prenorm residual rescaling);
+    dt_proj weight uniform(±R^-1/2); dt_proj bias = softplus⁻¹(dt), dt log-uniform in
+    [1e-3, 1e-1]; A_log = log(1..N) per channel (S4D-real); D = 1; norms = 1.
+    """
+    import torch
+
+    if config.get("ssm_cfg") or config.get("attn_layer_idx") or config.get("d_intermediate"):
+        raise ValueError("random_mamba_state_dict writes plain Mamba-1 models only (empty ssm_cfg, no attention, no MLP)")
+    d_model, n_layer = int(config["d_model"]), int(config["n_layer"])
+    vocab = pad_vocab_size(int(config["vocab_size"]), int(config["pad_vocab_size_multiple"]))
+    d_inner, dt_rank = _EXPAND * d_model, math.ceil(d_model / 16)
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, bound):
+        return (torch.rand(shape, generator=g, dtype=torch.float32) * 2 - 1) * bound
+
+    sd: dict[str, torch.Tensor] = {}
+    embedding = torch.randn(vocab, d_model, generator=g) * 0.02
+    sd["backbone.embedding.weight"] = embedding
+    for i in range(n_layer):
+        p = f"backbone.layers.{i}."
+        sd[p + "norm.weight"] = torch.ones(d_model)
+        sd[p + "mixer.in_proj.weight"] = uniform((2 * d_inner, d_model), d_model**-0.5)
+        sd[p + "mixer.conv1d.weight"] = uniform((d_inner, 1, _D_CONV), _D_CONV**-0.5)
+        sd[p + "mixer.conv1d.bias"] = uniform((d_inner,), _D_CONV**-0.5)
+        sd[p + "mixer.x_proj.weight"] = uniform((dt_rank + 2 * _D_STATE, d_inner), d_inner**-0.5)
+        sd[p + "mixer.dt_proj.weight"] = uniform((d_inner, dt_rank), dt_rank**-0.5)
+        log_dt = torch.rand(d_inner, generator=g) * (math.log(_DT_MAX) - math.log(_DT_MIN)) + math.log(_DT_MIN)
+        dt = log_dt.exp().clamp(min=_DT_INIT_FLOOR)
+        sd[p + "mixer.dt_proj.bias"] = dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(dt)
+        sd[p + "mixer.A_log"] = torch.log(torch.arange(1, _D_STATE + 1, dtype=torch.float32)).repeat(d_inner, 1)
+        sd[p + "mixer.D"] = torch.ones(d_inner)
+        sd[p + "mixer.out_proj.weight"] = uniform((d_model, d_inner), d_inner**-0.5) / math.sqrt(n_layer)
+    sd["backbone.norm_f.weight"] = torch.ones(d_model)
+    sd["lm_head.weight"] = embedding  # tied, and stored under both names as the releases do
+    return sd
+
+
+def write_random_checkpoint(model_dir: str | Path, vocab_size: int, seed: int = DEMO_SEED) -> Path:
+    """Write ``config.json`` and ``pytorch_model.bin`` of a randomly initialised demo model; return the folder."""
+    import torch
+
+    out = Path(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**MODEL_CONFIG, "vocab_size": int(vocab_size)}
+    torch.save(random_mamba_state_dict(config, seed), out / "pytorch_model.bin")
+    _write_json(out / "config.json", config)
+    return out
+
+
+# --------------------------------------------------------------------------- task
+
+
+def _recall_doc(rng: random.Random) -> dict:
+    key = _key(rng)
+    distractors: list[str] = []
+    while len(distractors) < 3:
+        d = _key(rng)
+        if d != key and d not in distractors:
+            distractors.append(d)
+    filler = " ".join(_sentence(rng) for _ in range(rng.randint(2, 6)))
+    choices = [key, *distractors]
+    rng.shuffle(choices)
+    return {
+        "context": f"The key is {key}. Remember the key. {filler} What was the key? The key is",
+        "choices": choices,
+        "label": choices.index(key),
+    }
+
+
+def write_demo_task(tasks_dir: str | Path, seed: int = DEMO_SEED, num_docs: int = DEMO_NUM_DOCS) -> Path:
+    """Write the demo task's data (``<task>.jsonl``) and lm-eval config (``<task>.yaml``); return the YAML path.
+
+    The YAML names the data file by its absolute path (lm-eval resolves relative data paths
+    from the current directory), so ``tasks_dir`` works as ``--include_path`` from anywhere.
+    """
+    import yaml
+
+    out = Path(tasks_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed + 1)  # a stream of its own, apart from the tokenizer corpus
+    data_path = out / f"{DEMO_TASK}.jsonl"
+    with data_path.open("w", encoding="utf-8") as fh:
+        for _ in range(num_docs):
+            fh.write(json.dumps(_recall_doc(rng)) + "\n")
+    config = {
+        "task": DEMO_TASK,
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"test": str(data_path)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_target": "label",
+        "doc_to_choice": "choices",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0, "seed": seed, "num_docs": num_docs},
+    }
+    yaml_path = out / f"{DEMO_TASK}.yaml"
+    header = (
+        "# Generated by mamba_eval.demo.write_demo_task: pick the continuation that repeats the key\n"
+        "# stated at the start of the context (4 choices, chance = 0.25).\n"
+    )
+    yaml_path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return yaml_path
+
+
+# --------------------------------------------------------------------------- all together
+
+
+def build_demo(out_dir: str | Path) -> dict[str, Path]:
+    """Build the offline demo into ``out_dir``.
+
+    Returns paths: ``model`` (checkpoint and tokenizer folder, pass as ``pretrained=``),
+    ``tokenizer`` (the same folder), ``tasks`` (pass as ``--include_path``), ``task_yaml`` and
+    ``task_data``. The task is named :data:`DEMO_TASK`.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    model_dir = out / "model"
+    tokenizer = build_tokenizer(model_dir)
+    write_random_checkpoint(model_dir, tokenizer.get_vocab_size())
+    task_yaml = write_demo_task(out / "tasks")
+    return {
+        "model": model_dir,
+        "tokenizer": model_dir,
+        "tasks": task_yaml.parent,
+        "task_yaml": task_yaml,
+        "task_data": task_yaml.with_suffix(".jsonl"),
+    }
+
+
+def demo_lm_eval_args(paths: Mapping[str, Path], device: str = "cpu", batch_size: int = 8) -> list[str]:
+    """lm_eval command-line arguments (without the program name) that evaluate the demo of ``paths``."""
+    return [
+        "--model", "mamba",
+        "--model_args", f"pretrained={paths['model']}",
+        "--tasks", DEMO_TASK,
+        "--include_path", str(paths["tasks"]),
+        "--device", device,
+        "--batch_size", str(batch_size),
+    ]  # fmt: skip
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
