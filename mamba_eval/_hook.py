@@ -1,0 +1,195 @@
+"""Start-up hook that registers ``mamba`` as an lm-eval model without any user import.
+
+lm-eval 0.4.13 discovers models only through its registry (``lm_eval.api.registry``); it
+scans no entry points. The wheel therefore installs ``mamba_eval_hook.pth`` into
+site-packages. Its one ``import`` line, run by ``site`` at every interpreter start-up, puts a
+stub finder (``MambaEvalStartupHook``, defined in the ``.pth`` itself so that start-up imports
+no file) at the front of ``sys.meta_path``. The stub answers ``None`` after two string
+comparisons, and on the first import of a watched module it removes itself and calls
+:func:`install_and_find_spec` here. Processes that never import lm-eval never import this
+module. From then on the finder below watches two modules:
+
+``lm_eval.models``
+    lm-eval's built-in model table. When it has finished executing, ``mamba`` is added to
+    the registry as the lazy placeholder ``"mamba_eval.lm:MambaLM"`` (nothing heavy is
+    imported until lm-eval asks for the class).
+
+``lm_eval.api.registry``
+    ``get_model`` imports the built-ins only while the registry is *empty*, so an entry
+    added before ``lm_eval.models`` runs would hide ``hf``, ``dummy`` and the rest. To make
+    every import order safe, as soon as the registry module has executed (and before
+    anyone else can register into it) ``lm_eval.models`` is imported, which is cheap: it
+    only stores placeholder strings. The registry is thus never non-empty without the
+    built-ins, and ``mamba`` is added right after them.
+
+After ``mamba`` is registered the finder removes itself. The real loader is restored on
+the module objects, so the hook leaves no trace in ``__loader__`` or ``__spec__``.
+
+Every failure inside the hook is swallowed: it must never break an interpreter. Set
+``MAMBA_EVAL_HOOK_DEBUG=1`` to print those failures to stderr, or
+``MAMBA_EVAL_DISABLE_HOOK=1`` to switch the hook off. This module imports nothing beyond
+``sys`` and ``os``.
+"""
+
+import os
+import sys
+
+MODEL_NAME = "mamba"
+MODEL_TARGET = "mamba_eval.lm:MambaLM"
+
+_REGISTRY_MODULE = "lm_eval.api.registry"
+_MODELS_MODULE = "lm_eval.models"
+
+
+def _report(exc):
+    """Print a swallowed failure when ``MAMBA_EVAL_HOOK_DEBUG`` is set; stay silent otherwise."""
+    if os.environ.get("MAMBA_EVAL_HOOK_DEBUG"):
+        import traceback
+
+        sys.stderr.write("mamba_eval._hook: ignored error:\n")
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+
+
+def register():
+    """Add ``mamba`` to lm-eval's model registry as a lazy placeholder.
+
+    An existing ``mamba`` entry (for example the concrete class, once ``mamba_eval.lm`` has
+    been imported and registered itself) is left alone. Called only once ``lm_eval.models``
+    has run, so the built-in models are already in the registry.
+    """
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target=MODEL_TARGET)
+
+
+def _on_models_loaded():
+    try:
+        register()
+    except Exception as exc:  # a frozen registry, an incompatible lm-eval, ...
+        _report(exc)
+    finally:
+        uninstall()
+
+
+def _on_registry_loaded():
+    # If lm_eval.models is in sys.modules it is the importer of the registry (it is still
+    # executing) or it is already done; either way its own completion registers mamba.
+    if _MODELS_MODULE in sys.modules:
+        return
+    try:
+        __import__(_MODELS_MODULE)  # fires _on_models_loaded through the finder
+    except Exception as exc:
+        _report(exc)
+
+
+_CALLBACKS = {
+    _REGISTRY_MODULE: _on_registry_loaded,
+    _MODELS_MODULE: _on_models_loaded,
+}
+
+
+class _PostImportLoader:
+    """Wraps a module's real loader and runs a callback after the module has executed."""
+
+    def __init__(self, loader, callback):
+        self._loader = loader
+        self._callback = callback
+
+    def create_module(self, spec):
+        create = getattr(self._loader, "create_module", None)
+        return create(spec) if create is not None else None
+
+    def exec_module(self, module):
+        try:
+            self._loader.exec_module(module)
+        finally:
+            module.__loader__ = self._loader
+            spec = getattr(module, "__spec__", None)
+            if spec is not None and spec.loader is self:
+                spec.loader = self._loader
+        try:
+            self._callback()
+        except Exception as exc:
+            _report(exc)
+
+    def __getattr__(self, name):
+        # Everything else (get_source, get_resource_reader, is_package, ...) is the real loader's.
+        return getattr(self._loader, name)
+
+
+class _Finder:
+    """Meta-path finder that only wraps the loaders of the watched lm-eval modules."""
+
+    def __init__(self):
+        # Names being searched right now: a finder asked below may come back here (for
+        # example a second copy of the start-up stub); answer it with None.
+        # The import system holds the module's lock during find_spec, so no two threads
+        # search the same name at once.
+        self._searching = set()
+
+    def find_spec(self, fullname, path=None, target=None):
+        callback = _CALLBACKS.get(fullname)
+        if callback is None or fullname in self._searching:
+            return None
+        self._searching.add(fullname)
+        try:
+            for finder in sys.meta_path:
+                if finder is self:
+                    continue
+                find_spec = getattr(finder, "find_spec", None)
+                if find_spec is None:
+                    continue
+                spec = find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+            if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                return spec
+            spec.loader = _PostImportLoader(spec.loader, callback)
+            return spec
+        except Exception as exc:
+            _report(exc)
+            return None
+        finally:
+            self._searching.discard(fullname)
+
+
+_finder = _Finder()
+
+
+def uninstall():
+    """Remove the finder from ``sys.meta_path`` (a no-op when it is not there)."""
+    try:
+        sys.meta_path.remove(_finder)
+    except ValueError:
+        pass
+
+
+def install_and_find_spec(fullname, path=None, target=None):
+    """Install the hook and find ``fullname`` through it (called once by the ``.pth`` stub)."""
+    install()
+    if _finder in sys.meta_path:
+        return _finder.find_spec(fullname, path, target)
+    return None
+
+
+def install():
+    """Arrange for ``mamba`` to be registered with lm-eval; safe to call more than once.
+
+    When lm-eval is already imported (a late call, say in an interpreter started with
+    ``-S``), registration happens at once instead of through the finder.
+    """
+    try:
+        if os.environ.get("MAMBA_EVAL_DISABLE_HOOK"):
+            return
+        if _MODELS_MODULE in sys.modules:
+            _on_models_loaded()
+            return
+        if _finder not in sys.meta_path:
+            sys.meta_path.insert(0, _finder)
+        if _REGISTRY_MODULE in sys.modules:
+            _on_registry_loaded()
+    except Exception as exc:
+        _report(exc)

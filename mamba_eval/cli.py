@@ -1,0 +1,196 @@
+"""The ``mamba-eval`` command.
+
+``mamba-eval run [--data-dir DIR] <lm-eval run flags>``
+    lm-eval's own ``run`` (``lm_eval.__main__.cli_evaluate``) with every flag passed
+    through untouched. mamba-eval's options are consumed first:
+
+    ``--data-dir DIR`` (default: ``$MAMBA_EVAL_DATA_DIR``)
+        a local data folder; the task configs that read it instead of the Hugging Face Hub
+        are built by ``mamba_eval.offline.prepare_offline_tasks`` and handed to lm-eval as
+        ``--include_path``.
+
+    ``--model`` defaults to ``mamba`` (lm-eval's own default is ``hf``) unless a
+    ``--config`` file is given, which then decides.
+
+``mamba-eval --version`` prints the versions of mamba-eval and lm-eval.
+
+A subcommand is one ``_add_<name>(subparsers)`` function that adds its parser and sets
+``handler=(args, extra) -> int``; list it in ``_SUBCOMMANDS``. A subcommand that forwards
+unknown flags to another tool also sets ``passthrough=True``; any other rejects them.
+Importing this module is cheap: lm-eval, torch and the rest load only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from mamba_eval import __version__
+
+PROG = "mamba-eval"
+DATA_DIR_ENV = "MAMBA_EVAL_DATA_DIR"
+DEFAULT_MODEL = "mamba"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument parser whose usage errors are one line (``prog: error: ...``) and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        lm_eval_version = version("lm_eval")
+    except PackageNotFoundError:
+        lm_eval_version = "not installed"
+    return f"{PROG} {__version__} (lm-eval {lm_eval_version})"
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+_RUN_DESCRIPTION = textwrap.dedent(f"""\
+    Run lm-eval's evaluation ('lm-eval run'). Every flag other than the ones below is
+    passed to lm-eval unchanged; lm-eval's own help follows.
+
+    --model defaults to '{DEFAULT_MODEL}' (lm-eval's default is 'hf') unless --config is given.
+    """)
+
+
+def _add_run(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="evaluate with lm-eval (takes lm-eval's 'run' flags)",
+        description=_RUN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,  # -h/--help go to lm-eval, after this parser's own options
+        allow_abbrev=False,  # never mistake an lm-eval flag for an abbreviation of ours
+        usage=f"{PROG} run [--data-dir DIR] <lm-eval run flags>",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=None,
+        help=f"local data folder: tasks read it instead of the Hugging Face Hub "
+        f"(default: ${DATA_DIR_ENV}; an empty value turns it off)",
+    )
+    # lm-eval's flags that mamba-eval needs to see; they are passed on as given.
+    parser.add_argument("--model", "-M", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--config", "-C", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--include_path", default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(handler=_run, passthrough=True, run_parser=parser)
+
+
+def _run(args: argparse.Namespace, extra: list[str]) -> int:
+    parser = args.run_parser
+    wants_help = any(a in ("-h", "--help") for a in extra)
+    given = [a for a in (args.model, args.config, args.include_path, args.data_dir) if a is not None]
+    if wants_help or not (extra or given):
+        parser.print_help()
+        print()
+        return _call_lm_eval(["--help"])
+
+    forwarded = list(extra)
+    if args.config is not None:
+        forwarded += ["--config", args.config]
+    model = args.model if args.model is not None else (None if args.config else DEFAULT_MODEL)
+    if model is not None:
+        forwarded += ["--model", model]
+
+    include_path = args.include_path
+    data_dir = args.data_dir if args.data_dir is not None else os.environ.get(DATA_DIR_ENV, "")
+    if data_dir:
+        if include_path is not None:
+            if args.data_dir is not None:
+                parser.error(
+                    "--data-dir and --include_path cannot be combined (lm-eval takes one "
+                    "include path); put your task configs next to the offline ones instead"
+                )
+            print(
+                f"{PROG}: ignoring ${DATA_DIR_ENV}={data_dir} because --include_path is given",
+                file=sys.stderr,
+            )
+        else:
+            from mamba_eval.offline import prepare_offline_tasks
+
+            try:
+                include_path = str(prepare_offline_tasks(data_dir))
+            except (FileNotFoundError, ValueError) as exc:
+                parser.error(f"--data-dir {data_dir}: {exc}")
+    if include_path is not None:
+        forwarded += ["--include_path", include_path]
+    return _call_lm_eval(forwarded)
+
+
+def _call_lm_eval(run_args: list[str]) -> int:
+    """Run ``lm-eval run <run_args>`` in this process through lm-eval's own CLI entry."""
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", "run", *run_args]
+    try:
+        cli_evaluate()
+    except SystemExit as exc:
+        return _exit_code(exc)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+# --------------------------------------------------------------------------------- main
+
+
+_SUBCOMMANDS = (_add_run,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Mamba and Mamba-2 language models in lm-evaluation-harness.",
+        epilog=f"'{PROG} <command> --help' shows a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=_versions())
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mamba-eval`` console script; returns the exit status."""
+    from mamba_eval.errors import MambaEvalError
+
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        if extra and not getattr(args, "passthrough", False):
+            parser.error(f"unrecognized arguments for '{args.command}': {' '.join(extra)}")
+        return args.handler(args, extra)
+    except SystemExit as exc:
+        return _exit_code(exc)
+    except MambaEvalError as exc:
+        if os.environ.get("MAMBA_EVAL_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

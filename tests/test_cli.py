@@ -1,0 +1,218 @@
+"""The ``mamba-eval`` command: help, version, usage errors, and ``run``'s pass-through to lm-eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+import mamba_eval
+from mamba_eval import cli
+
+SCRIPT = Path(sys.executable).parent / "mamba-eval"
+
+
+def _script(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    assert SCRIPT.is_file(), f"console script not installed next to {sys.executable}; run `pip install -e .`"
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+# ------------------------------------------------------------- the installed script
+
+
+def test_help_lists_subcommands():
+    proc = _script("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: mamba-eval")
+    assert "run" in proc.stdout
+
+
+def test_version():
+    proc = _script("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"mamba-eval {mamba_eval.__version__} (lm-eval {version('lm_eval')})"
+
+
+def test_unknown_subcommand_is_one_line_and_exits_2():
+    proc = _script("frobnicate", "--tasks", "x")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("mamba-eval: error:") and "'frobnicate'" in lines[0]
+
+
+def test_no_subcommand_prints_help_and_exits_2():
+    proc = _script()
+    assert proc.returncode == 2
+    assert "usage: mamba-eval" in proc.stderr
+
+
+def test_run_help_shows_ours_then_lm_evals():
+    proc = _script("run", "--help")
+    assert proc.returncode == 0, proc.stderr
+    ours = proc.stdout.index("--data-dir")
+    theirs = proc.stdout.index("usage: lm-eval run")
+    assert ours < theirs
+    assert "--model_args" in proc.stdout[theirs:] and "--include_path" in proc.stdout[theirs:]
+
+
+def test_run_evaluates_through_lm_eval(tmp_path):
+    """A real lm-eval run (its ``dummy`` model on a two-question local task) driven by mamba-eval."""
+    rows = [{"q": "Is ice cold?", "choices": ["yes", "no"], "label": 0},
+            {"q": "Is fire cold?", "choices": ["yes", "no"], "label": 1}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "cli_yes_no.yaml").write_text(
+        "task: cli_yes_no\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "Question: {{q}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n"
+        "metadata:\n  version: 1.0\n"
+    )
+    out = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if k != cli.DATA_DIR_ENV}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # local data only; never wait on the Hub
+    proc = _script(
+        "run", "--model", "dummy", "--tasks", "cli_yes_no", "--include_path", str(tmp_path / "tasks"),
+        "--output_path", str(out), cwd=tmp_path, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert results["config"]["model"] == "dummy"
+    assert results["results"]["cli_yes_no"]["sample_len"] == 2
+
+
+# ------------------------------------------------------- run's argument handling
+
+
+@pytest.fixture
+def lm_eval_argv(monkeypatch):
+    """Replace lm-eval's CLI entry with a recorder of the argv it would have parsed."""
+    import lm_eval.__main__
+
+    calls: list[list[str]] = []
+
+    def fake_cli_evaluate():
+        calls.append(list(sys.argv))
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli_evaluate)
+    monkeypatch.delenv(cli.DATA_DIR_ENV, raising=False)
+    return calls
+
+
+@pytest.fixture
+def offline_calls(monkeypatch, tmp_path):
+    import mamba_eval.offline
+
+    calls: list[str] = []
+    include = tmp_path / "offline-tasks"
+
+    def fake_prepare(data_dir):
+        calls.append(str(data_dir))
+        return include
+
+    monkeypatch.setattr(mamba_eval.offline, "prepare_offline_tasks", fake_prepare)
+    return calls, str(include)
+
+
+def test_run_forwards_flags_and_defaults_model_to_mamba(lm_eval_argv):
+    assert cli.main(["run", "--tasks", "hellaswag", "piqa", "--limit", "2", "--model_args", "pretrained=x"]) == 0
+    assert lm_eval_argv == [["lm-eval", "run", "--tasks", "hellaswag", "piqa", "--limit", "2",
+                             "--model_args", "pretrained=x", "--model", "mamba"]]
+
+
+@pytest.mark.parametrize("given", [["--model", "hf"], ["--model=hf"], ["-M", "hf"]])
+def test_run_keeps_an_explicit_model(lm_eval_argv, given):
+    assert cli.main(["run", *given, "--tasks", "x"]) == 0
+    assert lm_eval_argv == [["lm-eval", "run", "--tasks", "x", "--model", "hf"]]
+
+
+def test_run_leaves_the_model_to_a_config_file(lm_eval_argv):
+    assert cli.main(["run", "--config", "c.yaml"]) == 0
+    assert lm_eval_argv == [["lm-eval", "run", "--config", "c.yaml"]]
+
+
+def test_run_data_dir_adds_the_offline_include_path(lm_eval_argv, offline_calls, tmp_path):
+    calls, include = offline_calls
+    assert cli.main(["run", "--data-dir", str(tmp_path), "--tasks", "x"]) == 0
+    assert calls == [str(tmp_path)]
+    assert lm_eval_argv == [["lm-eval", "run", "--tasks", "x", "--model", "mamba", "--include_path", include]]
+
+
+def test_run_data_dir_defaults_to_the_environment(lm_eval_argv, offline_calls, tmp_path, monkeypatch):
+    calls, include = offline_calls
+    monkeypatch.setenv(cli.DATA_DIR_ENV, str(tmp_path))
+    assert cli.main(["run", "--tasks", "x"]) == 0
+    assert calls == [str(tmp_path)]
+    assert lm_eval_argv[0][-2:] == ["--include_path", include]
+
+    # An empty --data-dir switches the environment's folder off.
+    assert cli.main(["run", "--data-dir", "", "--tasks", "x"]) == 0
+    assert calls == [str(tmp_path)] and "--include_path" not in lm_eval_argv[1]
+
+
+def test_run_explicit_include_path_beats_the_environment(lm_eval_argv, offline_calls, tmp_path, monkeypatch, capsys):
+    calls, _ = offline_calls
+    monkeypatch.setenv(cli.DATA_DIR_ENV, str(tmp_path))
+    assert cli.main(["run", "--tasks", "x", "--include_path", "mine"]) == 0
+    assert calls == []
+    assert lm_eval_argv[0][-2:] == ["--include_path", "mine"]
+    assert cli.DATA_DIR_ENV in capsys.readouterr().err
+
+
+def test_run_data_dir_and_include_path_conflict(lm_eval_argv, offline_calls, tmp_path, capsys):
+    assert cli.main(["run", "--data-dir", str(tmp_path), "--include_path", "mine", "--tasks", "x"]) == 2
+    assert lm_eval_argv == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--include_path" in err[0] and "--data-dir" in err[0]
+
+
+def test_run_missing_data_dir_is_a_usage_error(lm_eval_argv, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert cli.main(["run", "--data-dir", str(missing), "--tasks", "x"]) == 2
+    assert lm_eval_argv == []
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_run_returns_lm_evals_exit_status(monkeypatch):
+    import lm_eval.__main__
+
+    def failing():
+        raise SystemExit(3)
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", failing)
+    monkeypatch.delenv(cli.DATA_DIR_ENV, raising=False)
+    saved = list(sys.argv)
+    assert cli.main(["run", "--tasks", "x"]) == 3
+    assert sys.argv == saved
+
+
+def test_options_are_not_passed_to_subcommands_that_take_none(monkeypatch):
+    class Recorder:
+        def __init__(self):
+            self.extra = None
+
+        def __call__(self, args, extra):
+            self.extra = extra
+            return 0
+
+    recorder = Recorder()
+
+    def add_probe(subparsers):
+        parser = subparsers.add_parser("probe")
+        parser.set_defaults(handler=recorder)
+
+    monkeypatch.setattr(cli, "_SUBCOMMANDS", (*cli._SUBCOMMANDS, add_probe))
+    assert cli.main(["probe"]) == 0 and recorder.extra == []
+    assert cli.main(["probe", "--unknown"]) == 2
