@@ -16,12 +16,27 @@ Shapes (glossary in ``mamba_eval.kernels``; D = scanned channels = d_inner):
 All arithmetic is fp32 (Δ + bias and softplus included; softplus uses torch's threshold 20);
 ``y`` is returned in ``u.dtype``, the state in fp32. ``selective_state_update_ref`` advances
 ``state`` by one position IN PLACE.
+
+Packed batches: with ``cu_seqlens`` (int [S+1], cumulative lengths, as flash-attn) and/or
+``seq_idx`` (int [1, L], the sequence of every position), the single row holds S sequences one
+after the other; the state restarts at every boundary (from ``initial_state[s]``, [S, D, N], or
+zeros) and the final state of every sequence is returned ([S, D, N]).
+
+Kernels: ``selective_scan`` and ``selective_state_update`` have the signatures of the references.
+Any strides are accepted; the model's layout (u, Δ, z channel-contiguous, i.e. [B, L, D] tensors
+seen as [B, D, L]; B, C with N contiguous) gives coalesced accesses, and y is then returned
+channel-contiguous too. Cost of one ``selective_scan`` (e = bytes per element of the activations):
+it must move ``B*L*(4*D + 2*N)*e`` bytes (read u, Δ, z, B, C; write y) and compute ``B*D*N*L``
+exponentials, one per (row, channel, state, position). With N = 16 the exponentials, not the
+bytes, bound it on an H200 (about 4.2e12 exp/s against 4.27 TB/s).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 
 def _discretise_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, softplus: bool) -> torch.Tensor:
@@ -30,6 +45,41 @@ def _discretise_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, softplus: boo
     if dt_bias is not None:
         dt = dt + dt_bias.float()
     return F.softplus(dt) if softplus else dt
+
+
+def _packed_bounds(
+    batch: int, length: int, cu_seqlens: torch.Tensor | None, seq_idx: torch.Tensor | None
+) -> list[int]:
+    """The boundaries ``[0, ..., L]`` of the sequences of a packed row, checked (reads them to the host).
+
+    ``seq_idx`` may skip indices (empty sequences); with both given they must describe the same split.
+    """
+    if batch != 1:
+        raise ValueError(f"packed sequences (cu_seqlens / seq_idx) need a batch of 1 row, got B={batch}")
+    bounds = None
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"cu_seqlens must be an int32/int64 [S+1] tensor (S >= 1), got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
+        bounds = [int(v) for v in cu_seqlens.tolist()]
+        if bounds[0] != 0 or bounds[-1] != length or any(a > b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to L={length}, got {bounds}")
+    if seq_idx is not None:
+        if seq_idx.shape != (1, length) or seq_idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"seq_idx must be an int32/int64 [1, L={length}] tensor, got {seq_idx.dtype} {tuple(seq_idx.shape)}")
+        idx = seq_idx[0].to("cpu", torch.int64)
+        if length and (idx[0] < 0 or (idx[1:] < idx[:-1]).any()):
+            raise ValueError("seq_idx must be non-negative and non-decreasing along L")
+        n_seq = int(idx[-1]) + 1 if length else 0
+        if bounds is None:
+            counts = torch.bincount(idx, minlength=n_seq)
+            bounds = [0] + torch.cumsum(counts, 0).tolist()
+        else:
+            expected = torch.repeat_interleave(torch.arange(len(bounds) - 1), torch.tensor(bounds).diff())
+            if not torch.equal(idx, expected):
+                raise ValueError("seq_idx and cu_seqlens describe different sequence boundaries")
+    return bounds
 
 
 def selective_scan_ref(
@@ -42,9 +92,16 @@ def selective_scan_ref(
     z: torch.Tensor | None = None,  # [B, D, L]
     delta_bias: torch.Tensor | None = None,  # [D]
     delta_softplus: bool = True,
-    initial_state: torch.Tensor | None = None,  # [B, D, N]
+    initial_state: torch.Tensor | None = None,  # [B, D, N] ([S, D, N] when packed)
+    *,
+    cu_seqlens: torch.Tensor | None = None,  # [S + 1] int, packed row only
+    seq_idx: torch.Tensor | None = None,  # [1, L] int, packed row only
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scan the whole sequence; returns ``(y [B, D, L] in u.dtype, final_state [B, D, N] fp32)``."""
+    """Scan the whole sequence; returns ``(y [B, D, L] in u.dtype, final_state [B, D, N] fp32)``.
+
+    With ``cu_seqlens`` and/or ``seq_idx`` (B = 1), every packed sequence is scanned on its own:
+    ``initial_state`` and the returned final state are then [S, D, N], one per sequence.
+    """
     batch, channels, length = u.shape
     d_state = A.shape[-1]
     if A.shape != (channels, d_state):
@@ -52,6 +109,26 @@ def selective_scan_ref(
     for name, t in (("B", B), ("C", C)):
         if t.shape != (batch, d_state, length):
             raise ValueError(f"{name} must be [B, N, L] = {(batch, d_state, length)}, got {tuple(t.shape)}")
+    if cu_seqlens is not None or seq_idx is not None:
+        bounds = _packed_bounds(batch, length, cu_seqlens, seq_idx)
+        n_seq = len(bounds) - 1
+        if initial_state is not None and initial_state.shape != (n_seq, channels, d_state):
+            raise ValueError(
+                f"initial_state of a packed row must be [S, D, N] = {(n_seq, channels, d_state)}, "
+                f"got {tuple(initial_state.shape)}"
+            )
+        ys, states = [], []
+        for s, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+            y, h = selective_scan_ref(
+                u[..., start:stop], delta[..., start:stop], A, B[..., start:stop], C[..., start:stop], D,
+                None if z is None else z[..., start:stop], delta_bias, delta_softplus,
+                None if initial_state is None else initial_state[s:s + 1],
+            )
+            ys.append(y)
+            states.append(h)
+        y = torch.cat(ys, dim=-1) if ys else u.new_zeros(batch, channels, length)
+        h = torch.cat(states) if states else u.new_zeros(0, channels, d_state, dtype=torch.float32)
+        return y, h
     if initial_state is not None and initial_state.shape != (batch, channels, d_state):
         raise ValueError(
             f"initial_state must be [B, D, N] = {(batch, channels, d_state)}, got {tuple(initial_state.shape)}"
@@ -60,10 +137,7 @@ def selective_scan_ref(
     # Δ with its bias, in fp32: [B, D, L]; the bias broadcasts over L.
     dt = _discretise_dt(delta.transpose(1, 2), delta_bias, delta_softplus).transpose(1, 2)
     A, B, C, uf = A.float(), B.float(), C.float(), u.float()
-    if initial_state is None:
-        h = u.new_zeros(batch, channels, d_state, dtype=torch.float32)  # [B, D, N]
-    else:
-        h = initial_state.float().clone()
+    h = u.new_zeros(batch, channels, d_state, dtype=torch.float32) if initial_state is None else initial_state.float().clone()
     ys = []
     for t in range(length):
         dt_t = dt[:, :, t, None]  # [B, D, 1]
@@ -102,3 +176,616 @@ def selective_state_update_ref(
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+#
+# Work decomposition of the sequence scan. One program (one warp) owns one segment of positions
+# (a batch row, a sequence of a packed row, or a chunk of a row: see below) for BLOCK_D channels,
+# and keeps their state h [BLOCK_N, BLOCK_D] in fp32 registers while it walks the segment in tiles
+# of 4 positions. The state is laid out with the channels across lanes and all N states of a
+# channel within one thread (for N <= 16), so
+#   - the recurrence h = exp(Δ A) h + Δ u B is one exp2 and two FMA-pipe ops per (d, n, t), with
+#     no shuffles or shared memory, and y_t = <C_t, h_t> one more FMA (a chain over N);
+#   - the [4, BLOCK_D] tiles of u, Δ, z, y are coalesced when channels are contiguous in memory
+#     (the [B, L, D] activations of the model, seen as [B, D, L]); for L-contiguous tensors each
+#     thread moves 4 consecutive elements. B and C tiles reach every lane through shared memory.
+# The per-(b, d, t) work (loads, softplus, D skip, silu gate, store) is shared by the N states,
+# and the inputs of the next tile are loaded before the current one is computed. Per (d, n, t)
+# this comes to one exp2 on the special-function unit (16 per SM and clock on an H200) and about
+# 8 other instructions (4 issue slots per SM and clock for 32 lanes): the exps bound the kernel.
+#
+# Rows with few channels (B * D small) and long L leave most of the GPU idle if one program walks
+# a whole row. Then L is split into chunks: pass 1 scans every chunk from a zero state and keeps
+# only its end state and sum of Δ; a small kernel chains the chunks (h_in[k+1] = exp(A ΣΔ_k)
+# h_in[k] + h_end[k]); pass 2 re-scans every chunk from its true initial state and writes y. The
+# exps are paid twice, in exchange for B * D * chunks parallel programs.
+
+
+@triton.jit
+def _softplus(x):
+    """torch.nn.functional.softplus with threshold 20, in fp32.
+
+    log(1 + exp(x)) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]; log1p(e) = 2 atanh(s) with
+    s = e / (2 + e) in (0, 1/3], summed to s^13 (relative error < 3e-7 for every x)."""
+    e = tl.exp2(-tl.abs(x) * 1.4426950408889634)
+    s = tl.fdiv(e, 2.0 + e, approx=True)
+    s2 = s * s
+    p = s2 * (1.0 / 13.0) + 1.0 / 11.0
+    p = p * s2 + 1.0 / 9.0
+    p = p * s2 + 1.0 / 7.0
+    p = p * s2 + 1.0 / 5.0
+    p = p * s2 + 1.0 / 3.0
+    p = p * s2 + 1.0
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + 2.0 * s * p)
+
+
+@triton.jit
+def _silu(z):
+    return tl.fdiv(z, 1.0 + tl.exp2(-z * 1.4426950408889634), approx=True)
+
+
+@triton.jit
+def _rows4(x):
+    """The rows x[0], x[1], x[2], x[3] of a [4, W] tensor. tl.split is exact for any layout and
+    free when the rows of a column lie in one thread (the layout of the tiles here)."""
+    x = tl.permute(x, 1, 0)  # [W, 4]
+    even, odd = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))  # even[:, i] = x[:, 2i]
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _stack4(x0, x1, x2, x3):
+    """Inverse of _rows4: the [4, W] tensor of rows x0..x3."""
+    x = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # [W, 2, 2], [:, i, j] = x_{2i+j}
+    return tl.permute(tl.reshape(x, [x0.shape[0], 4]), 1, 0)
+
+
+@triton.jit
+def _last_row(x):
+    """x[-1] of a [R, W] tensor, R a power of two (halving with tl.split, as in _rows4)."""
+    x = tl.permute(x, 1, 0)  # [W, R]
+    for _ in tl.static_range(16):
+        if x.shape[1] > 1:
+            _, x = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+    return x
+
+
+@triton.jit
+def _step(h, A, dt, dtu, Bt, Ct, WRITE_Y: tl.constexpr):
+    """One position: h = exp(Δ A) h + Δ u B [BN, BD]; y = <C, h> [BD] as a running sum over N
+    (a chain of FMAs) of which the last entry is kept."""
+    h = tl.exp2(dt[None, :] * A) * h + dtu[None, :] * Bt[:, None]
+    y = dt
+    if WRITE_Y:
+        y = _last_row(tl.cumsum(h * Ct[:, None], 0))
+    return h, y
+
+
+@triton.jit
+def _load_tile(
+    u_tile, dt_tile, z_tile, B_tile, C_tile,  # pointers to position 0 of the tile
+    off_u, off_dt, off_z, off_B, off_C,  # [BL, BD] / [BL, BN] int32 offsets within a tile
+    mask_l, mask_d, mask_n,  # [BL], [BD], [BN]
+    LOAD_C: tl.constexpr, LOAD_Z: tl.constexpr,
+    MASK_L: tl.constexpr, MASK_D: tl.constexpr, MASK_N: tl.constexpr,
+):
+    """The inputs of one tile, in their storage dtype: u, Δ, z [BL, BD]; B, C [BL, BN]
+    (z and C stand in for themselves when not loaded)."""
+    mask = mask_l[:, None] & mask_d[None, :]  # [BL, BD]
+    mask_bc = mask_l[:, None] & mask_n[None, :]  # [BL, BN]
+    if MASK_L or MASK_D:
+        u = tl.load(u_tile + off_u, mask=mask, other=0.0)
+        dt = tl.load(dt_tile + off_dt, mask=mask, other=0.0)
+        z = u
+        if LOAD_Z:
+            z = tl.load(z_tile + off_z, mask=mask, other=0.0)
+    else:
+        u = tl.load(u_tile + off_u)
+        dt = tl.load(dt_tile + off_dt)
+        z = u
+        if LOAD_Z:
+            z = tl.load(z_tile + off_z)
+    if MASK_L or MASK_N:
+        Bt = tl.load(B_tile + off_B, mask=mask_bc, other=0.0)
+        Ct = Bt
+        if LOAD_C:
+            Ct = tl.load(C_tile + off_C, mask=mask_bc, other=0.0)
+    else:
+        Bt = tl.load(B_tile + off_B)
+        Ct = Bt
+        if LOAD_C:
+            Ct = tl.load(C_tile + off_C)
+    return u, dt, z, Bt, Ct
+
+
+@triton.jit
+def _scan_tile(
+    h, A, Dv, bias,  # state [BN, BD] fp32, A*log2(e) [BN, BD], D [BD], Δ bias [BD]
+    u, dt, z, Bt, Ct,  # the tile's inputs from _load_tile
+    y_tile, off_y, mask_l, mask_d,  # y pointer at the tile, [BL, BD] offsets, [BL], [BD]
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+    WRITE_Y: tl.constexpr, MASK_L: tl.constexpr, MASK_D: tl.constexpr,
+):
+    """Advance the state over one tile of 4 positions; write y if WRITE_Y.
+
+    Returns (state after the tile [BN, BD], sum of Δ over the tile [BD])."""
+    u = u.to(tl.float32)
+    dt = dt.to(tl.float32)
+    if HAS_DELTA_BIAS:
+        dt += bias[None, :]
+    if DELTA_SOFTPLUS:
+        dt = _softplus(dt)
+    if MASK_L:
+        dt = tl.where(mask_l[:, None], dt, 0.0)  # past the end: exp(0 A) = 1 and no input, h passes
+    dt0, dt1, dt2, dt3 = _rows4(dt)  # [BD] each
+    du0, du1, du2, du3 = _rows4(dt * u)
+    B0, B1, B2, B3 = _rows4(Bt.to(tl.float32))  # [BN] each
+    C0, C1, C2, C3 = _rows4(Ct.to(tl.float32))
+    h, y0 = _step(h, A, dt0, du0, B0, C0, WRITE_Y)
+    h, y1 = _step(h, A, dt1, du1, B1, C1, WRITE_Y)
+    h, y2 = _step(h, A, dt2, du2, B2, C2, WRITE_Y)
+    h, y3 = _step(h, A, dt3, du3, B3, C3, WRITE_Y)
+    if WRITE_Y:
+        y = _stack4(y0, y1, y2, y3)  # [BL, BD]
+        if HAS_D:
+            y += u * Dv[None, :]
+        if HAS_Z:
+            y *= _silu(z.to(tl.float32))
+        if MASK_L or MASK_D:
+            tl.store(y_tile + off_y, y.to(y_tile.dtype.element_ty), mask=mask_l[:, None] & mask_d[None, :])
+        else:
+            tl.store(y_tile + off_y, y.to(y_tile.dtype.element_ty))
+    return h, tl.sum(dt, axis=0)
+
+
+# The N strides of A, h0 and hT are left unspecialised: knowing them to be 1, the compiler would
+# lay the [N, D] tiles out with N across lanes (to coalesce these one-off accesses), and that layout
+# would spread into the recurrence, which wants all N states of a channel in one thread.
+@triton.jit(do_not_specialize=["stride_A_n", "stride_h0_n", "stride_hT_n"])
+def _selective_scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr,
+    h0_ptr,  # [S, D, N] initial state of every segment (HAS_H0)
+    y_ptr,  # [B, D, L] output (WRITE_Y)
+    hT_ptr,  # [S, D, N] fp32 final state of every segment (WRITE_STATE)
+    dtsum_ptr,  # [S, D] fp32 sum of Δ over every segment (WRITE_DTSUM)
+    cu_seqlens_ptr,  # [S + 1] segment boundaries of a packed row (IS_VARLEN)
+    dim, seqlen, dstate, chunk_len, n_chunks,
+    stride_u_b, stride_u_d, stride_u_l,
+    stride_dt_b, stride_dt_d, stride_dt_l,
+    stride_A_d, stride_A_n,
+    stride_B_b, stride_B_n, stride_B_l,
+    stride_C_b, stride_C_n, stride_C_l,
+    stride_z_b, stride_z_d, stride_z_l,
+    stride_y_b, stride_y_d, stride_y_l,
+    stride_h0_s, stride_h0_d, stride_h0_n,
+    stride_hT_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    WRITE_Y: tl.constexpr, WRITE_STATE: tl.constexpr, WRITE_DTSUM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    """Grid (cdiv(D, BLOCK_D), S). Segment s is positions [start, end) of batch row b:
+    varlen: b = 0, [cu_seqlens[s], cu_seqlens[s+1]); otherwise b = s // n_chunks and the
+    (s % n_chunks)-th chunk of chunk_len positions (n_chunks = 1, chunk_len = L: the whole row)."""
+    tl.static_assert(BLOCK_L == 4, "the tile code (_scan_tile) is written for 4 positions")
+    pid_d = tl.program_id(0)
+    seg = tl.program_id(1).to(tl.int64)
+    if IS_VARLEN:
+        # Clamped into [0, L]: bad boundaries give wrong numbers, never out-of-bounds accesses.
+        start = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg).to(tl.int64), 0), seqlen)
+        end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg + 1).to(tl.int64), start), seqlen)
+        batch = seg * 0
+    else:
+        batch = seg // n_chunks
+        start = (seg % n_chunks) * chunk_len
+        end = tl.minimum(start + chunk_len, seqlen)
+    d0 = pid_d.to(tl.int64) * BLOCK_D
+    rd = tl.arange(0, BLOCK_D)
+    rn = tl.arange(0, BLOCK_N)
+    rl = tl.arange(0, BLOCK_L)
+    mask_d = rd < dim - d0  # [BD]
+    mask_n = rn < dstate  # [BN]
+    mask_nd = mask_n[:, None] & mask_d[None, :]  # [BN, BD]
+
+    # A in the exp2 domain: exp(Δ A) = exp2(Δ A log2(e)).
+    A = tl.load(A_ptr + (d0 + rd[None, :]) * stride_A_d + rn[:, None] * stride_A_n,
+                mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634  # [BN, BD]
+    if HAS_H0:
+        h = tl.load(h0_ptr + seg * stride_h0_s + (d0 + rd[None, :]) * stride_h0_d + rn[:, None] * stride_h0_n,
+                    mask=mask_nd, other=0.0).to(tl.float32)  # [BN, BD]
+    else:
+        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DELTA_BIAS:
+        bias = tl.load(delta_bias_ptr + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
+    dtsum = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    # Offsets within a tile: int32 and loop-invariant. The int64 tile base is recomputed from the
+    # tile index each iteration (cheaper than per-element pointers carried through the loop).
+    off_u = rl[:, None] * stride_u_l + rd[None, :] * stride_u_d  # [BL, BD]
+    off_dt = rl[:, None] * stride_dt_l + rd[None, :] * stride_dt_d
+    off_z = rl[:, None] * stride_z_l + rd[None, :] * stride_z_d
+    off_y = rl[:, None] * stride_y_l + rd[None, :] * stride_y_d
+    off_B = rl[:, None] * stride_B_l + rn[None, :] * stride_B_n  # [BL, BN]
+    off_C = rl[:, None] * stride_C_l + rn[None, :] * stride_C_n
+    u_row = u_ptr + batch * stride_u_b + d0 * stride_u_d
+    dt_row = delta_ptr + batch * stride_dt_b + d0 * stride_dt_d
+    z_row = z_ptr + batch * stride_z_b + d0 * stride_z_d
+    y_row = y_ptr + batch * stride_y_b + d0 * stride_y_d
+    B_row = B_ptr + batch * stride_B_b
+    C_row = C_ptr + batch * stride_C_b
+
+    # Whole tiles run without position masks. The inputs of the next tile are loaded before the
+    # current one is computed, so that their latency hides behind its exps (the last whole tile is
+    # loaded again at the end instead of reading past it).
+    n_full = (end - start) // BLOCK_L
+    last_full = start + tl.maximum(n_full - 1, 0) * BLOCK_L
+    whole = rl < BLOCK_L  # [BL] all true
+    tile = _load_tile(
+        u_row + start * stride_u_l, dt_row + start * stride_dt_l, z_row + start * stride_z_l,
+        B_row + start * stride_B_l, C_row + start * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
+        rl < end - start, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, True, not EVEN_D, True)
+    for i in range(n_full):
+        lo = start + i * BLOCK_L
+        nxt = tl.minimum(lo + BLOCK_L, last_full)
+        next_tile = _load_tile(
+            u_row + nxt * stride_u_l, dt_row + nxt * stride_dt_l, z_row + nxt * stride_z_l,
+            B_row + nxt * stride_B_l, C_row + nxt * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
+            whole, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, False, not EVEN_D, not EVEN_N)
+        u, dt, z, Bt, Ct = tile
+        h, s = _scan_tile(
+            h, A, Dv, bias, u, dt, z, Bt, Ct, y_row + lo * stride_y_l, off_y, whole, mask_d,
+            HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS, WRITE_Y, False, not EVEN_D)
+        dtsum += s
+        tile = next_tile
+    lo = start + n_full * BLOCK_L
+    if lo < end:  # the last, partial tile
+        mask_l = rl < end - lo
+        u, dt, z, Bt, Ct = _load_tile(
+            u_row + lo * stride_u_l, dt_row + lo * stride_dt_l, z_row + lo * stride_z_l,
+            B_row + lo * stride_B_l, C_row + lo * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
+            mask_l, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, True, not EVEN_D, True)
+        h, s = _scan_tile(
+            h, A, Dv, bias, u, dt, z, Bt, Ct, y_row + lo * stride_y_l, off_y, mask_l, mask_d,
+            HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS, WRITE_Y, True, not EVEN_D)
+        dtsum += s
+    if WRITE_STATE:  # hT is a fresh contiguous [S, D, N] fp32 tensor (stride_hT_n = 1)
+        tl.store(hT_ptr + seg * dim * dstate + (d0 + rd[None, :]) * dstate + rn[:, None] * stride_hT_n, h,
+                 mask=mask_nd)
+    if WRITE_DTSUM:  # dtsum is a fresh contiguous [S, D] fp32 tensor
+        tl.store(dtsum_ptr + seg * dim + d0 + rd, dtsum, mask=mask_d)
+
+
+@triton.jit
+def _chunk_state_passing_kernel(
+    hloc_ptr,  # [B * K, D, N] fp32: end state of each chunk scanned from a zero state
+    dtsum_ptr,  # [B * K, D] fp32: sum of Δ over each chunk
+    A_ptr, h0_ptr,  # [D, N], [B, D, N] (HAS_H0)
+    hin_ptr,  # [B * K, D, N] fp32 out: initial state of each chunk
+    hT_ptr,  # [B, D, N] fp32 out: final state of each row
+    dim, dstate, n_chunks,
+    stride_A_d, stride_A_n, stride_h0_b, stride_h0_d, stride_h0_n,
+    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(D, BLOCK_D), B): h_in[0] = h0, h_in[k+1] = exp(A ΣΔ_k) h_in[k] + h_end[k]."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rd = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rn = tl.arange(0, BLOCK_N)
+    mask_d = rd < dim
+    mask = mask_d[:, None] & (rn < dstate)[None, :]  # [BD, BN]
+    A = tl.load(A_ptr + rd[:, None] * stride_A_d + rn[None, :] * stride_A_n, mask=mask, other=0.0).to(tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + b * stride_h0_b + rd[:, None] * stride_h0_d + rn[None, :] * stride_h0_n,
+                    mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    off = rd[:, None] * dstate + rn[None, :]  # [BD, BN] within one [D, N] state
+    for k in range(n_chunks):
+        seg = b * n_chunks + k
+        tl.store(hin_ptr + seg * dim * dstate + off, h, mask=mask)
+        total = tl.load(dtsum_ptr + seg * dim + rd, mask=mask_d, other=0.0)  # [BD]
+        h_end = tl.load(hloc_ptr + seg * dim * dstate + off, mask=mask, other=0.0)
+        h = tl.exp2(total[:, None] * A * 1.4426950408889634) * h + h_end
+    tl.store(hT_ptr + b * dim * dstate + off, h, mask=mask)
+
+
+@triton.jit
+def _selective_state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr,
+    dim, dstate,
+    stride_s_b, stride_s_d, stride_s_n,
+    stride_x_b, stride_x_d, stride_dt_b, stride_dt_d,
+    stride_A_d, stride_A_n, stride_B_b, stride_B_n, stride_C_b, stride_C_n,
+    stride_z_b, stride_z_d, stride_y_b, stride_y_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(D, BLOCK_D), B): one step of the recurrence for BLOCK_D channels of one row."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rd = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rn = tl.arange(0, BLOCK_N)
+    mask_d = rd < dim
+    mask_n = rn < dstate
+    mask = mask_d[:, None] & mask_n[None, :]  # [BD, BN]
+    s_ptrs = state_ptr + b * stride_s_b + rd[:, None] * stride_s_d + rn[None, :] * stride_s_n
+    h = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BD, BN]
+    x = tl.load(x_ptr + b * stride_x_b + rd * stride_x_d, mask=mask_d, other=0.0).to(tl.float32)  # [BD]
+    dt = tl.load(dt_ptr + b * stride_dt_b + rd * stride_dt_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dt_bias_ptr + rd, mask=mask_d, other=0.0).to(tl.float32)
+    if DT_SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(A_ptr + rd[:, None] * stride_A_d + rn[None, :] * stride_A_n, mask=mask, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + b * stride_B_b + rn * stride_B_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
+    Cv = tl.load(C_ptr + b * stride_C_b + rn * stride_C_n, mask=mask_n, other=0.0).to(tl.float32)
+    h = tl.exp2(dt[:, None] * A * 1.4426950408889634) * h + (dt * x)[:, None] * Bv[None, :]
+    tl.store(s_ptrs, h.to(state_ptr.dtype.element_ty), mask=mask)
+    y = tl.sum(h * Cv[None, :], axis=1)  # [BD]
+    if HAS_D:
+        y += x * tl.load(D_ptr + rd, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_Z:
+        y *= _silu(tl.load(z_ptr + b * stride_z_b + rd * stride_z_d, mask=mask_d, other=0.0).to(tl.float32))
+    tl.store(y_ptr + b * stride_y_b + rd * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrappers (same signatures as the references)
+# ---------------------------------------------------------------------------------------------
+
+_MIN_CHUNK = 256  # shortest chunk worth a program of its own when a row is split along L
+_MAX_TILE_OFFSET = 2**31 // 256  # strides must keep the int32 offsets within a tile in range
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The one allocation point of the wrappers' outputs (the tests fill it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (read once per device: no cost in a forward)."""
+    if device.type != "cuda":
+        return 4  # Triton's CPU interpreter: a nominal small machine
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def _scan_blocks(d_state: int, dim: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_N, BLOCK_L) of the sequence kernel, which runs one warp per program.
+
+    BLOCK_L = 4 positions per tile (the tile code is written for 4) and BLOCK_D * BLOCK_N = 512
+    give each thread 64 (d, n, t) elements of a tile: all N states of one channel for N = 16, in
+    about 180 registers (no spills)."""
+    block_n = triton.next_power_of_2(max(d_state, 1))
+    block_d = max(2, min(128, 512 // block_n, triton.next_power_of_2(dim)))
+    return block_d, block_n, 4
+
+
+def _n_chunks(rows: int, dim: int, length: int, block_d: int, device: torch.device) -> int:
+    """Chunks per row along L: 1 unless rows x channel blocks fill less than half the GPU."""
+    programs = rows * triton.cdiv(dim, block_d)
+    target = 8 * _sm_count(device)  # one-warp programs: about 8 per SM keep its exp unit busy
+    if 2 * programs >= target or length < 2 * _MIN_CHUNK:
+        return 1
+    return min(triton.cdiv(target, programs), length // _MIN_CHUNK)
+
+
+def _check_float(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of the input)")
+
+
+def _check_strides(name: str, t: torch.Tensor) -> None:
+    """Offsets within a tile are int32 (the batch offset and the tile base are int64)."""
+    largest = max(abs(s) for s in t.stride()[1:])
+    if largest >= _MAX_TILE_OFFSET:
+        raise ValueError(
+            f"{name} has a stride of {largest} elements along its last two dimensions, too large for the "
+            f"kernel's 32-bit tile offsets (limit {_MAX_TILE_OFFSET}); pass a contiguous tensor"
+        )
+
+
+def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, n_states):
+    if u.dim() != 3:
+        raise ValueError(f"u must be [B, D, L], got {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be [D={dim}, N], got {tuple(A.shape)}")
+    d_state = A.shape[1]
+    expected = {
+        "delta": (delta, (batch, dim, length)), "B": (B, (batch, d_state, length)),
+        "C": (C, (batch, d_state, length)), "D": (D, (dim,)), "z": (z, (batch, dim, length)),
+        "delta_bias": (delta_bias, (dim,)), "initial_state": (initial_state, (n_states, dim, d_state)),
+    }
+    _check_float("u", u, u.device)
+    _check_float("A", A, u.device)
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            what = "[S, D, N] (one per packed sequence)" if name == "initial_state" and n_states != batch else ""
+            raise ValueError(f"{name} must be {what or 'of shape'} {shape}, got {tuple(t.shape)}")
+        _check_float(name, t, u.device)
+    for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if t is not None:
+            _check_strides(name, t)
+
+
+def _launch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, y, hT, dtsum, cu_seqlens,
+                 n_seg, n_chunks, chunk_len, write_y):
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    block_d, block_n, block_l = _scan_blocks(d_state, dim)
+    dummy = u  # stands for an absent tensor (never read: its flag is off)
+
+    def strides(t, n):
+        return t.stride() if t is not None else (0,) * n
+
+    _selective_scan_fwd_kernel[(triton.cdiv(dim, block_d), n_seg)](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
+        y if y is not None else dummy, hT if hT is not None else dummy,
+        dtsum if dtsum is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
+        dim, length, d_state, chunk_len, n_chunks,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *strides(z, 3),
+        *strides(y, 3), *strides(h0, 3), 1,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
+        DELTA_SOFTPLUS=bool(delta_softplus), HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
+        WRITE_Y=write_y, WRITE_STATE=hT is not None, WRITE_DTSUM=dtsum is not None,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
+        EVEN_D=dim % block_d == 0, EVEN_N=d_state == block_n,
+        num_warps=1,
+    )
+
+
+def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens,
+                        n_chunks: int):
+    """The sequence scan on checked inputs; ``n_chunks`` > 1 splits each row along L (not packed rows)."""
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    n_seg = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch
+    # y follows u: channel-contiguous ([B, L, D] memory) when u is, else [B, D, L] contiguous.
+    if u.stride(1) == 1 and length > 1:
+        y = _new_output((batch, length, dim), u.dtype, u.device).transpose(1, 2)
+    else:
+        y = _new_output((batch, dim, length), u.dtype, u.device)
+    final_state = _new_output((n_seg, dim, d_state), torch.float32, u.device)
+    if n_seg == 0 or dim == 0:
+        return y, final_state
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if cu_seqlens is not None or n_chunks <= 1 or length <= 1:
+        _launch_scan(*args, initial_state, y, final_state, None, cu_seqlens, n_seg, 1, max(length, 1), True)
+        return y, final_state
+    block_l = _scan_blocks(d_state, dim)[2]
+    chunk_len = triton.cdiv(triton.cdiv(length, n_chunks), block_l) * block_l  # whole tiles
+    n_chunks = triton.cdiv(length, chunk_len)
+    # Split rows: end states of the chunks from zero, then the chain of chunk states, then y.
+    n_seg = batch * n_chunks
+    h_end = torch.empty((n_seg, dim, d_state), dtype=torch.float32, device=u.device)
+    dtsum = torch.empty((n_seg, dim), dtype=torch.float32, device=u.device)
+    _launch_scan(*args, None, None, h_end, dtsum, None, n_seg, n_chunks, chunk_len, False)
+    h_in = torch.empty_like(h_end)
+    block_n = triton.next_power_of_2(d_state)
+    block_d = max(1, min(64, 1024 // block_n))
+    h0 = initial_state
+    _chunk_state_passing_kernel[(triton.cdiv(dim, block_d), batch)](
+        h_end, dtsum, A, h0 if h0 is not None else A, h_in, final_state, dim, d_state, n_chunks,
+        *A.stride(), *(h0.stride() if h0 is not None else (0, 0, 0)),
+        HAS_H0=h0 is not None, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=2,
+    )
+    _launch_scan(*args, h_in, y, None, None, None, n_seg, n_chunks, chunk_len, True)
+    return y, final_state
+
+
+def selective_scan(
+    u: torch.Tensor,  # [B, D, L]
+    delta: torch.Tensor,  # [B, D, L]
+    A: torch.Tensor,  # [D, N]
+    B: torch.Tensor,  # [B, N, L]
+    C: torch.Tensor,  # [B, N, L]
+    D: torch.Tensor | None = None,  # [D]
+    z: torch.Tensor | None = None,  # [B, D, L]
+    delta_bias: torch.Tensor | None = None,  # [D]
+    delta_softplus: bool = True,
+    initial_state: torch.Tensor | None = None,  # [B, D, N] ([S, D, N] when packed)
+    *,
+    cu_seqlens: torch.Tensor | None = None,  # [S + 1] int, packed row only
+    seq_idx: torch.Tensor | None = None,  # [1, L] int, packed row only
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``selective_scan_ref`` (same arguments and results).
+
+    Any strides; y is channel-contiguous when u is. Packed rows: ``cu_seqlens`` is used as given
+    (its values are not read on the host, so there is no device sync; values outside [0, L] are
+    clamped); ``seq_idx`` alone is converted to boundaries on the host (one sync) and checked.
+    Rows too few to fill the GPU are split along L (see the notes above the kernels).
+    """
+    if u.dim() != 3:
+        raise ValueError(f"u must be [B, D, L], got {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if cu_seqlens is not None or seq_idx is not None:
+        if batch != 1:
+            raise ValueError(f"packed sequences (cu_seqlens / seq_idx) need a batch of 1 row, got B={batch}")
+        if seq_idx is not None and seq_idx.shape != (1, length):
+            raise ValueError(f"seq_idx must be [1, L={length}], got {tuple(seq_idx.shape)}")
+        if cu_seqlens is None:
+            bounds = _packed_bounds(batch, length, None, seq_idx)
+            cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=u.device)
+        elif cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"cu_seqlens must be an int32/int64 [S+1] tensor (S >= 1), got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
+        elif cu_seqlens.device != u.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, expected {u.device} (the device of u)")
+        n_states = cu_seqlens.shape[0] - 1
+    else:
+        n_states = batch
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, n_states)
+    block_d = _scan_blocks(A.shape[1], dim)[0]
+    n_chunks = 1 if cu_seqlens is not None else _n_chunks(batch, dim, length, block_d, u.device)
+    return _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens,
+                               n_chunks=n_chunks)
+
+
+def selective_state_update(
+    state: torch.Tensor,  # [B, D, N], updated in place
+    x: torch.Tensor,  # [B, D]
+    dt: torch.Tensor,  # [B, D]
+    A: torch.Tensor,  # [D, N]
+    B: torch.Tensor,  # [B, N]
+    C: torch.Tensor,  # [B, N]
+    D: torch.Tensor | None = None,  # [D]
+    z: torch.Tensor | None = None,  # [B, D]
+    dt_bias: torch.Tensor | None = None,  # [D]
+    dt_softplus: bool = True,
+) -> torch.Tensor:
+    """Triton version of ``selective_state_update_ref``: updates ``state`` IN PLACE, returns y [B, D].
+
+    One launch, no host sync and no autotuning (it would apply the update more than once), so it
+    can be captured in a CUDA graph. Any strides; the state keeps its dtype (math in fp32).
+    """
+    if x.dim() != 2 or A.dim() != 2 or A.shape[0] != x.shape[1]:
+        raise ValueError(f"x must be [B, D] and A [D, N], got x {tuple(x.shape)}, A {tuple(A.shape)}")
+    batch, dim = x.shape
+    d_state = A.shape[1]
+    expected = {
+        "state": (state, (batch, dim, d_state)), "dt": (dt, (batch, dim)), "B": (B, (batch, d_state)),
+        "C": (C, (batch, d_state)), "D": (D, (dim,)), "z": (z, (batch, dim)), "dt_bias": (dt_bias, (dim,)),
+    }
+    _check_float("x", x, x.device)
+    _check_float("A", A, x.device)
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be of shape {shape}, got {tuple(t.shape)}")
+        _check_float(name, t, x.device)
+    y = _new_output((batch, dim), x.dtype, x.device)
+    if y.numel() == 0:
+        return y
+    block_n = triton.next_power_of_2(max(d_state, 1))
+    block_d = max(1, min(64, 256 // block_n))
+    dummy = x
+    _selective_state_update_kernel[(triton.cdiv(dim, block_d), batch)](
+        state, x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        dt_bias if dt_bias is not None else dummy, y,
+        dim, d_state, *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *(z.stride() if z is not None else (0, 0)), *y.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
+        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=1,
+    )
+    return y
