@@ -137,7 +137,11 @@ def test_scan_splits_few_long_rows(monkeypatch):
     """The wrapper splits rows along L when they cannot fill the GPU, and not otherwise."""
     calls = []
     original = ss._selective_scan_fwd
-    monkeypatch.setattr(ss, "_selective_scan_fwd", lambda *a, n_chunks: calls.append(n_chunks) or original(*a, n_chunks=n_chunks))
+    def recording(*args, n_chunks):
+        calls.append(n_chunks)
+        return original(*args, n_chunks=n_chunks)
+
+    monkeypatch.setattr(ss, "_selective_scan_fwd", recording)
     monkeypatch.setattr(ss, "_MIN_CHUNK", 8)
     monkeypatch.setattr(ss, "_sm_count", lambda device: 4)  # 32 one-warp programs fill this "GPU"
     inputs = _scan_inputs(1, 6, 8, 40, torch.float32, "model", seed=4)
@@ -167,7 +171,8 @@ def test_scan_packed_sequences(boundaries, dtype):
     if boundaries == "seq_idx":  # seq_idx cannot express an empty sequence: drop it
         lengths = [n for n in PACKED_LENGTHS if n]
         inputs, cu, seq_idx = _packed(lengths, dim, d_state, dtype)
-    kwargs = dict(cu_seqlens=cu if boundaries != "seq_idx" else None, seq_idx=seq_idx if boundaries != "cu_seqlens" else None)
+    kwargs = dict(cu_seqlens=cu if boundaries != "seq_idx" else None,
+                  seq_idx=seq_idx if boundaries != "cu_seqlens" else None)
     h0 = torch.randn(cu.numel() - 1, dim, d_state, generator=_gen(6)).to(DEVICE)
     _check_scan(inputs, dtype, initial_state=h0, **kwargs)
     _check_scan(inputs, dtype, **kwargs)
@@ -255,7 +260,8 @@ def _step_inputs(batch, dim, d_state, dtype, seed=0):
     xz = rnd(batch, 2 * dim)
     x_dbl = rnd(batch, 3 + 2 * d_state)
     return dict(
-        x=xz[:, :dim], dt=rnd(batch, dim, scale=0.5), A=-torch.exp(torch.randn(dim, d_state, generator=g) * 0.5).to(DEVICE),
+        x=xz[:, :dim], dt=rnd(batch, dim, scale=0.5),
+        A=-torch.exp(torch.randn(dim, d_state, generator=g) * 0.5).to(DEVICE),
         B=x_dbl[:, 3:3 + d_state], C=x_dbl[:, 3 + d_state:], D=torch.randn(dim, generator=g).to(DEVICE), z=xz[:, dim:],
         dt_bias=(torch.randn(dim, generator=g) * 0.5).to(DEVICE),
     )
