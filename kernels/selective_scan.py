@@ -33,6 +33,8 @@ bytes, bound it on an H200 (about 4.2e12 exp/s against 4.27 TB/s).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -227,9 +229,19 @@ def _softplus(x):
     return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + e * g)
 
 
+# tl.fdiv(..., approx=True) (div.approx.f32: a reciprocal and a multiply) is recent; older Triton
+# releases get tl.fdiv's default, also approximate (div.full.f32, a few instructions more).
+_APPROX_DIV = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
+
+
 @triton.jit
 def _silu(z):
-    return tl.fdiv(z, 1.0 + tl.exp2(-z * 1.4426950408889634), approx=True)
+    den = 1.0 + tl.exp2(-z * 1.4426950408889634)
+    if _APPROX_DIV:
+        out = tl.fdiv(z, den, approx=True)
+    else:
+        out = tl.fdiv(z, den)
+    return out
 
 
 @triton.jit
