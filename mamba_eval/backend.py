@@ -58,8 +58,32 @@ def _ref_ops() -> Ops:
     )
 
 
-# name -> builder; builders import lazily so that choosing "ref" never imports Triton.
-_BACKENDS: dict[str, Callable[[], Ops]] = {"ref": _ref_ops}
+def _triton_ops() -> Ops:
+    from mamba_eval.kernels.conv1d import causal_conv1d, causal_conv1d_update
+    from mamba_eval.kernels.norm import add_rmsnorm, gated_rmsnorm
+    from mamba_eval.kernels.selective_scan import selective_scan, selective_state_update
+    from mamba_eval.kernels.ssd import ssd_scan, ssd_state_update
+
+    return Ops(
+        name="triton",
+        causal_conv1d=causal_conv1d,
+        causal_conv1d_update=causal_conv1d_update,
+        selective_scan=selective_scan,
+        selective_state_update=selective_state_update,
+        ssd_scan=ssd_scan,
+        ssd_state_update=ssd_state_update,
+        add_norm=add_rmsnorm,
+        gated_rmsnorm=gated_rmsnorm,
+    )
+
+
+# name -> builder; builders import lazily (the kernels modules are only imported when used).
+_BACKENDS: dict[str, Callable[[], Ops]] = {"ref": _ref_ops, "triton": _triton_ops}
+
+
+def default_backend(device) -> str:
+    """``triton`` on a GPU, ``ref`` elsewhere (Triton's CPU interpreter is for tests only)."""
+    return "triton" if str(device).startswith("cuda") else "ref"
 
 
 def available_backends() -> tuple[str, ...]:
@@ -67,7 +91,8 @@ def available_backends() -> tuple[str, ...]:
 
 
 def get_ops(name: str) -> Ops:
-    """The ``Ops`` of backend ``name`` ("ref": plain PyTorch, any device)."""
+    """The ``Ops`` of backend ``name`` ("ref": plain PyTorch, any device; "triton": our Triton
+    kernels, for GPUs, or the CPU under ``TRITON_INTERPRET=1``)."""
     if name not in _BACKENDS:
         raise MambaEvalError(f"unknown kernel backend {name!r}; available: {', '.join(_BACKENDS)}")
     return _BACKENDS[name]()

@@ -142,7 +142,9 @@ class MambaLM(TemplateLM):
         self.pretrained = str(pretrained)
         self.revision = revision
         path = loader.resolve_checkpoint(self.pretrained, revision=revision)
-        backend_name = backend or "ref"
+        from mamba_eval.backend import default_backend
+
+        backend_name = backend or default_backend(device_obj)
         self.model = loader.load_model(
             path, dtype=str(dtype), device=device_obj, backend=backend_name
         )

@@ -14,6 +14,7 @@ once per test session; the ``ckpt_name`` fixture runs a test once per checkpoint
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # `from helpers import ...` from any test folder
+
+# Without a GPU, Triton kernels run in Triton's interpreter. The variable is read when a kernel is
+# decorated (its module first imported), so it is set here, before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @dataclass(frozen=True)

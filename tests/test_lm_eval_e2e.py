@@ -77,20 +77,23 @@ def _compare(ours, theirs, task):
             va = ra[0][0] if isinstance(ra[0], (list, tuple)) else ra[0]
             vb = rb[0][0] if isinstance(rb[0], (list, tuple)) else rb[0]
             assert abs(va - vb) <= 1e-4 * max(1.0, abs(vb)), (task, a["doc_id"], va, vb)
+            if isinstance(ra[0], (list, tuple)):  # loglikelihood: is_greedy must agree too
+                assert ra[0][1] == rb[0][1], (task, a["doc_id"])
 
 
 @pytest.mark.parametrize(
     "arch,tasks,limit",
     [
-        ("mamba1", ["hellaswag", "piqa", "lambada_openai", "wikitext"], 12),
-        ("mamba2", ["hellaswag", "lambada_openai"], 8),
+        ("mamba1", ["hellaswag", "piqa", "lambada_openai"], 10),
+        # Whole documents, several 2048-token windows each: two are enough.
+        ("mamba1", ["wikitext"], 2),
+        ("mamba2", ["hellaswag", "lambada_openai"], 6),
     ],
 )
 def test_mamba_equals_hf(tmp_path, offline_tasks, arch, tasks, limit):
     tok_dir = require_data_dir() / "tokenizers" / "gpt-neox-20b"
     ckpt = _write_checkpoint(tmp_path / arch, arch)
-    limits = limit
-    ours = _run("mamba", ckpt, tok_dir, tasks, limits, offline_tasks)
-    theirs = _run("hf", ckpt, tok_dir, tasks, limits, offline_tasks)
+    ours = _run("mamba", ckpt, tok_dir, tasks, limit, offline_tasks)
+    theirs = _run("hf", ckpt, tok_dir, tasks, limit, offline_tasks)
     for task in tasks:
         _compare(ours, theirs, task)
