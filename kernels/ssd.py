@@ -884,7 +884,6 @@ def ssd_scan(
         batch, max(nchunks - 1, 1), nheads, headdim, d_state, device=device,
         dtype=torch.float32 if wide else x.dtype,
     )
-    block_t = min(64, _pow2(Q))
     block_p, block_n = min(64, _pow2(headdim)), min(128, _pow2(d_state))
     # Enough programs to fill the GPU: split P (x is read once either way), then N.
     while batch * nheads * triton.cdiv(headdim, block_p) * triton.cdiv(d_state, block_n) < 2 * _num_sms(device):
@@ -894,6 +893,10 @@ def ssd_scan(
             block_n //= 2
         else:
             break
+    # Positions per sequential step: with few programs (few rows and heads, long sequences) the
+    # walk is latency-bound, so take fewer, longer steps.
+    few = batch * nheads * triton.cdiv(headdim, block_p) * triton.cdiv(d_state, block_n) < 4 * _num_sms(device)
+    block_t = min(128 if few and not wide else 64, _pow2(Q))
     nsub = triton.cdiv(Q, block_t)
     n_steps = (nchunks - 1) * nsub + triton.cdiv(length - (nchunks - 1) * Q, block_t)
     _ssd_state_fwd_kernel[(batch * nheads * triton.cdiv(headdim, block_p) * triton.cdiv(d_state, block_n),)](

@@ -56,8 +56,9 @@ else:
         (2, 64, 2, 16, 1, 64, 16),  # L a multiple of the chunk; N split over two programs
         (1, 5, 2, 8, 1, 8, 64),  # L shorter than one chunk; P, N below the 16-wide tiles
         (1, 40, 6, 16, 3, 16, 12),  # chunk size not a power of two
+        (1, 300, 2, 16, 1, 16, 256),  # several sequential steps and several row blocks per chunk
     ]
-    PACKED_LENGTHS = [[5, 1, 30, 17, 1, 10], [16, 16, 1, 15], [1] * 12, [3, 0, 50, 7]]
+    PACKED_LENGTHS = [[5, 1, 30, 17, 1, 10], [16, 16, 1, 15], [1] * 12, [3, 0, 50, 7], [100, 1, 90, 70, 39]]
     STEP_CASES = [(3, 4, 16, 2, 16), (2, 3, 24, 1, 20)]
 
 
@@ -147,6 +148,7 @@ def test_ssd_scan_reads_strided_inputs():
 
 def _packed(lengths, dtype, with_initial, seed=3):
     _, _, h, p, g, n, chunk = SCAN_CASES[0]
+    chunk = 256 if sum(lengths) > 256 else chunk  # long packs: boundaries inside the steps of a long chunk
     inp, h0 = _scan_inputs(1, sum(lengths), h, p, g, n, dtype, seed=seed, nstates=len(lengths))
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     return inp, (h0 if with_initial else None), cu_seqlens, chunk
@@ -156,7 +158,7 @@ def _packed(lengths, dtype, with_initial, seed=3):
     "lengths, dtype, with_initial",
     [(lengths, torch.float32, True) for lengths in PACKED_LENGTHS]
     + [(PACKED_LENGTHS[0], torch.float32, False), (PACKED_LENGTHS[0], torch.bfloat16, True),
-       (PACKED_LENGTHS[2], torch.bfloat16, False)],
+       (PACKED_LENGTHS[2], torch.bfloat16, False), (PACKED_LENGTHS[-1], torch.bfloat16, True)],
     ids=lambda v: f"{len(v)}seqs" if isinstance(v, list) else str(v),
 )
 def test_ssd_scan_packed_matches_ref(lengths, dtype, with_initial):
