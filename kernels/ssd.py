@@ -860,7 +860,7 @@ def ssd_scan(
         )
     if initial_state is not None and final_state_out.data_ptr() == initial_state.data_ptr():
         raise ValueError("final_state_out must not be initial_state: the output kernel reads it after it is written")
-    if length == 0:
+    if length == 0 or batch == 0:
         if initial_state is None:
             final_state_out.zero_()
         else:
@@ -982,6 +982,8 @@ def ssd_state_update(
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     elif out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(f"out must be {tuple(x.shape)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if x.numel() == 0:
+        return out
     block_n = triton.next_power_of_2(d_state)
     block_p = min(triton.next_power_of_2(headdim), max(1, 2048 // block_n))  # ~2048 state entries a program
     absent = A
