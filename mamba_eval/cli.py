@@ -12,6 +12,9 @@
     ``--model`` defaults to ``mamba`` (lm-eval's own default is ``hf``) unless a
     ``--config`` file is given, which then decides.
 
+``mamba-eval demo [--out DIR]``
+    builds the offline demo (``mamba_eval.demo``) and evaluates it with lm-eval.
+
 ``mamba-eval --version`` prints the versions of mamba-eval and lm-eval.
 
 A subcommand is one ``_add_<name>(subparsers)`` function that adds its parser and sets
@@ -142,10 +145,41 @@ def _call_lm_eval(run_args: list[str]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------- demo
+
+
+def _add_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="build the offline demo (tokenizer, checkpoint, task) and evaluate it with lm-eval",
+        description="Everything the demo needs is generated locally from a fixed seed (no hub "
+        "access): a byte-level BPE tokenizer, a small Mamba checkpoint in mamba_ssm format, and "
+        "an lm-eval task of the project's own. Then 'lm-eval run --model mamba' evaluates it.",
+    )
+    parser.add_argument("--out", default="runs/demo", metavar="DIR",
+                        help="where to build the demo and write results (default: runs/demo)")
+    parser.add_argument("--device", default="cpu", help="device for the evaluation (default: cpu)")
+    parser.add_argument("--batch_size", default="8", help="lm-eval batch size (default: 8)")
+    parser.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathlib import Path
+
+    from mamba_eval.demo import build_demo, demo_lm_eval_args
+
+    out = Path(args.out)
+    paths = build_demo(out)
+    run_args = demo_lm_eval_args(paths, device=args.device, batch_size=args.batch_size)
+    run_args += ["--output_path", str(out / "results")]
+    print(f"{PROG}: demo built in {out}; running: lm_eval {' '.join(run_args)}", file=sys.stderr)
+    return _call_lm_eval(run_args)
+
+
 # --------------------------------------------------------------------------------- main
 
 
-_SUBCOMMANDS = (_add_run,)
+_SUBCOMMANDS = (_add_run, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

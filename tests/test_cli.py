@@ -216,3 +216,14 @@ def test_options_are_not_passed_to_subcommands_that_take_none(monkeypatch):
     monkeypatch.setattr(cli, "_SUBCOMMANDS", (*cli._SUBCOMMANDS, add_probe))
     assert cli.main(["probe"]) == 0 and recorder.extra == []
     assert cli.main(["probe", "--unknown"]) == 2
+
+
+def test_demo_builds_and_evaluates_offline(tmp_path, monkeypatch):
+    """The README's offline main job: the demo builds and lm-eval scores its task with `mamba`."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    results = list((tmp_path / "demo" / "results").rglob("results_*.json"))
+    assert len(results) == 1
+    scores = json.loads(results[0].read_text())["results"]["mamba_eval_demo_recall"]
+    assert 0.0 <= scores["acc,none"] <= 1.0
+    assert scores["alias"] == "mamba_eval_demo_recall"

@@ -1,0 +1,7 @@
+"""``python -m mamba_eval ...`` is the ``mamba-eval`` command."""
+
+import sys
+
+from mamba_eval.cli import main
+
+sys.exit(main())
