@@ -18,6 +18,7 @@ of the ``*_ref`` references in ``mamba_eval.kernels``:
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,46 +40,33 @@ class Ops:
     gated_rmsnorm: Callable
 
 
-def _ref_ops() -> Ops:
-    from mamba_eval.kernels.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
-    from mamba_eval.kernels.norm import add_rmsnorm_ref, gated_rmsnorm_ref
-    from mamba_eval.kernels.selective_scan import selective_scan_ref, selective_state_update_ref
-    from mamba_eval.kernels.ssd import ssd_scan_ref, ssd_state_update_ref
-
-    return Ops(
-        name="ref",
-        causal_conv1d=causal_conv1d_ref,
-        causal_conv1d_update=causal_conv1d_update_ref,
-        selective_scan=selective_scan_ref,
-        selective_state_update=selective_state_update_ref,
-        ssd_scan=ssd_scan_ref,
-        ssd_state_update=ssd_state_update_ref,
-        add_norm=add_rmsnorm_ref,
-        gated_rmsnorm=gated_rmsnorm_ref,
-    )
+# Ops field -> (module of mamba_eval.kernels, name of the Triton wrapper); the reference of each
+# is the same name with ``_ref`` appended.
+_FUNCTIONS = {
+    "causal_conv1d": ("conv1d", "causal_conv1d"),
+    "causal_conv1d_update": ("conv1d", "causal_conv1d_update"),
+    "selective_scan": ("selective_scan", "selective_scan"),
+    "selective_state_update": ("selective_scan", "selective_state_update"),
+    "ssd_scan": ("ssd", "ssd_scan"),
+    "ssd_state_update": ("ssd", "ssd_state_update"),
+    "add_norm": ("norm", "add_rmsnorm"),
+    "gated_rmsnorm": ("norm", "gated_rmsnorm"),
+}
 
 
-def _triton_ops() -> Ops:
-    from mamba_eval.kernels.conv1d import causal_conv1d, causal_conv1d_update
-    from mamba_eval.kernels.norm import add_rmsnorm, gated_rmsnorm
-    from mamba_eval.kernels.selective_scan import selective_scan, selective_state_update
-    from mamba_eval.kernels.ssd import ssd_scan, ssd_state_update
-
-    return Ops(
-        name="triton",
-        causal_conv1d=causal_conv1d,
-        causal_conv1d_update=causal_conv1d_update,
-        selective_scan=selective_scan,
-        selective_state_update=selective_state_update,
-        ssd_scan=ssd_scan,
-        ssd_state_update=ssd_state_update,
-        add_norm=add_rmsnorm,
-        gated_rmsnorm=gated_rmsnorm,
-    )
+def _build(name: str, suffix: str) -> Ops:
+    functions = {}
+    for field, (module, function) in _FUNCTIONS.items():
+        mod = importlib.import_module(f"mamba_eval.kernels.{module}")
+        functions[field] = getattr(mod, function + suffix)
+    return Ops(name=name, **functions)
 
 
 # name -> builder; builders import lazily (the kernels modules are only imported when used).
-_BACKENDS: dict[str, Callable[[], Ops]] = {"ref": _ref_ops, "triton": _triton_ops}
+_BACKENDS: dict[str, Callable[[], Ops]] = {
+    "ref": lambda: _build("ref", "_ref"),
+    "triton": lambda: _build("triton", ""),
+}
 
 
 def default_backend(device) -> str:

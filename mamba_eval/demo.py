@@ -8,9 +8,9 @@ generated here from a fixed seed, byte for byte the same on every machine:
    GPT-NeoX-20B's (``<|endoftext|>`` id 0 = bos = eos = unk, ``<|padding|>`` id 1, no prefix
    space, so ``decode(encode(s)) == s``).
 2. :func:`write_random_checkpoint`: a Mamba-1 checkpoint in mamba_ssm format (``config.json`` +
-   ``pytorch_model.bin``, fp32, ``lm_head.weight`` tied to the embedding) with mamba_ssm's
-   initialisation, d_model 64, 2 layers, the embedding padded to a multiple of 8 rows. It scores
-   at chance; a trained checkpoint written into the same folder can replace it.
+   ``pytorch_model.bin``, fp32, ``lm_head.weight`` tied to the embedding) with the model's own
+   random initialisation (``MambaLMHeadModel.init_weights``), d_model 64, 2 layers, the
+   embedding padded to a multiple of 8 rows. It scores at chance; a trained checkpoint written into the same folder can replace it.
 3. :func:`write_demo_task`: an lm-eval task of our own, :data:`DEMO_TASK`: multiple choice,
    "which continuation repeats the key stated earlier" (a recall test, which selective SSMs are
    built for), :data:`DEMO_NUM_DOCS` documents, 4 choices each, metrics ``acc`` / ``acc_norm``.
@@ -26,7 +26,6 @@ generated here from a fixed seed, byte for byte the same on every machine:
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -45,7 +44,6 @@ __all__ = [
     "demo_corpus",
     "demo_lm_eval_args",
     "pad_vocab_size",
-    "random_mamba_state_dict",
     "write_demo_task",
     "write_random_checkpoint",
 ]
@@ -76,9 +74,6 @@ MODEL_CONFIG: dict = {
     "pad_vocab_size_multiple": 8,
     "tie_embeddings": True,
 }
-# Mamba-1 defaults of mamba_ssm's Mamba block, which an empty ssm_cfg selects.
-_D_STATE, _D_CONV, _EXPAND = 16, 4, 2
-_DT_MIN, _DT_MAX, _DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
 
 # --------------------------------------------------------------------------- text
 
@@ -166,63 +161,22 @@ def pad_vocab_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def random_mamba_state_dict(config: Mapping, seed: int = DEMO_SEED) -> dict:
-    """A Mamba-1 state dict in mamba_ssm's key names, initialised as mamba_ssm initialises a new model.
-
-    Shapes (D = d_model, E = expand·D, N = d_state, R = dt_rank = ceil(D/16), K = d_conv,
-    V = vocab padded to ``pad_vocab_size_multiple``):
-    embedding (V, D); per layer: norm (D), in_proj (2E, D) rows [x; z], conv1d (E, 1, K) + bias (E),
-    x_proj (R + 2N, E) rows [dt; B; C], dt_proj (E, R) + bias (E), A_log (E, N), D (E),
-    out_proj (D, E); norm_f (D); lm_head (V, D), the same tensor as the embedding.
-
-    Initialisation: embedding N(0, 0.02); linear and conv weights uniform(±1/sqrt(fan_in)) (torch's
-    default); out_proj further divided by sqrt(n_layer) (GPT-2-style prenorm residual rescaling);
-    dt_proj weight uniform(±R^-1/2); dt_proj bias = softplus⁻¹(dt), dt log-uniform in
-    [1e-3, 1e-1]; A_log = log(1..N) per channel (S4D-real); D = 1; norms = 1.
-    """
-    import torch
-
-    if config.get("ssm_cfg") or config.get("attn_layer_idx") or config.get("d_intermediate"):
-        raise ValueError("random_mamba_state_dict writes plain Mamba-1 models only (empty ssm_cfg, no attention, no MLP)")
-    d_model, n_layer = int(config["d_model"]), int(config["n_layer"])
-    vocab = pad_vocab_size(int(config["vocab_size"]), int(config["pad_vocab_size_multiple"]))
-    d_inner, dt_rank = _EXPAND * d_model, math.ceil(d_model / 16)
-    g = torch.Generator().manual_seed(seed)
-
-    def uniform(shape, bound):
-        return (torch.rand(shape, generator=g, dtype=torch.float32) * 2 - 1) * bound
-
-    sd: dict[str, torch.Tensor] = {}
-    embedding = torch.randn(vocab, d_model, generator=g) * 0.02
-    sd["backbone.embedding.weight"] = embedding
-    for i in range(n_layer):
-        p = f"backbone.layers.{i}."
-        sd[p + "norm.weight"] = torch.ones(d_model)
-        sd[p + "mixer.in_proj.weight"] = uniform((2 * d_inner, d_model), d_model**-0.5)
-        sd[p + "mixer.conv1d.weight"] = uniform((d_inner, 1, _D_CONV), _D_CONV**-0.5)
-        sd[p + "mixer.conv1d.bias"] = uniform((d_inner,), _D_CONV**-0.5)
-        sd[p + "mixer.x_proj.weight"] = uniform((dt_rank + 2 * _D_STATE, d_inner), d_inner**-0.5)
-        sd[p + "mixer.dt_proj.weight"] = uniform((d_inner, dt_rank), dt_rank**-0.5)
-        log_dt = torch.rand(d_inner, generator=g) * (math.log(_DT_MAX) - math.log(_DT_MIN)) + math.log(_DT_MIN)
-        dt = log_dt.exp().clamp(min=_DT_INIT_FLOOR)
-        sd[p + "mixer.dt_proj.bias"] = dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(dt)
-        sd[p + "mixer.A_log"] = torch.log(torch.arange(1, _D_STATE + 1, dtype=torch.float32)).repeat(d_inner, 1)
-        sd[p + "mixer.D"] = torch.ones(d_inner)
-        sd[p + "mixer.out_proj.weight"] = uniform((d_model, d_inner), d_inner**-0.5) / math.sqrt(n_layer)
-    sd["backbone.norm_f.weight"] = torch.ones(d_model)
-    sd["lm_head.weight"] = embedding  # tied, and stored under both names as the releases do
-    return sd
-
-
 def write_random_checkpoint(model_dir: str | Path, vocab_size: int, seed: int = DEMO_SEED) -> Path:
     """Write ``config.json`` and ``pytorch_model.bin`` of a randomly initialised demo model; return the folder."""
     import torch
 
+    from mamba_eval.loader import read_config
+    from mamba_eval.model import MambaLMHeadModel
+
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {**MODEL_CONFIG, "vocab_size": int(vocab_size)}
-    torch.save(random_mamba_state_dict(config, seed), out / "pytorch_model.bin")
-    _write_json(out / "config.json", config)
+    _write_json(out / "config.json", {**MODEL_CONFIG, "vocab_size": int(vocab_size)})
+    with torch.random.fork_rng(devices=[]):  # the model's own initialisation, seeded
+        torch.manual_seed(seed)
+        model = MambaLMHeadModel(read_config(out), backend="ref", device="cpu", dtype=torch.float32)
+    # Tied weights are stored under both names (lm_head.weight too), as the releases do.
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(state, out / "pytorch_model.bin")
     return out
 
 
