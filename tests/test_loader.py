@@ -295,3 +295,40 @@ def test_bad_runtime_arguments(checkpoint):
     _raises("unknown dtype 'bfloat61'", load_model, folder, dtype="bfloat61", exc=ValueError)
     _raises("unknown kernel backend 'cuda'", load_model, folder, backend="cuda", exc=ValueError)
     _raises("invalid device 'gpu0'", load_model, folder, device="gpu0", exc=ValueError)
+
+
+PUBLISHED = {  # name: (d_model, n_layer) of the state-spaces releases (mamba_ssm format)
+    "mamba-130m": (768, 24), "mamba-370m": (1024, 48), "mamba-790m": (1536, 48), "mamba-1.4b": (2048, 48),
+    "mamba-2.8b": (2560, 64), "mamba2-130m": (768, 24), "mamba2-370m": (1024, 48), "mamba2-780m": (1536, 48),
+    "mamba2-1.3b": (2048, 48), "mamba2-2.7b": (2560, 64),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_every_published_size_builds_with_transformers_parameter_count(tmp_path, name):
+    """Each published size reads, builds (on the meta device: no memory) and has exactly the
+    parameter count of transformers' own class at the same shape."""
+    import transformers
+
+    from mamba_eval.model import MambaLMHeadModel
+
+    d_model, n_layer = PUBLISHED[name]
+    mamba2 = name.startswith("mamba2")
+    cfg = read_config(_write_config(tmp_path, {
+        "d_model": d_model, "n_layer": n_layer, "vocab_size": 50277, "rms_norm": True, "residual_in_fp32": True,
+        "ssm_cfg": {"layer": "Mamba2"} if mamba2 else {}, "pad_vocab_size_multiple": 16 if mamba2 else 8,
+    }))
+    ours = MambaLMHeadModel(cfg, device="meta")
+    n_ours = sum(p.numel() for p in ours.parameters())
+    with torch.device("meta"):
+        if mamba2:
+            theirs = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+                hidden_size=d_model, num_hidden_layers=n_layer, vocab_size=cfg.vocab_size, state_size=128,
+                head_dim=64, num_heads=2 * d_model // 64, n_groups=1, tie_word_embeddings=True))
+        else:
+            theirs = transformers.MambaForCausalLM(transformers.MambaConfig(
+                hidden_size=d_model, num_hidden_layers=n_layer, vocab_size=cfg.vocab_size, state_size=16,
+                tie_word_embeddings=True))
+    assert n_ours == sum(p.numel() for p in theirs.parameters())
+    size = float(name.split("-")[1][:-1]) * (1e9 if name.endswith("b") else 1e6)
+    assert 0.8 * size < n_ours < 1.25 * size
