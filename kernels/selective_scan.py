@@ -188,25 +188,27 @@ def selective_state_update_ref(
 # ---------------------------------------------------------------------------------------------
 #
 # Work decomposition of the sequence scan. One program (one warp) owns one segment of positions
-# (a batch row, a sequence of a packed row, or a chunk of a row: see below) for BLOCK_D channels,
-# and keeps their state h [BLOCK_N, BLOCK_D] in fp32 registers while it walks the segment in tiles
-# of 4 positions. The state is laid out with the channels across lanes and all N states of a
-# channel within one thread (for N <= 16), so
-#   - the recurrence h = exp(Δ A) h + Δ u B is one exp2 and two FMA-pipe ops per (d, n, t), with
-#     no shuffles or shared memory, and y_t = <C_t, h_t> one more FMA (a chain over N);
-#   - the [4, BLOCK_D] tiles of u, Δ, z, y are coalesced when channels are contiguous in memory
-#     (the [B, L, D] activations of the model, seen as [B, D, L]); for L-contiguous tensors each
-#     thread moves 4 consecutive elements. B and C tiles reach every lane through shared memory.
-# The per-(b, d, t) work (loads, softplus, D skip, silu gate, store) is shared by the N states,
-# and the inputs of the next tile are loaded before the current one is computed. Per (d, n, t)
-# this comes to one exp2 on the special-function unit (16 per SM and clock on an H200) and about
-# 8 other instructions (4 issue slots per SM and clock for 32 lanes): the exps bound the kernel.
+# (a batch row, a sequence of a packed row, or a chunk of a row: see below) for BLOCK_D <= 32
+# channels, and keeps their state h [BLOCK_N, BLOCK_D] in fp32 registers while it walks the segment
+# in tiles of BLOCK_L positions. The channels lie across lanes and all N states of a channel within
+# one thread (for N <= 16). A tile is computed as [BLOCK_L, BLOCK_N, BLOCK_D] tensors:
+#   - dA = exp2(Δ A log2(e)) and Δ u B for every (t, n, d) of the tile at once: the exps do not
+#     depend on the state, so they issue back to back, off the recurrence's dependency chain;
+#   - h_t = dA_t h_{t-1} + (Δ u B)_t along the tile (an in-thread scan: one FMA per element), the
+#     incoming state folded into the first position;
+#   - y_t = <C_t, h_t>, an in-thread chain of FMAs over N.
+# Per (t, n, d) that is one exp2 on the special-function unit (16 per SM and clock on an H200),
+# two multiplies and two FMAs, and a quarter of a 16-byte shared-memory load for B and C, which
+# every lane needs: they are widened to fp32 before they are shared (tl.join below), not after.
+# The per-(t, d) work (loads, softplus, D skip, silu gate, store) is shared by the N states. The
+# exps (and the issue slots, nearly as busy) bound the kernel.
 #
 # Rows with few channels (B * D small) and long L leave most of the GPU idle if one program walks
 # a whole row. Then L is split into chunks: pass 1 scans every chunk from a zero state and keeps
 # only its end state and sum of Δ; a small kernel chains the chunks (h_in[k+1] = exp(A ΣΔ_k)
 # h_in[k] + h_end[k]); pass 2 re-scans every chunk from its true initial state and writes y. The
-# exps are paid twice, in exchange for B * D * chunks parallel programs.
+# exps are paid twice, in exchange for B * D * chunks parallel programs. (Carrying the state in
+# without re-scanning would need prod(dA) per (t, n, d), one exp each again: no cheaper.)
 
 
 @triton.jit
@@ -245,42 +247,15 @@ def _silu(z):
 
 
 @triton.jit
-def _rows4(x):
-    """The rows x[0], x[1], x[2], x[3] of a [4, W] tensor. tl.split is exact for any layout and
-    free when the rows of a column lie in one thread (the layout of the tiles here)."""
-    x = tl.permute(x, 1, 0)  # [W, 4]
-    even, odd = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))  # even[:, i] = x[:, 2i]
-    x0, x2 = tl.split(even)
-    x1, x3 = tl.split(odd)
-    return x0, x1, x2, x3
+def _affine(a1, b1, a2, b2):
+    """Composition of x -> a1 x + b1 then x -> a2 x + b2 (the recurrence's scan operator)."""
+    return a1 * a2, a2 * b1 + b2
 
 
 @triton.jit
-def _stack4(x0, x1, x2, x3):
-    """Inverse of _rows4: the [4, W] tensor of rows x0..x3."""
-    x = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # [W, 2, 2], [:, i, j] = x_{2i+j}
-    return tl.permute(tl.reshape(x, [x0.shape[0], 4]), 1, 0)
-
-
-@triton.jit
-def _last_row(x):
-    """x[-1] of a [R, W] tensor, R a power of two (halving with tl.split, as in _rows4)."""
-    x = tl.permute(x, 1, 0)  # [W, R]
-    for _ in tl.static_range(16):
-        if x.shape[1] > 1:
-            _, x = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
-    return x
-
-
-@triton.jit
-def _step(h, A, dt, dtu, Bt, Ct, WRITE_Y: tl.constexpr):
-    """One position: h = exp(Δ A) h + Δ u B [BN, BD]; y = <C, h> [BD] as a running sum over N
-    (a chain of FMAs) of which the last entry is kept."""
-    h = tl.exp2(dt[None, :] * A) * h + dtu[None, :] * Bt[:, None]
-    y = dt
-    if WRITE_Y:
-        y = _last_row(tl.cumsum(h * Ct[:, None], 0))
-    return h, y
+def _right(a, b):
+    """Reduction operator that keeps the later element (tl.reduce with it picks the last row)."""
+    return b
 
 
 @triton.jit
@@ -326,9 +301,9 @@ def _scan_tile(
     u, dt, z, Bt, Ct,  # the tile's inputs from _load_tile
     y_tile, off_y, mask_l, mask_d,  # y pointer at the tile, [BL, BD] offsets, [BL], [BD]
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-    WRITE_Y: tl.constexpr, MASK_L: tl.constexpr, MASK_D: tl.constexpr,
+    WRITE_Y: tl.constexpr, MASK_L: tl.constexpr, MASK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """Advance the state over one tile of 4 positions; write y if WRITE_Y.
+    """Advance the state over one tile of BLOCK_L positions; write y if WRITE_Y.
 
     Returns (state after the tile [BN, BD], sum of Δ over the tile [BD])."""
     u = u.to(tl.float32)
@@ -339,16 +314,19 @@ def _scan_tile(
         dt = _softplus(dt)
     if MASK_L:
         dt = tl.where(mask_l[:, None], dt, 0.0)  # past the end: exp(0 A) = 1 and no input, h passes
-    dt0, dt1, dt2, dt3 = _rows4(dt)  # [BD] each
-    du0, du1, du2, du3 = _rows4(dt * u)
-    B0, B1, B2, B3 = _rows4(Bt.to(tl.float32))  # [BN] each
-    C0, C1, C2, C3 = _rows4(Ct.to(tl.float32))
-    h, y0 = _step(h, A, dt0, du0, B0, C0, WRITE_Y)
-    h, y1 = _step(h, A, dt1, du1, B1, C1, WRITE_Y)
-    h, y2 = _step(h, A, dt2, du2, B2, C2, WRITE_Y)
-    h, y3 = _step(h, A, dt3, du3, B3, C3, WRITE_Y)
+    rl = tl.arange(0, BLOCK_L)
+    # Every (t, n, d) of the tile at once: the exps do not depend on the state, so they all issue
+    # ahead of the one-FMA-per-element chain h_t = dA_t h_{t-1} + dBu_t along the tile.
+    dA = tl.exp2(dt[:, None, :] * A[None, :, :])  # [BL, BN, BD]
+    # B and C widened to fp32 in their load layout: joined, so that the compiler does not move the
+    # widening after the broadcast to every lane (which would widen each value once per lane).
+    Bf, Cf = tl.split(tl.join(Bt.to(tl.float32), Ct.to(tl.float32)))  # [BL, BN] each
+    dBu = (dt * u)[:, None, :] * Bf[:, :, None]  # [BL, BN, BD]
+    dBu = tl.where((rl == 0)[:, None, None], dA * h[None, :, :] + dBu, dBu)  # carry the state in
+    _, hs = tl.associative_scan((dA, dBu), 0, _affine)  # hs[t] = h_t  [BL, BN, BD]
+    h = tl.reduce(hs, 0, _right)  # h at the tile's last position [BN, BD]
     if WRITE_Y:
-        y = _stack4(y0, y1, y2, y3)  # [BL, BD]
+        y = tl.sum(hs * Cf[:, :, None], axis=1)  # [BL, BD]
         if HAS_D:
             y += u * Dv[None, :]
         if HAS_Z:
@@ -384,13 +362,12 @@ def _selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_STATE: tl.constexpr, WRITE_DTSUM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, PREFETCH: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     """Grid (cdiv(D, BLOCK_D), S). Segment s is positions [start, end) of batch row b:
     varlen: b = 0, [cu_seqlens[s], cu_seqlens[s+1]); otherwise b = s // n_chunks and the
     (s % n_chunks)-th chunk of chunk_len positions (n_chunks = 1, chunk_len = L: the whole row)."""
-    tl.static_assert(BLOCK_L == 4, "the tile code (_scan_tile) is written for 4 positions")
     pid_d = tl.program_id(0)
     seg = tl.program_id(1).to(tl.int64)
     if IS_VARLEN:
@@ -441,9 +418,9 @@ def _selective_scan_fwd_kernel(
     B_row = B_ptr + batch * stride_B_b
     C_row = C_ptr + batch * stride_C_b
 
-    # Whole tiles run without position masks. The inputs of the next tile are loaded before the
-    # current one is computed, so that their latency hides behind its exps (the last whole tile is
-    # loaded again at the end instead of reading past it).
+    # Whole tiles run without position masks. The inputs of the next PREFETCH tiles are loaded
+    # before the current one is computed, so that their latency hides behind its exps (past the
+    # last whole tile, the last whole tile is loaded again instead of reading beyond it).
     n_full = (end - start) // BLOCK_L
     last_full = start + tl.maximum(n_full - 1, 0) * BLOCK_L
     whole = rl < BLOCK_L  # [BL] all true
@@ -451,9 +428,16 @@ def _selective_scan_fwd_kernel(
         u_row + start * stride_u_l, dt_row + start * stride_dt_l, z_row + start * stride_z_l,
         B_row + start * stride_B_l, C_row + start * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
         rl < end - start, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, True, not EVEN_D, True)
+    tile1 = tile
+    if PREFETCH > 1:
+        p1 = tl.minimum(start + BLOCK_L, last_full)
+        tile1 = _load_tile(
+            u_row + p1 * stride_u_l, dt_row + p1 * stride_dt_l, z_row + p1 * stride_z_l,
+            B_row + p1 * stride_B_l, C_row + p1 * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
+            rl < end - p1, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, True, not EVEN_D, True)
     for i in range(n_full):
         lo = start + i * BLOCK_L
-        nxt = tl.minimum(lo + BLOCK_L, last_full)
+        nxt = tl.minimum(lo + PREFETCH * BLOCK_L, last_full)
         next_tile = _load_tile(
             u_row + nxt * stride_u_l, dt_row + nxt * stride_dt_l, z_row + nxt * stride_z_l,
             B_row + nxt * stride_B_l, C_row + nxt * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
@@ -461,9 +445,13 @@ def _selective_scan_fwd_kernel(
         u, dt, z, Bt, Ct = tile
         h, s = _scan_tile(
             h, A, Dv, bias, u, dt, z, Bt, Ct, y_row + lo * stride_y_l, off_y, whole, mask_d,
-            HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS, WRITE_Y, False, not EVEN_D)
+            HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS, WRITE_Y, False, not EVEN_D, BLOCK_L)
         dtsum += s
-        tile = next_tile
+        if PREFETCH > 1:
+            tile = tile1
+            tile1 = next_tile
+        else:
+            tile = next_tile
     lo = start + n_full * BLOCK_L
     if lo < end:  # the last, partial tile
         mask_l = rl < end - lo
@@ -473,7 +461,7 @@ def _selective_scan_fwd_kernel(
             mask_l, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, True, not EVEN_D, True)
         h, s = _scan_tile(
             h, A, Dv, bias, u, dt, z, Bt, Ct, y_row + lo * stride_y_l, off_y, mask_l, mask_d,
-            HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS, WRITE_Y, True, not EVEN_D)
+            HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS, WRITE_Y, True, not EVEN_D, BLOCK_L)
         dtsum += s
     if WRITE_STATE:  # hT is a fresh contiguous [S, D, N] fp32 tensor (stride_hT_n = 1)
         tl.store(hT_ptr + seg * dim * dstate + (d0 + rd[None, :]) * dstate + rn[:, None] * stride_hT_n, h,
@@ -581,24 +569,40 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[index]
 
 
-def _scan_blocks(d_state: int, dim: int) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_N, BLOCK_L) of the sequence kernel, which runs one warp per program.
+# Tiles of the sequence kernel (N <= 16), chosen by timing on an H200 (bf16, N = 16, d_inner 1536
+# and 5120). L-contiguous u ([B, D, L] tensors): 8 positions a tile, so that every lane loads 16
+# bytes of its channel; the next tile is prefetched. Channel-contiguous u (the model's [B, L, D]
+# activations): 4 positions a tile, two tiles prefetched (each tile's loads are scattered over
+# rows, so their latency is longer), and at most 168 registers a thread, which lets 12 one-warp
+# programs share an SM instead of 10. Rows split along L use the first in either layout (faster
+# there: 1.47 against 1.67 ms for d_inner 5120, B = 1, L = 16384).
+_TILES = {False: (8, 1, None), True: (4, 2, 168)}  # channel-contiguous u -> (BLOCK_L, PREFETCH, maxnreg)
+_SPLIT_BELOW = 4  # split rows along L when they give fewer one-warp programs than this per SM ...
+_SPLIT_TARGET = 48  # ... into chunks enough for about this many per SM (short waves, less tail)
 
-    BLOCK_L = 4 positions per tile (the tile code is written for 4) and BLOCK_D * BLOCK_N = 512
-    give each thread 64 (d, n, t) elements of a tile: all N states of one channel for N = 16, in
-    about 180 registers (no spills)."""
+
+def _scan_config(
+    d_state: int, dim: int, channel_contiguous: bool, split: bool = False
+) -> tuple[int, int, int, int, int | None]:
+    """(BLOCK_D, BLOCK_N, BLOCK_L, PREFETCH, maxnreg) of the sequence kernel, which runs one warp per
+    program; ``split``: rows split along L.
+
+    BLOCK_D <= 32 channels, one per lane; for N <= 16 every thread holds all N states of its
+    channel (BLOCK_D * BLOCK_N <= 512), larger N spreads over lanes."""
     block_n = triton.next_power_of_2(max(d_state, 1))
-    block_d = max(2, min(128, 512 // block_n, triton.next_power_of_2(dim)))
-    return block_d, block_n, 4
+    block_d = max(2, min(32, 512 // block_n, triton.next_power_of_2(dim)))
+    if block_n > 16:
+        return block_d, block_n, 4, 1, None
+    return (block_d, block_n, *_TILES[channel_contiguous and not split])
 
 
 def _n_chunks(rows: int, dim: int, length: int, block_d: int, device: torch.device) -> int:
-    """Chunks per row along L: 1 unless rows x channel blocks fill less than half the GPU."""
+    """Chunks per row along L: 1 unless rows x channel blocks give too few programs to fill the GPU."""
     programs = rows * triton.cdiv(dim, block_d)
-    target = 8 * _sm_count(device)  # one-warp programs: about 8 per SM keep its exp unit busy
-    if 2 * programs >= target or length < 2 * _MIN_CHUNK:
+    sms = _sm_count(device)
+    if programs >= _SPLIT_BELOW * sms or length < 2 * _MIN_CHUNK:
         return 1
-    return max(1, min(triton.cdiv(target, programs), length // _MIN_CHUNK, _MAX_ROWS // rows))
+    return max(1, min(triton.cdiv(_SPLIT_TARGET * sms, programs), length // _MIN_CHUNK, _MAX_ROWS // rows))
 
 
 def _check_float(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -648,7 +652,9 @@ def _launch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, y, hT,
                  n_seg, n_chunks, chunk_len, write_y):
     batch, dim, length = u.shape
     d_state = A.shape[1]
-    block_d, block_n, block_l = _scan_blocks(d_state, dim)
+    block_d, block_n, block_l, prefetch, maxnreg = _scan_config(d_state, dim, _channel_contiguous(u), n_chunks > 1)
+    # maxnreg is a CUDA-only launch option (Triton's ROCm backend and interpreter reject or ignore it)
+    extra = {"maxnreg": maxnreg} if maxnreg and u.is_cuda and torch.version.hip is None else {}
     dummy = u  # stands for an absent tensor (never read: its flag is off)
 
     def strides(t, n):
@@ -665,10 +671,15 @@ def _launch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, y, hT,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=bool(delta_softplus), HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
         WRITE_Y=write_y, WRITE_STATE=hT is not None, WRITE_DTSUM=dtsum is not None,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, PREFETCH=prefetch,
         EVEN_D=dim % block_d == 0, EVEN_N=d_state == block_n,
-        num_warps=1,
+        num_warps=1, **extra,
     )
+
+
+def _channel_contiguous(u: torch.Tensor) -> bool:
+    """Whether u is laid out channel-contiguous ([B, L, D] memory seen as [B, D, L])."""
+    return u.stride(1) == 1 and u.shape[2] > 1
 
 
 def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens,
@@ -678,7 +689,7 @@ def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
     d_state = A.shape[1]
     n_seg = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch
     # y follows u: channel-contiguous ([B, L, D] memory) when u is, else [B, D, L] contiguous.
-    if u.stride(1) == 1 and length > 1:
+    if _channel_contiguous(u):
         y = _new_output((batch, length, dim), u.dtype, u.device).transpose(1, 2)
     else:
         y = _new_output((batch, dim, length), u.dtype, u.device)
@@ -689,7 +700,7 @@ def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
     if cu_seqlens is not None or n_chunks <= 1 or length <= 1:
         _launch_scan(*args, initial_state, y, final_state, None, cu_seqlens, n_seg, 1, max(length, 1), True)
         return y, final_state
-    block_l = _scan_blocks(d_state, dim)[2]
+    block_l = _scan_config(d_state, dim, _channel_contiguous(u), True)[2]
     chunk_len = triton.cdiv(triton.cdiv(length, n_chunks), block_l) * block_l  # whole tiles
     n_chunks = triton.cdiv(length, chunk_len)
     # Split rows: end states of the chunks from zero, then the chain of chunk states, then y.
@@ -756,7 +767,7 @@ def selective_scan(
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, n_states)
     if n_states > _MAX_ROWS:
         raise ValueError(f"at most {_MAX_ROWS} rows or packed sequences per call, got {n_states}")
-    block_d = _scan_blocks(A.shape[1], dim)[0]
+    block_d = _scan_config(A.shape[1], dim, _channel_contiguous(u))[0]
     n_chunks = 1 if cu_seqlens is not None else _n_chunks(batch, dim, length, block_d, u.device)
     return _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens,
                                n_chunks=n_chunks)

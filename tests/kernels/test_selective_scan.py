@@ -143,10 +143,10 @@ def test_scan_splits_few_long_rows(monkeypatch):
 
     monkeypatch.setattr(ss, "_selective_scan_fwd", recording)
     monkeypatch.setattr(ss, "_MIN_CHUNK", 8)
-    monkeypatch.setattr(ss, "_sm_count", lambda device: 4)  # 32 one-warp programs fill this "GPU"
+    monkeypatch.setattr(ss, "_sm_count", lambda device: 4)  # fewer than 4 * _SPLIT_BELOW programs: split
     inputs = _scan_inputs(1, 6, 8, 40, torch.float32, "model", seed=4)
     _check_scan(inputs, torch.float32)  # 1 program: split
-    inputs = _scan_inputs(4, 520, 4, 40, torch.float32, "model", seed=4)  # 4 x 5 programs: not split
+    inputs = _scan_inputs(4, 520, 4, 40, torch.float32, "model", seed=4)  # 4 x 17 programs: not split
     _check_scan(inputs, torch.float32)
     assert calls[0] > 1 and calls[1] == 1
 
