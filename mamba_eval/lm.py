@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -22,9 +23,9 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from mamba_eval.errors import ModelArgsError, install_excepthook
+from mamba_eval.errors import MambaEvalError, ModelArgsError, install_excepthook
 from mamba_eval.generation import SamplingParams, generate
-from mamba_eval.engine import score_continuations
+from mamba_eval.engine import score_continuations, score_documents
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 DEFAULT_MAX_LENGTH = 2048  # the published Mamba evaluations used lm-eval's mamba default
 DEFAULT_MAX_GEN_TOKS = 256
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ROLLING_MODES = ("windows", "stateful")
 
 # model_args accepted by `hf` that do not apply here: accepted so that scripts written for `hf`
 # keep working, with the reason they have no effect.
@@ -74,6 +76,18 @@ def _parse_device(value: str | None) -> torch.device:
     return device
 
 
+def _parse_positive(name: str, value) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ModelArgsError(f"{name}={value!r}: expected a positive integer") from None
+    if number < 1:
+        raise ModelArgsError(f"{name}={value!r}: expected a positive integer")
+    return number
+
+
 def _parse_bool(name: str, value) -> bool:
     if isinstance(value, bool):
         return value
@@ -85,14 +99,62 @@ def _parse_bool(name: str, value) -> bool:
     raise ModelArgsError(f"{name}={value!r}: expected true or false")
 
 
+class _ProgressBar:
+    """A tqdm bar over requests with requests/s and tokens/s (tokens run through the model) in
+    its postfix. The engine calls it as ``bar(requests_finished, tokens)``."""
+
+    def __init__(self, total: int, desc: str, disable: bool):
+        self.bar = tqdm(total=total, desc=desc, disable=disable)
+        self.start = self.shown = time.perf_counter()
+        self.requests = self.tokens = 0
+
+    def __call__(self, requests: int, tokens: int) -> None:
+        self.requests += requests
+        self.tokens += tokens
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        postfix = {"req/s": f"{self.requests / elapsed:.1f}", "tok/s": f"{self.tokens / elapsed:.0f}"}
+        if requests:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(requests)
+        elif now - self.shown > 0.5:  # long documents: show the token rate between requests
+            self.bar.set_postfix(postfix)
+            self.shown = now
+
+    def update(self, n: int = 1) -> None:
+        self(n, 0)
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
 class MambaLM(TemplateLM):
     """Mamba and Mamba-2 checkpoints (mamba_ssm or transformers format) for lm-eval.
 
     model_args: ``pretrained`` (folder or hub id), ``tokenizer`` (default: the checkpoint's own
     tokenizer files, else EleutherAI/gpt-neox-20b), ``revision``, ``dtype`` (auto, float32,
     bfloat16, float16), ``device``, ``batch_size`` (int or ``auto``), ``max_batch_size``,
-    ``max_length`` (default 2048), ``backend`` (op implementations: ``ref``), ``add_bos_token``,
-    ``prefix_token_id``.
+    ``max_length`` (default 2048), ``backend`` (op implementations: ``ref``, ``triton``),
+    ``add_bos_token``, ``prefix_token_id``, and two of our own:
+
+    - ``share_context`` (default true): requests with the same context tokens run the context
+      once and fork its recurrent state for each continuation (``mamba_eval.engine``); false runs
+      every request as one sequence, as lm-eval's HF models do. Both give the same scores up to
+      floating-point rounding.
+    - ``rolling`` (``windows`` or ``stateful``): how ``loglikelihood_rolling`` (perplexity tasks)
+      scores a document. ``windows`` (default) uses lm-eval's disjoint windows of ``max_length``
+      tokens, so published perplexities are reproduced; ``stateful`` conditions every token on
+      the whole document before it, carrying the recurrent state from chunk to chunk of
+      ``max_length`` tokens (memory does not grow with the document).
+
+    ``batch_size=N`` sets a token budget of N times the longest request; ``auto`` takes a share
+    of the free memory (capped at ``max_batch_size`` rows of the longest request when
+    ``max_batch_size`` is given). A request's score does not depend on the batch size or the
+    request order (bit for bit on the CPU; on CUDA as far as cuBLAS keeps a row's result
+    independent of the number of rows, see ``mamba_eval.engine``).
     """
 
     def __init__(
@@ -103,11 +165,13 @@ class MambaLM(TemplateLM):
         dtype: str = "auto",
         device: str | None = None,
         batch_size: int | str | None = 1,
-        max_batch_size: int | str | None = 64,
+        max_batch_size: int | str | None = None,
         max_length: int | str | None = None,
         backend: str | None = None,
         add_bos_token: bool | str | None = None,
         prefix_token_id: int | str | None = None,
+        share_context: bool | str = True,
+        rolling: str = "windows",
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -119,7 +183,7 @@ class MambaLM(TemplateLM):
             accepted = sorted(
                 ["pretrained", "tokenizer", "revision", "dtype", "device", "batch_size",
                  "max_batch_size", "max_length", "backend", "add_bos_token", "prefix_token_id",
-                 *_ACCEPTED_NOOPS]
+                 "share_context", "rolling", *_ACCEPTED_NOOPS]
             )
             raise ModelArgsError(
                 f"unknown model_args key(s) for --model mamba: {', '.join(sorted(kwargs))} "
@@ -127,6 +191,10 @@ class MambaLM(TemplateLM):
             )
         if str(dtype) not in DTYPES:
             raise ModelArgsError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+        if str(rolling) not in ROLLING_MODES:
+            raise ModelArgsError(f"rolling={rolling!r} is not one of {', '.join(ROLLING_MODES)}")
+        self.rolling = str(rolling)
+        self.share_context = _parse_bool("share_context", share_context)
 
         from mamba_eval import loader  # heavy imports stay out of lm-eval's registry scan
 
@@ -134,7 +202,9 @@ class MambaLM(TemplateLM):
         device_obj = self._setup_distributed(_parse_device(device))
         self._device = device_obj
         self.batch_size_arg = _parse_batch_size(batch_size)
-        self.max_batch_size = int(max_batch_size) if max_batch_size is not None else 64
+        # Scoring: a cap on `auto` only when given; generation: its batch size under `auto`.
+        self._score_max_batch_size = _parse_positive("max_batch_size", max_batch_size)
+        self.max_batch_size = self._score_max_batch_size or 64
         self._max_length = int(max_length) if max_length is not None else DEFAULT_MAX_LENGTH
         if self._max_length < 1:
             raise ModelArgsError(f"max_length={max_length!r}: must be at least 1")
@@ -248,28 +318,92 @@ class MambaLM(TemplateLM):
             self.accelerator.wait_for_everyone()
 
     # -- tokenisation ---------------------------------------------------------------------------
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        special = {}
+    def _special_tokens_kwargs(self, add_special_tokens: bool | None) -> dict:
         if add_special_tokens is not None:
-            special = {"add_special_tokens": add_special_tokens}
-        elif self.add_bos_token is not None:
-            special = {"add_special_tokens": self.add_bos_token}
-        return self.tokenizer.encode(string, **special)
+            return {"add_special_tokens": add_special_tokens}
+        if self.add_bos_token is not None:
+            return {"add_special_tokens": self.add_bos_token}
+        return {}
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, **self._special_tokens_kwargs(add_special_tokens))
+
+    def tok_encode_many(self, strings: list[str], add_special_tokens: bool | None = None) -> list[list[int]]:
+        """``tok_encode`` of each string, in one call of the fast tokenizer (each distinct string once)."""
+        unique = list(dict.fromkeys(strings))
+        if not unique:
+            return []
+        ids = self.tokenizer(
+            unique, return_attention_mask=False, **self._special_tokens_kwargs(add_special_tokens)
+        )["input_ids"]
+        table = dict(zip(unique, ids))
+        return [table[s] for s in strings]
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
+    def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """(context tokens, continuation tokens) of each (context, continuation) string pair,
+        exactly as lm-eval's ``TemplateLM.loglikelihood`` makes them, but with two tokenizer calls
+        for all pairs instead of two per pair.
+
+        The context's trailing whitespace moves to the continuation; the whole string and the
+        context are tokenised and the continuation is the whole's tokens past the context's. An
+        empty context becomes the prefix token (or the continuation's first token when that is
+        the prefix token), with the continuation tokenised without special tokens.
+        """
+        contexts, wholes, bare = [], [], []
+        for context, continuation in pairs:
+            if context == "":
+                bare.append(continuation)
+                continue
+            n_spaces = len(context) - len(context.rstrip())
+            if n_spaces > 0:
+                continuation = context[-n_spaces:] + continuation
+                context = context[:-n_spaces]
+            contexts.append(context)
+            wholes.append(context + continuation)
+        encoded = self.tok_encode_many(contexts + wholes)
+        ctx_ids, whole_ids = encoded[:len(contexts)], encoded[len(contexts):]
+        bare_ids = iter(self.tok_encode_many(bare, add_special_tokens=False))
+        out: list[tuple[list[int], list[int]]] = []
+        at = 0
+        for i, (context, continuation) in enumerate(pairs):
+            if context == "":
+                cont = next(bare_ids)
+                if not cont:
+                    raise MambaEvalError(f"request {i}: empty context and empty continuation")
+                prefix = self.prefix_token_id
+                out.append(([prefix], cont) if prefix != cont[0] else (cont[:1], cont[1:]))
+            else:
+                ctx = ctx_ids[at]
+                out.append((ctx, whole_ids[at][len(ctx):]))
+                at += 1
+        return out
+
     # -- requests ---------------------------------------------------------------------------------
-    def _progress(self, total: int, desc: str, disable: bool):
-        return tqdm(total=total, desc=desc, disable=disable or self._rank != 0)
+    def _progress(self, total: int, desc: str, disable: bool) -> _ProgressBar:
+        return _ProgressBar(total, desc, disable or self._rank != 0)
+
+    def _engine_args(self) -> dict:
+        return dict(
+            batch_size=self.batch_size_arg, max_batch_size=self._score_max_batch_size,
+            device=self._device, pad_id=self.eot_token_id,
+        )
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [tuple(req.args) for req in requests]
+        encoded = self.encode_pairs(pairs)
+        return self._loglikelihood_tokens(
+            [(pair, ctx, cont) for pair, (ctx, cont) in zip(pairs, encoded)], disable_tqdm=disable_tqdm
+        )
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         pairs = [(ctx, cont) for _, ctx, cont in requests]
         with self._progress(len(pairs), "Running loglikelihood requests", disable_tqdm) as bar:
             results = score_continuations(
-                self.model, pairs, max_length=self.max_length, batch_size=self.batch_size_arg,
-                max_batch_size=self.max_batch_size, device=self._device,
-                pad_id=self.eot_token_id, on_progress=bar.update,
+                self.model, pairs, max_length=self.max_length, share_context=self.share_context,
+                on_progress=bar, **self._engine_args(),
             )
         for (request_str, _, _), res in zip(requests, results):
             if request_str is not None:
@@ -277,27 +411,34 @@ class MambaLM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        # lm-eval's own disjoint windows of max_length tokens, so published perplexities hold.
-        windows, owners = [], []
-        for idx, (string,) in enumerate([req.args for req in requests]):
-            for ctx, cont in map(
-                lm_utils.make_disjoint_window,
-                lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1,
-                ),
-            ):
-                windows.append((ctx, cont))
-                owners.append(idx)
-        with self._progress(len(windows), "Running loglikelihood_rolling windows", disable_tqdm) as bar:
-            scores = score_continuations(
-                self.model, windows, max_length=self.max_length, batch_size=self.batch_size_arg,
-                max_batch_size=self.max_batch_size, device=self._device,
-                pad_id=self.eot_token_id, on_progress=bar.update,
-            )
-        totals = [0.0] * len(requests)
-        for idx, (logprob, _) in zip(owners, scores):
-            totals[idx] += logprob
+        documents = self.tok_encode_many([req.args[0] for req in requests])
+        if self.rolling == "stateful":
+            with self._progress(len(documents), "Running loglikelihood_rolling documents", disable_tqdm) as bar:
+                totals = score_documents(
+                    self.model, documents, prefix_token=self.prefix_token_id, chunk_length=self.max_length,
+                    on_progress=bar, **self._engine_args(),
+                )
+        else:
+            # lm-eval's own disjoint windows of max_length tokens, so published perplexities hold.
+            windows, owners = [], []
+            for idx, tokens in enumerate(documents):
+                for ctx, cont in map(
+                    lm_utils.make_disjoint_window,
+                    lm_utils.get_rolling_token_windows(
+                        token_list=tokens, prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length, context_len=1,
+                    ),
+                ):
+                    windows.append((ctx, cont))
+                    owners.append(idx)
+            with self._progress(len(windows), "Running loglikelihood_rolling windows", disable_tqdm) as bar:
+                scores = score_continuations(
+                    self.model, windows, max_length=self.max_length, share_context=self.share_context,
+                    on_progress=bar, **self._engine_args(),
+                )
+            totals = [0.0] * len(requests)
+            for idx, (logprob, _) in zip(owners, scores):
+                totals[idx] += logprob
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
