@@ -48,8 +48,10 @@ How the work is cut:
      boundary for any per-token width.
 
    Filler rows of padding (and, where no state is returned, extra padding columns) make up the
-   shapes. On CUDA nothing is filled: the element-wise kernels have no tails, and cuBLAS picks
-   its algorithm per shape, which a floor would not make invariant.
+   shapes. That costs compute, more with more threads (a context pass of odd length holds at
+   least 64 x threads rows); ``batch_invariant=False`` turns it off. On CUDA nothing is filled:
+   the element-wise kernels have no tails, and cuBLAS picks its algorithm per shape, which a
+   floor would not make invariant.
 """
 
 from __future__ import annotations
@@ -212,7 +214,7 @@ def _is_oom(err: BaseException) -> bool:
 
 class _Executor:
     def __init__(self, model, device: torch.device, pad_id: int, budget: int, stats: EngineStats,
-                 on_progress: ProgressFn | None):
+                 on_progress: ProgressFn | None, batch_invariant: bool = True):
         self.model = model
         self.device = device
         self.pad_id = pad_id
@@ -220,8 +222,8 @@ class _Executor:
         self.stats = stats
         self.on_progress = on_progress
         self.cost = CostModel.of(model)
-        self.min_rows = min_rows(device)
-        self.align = cpu_alignment(device)
+        self.min_rows = min_rows(device) if batch_invariant else 1
+        self.align = cpu_alignment(device) if batch_invariant else 1
         stats.budget = budget
 
     # -- budget ------------------------------------------------------------------------------
@@ -489,6 +491,7 @@ def score_continuations(
     device: torch.device,
     pad_id: int = 0,
     share_context: bool = True,
+    batch_invariant: bool = True,
     max_batch_size: int | None = None,
     on_progress: ProgressFn | None = None,
     stats: EngineStats | None = None,
@@ -498,8 +501,10 @@ def score_continuations(
 
     ``batch_size``: an int (a budget of that many rows of the longest request) or ``"auto"``
     (a share of the free memory, see :func:`token_budget`). ``share_context`` runs each distinct
-    context once for all its continuations. ``on_progress(requests, tokens)`` is called as work
-    finishes; ``stats`` (if given) receives the counters of the call.
+    context once for all its continuations. ``batch_invariant`` gives the CPU's forwards the
+    shapes that keep every score independent of its batch (module docstring, point 5).
+    ``on_progress(requests, tokens)`` is called as work finishes; ``stats`` (if given) receives
+    the counters of the call.
     """
     stats = stats if stats is not None else EngineStats()
     stats.requests = len(requests)
@@ -522,7 +527,7 @@ def score_continuations(
         return []
     longest = max(min(len(c) + len(t) - 1, max_length) for c, t in pairs)
     budget = token_budget(model, batch_size, longest, device, max_batch_size)
-    ex = _Executor(model, device, pad_id, budget, stats, on_progress)
+    ex = _Executor(model, device, pad_id, budget, stats, on_progress, batch_invariant)
     wholes, groups = plan_pairs(pairs, max_length, share_context)
     scorer = _PairScorer(ex, pairs, weights)
     with torch.inference_mode():
@@ -544,6 +549,7 @@ def score_documents(
     batch_size: int | str,
     device: torch.device,
     pad_id: int = 0,
+    batch_invariant: bool = True,
     max_batch_size: int | None = None,
     on_progress: ProgressFn | None = None,
     stats: EngineStats | None = None,
@@ -554,6 +560,7 @@ def score_documents(
     tokens that carry the recurrent state, so no tensor grows with the document: the largest
     forward is ``rows x chunk_length`` and the LM head works in budget-sized row chunks. Several
     documents run side by side (rows), as many as the budget allows. An empty document scores 0.
+    ``batch_invariant`` as in :func:`score_continuations`.
     """
     if chunk_length < 1:
         raise MambaEvalError(f"chunk_length must be at least 1, got {chunk_length}")
@@ -566,7 +573,7 @@ def score_documents(
         return results
     longest = min(chunk_length, len(docs[order[0]]))
     budget = token_budget(model, batch_size, longest, device, max_batch_size)
-    ex = _Executor(model, device, pad_id, budget, stats, on_progress)
+    ex = _Executor(model, device, pad_id, budget, stats, on_progress, batch_invariant)
 
     def doc_batch(batch: list[int]) -> None:
         inputs = [[prefix_token] + docs[i][:-1] for i in batch]

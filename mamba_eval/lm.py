@@ -138,7 +138,7 @@ class MambaLM(TemplateLM):
     tokenizer files, else EleutherAI/gpt-neox-20b), ``revision``, ``dtype`` (auto, float32,
     bfloat16, float16), ``device``, ``batch_size`` (int or ``auto``), ``max_batch_size``,
     ``max_length`` (default 2048), ``backend`` (op implementations: ``ref``, ``triton``),
-    ``add_bos_token``, ``prefix_token_id``, and two of our own:
+    ``add_bos_token``, ``prefix_token_id``, and three of our own:
 
     - ``share_context`` (default true): requests with the same context tokens run the context
       once and fork its recurrent state for each continuation (``mamba_eval.engine``); false runs
@@ -149,6 +149,9 @@ class MambaLM(TemplateLM):
       tokens, so published perplexities are reproduced; ``stateful`` conditions every token on
       the whole document before it, carrying the recurrent state from chunk to chunk of
       ``max_length`` tokens (memory does not grow with the document).
+    - ``batch_invariant`` (default true): on the CPU, give every forward the shapes that keep a
+      request's score independent of the batch it runs in (filler rows: more work, the more
+      threads); false is faster on many-core CPUs. No effect on CUDA.
 
     ``batch_size=N`` sets a token budget of N times the longest request; ``auto`` takes a share
     of the free memory (capped at ``max_batch_size`` rows of the longest request when
@@ -172,6 +175,7 @@ class MambaLM(TemplateLM):
         prefix_token_id: int | str | None = None,
         share_context: bool | str = True,
         rolling: str = "windows",
+        batch_invariant: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -183,7 +187,7 @@ class MambaLM(TemplateLM):
             accepted = sorted(
                 ["pretrained", "tokenizer", "revision", "dtype", "device", "batch_size",
                  "max_batch_size", "max_length", "backend", "add_bos_token", "prefix_token_id",
-                 "share_context", "rolling", *_ACCEPTED_NOOPS]
+                 "share_context", "rolling", "batch_invariant", *_ACCEPTED_NOOPS]
             )
             raise ModelArgsError(
                 f"unknown model_args key(s) for --model mamba: {', '.join(sorted(kwargs))} "
@@ -195,6 +199,7 @@ class MambaLM(TemplateLM):
             raise ModelArgsError(f"rolling={rolling!r} is not one of {', '.join(ROLLING_MODES)}")
         self.rolling = str(rolling)
         self.share_context = _parse_bool("share_context", share_context)
+        self.batch_invariant = _parse_bool("batch_invariant", batch_invariant)
 
         from mamba_eval import loader  # heavy imports stay out of lm-eval's registry scan
 
@@ -388,7 +393,7 @@ class MambaLM(TemplateLM):
     def _engine_args(self) -> dict:
         return dict(
             batch_size=self.batch_size_arg, max_batch_size=self._score_max_batch_size,
-            device=self._device, pad_id=self.eot_token_id,
+            device=self._device, pad_id=self.eot_token_id, batch_invariant=self.batch_invariant,
         )
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
