@@ -6,6 +6,17 @@ a time, updating those states in place. Prompts of different lengths are never p
 recurrence: they are grouped into buckets of equal length, so no padding token ever passes
 through a scan. Each sequence stops on EOS, on any stop string, or at ``max_new_tokens``;
 finished sequences leave the batch.
+
+Decoding runs through a :class:`DecodeRunner`, which owns a fixed set of state tensors for the
+largest batch, the step's input ids and (with CUDA graphs) its output logits. Live sequences are
+kept compacted at the front of those buffers: when some finish, the live rows are copied to the
+front in place and the next step runs on the leading rows only (a narrowed view, contiguous, at
+the same addresses). So finished sequences stop costing work, no state is reallocated, and every
+tensor a step touches has a fixed address, which is what a CUDA graph needs: one graph is captured
+per batch size in a small ladder (1, 2, 4, ... up to the largest batch) and ``n`` live rows replay
+the smallest graph of at least ``n`` rows (the extra rows hold finished sequences' stale but finite
+states; their outputs are ignored). A fixed batch with a mask would keep one graph but pay for
+finished rows until the whole group ends.
 """
 
 from __future__ import annotations
@@ -59,6 +70,94 @@ class _Seq:
     done: bool = False
 
 
+class DecodeRunner:
+    """One decoding step over preallocated buffers for up to ``max_batch`` sequences.
+
+    ``load(state)`` copies a prefill state into the leading rows; ``compact(keep)`` moves the
+    listed live rows to the front (in place); ``run(tokens)`` advances the ``len(tokens)`` leading
+    rows by one token and returns their fp32 logits ``[n, V]``. With ``cuda_graphs`` (CUDA only),
+    ``capture()`` records one graph per size of the ladder; ``run`` then replays them. Without it the
+    same buffers are used eagerly.
+    """
+
+    def __init__(self, model, max_batch: int, *, cuda_graphs: bool = False):
+        if max_batch < 1:
+            raise ValueError(f"DecodeRunner: max_batch must be >= 1, got {max_batch}")
+        device = torch.device(model.device)
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"DecodeRunner: cuda_graphs needs a CUDA model, the model is on {device}")
+        self.model = model
+        self.max_batch = max_batch
+        self.cuda_graphs = cuda_graphs
+        self.state = model.allocate_state(max_batch)
+        self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        sizes, m = [], 1
+        while m < max_batch:
+            sizes.append(m)
+            m *= 2
+        self.sizes = sizes + [max_batch]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def view(self, n: int):
+        """The state of the ``n`` leading rows (views of the buffers, updated in place by steps)."""
+        return [type(layer)(layer.conv[:n], layer.ssm[:n]) for layer in self.state]
+
+    def load(self, state) -> None:
+        n = state[0].batch_size
+        if n > self.max_batch:
+            raise ValueError(f"DecodeRunner: state of batch {n} exceeds max_batch={self.max_batch}")
+        for buf, layer in zip(self.view(n), state):
+            buf.copy_(layer)
+
+    def compact(self, keep: Sequence[int]) -> None:
+        """Move rows ``keep`` (increasing) of the buffers to the front, in that order."""
+        if list(keep) == list(range(len(keep))):
+            return
+        idx = torch.as_tensor(list(keep), dtype=torch.long, device=self.ids.device)
+        n = len(keep)
+        for layer in self.state:
+            layer.conv[:n].copy_(layer.conv.index_select(0, idx))
+            layer.ssm[:n].copy_(layer.ssm.index_select(0, idx))
+
+    def _size_for(self, n: int) -> int:
+        return next(m for m in self.sizes if m >= n) if self.cuda_graphs else n
+
+    @torch.inference_mode()
+    def capture(self, warmup: int = 2) -> None:
+        """Record a graph per ladder size. Call before ``load``: the buffers are zeroed afterwards."""
+        if not self.cuda_graphs:
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the default stream (kernel compilation, allocator)
+            for m in self.sizes:
+                for _ in range(warmup):
+                    self.model.step(self.ids[:m], self.view(m))
+        torch.cuda.current_stream().wait_stream(stream)
+        pool = torch.cuda.graph_pool_handle()
+        for m in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[m] = self.model.step(self.ids[:m], self.view(m))
+            self.graphs[m] = graph
+        torch.cuda.synchronize()
+        for layer in self.state:
+            layer.conv.zero_()
+            layer.ssm.zero_()
+
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"DecodeRunner.run: {n} tokens for max_batch={self.max_batch}")
+        self.ids[:n].copy_(tokens)
+        m = self._size_for(n)
+        if m in self.graphs:
+            self.graphs[m].replay()
+            return self.logits[m][:n]
+        return self.model.step(self.ids[:m], self.view(m))[:n].float()
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -70,12 +169,14 @@ def generate(
     is_stopped: Callable[[list[int]], bool] | None = None,
     batch_size: int = 16,
     device: torch.device,
+    cuda_graphs: bool | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
     ``is_stopped(tokens)`` is asked after every new token (the generated tokens only) and ends
     that sequence when true; the stop string itself is trimmed by the caller. The EOS token is
-    not included in the output. Results are in the order of ``prompts``.
+    not included in the output. Results are in the order of ``prompts``. ``cuda_graphs`` (default:
+    on for a CUDA device) replays a captured graph per decoding step.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: empty prompt (lm-eval supplies at least one token)")
@@ -84,28 +185,35 @@ def generate(
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed)
     seqs = [_Seq(i, list(p)) for i, p in enumerate(prompts)]
+    if max_new_tokens <= 0 or not seqs:
+        return [s.out for s in seqs]
+    if cuda_graphs is None:
+        cuda_graphs = torch.device(device).type == "cuda"
+    runner = DecodeRunner(model, min(batch_size, len(seqs)), cuda_graphs=cuda_graphs)
+    runner.capture()
     buckets: dict[int, list[_Seq]] = {}
     for s in seqs:
         buckets.setdefault(len(s.prompt), []).append(s)
     for length in sorted(buckets, reverse=True):
         group = buckets[length]
         for start in range(0, len(group), batch_size):
-            _generate_group(model, group[start:start + batch_size], max_new_tokens, params,
+            _generate_group(model, runner, group[start:start + batch_size], max_new_tokens, params,
                             eos_id, is_stopped, generator, device)
     return [s.out for s in seqs]
 
 
-def _generate_group(model, group, max_new_tokens, params, eos_id, is_stopped, generator, device):
-    if max_new_tokens <= 0:
-        return
+def _generate_group(model, runner, group, max_new_tokens, params, eos_id, is_stopped, generator, device):
     ids = torch.tensor([s.prompt for s in group], dtype=torch.long, device=device)
     hidden, state = model.backbone_forward(ids, return_state=True)
+    runner.load(state)
+    del state
     logits = model.lm_logits(hidden[:, -1]).float()
-    live = list(range(len(group)))  # rows of `state` still generating
+    live = list(range(len(group)))  # live[i]: the sequence in row i of the runner's buffers
     for _ in range(max_new_tokens):
-        tokens = sample_next(logits, params, generator).tolist()
-        keep = []
-        for row, tok in zip(live, tokens):
+        next_ids = sample_next(logits, params, generator)
+        tokens = next_ids.tolist()  # the one host sync per step: EOS and stop strings
+        keep = []  # (buffer row, sequence) of the sequences that go on
+        for pos, (row, tok) in enumerate(zip(live, tokens)):
             s = group[row]
             if eos_id is not None and tok == eos_id:
                 s.done = True
@@ -114,13 +222,44 @@ def _generate_group(model, group, max_new_tokens, params, eos_id, is_stopped, ge
             if len(s.out) >= max_new_tokens or (is_stopped is not None and is_stopped(s.out)):
                 s.done = True
             else:
-                keep.append((row, tok))
+                keep.append(pos)
         if not keep:
             return
-        if len(keep) < len(live):  # drop finished rows from the recurrent state
-            pos = {row: i for i, row in enumerate(live)}
-            sel = torch.tensor([pos[row] for row, _ in keep], device=device)
-            state = [layer.index_select(sel) for layer in state]
-        live = [row for row, _ in keep]
-        step_ids = torch.tensor([tok for _, tok in keep], dtype=torch.long, device=device)
-        logits = model.step(step_ids, state).float()
+        if len(keep) < len(live):
+            runner.compact(keep)
+            sel = torch.as_tensor(keep, dtype=torch.long, device=next_ids.device)
+            next_ids = next_ids.index_select(0, sel)
+            live = [live[p] for p in keep]
+        logits = runner.run(next_ids)
+
+
+def tail_stop_checker(decode: Callable[[list[int]], str], stops: Sequence[str]) -> Callable[[list[int]], bool]:
+    """``is_stopped`` for ``generate`` that decodes only a tail of the generated tokens.
+
+    Asked after every new token, it answers as ``any(s in decode(tokens) for s in stops)`` would
+    at the first token where that becomes true. A stop string newly present in the full text ends
+    within the characters that changed with the last token (its own text, plus the characters of
+    an earlier partial multi-byte character it completes), so it lies within the last
+    ``len(stop) + len(decode(last token)) + 4`` characters. The window of tokens doubles until its
+    text is that long, or covers everything; characters spoilt by starting the window inside a
+    multi-byte character (U+FFFD) are dropped from its front.
+    """
+    stops = [s for s in stops if s]
+    if not stops:
+        raise ValueError("tail_stop_checker: no non-empty stop strings")
+    longest = max(len(s) for s in stops)
+
+    def stopped(tokens: list[int]) -> bool:
+        need = longest + len(decode(tokens[-1:])) + 4
+        k = min(len(tokens), need)
+        while True:
+            text = decode(tokens[-k:])
+            if k == len(tokens):
+                break
+            text = text.lstrip("\ufffd")
+            if len(text) >= need:
+                break
+            k = min(len(tokens), 2 * k)
+        return any(s in text for s in stops)
+
+    return stopped

@@ -24,7 +24,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from mamba_eval.errors import MambaEvalError, ModelArgsError, install_excepthook
-from mamba_eval.generation import SamplingParams, generate
+from mamba_eval.generation import SamplingParams, generate, tail_stop_checker
 from mamba_eval.engine import score_continuations, score_documents
 
 log = logging.getLogger(__name__)
@@ -478,14 +478,14 @@ class MambaLM(TemplateLM):
                     )
                 prompts = [self.tok_encode(requests[i].args[0])[-max_ctx:] for i in indices]
                 stops = [s for s in until if s]
-
-                def stopped(tokens: list[int]) -> bool:
-                    text = self.tok_decode(tokens, skip_special_tokens=False)
-                    return any(s in text for s in stops)
+                # Each step decodes only a tail of the generated tokens (same answer as the whole).
+                stopped = tail_stop_checker(
+                    lambda toks: self.tok_decode(toks, skip_special_tokens=False), stops
+                ) if stops else None
 
                 outs = generate(
                     self.model, prompts, max_new_tokens=max_gen, params=params,
-                    eos_id=self.eot_token_id, is_stopped=stopped if stops else None,
+                    eos_id=self.eot_token_id, is_stopped=stopped,
                     batch_size=batch, device=self._device,
                 )
                 for i, toks in zip(indices, outs):

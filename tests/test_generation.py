@@ -119,3 +119,113 @@ metadata:
     assert len(outputs["mamba"]) == 8
     assert outputs["mamba"] == outputs["hf"]
     assert any(outputs["mamba"]), "every generation is empty: the comparison would prove nothing"
+
+
+def _generate_reallocating(model, prompts, max_new_tokens, eos_id=None, is_stopped=None, batch_size=16):
+    """Greedy generation as done before the decode runner: equal-length buckets, prefill, then
+    ``model.step`` on a state that is rebuilt with ``index_select`` whenever rows finish."""
+    outs = [[] for _ in prompts]
+    buckets = {}
+    for i, p in enumerate(prompts):
+        buckets.setdefault(len(p), []).append(i)
+    for length in sorted(buckets, reverse=True):
+        for start in range(0, len(buckets[length]), batch_size):
+            rows = buckets[length][start:start + batch_size]
+            hidden, state = model.backbone_forward(torch.tensor([prompts[i] for i in rows]), return_state=True)
+            logits = model.lm_logits(hidden[:, -1]).float()
+            live = list(rows)
+            for _ in range(max_new_tokens):
+                keep = []
+                for pos, (i, tok) in enumerate(zip(live, logits.argmax(-1).tolist())):
+                    if tok == eos_id:
+                        continue
+                    outs[i].append(tok)
+                    if len(outs[i]) < max_new_tokens and not (is_stopped and is_stopped(outs[i])):
+                        keep.append(pos)
+                if not keep:
+                    break
+                step_ids = logits.argmax(-1)[keep]
+                state = [layer.index_select(keep) for layer in state]
+                live = [live[p] for p in keep]
+                logits = model.step(step_ids, state).float()
+    return outs
+
+
+@torch.inference_mode()
+def test_decode_runner_equals_reallocating_generation(model):
+    """Rows finishing at different times (stop rule, EOS, length) are compacted in place in the
+    runner's fixed buffers; the tokens equal those of the reallocating loop, bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in (5, 5, 5, 5, 5, 2, 9, 9, 9)]
+    probe = _generate_reallocating(model, prompts, 10)
+    eos = probe[1][3]  # ends row 1 (and any other row that meets it) early
+    stop_tok = probe[2][5]
+
+    def stopped(toks):
+        return toks[-1] == stop_tok
+
+    for bs in (3, 16):
+        expect = _generate_reallocating(model, prompts, 10, eos_id=eos, is_stopped=stopped, batch_size=bs)
+        got = generate(model, prompts, max_new_tokens=10, eos_id=eos, is_stopped=stopped, batch_size=bs,
+                       device=torch.device("cpu"))
+        assert got == expect
+        assert len({len(o) for o in got}) >= 3, "rows should finish at different times"
+
+
+@torch.inference_mode()
+def test_decode_runner_compaction_keeps_the_right_states(model):
+    from mamba_eval.generation import DecodeRunner
+
+    runner = DecodeRunner(model, 6)
+    ids = torch.randint(2, model.config.vocab_size, (4, 5), generator=torch.Generator().manual_seed(2))
+    _, state = model.backbone_forward(ids, return_state=True)
+    runner.load(state)
+    ptrs = [layer.ssm.data_ptr() for layer in runner.state]
+    tok = torch.tensor([3, 4, 5, 6])
+    expect_state = [layer.clone() for layer in state]
+    expect = model.step(tok, expect_state)
+    assert torch.equal(runner.run(tok), expect)
+    keep = [1, 3]
+    runner.compact(keep)
+    expect_state = [layer.index_select(keep) for layer in expect_state]
+    tok2 = torch.tensor([7, 8])
+    assert torch.equal(runner.run(tok2), model.step(tok2, expect_state))
+    for buf, ref in zip(runner.view(2), expect_state):
+        assert torch.equal(buf.conv, ref.conv) and torch.equal(buf.ssm, ref.ssm)
+    assert ptrs == [layer.ssm.data_ptr() for layer in runner.state]  # no reallocation
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        DecodeRunner(model, 2, cuda_graphs=True)
+
+
+def test_tail_stop_check_equals_full_decode_check():
+    """At every step where the full-text check has not fired yet, the tail-window check gives the
+    same answer, on real GPT-NeoX tokens of text with multi-byte characters and on random token
+    ids (whose bytes split characters anywhere)."""
+    import transformers
+    from mamba_eval.generation import tail_stop_checker
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(require_data_dir() / "tokenizers" / "gpt-neox-20b"))
+
+    def decode(t):
+        return tok.decode(t, skip_special_tokens=False)
+
+    text = ("Grüße aus Köln — naïve café. 日本語のテキスト、絵文字😀👍🏽 も。\n\nΑλφα βήτα; "
+            "Ünïcödé résumé: 漢字😀 end.\nQ: what? A: 42 ≥ 41 ✓ ") * 3
+    sequences = [tok.encode(text)]
+    gen = torch.Generator().manual_seed(3)
+    sequences += [torch.randint(0, 50277, (120,), generator=gen).tolist() for _ in range(3)]
+    stop_sets = [["\n\n"], ["."], ["😀"], ["絵文字", "Q:"], ["A: 42 ≥"], ["\ufffd"], ["é", "ü"], ["end.\nQ"]]
+    fired = 0
+    for seq in sequences:
+        for stops in stop_sets:
+            tail = tail_stop_checker(decode, stops)
+            for t in range(1, len(seq) + 1):
+                full = any(s in decode(seq[:t]) for s in stops)
+                assert tail(seq[:t]) == full, (stops, t)
+                if full:
+                    fired += 1
+                    break
+    assert fired >= 12, "too few stop strings were met: the comparison would prove little"
+    with pytest.raises(ValueError, match="stop strings"):
+        tail_stop_checker(decode, [""])
