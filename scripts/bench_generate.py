@@ -1,0 +1,95 @@
+"""GPU benchmark of cached generation (``mamba_eval.generation.generate``), ms per generated token.
+
+Prompt 128 tokens, 256 new tokens (no EOS, no stop strings, greedy), batch 1 and 64, random-init
+bf16 models of the published shapes on the triton backend, with and without CUDA graphs, beside
+mamba_ssm's ``generate(cg=True)`` figures (anchors.md, one H200). The time per token is the whole
+``generate`` call (prefill, graph capture, decoding) divided by 256; the graph capture alone is
+timed too. Needs CUDA (exits 2 without).
+
+    python scripts/bench_generate.py --json bench_generate.json [--shapes mamba-130m] [--batches 1,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_model import SHAPES, make_config  # noqa: E402
+
+# mamba_ssm generate(cg=True) on one H200, ms per generated token (anchors.md, Decode table).
+ANCHORS = {
+    "mamba-130m": {1: 0.71, 64: 0.82},
+    "mamba-2.8b": {1: 3.18, 64: 4.68},
+    "mamba2-130m": {1: 0.53, 64: 1.23},
+    "mamba2-2.7b": {1: 2.94, 64: 9.60},
+}
+PROMPT, NEW = 128, 256
+
+
+def bench(model, batch: int, cuda_graphs: bool) -> dict:
+    from mamba_eval.generation import DecodeRunner, generate
+
+    prompts = torch.randint(2, 50000, (batch, PROMPT)).tolist()
+    dev = torch.device("cuda")
+    generate(model, prompts, max_new_tokens=4, batch_size=batch, device=dev, cuda_graphs=cuda_graphs)  # compile
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = generate(model, prompts, max_new_tokens=NEW, batch_size=batch, device=dev, cuda_graphs=cuda_graphs)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    if any(len(o) != NEW for o in outs):
+        raise RuntimeError(f"expected {NEW} tokens per row, got {sorted({len(o) for o in outs})}")
+    capture = None
+    if cuda_graphs:
+        t0 = time.perf_counter()
+        DecodeRunner(model, batch, cuda_graphs=True).capture()
+        torch.cuda.synchronize()
+        capture = time.perf_counter() - t0
+    return {"ms_per_token": 1e3 * total / NEW, "capture_s": capture}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join(ANCHORS), help=f"comma-separated, of {', '.join(ANCHORS)}")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_generate.py needs a CUDA GPU (none found)", file=sys.stderr)
+        return 2
+    from mamba_eval.model import MambaLMHeadModel
+
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in ANCHORS or s not in SHAPES]
+    if unknown:
+        ap.error(f"unknown shapes {unknown}; known: {', '.join(ANCHORS)}")
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    print(f"{'shape':<12} {'batch':>5} {'eager ms/tok':>12} {'graphs ms/tok':>13} {'capture s':>9} {'mamba_ssm':>9}")
+    for shape in shapes:
+        torch.manual_seed(0)
+        model = MambaLMHeadModel(make_config(**SHAPES[shape]), backend="triton", device="cuda",
+                                 dtype=torch.bfloat16).eval()
+        for batch in batches:
+            eager, graphs = bench(model, batch, False), bench(model, batch, True)
+            anchor = ANCHORS[shape].get(batch)
+            rows.append({"shape": shape, "batch": batch, "prompt": PROMPT, "new_tokens": NEW,
+                         "eager_ms_per_token": eager["ms_per_token"], "graphs_ms_per_token": graphs["ms_per_token"],
+                         "capture_s": graphs["capture_s"], "anchor_mamba_ssm_cg_ms_per_token": anchor})
+            print(f"{shape:<12} {batch:>5} {eager['ms_per_token']:>12.2f} {graphs['ms_per_token']:>13.2f} "
+                  f"{graphs['capture_s']:>9.2f} {anchor if anchor is not None else '-':>9}")
+        del model
+        torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
