@@ -39,11 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:  # Triton is optional: the references work without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where Triton is absent
-    triton = None
+from ._triton import require_triton, tl, triton
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -489,10 +485,6 @@ _MAX_WIDTH = 8  # any K in 1.._MAX_WIDTH compiles; Mamba uses K = 4
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
 
 
-def _require_triton(name: str) -> None:
-    if triton is None:
-        raise RuntimeError(f"{name} needs Triton, which is not installed; use the *_ref functions instead")
-
 
 def _fwd_config(channel_first: bool, channels: int, length: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_L, num_warps) of the prefill kernel.
@@ -562,7 +554,7 @@ def causal_conv1d(
     ``cu_seqlens`` the kernel trusts its contents (non-decreasing, from 0 to L) and, if ``seq_idx``
     is given too, does not read it.
     """
-    _require_triton("causal_conv1d")
+    require_triton("causal_conv1d")
     _check_activation(activation)
     if x.dim() != 3:
         raise ValueError(f"x must be [B, C, L], got {tuple(x.shape)}")
@@ -678,7 +670,7 @@ def causal_conv1d_update(
     One launch, no host synchronisation and no autotuning, so it can be captured in a CUDA graph.
     ``x``, ``conv_state`` and ``out`` may have any strides.
     """
-    _require_triton("causal_conv1d_update")
+    require_triton("causal_conv1d_update")
     _check_activation(activation)
     if x.dim() != 2:
         raise ValueError(f"x must be [B, C], got {tuple(x.shape)}")

@@ -34,11 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-try:  # Triton is optional: the references work without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where Triton is absent
-    triton = None
+from ._triton import require_triton, tl, triton
 
 
 def add_rmsnorm_ref(
@@ -256,10 +252,6 @@ if triton is not None:
                 tl.store(out_ptrs + c[None, :], (v * rstd[:, None] * w[None, :]).to(OUT.dtype.element_ty), mask=mask)
 
 
-def _require_triton(op: str) -> None:
-    if triton is None:
-        raise RuntimeError(f"{op} needs Triton, which is not installed; use the *_ref functions instead")
-
 
 def _launch_config(rows: int, width: int) -> tuple[int, int, bool, int]:
     """(rows per program, BLOCK_N, single pass?, num_warps) for ``rows`` rows of ``width`` columns."""
@@ -342,7 +334,7 @@ def add_rmsnorm(
     unit stride along D are read where they are; other layouts are copied first. Outputs the
     function allocates are contiguous.
     """
-    _require_triton("add_rmsnorm")
+    require_triton("add_rmsnorm")
     width = x.shape[-1]
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
@@ -402,7 +394,7 @@ def gated_rmsnorm(
     ``z`` may be a strided view (e.g. a slice of the input projection) as long as its last
     dimension has unit stride; ``out`` receives the result when given.
     """
-    _require_triton("gated_rmsnorm")
+    require_triton("gated_rmsnorm")
     width = y.shape[-1]
     group_size = width if group_size is None else group_size
     if z.shape != y.shape:

@@ -37,8 +37,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from ._triton import require_triton, tl, triton
 
 
 def _discretise_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, softplus: bool) -> torch.Tensor:
@@ -211,337 +210,338 @@ def selective_state_update_ref(
 # without re-scanning would need prod(dA) per (t, n, d), one exp each again: no cheaper.)
 
 
-@triton.jit
-def _softplus(x):
-    """torch.nn.functional.softplus with threshold 20, in fp32.
+if triton is not None:
+    @triton.jit
+    def _softplus(x):
+        """torch.nn.functional.softplus with threshold 20, in fp32.
 
-    log(1 + exp(x)) = max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1], and log1p(e) = e g(e)
-    with g a degree-8 polynomial: the Chebyshev interpolant of log1p(e) / e on [0, 1] (relative
-    error < 2e-7 in fp32, tiny e included), which costs FMAs instead of a log and a division on
-    the special-function unit that the scan's exps saturate."""
-    e = tl.exp2(-tl.abs(x) * 1.4426950408889634)
-    g = e * 0.005253457929939032 - 0.02958850748836994
-    g = g * e + 0.07836166769266129
-    g = g * e - 0.13674770295619965
-    g = g * e + 0.19111430644989014
-    g = g * e - 0.24844369292259216
-    g = g * e + 0.33319270610809326
-    g = g * e - 0.49999502301216125
-    g = g * e + 1.0
-    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + e * g)
-
-
-# tl.fdiv(..., approx=True) (div.approx.f32: a reciprocal and a multiply) is recent; older Triton
-# releases get tl.fdiv's default, also approximate (div.full.f32, a few instructions more).
-_APPROX_DIV = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
+        log(1 + exp(x)) = max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1], and log1p(e) = e g(e)
+        with g a degree-8 polynomial: the Chebyshev interpolant of log1p(e) / e on [0, 1] (relative
+        error < 2e-7 in fp32, tiny e included), which costs FMAs instead of a log and a division on
+        the special-function unit that the scan's exps saturate."""
+        e = tl.exp2(-tl.abs(x) * 1.4426950408889634)
+        g = e * 0.005253457929939032 - 0.02958850748836994
+        g = g * e + 0.07836166769266129
+        g = g * e - 0.13674770295619965
+        g = g * e + 0.19111430644989014
+        g = g * e - 0.24844369292259216
+        g = g * e + 0.33319270610809326
+        g = g * e - 0.49999502301216125
+        g = g * e + 1.0
+        return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + e * g)
 
 
-@triton.jit
-def _silu(z):
-    den = 1.0 + tl.exp2(-z * 1.4426950408889634)
-    if _APPROX_DIV:
-        out = tl.fdiv(z, den, approx=True)
-    else:
-        out = tl.fdiv(z, den)
-    return out
+    # tl.fdiv(..., approx=True) (div.approx.f32: a reciprocal and a multiply) is recent; older Triton
+    # releases get tl.fdiv's default, also approximate (div.full.f32, a few instructions more).
+    _APPROX_DIV = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
 
 
-@triton.jit
-def _affine(a1, b1, a2, b2):
-    """Composition of x -> a1 x + b1 then x -> a2 x + b2 (the recurrence's scan operator)."""
-    return a1 * a2, a2 * b1 + b2
+    @triton.jit
+    def _silu(z):
+        den = 1.0 + tl.exp2(-z * 1.4426950408889634)
+        if _APPROX_DIV:
+            out = tl.fdiv(z, den, approx=True)
+        else:
+            out = tl.fdiv(z, den)
+        return out
 
 
-@triton.jit
-def _right(a, b):
-    """Reduction operator that keeps the later element (tl.reduce with it picks the last row)."""
-    return b
+    @triton.jit
+    def _affine(a1, b1, a2, b2):
+        """Composition of x -> a1 x + b1 then x -> a2 x + b2 (the recurrence's scan operator)."""
+        return a1 * a2, a2 * b1 + b2
 
 
-@triton.jit
-def _load_tile(
-    u_tile, dt_tile, z_tile, B_tile, C_tile,  # pointers to position 0 of the tile
-    off_u, off_dt, off_z, off_B, off_C,  # [BL, BD] / [BL, BN] int32 offsets within a tile
-    mask_l, mask_d, mask_n,  # [BL], [BD], [BN]
-    LOAD_C: tl.constexpr, LOAD_Z: tl.constexpr,
-    MASK_L: tl.constexpr, MASK_D: tl.constexpr, MASK_N: tl.constexpr,
-):
-    """The inputs of one tile, in their storage dtype: u, Δ, z [BL, BD]; B, C [BL, BN]
-    (z and C stand in for themselves when not loaded)."""
-    mask = mask_l[:, None] & mask_d[None, :]  # [BL, BD]
-    mask_bc = mask_l[:, None] & mask_n[None, :]  # [BL, BN]
-    if MASK_L or MASK_D:
-        u = tl.load(u_tile + off_u, mask=mask, other=0.0)
-        dt = tl.load(dt_tile + off_dt, mask=mask, other=0.0)
-        z = u
-        if LOAD_Z:
-            z = tl.load(z_tile + off_z, mask=mask, other=0.0)
-    else:
-        u = tl.load(u_tile + off_u)
-        dt = tl.load(dt_tile + off_dt)
-        z = u
-        if LOAD_Z:
-            z = tl.load(z_tile + off_z)
-    if MASK_L or MASK_N:
-        Bt = tl.load(B_tile + off_B, mask=mask_bc, other=0.0)
-        Ct = Bt
-        if LOAD_C:
-            Ct = tl.load(C_tile + off_C, mask=mask_bc, other=0.0)
-    else:
-        Bt = tl.load(B_tile + off_B)
-        Ct = Bt
-        if LOAD_C:
-            Ct = tl.load(C_tile + off_C)
-    return u, dt, z, Bt, Ct
+    @triton.jit
+    def _right(a, b):
+        """Reduction operator that keeps the later element (tl.reduce with it picks the last row)."""
+        return b
 
 
-@triton.jit
-def _scan_tile(
-    h, A, Dv, bias,  # state [BN, BD] fp32, A*log2(e) [BN, BD], D [BD], Δ bias [BD]
-    u, dt, z, Bt, Ct,  # the tile's inputs from _load_tile
-    y_tile, off_y, mask_l, mask_d,  # y pointer at the tile, [BL, BD] offsets, [BL], [BD]
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-    WRITE_Y: tl.constexpr, MASK_L: tl.constexpr, MASK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """Advance the state over one tile of BLOCK_L positions; write y if WRITE_Y.
-
-    Returns (state after the tile [BN, BD], sum of Δ over the tile [BD])."""
-    u = u.to(tl.float32)
-    dt = dt.to(tl.float32)
-    if HAS_DELTA_BIAS:
-        dt += bias[None, :]
-    if DELTA_SOFTPLUS:
-        dt = _softplus(dt)
-    if MASK_L:
-        dt = tl.where(mask_l[:, None], dt, 0.0)  # past the end: exp(0 A) = 1 and no input, h passes
-    rl = tl.arange(0, BLOCK_L)
-    # Every (t, n, d) of the tile at once: the exps do not depend on the state, so they all issue
-    # ahead of the one-FMA-per-element chain h_t = dA_t h_{t-1} + dBu_t along the tile.
-    dA = tl.exp2(dt[:, None, :] * A[None, :, :])  # [BL, BN, BD]
-    # B and C widened to fp32 in their load layout: joined, so that the compiler does not move the
-    # widening after the broadcast to every lane (which would widen each value once per lane).
-    Bf, Cf = tl.split(tl.join(Bt.to(tl.float32), Ct.to(tl.float32)))  # [BL, BN] each
-    dBu = (dt * u)[:, None, :] * Bf[:, :, None]  # [BL, BN, BD]
-    dBu = tl.where((rl == 0)[:, None, None], dA * h[None, :, :] + dBu, dBu)  # carry the state in
-    _, hs = tl.associative_scan((dA, dBu), 0, _affine)  # hs[t] = h_t  [BL, BN, BD]
-    h = tl.reduce(hs, 0, _right)  # h at the tile's last position [BN, BD]
-    if WRITE_Y:
-        y = tl.sum(hs * Cf[:, :, None], axis=1)  # [BL, BD]
-        if HAS_D:
-            y += u * Dv[None, :]
-        if HAS_Z:
-            y *= _silu(z.to(tl.float32))
+    @triton.jit
+    def _load_tile(
+        u_tile, dt_tile, z_tile, B_tile, C_tile,  # pointers to position 0 of the tile
+        off_u, off_dt, off_z, off_B, off_C,  # [BL, BD] / [BL, BN] int32 offsets within a tile
+        mask_l, mask_d, mask_n,  # [BL], [BD], [BN]
+        LOAD_C: tl.constexpr, LOAD_Z: tl.constexpr,
+        MASK_L: tl.constexpr, MASK_D: tl.constexpr, MASK_N: tl.constexpr,
+    ):
+        """The inputs of one tile, in their storage dtype: u, Δ, z [BL, BD]; B, C [BL, BN]
+        (z and C stand in for themselves when not loaded)."""
+        mask = mask_l[:, None] & mask_d[None, :]  # [BL, BD]
+        mask_bc = mask_l[:, None] & mask_n[None, :]  # [BL, BN]
         if MASK_L or MASK_D:
-            tl.store(y_tile + off_y, y.to(y_tile.dtype.element_ty), mask=mask_l[:, None] & mask_d[None, :])
+            u = tl.load(u_tile + off_u, mask=mask, other=0.0)
+            dt = tl.load(dt_tile + off_dt, mask=mask, other=0.0)
+            z = u
+            if LOAD_Z:
+                z = tl.load(z_tile + off_z, mask=mask, other=0.0)
         else:
-            tl.store(y_tile + off_y, y.to(y_tile.dtype.element_ty))
-    return h, tl.sum(dt, axis=0)
+            u = tl.load(u_tile + off_u)
+            dt = tl.load(dt_tile + off_dt)
+            z = u
+            if LOAD_Z:
+                z = tl.load(z_tile + off_z)
+        if MASK_L or MASK_N:
+            Bt = tl.load(B_tile + off_B, mask=mask_bc, other=0.0)
+            Ct = Bt
+            if LOAD_C:
+                Ct = tl.load(C_tile + off_C, mask=mask_bc, other=0.0)
+        else:
+            Bt = tl.load(B_tile + off_B)
+            Ct = Bt
+            if LOAD_C:
+                Ct = tl.load(C_tile + off_C)
+        return u, dt, z, Bt, Ct
 
 
-# The N strides of A, h0 and hT are left unspecialised: knowing them to be 1, the compiler would
-# lay the [N, D] tiles out with N across lanes (to coalesce these one-off accesses), and that layout
-# would spread into the recurrence, which wants all N states of a channel in one thread.
-@triton.jit(do_not_specialize=["stride_A_n", "stride_h0_n", "stride_hT_n"])
-def _selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr,
-    h0_ptr,  # [S, D, N] initial state of every segment (HAS_H0)
-    y_ptr,  # [B, D, L] output (WRITE_Y)
-    hT_ptr,  # [S, D, N] fp32 final state of every segment (WRITE_STATE)
-    dtsum_ptr,  # [S, D] fp32 sum of Δ over every segment (WRITE_DTSUM)
-    cu_seqlens_ptr,  # [S + 1] segment boundaries of a packed row (IS_VARLEN)
-    dim, seqlen, dstate, chunk_len, n_chunks,
-    stride_u_b, stride_u_d, stride_u_l,
-    stride_dt_b, stride_dt_d, stride_dt_l,
-    stride_A_d, stride_A_n,
-    stride_B_b, stride_B_n, stride_B_l,
-    stride_C_b, stride_C_n, stride_C_l,
-    stride_z_b, stride_z_d, stride_z_l,
-    stride_y_b, stride_y_d, stride_y_l,
-    stride_h0_s, stride_h0_d, stride_h0_n,
-    stride_hT_n,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    WRITE_Y: tl.constexpr, WRITE_STATE: tl.constexpr, WRITE_DTSUM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, PREFETCH: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
-):
-    """Grid (cdiv(D, BLOCK_D), S). Segment s is positions [start, end) of batch row b:
-    varlen: b = 0, [cu_seqlens[s], cu_seqlens[s+1]); otherwise b = s // n_chunks and the
-    (s % n_chunks)-th chunk of chunk_len positions (n_chunks = 1, chunk_len = L: the whole row)."""
-    pid_d = tl.program_id(0)
-    seg = tl.program_id(1).to(tl.int64)
-    if IS_VARLEN:
-        # Clamped into [0, L]: bad boundaries give wrong numbers, never out-of-bounds accesses.
-        start = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg).to(tl.int64), 0), seqlen)
-        end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg + 1).to(tl.int64), start), seqlen)
-        batch = seg * 0
-    else:
-        batch = seg // n_chunks
-        start = (seg % n_chunks) * chunk_len
-        end = tl.minimum(start + chunk_len, seqlen)
-    d0 = pid_d.to(tl.int64) * BLOCK_D
-    rd = tl.arange(0, BLOCK_D)
-    rn = tl.arange(0, BLOCK_N)
-    rl = tl.arange(0, BLOCK_L)
-    mask_d = rd < dim - d0  # [BD]
-    mask_n = rn < dstate  # [BN]
-    mask_nd = mask_n[:, None] & mask_d[None, :]  # [BN, BD]
+    @triton.jit
+    def _scan_tile(
+        h, A, Dv, bias,  # state [BN, BD] fp32, A*log2(e) [BN, BD], D [BD], Δ bias [BD]
+        u, dt, z, Bt, Ct,  # the tile's inputs from _load_tile
+        y_tile, off_y, mask_l, mask_d,  # y pointer at the tile, [BL, BD] offsets, [BL], [BD]
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+        WRITE_Y: tl.constexpr, MASK_L: tl.constexpr, MASK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        """Advance the state over one tile of BLOCK_L positions; write y if WRITE_Y.
 
-    # A in the exp2 domain: exp(Δ A) = exp2(Δ A log2(e)).
-    A = tl.load(A_ptr + (d0 + rd[None, :]) * stride_A_d + rn[:, None] * stride_A_n,
-                mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634  # [BN, BD]
-    if HAS_H0:
-        h = tl.load(h0_ptr + seg * stride_h0_s + (d0 + rd[None, :]) * stride_h0_d + rn[:, None] * stride_h0_n,
-                    mask=mask_nd, other=0.0).to(tl.float32)  # [BN, BD]
-    else:
-        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_DELTA_BIAS:
-        bias = tl.load(delta_bias_ptr + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
-    dtsum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        Returns (state after the tile [BN, BD], sum of Δ over the tile [BD])."""
+        u = u.to(tl.float32)
+        dt = dt.to(tl.float32)
+        if HAS_DELTA_BIAS:
+            dt += bias[None, :]
+        if DELTA_SOFTPLUS:
+            dt = _softplus(dt)
+        if MASK_L:
+            dt = tl.where(mask_l[:, None], dt, 0.0)  # past the end: exp(0 A) = 1 and no input, h passes
+        rl = tl.arange(0, BLOCK_L)
+        # Every (t, n, d) of the tile at once: the exps do not depend on the state, so they all issue
+        # ahead of the one-FMA-per-element chain h_t = dA_t h_{t-1} + dBu_t along the tile.
+        dA = tl.exp2(dt[:, None, :] * A[None, :, :])  # [BL, BN, BD]
+        # B and C widened to fp32 in their load layout: joined, so that the compiler does not move the
+        # widening after the broadcast to every lane (which would widen each value once per lane).
+        Bf, Cf = tl.split(tl.join(Bt.to(tl.float32), Ct.to(tl.float32)))  # [BL, BN] each
+        dBu = (dt * u)[:, None, :] * Bf[:, :, None]  # [BL, BN, BD]
+        dBu = tl.where((rl == 0)[:, None, None], dA * h[None, :, :] + dBu, dBu)  # carry the state in
+        _, hs = tl.associative_scan((dA, dBu), 0, _affine)  # hs[t] = h_t  [BL, BN, BD]
+        h = tl.reduce(hs, 0, _right)  # h at the tile's last position [BN, BD]
+        if WRITE_Y:
+            y = tl.sum(hs * Cf[:, :, None], axis=1)  # [BL, BD]
+            if HAS_D:
+                y += u * Dv[None, :]
+            if HAS_Z:
+                y *= _silu(z.to(tl.float32))
+            if MASK_L or MASK_D:
+                tl.store(y_tile + off_y, y.to(y_tile.dtype.element_ty), mask=mask_l[:, None] & mask_d[None, :])
+            else:
+                tl.store(y_tile + off_y, y.to(y_tile.dtype.element_ty))
+        return h, tl.sum(dt, axis=0)
 
-    # Offsets within a tile: int32 and loop-invariant. The int64 tile base is recomputed from the
-    # tile index each iteration (cheaper than per-element pointers carried through the loop).
-    off_u = rl[:, None] * stride_u_l + rd[None, :] * stride_u_d  # [BL, BD]
-    off_dt = rl[:, None] * stride_dt_l + rd[None, :] * stride_dt_d
-    off_z = rl[:, None] * stride_z_l + rd[None, :] * stride_z_d
-    off_y = rl[:, None] * stride_y_l + rd[None, :] * stride_y_d
-    off_B = rl[:, None] * stride_B_l + rn[None, :] * stride_B_n  # [BL, BN]
-    off_C = rl[:, None] * stride_C_l + rn[None, :] * stride_C_n
-    u_row = u_ptr + batch * stride_u_b + d0 * stride_u_d
-    dt_row = delta_ptr + batch * stride_dt_b + d0 * stride_dt_d
-    z_row = z_ptr + batch * stride_z_b + d0 * stride_z_d
-    y_row = y_ptr + batch * stride_y_b + d0 * stride_y_d
-    B_row = B_ptr + batch * stride_B_b
-    C_row = C_ptr + batch * stride_C_b
 
-    # Whole tiles run without position masks. The inputs of the next PREFETCH tiles are loaded
-    # before the current one is computed, so that their latency hides behind its exps (past the
-    # last whole tile, the last whole tile is loaded again instead of reading beyond it).
-    n_full = (end - start) // BLOCK_L
-    last_full = start + tl.maximum(n_full - 1, 0) * BLOCK_L
-    whole = rl < BLOCK_L  # [BL] all true
-    tile = _load_tile(
-        u_row + start * stride_u_l, dt_row + start * stride_dt_l, z_row + start * stride_z_l,
-        B_row + start * stride_B_l, C_row + start * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
-        rl < end - start, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, True, not EVEN_D, True)
-    tile1 = tile
-    if PREFETCH > 1:
-        p1 = tl.minimum(start + BLOCK_L, last_full)
-        tile1 = _load_tile(
-            u_row + p1 * stride_u_l, dt_row + p1 * stride_dt_l, z_row + p1 * stride_z_l,
-            B_row + p1 * stride_B_l, C_row + p1 * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
-            rl < end - p1, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, True, not EVEN_D, True)
-    for i in range(n_full):
-        lo = start + i * BLOCK_L
-        nxt = tl.minimum(lo + PREFETCH * BLOCK_L, last_full)
-        next_tile = _load_tile(
-            u_row + nxt * stride_u_l, dt_row + nxt * stride_dt_l, z_row + nxt * stride_z_l,
-            B_row + nxt * stride_B_l, C_row + nxt * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
-            whole, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, False, not EVEN_D, not EVEN_N)
-        u, dt, z, Bt, Ct = tile
-        h, s = _scan_tile(
-            h, A, Dv, bias, u, dt, z, Bt, Ct, y_row + lo * stride_y_l, off_y, whole, mask_d,
-            HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS, WRITE_Y, False, not EVEN_D, BLOCK_L)
-        dtsum += s
+    # The N strides of A, h0 and hT are left unspecialised: knowing them to be 1, the compiler would
+    # lay the [N, D] tiles out with N across lanes (to coalesce these one-off accesses), and that layout
+    # would spread into the recurrence, which wants all N states of a channel in one thread.
+    @triton.jit(do_not_specialize=["stride_A_n", "stride_h0_n", "stride_hT_n"])
+    def _selective_scan_fwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr,
+        h0_ptr,  # [S, D, N] initial state of every segment (HAS_H0)
+        y_ptr,  # [B, D, L] output (WRITE_Y)
+        hT_ptr,  # [S, D, N] fp32 final state of every segment (WRITE_STATE)
+        dtsum_ptr,  # [S, D] fp32 sum of Δ over every segment (WRITE_DTSUM)
+        cu_seqlens_ptr,  # [S + 1] segment boundaries of a packed row (IS_VARLEN)
+        dim, seqlen, dstate, chunk_len, n_chunks,
+        stride_u_b, stride_u_d, stride_u_l,
+        stride_dt_b, stride_dt_d, stride_dt_l,
+        stride_A_d, stride_A_n,
+        stride_B_b, stride_B_n, stride_B_l,
+        stride_C_b, stride_C_n, stride_C_l,
+        stride_z_b, stride_z_d, stride_z_l,
+        stride_y_b, stride_y_d, stride_y_l,
+        stride_h0_s, stride_h0_d, stride_h0_n,
+        stride_hT_n,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+        HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+        WRITE_Y: tl.constexpr, WRITE_STATE: tl.constexpr, WRITE_DTSUM: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, PREFETCH: tl.constexpr,
+        EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
+    ):
+        """Grid (cdiv(D, BLOCK_D), S). Segment s is positions [start, end) of batch row b:
+        varlen: b = 0, [cu_seqlens[s], cu_seqlens[s+1]); otherwise b = s // n_chunks and the
+        (s % n_chunks)-th chunk of chunk_len positions (n_chunks = 1, chunk_len = L: the whole row)."""
+        pid_d = tl.program_id(0)
+        seg = tl.program_id(1).to(tl.int64)
+        if IS_VARLEN:
+            # Clamped into [0, L]: bad boundaries give wrong numbers, never out-of-bounds accesses.
+            start = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg).to(tl.int64), 0), seqlen)
+            end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg + 1).to(tl.int64), start), seqlen)
+            batch = seg * 0
+        else:
+            batch = seg // n_chunks
+            start = (seg % n_chunks) * chunk_len
+            end = tl.minimum(start + chunk_len, seqlen)
+        d0 = pid_d.to(tl.int64) * BLOCK_D
+        rd = tl.arange(0, BLOCK_D)
+        rn = tl.arange(0, BLOCK_N)
+        rl = tl.arange(0, BLOCK_L)
+        mask_d = rd < dim - d0  # [BD]
+        mask_n = rn < dstate  # [BN]
+        mask_nd = mask_n[:, None] & mask_d[None, :]  # [BN, BD]
+
+        # A in the exp2 domain: exp(Δ A) = exp2(Δ A log2(e)).
+        A = tl.load(A_ptr + (d0 + rd[None, :]) * stride_A_d + rn[:, None] * stride_A_n,
+                    mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634  # [BN, BD]
+        if HAS_H0:
+            h = tl.load(h0_ptr + seg * stride_h0_s + (d0 + rd[None, :]) * stride_h0_d + rn[:, None] * stride_h0_n,
+                        mask=mask_nd, other=0.0).to(tl.float32)  # [BN, BD]
+        else:
+            h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_DELTA_BIAS:
+            bias = tl.load(delta_bias_ptr + d0 + rd, mask=mask_d, other=0.0).to(tl.float32)
+        dtsum = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+        # Offsets within a tile: int32 and loop-invariant. The int64 tile base is recomputed from the
+        # tile index each iteration (cheaper than per-element pointers carried through the loop).
+        off_u = rl[:, None] * stride_u_l + rd[None, :] * stride_u_d  # [BL, BD]
+        off_dt = rl[:, None] * stride_dt_l + rd[None, :] * stride_dt_d
+        off_z = rl[:, None] * stride_z_l + rd[None, :] * stride_z_d
+        off_y = rl[:, None] * stride_y_l + rd[None, :] * stride_y_d
+        off_B = rl[:, None] * stride_B_l + rn[None, :] * stride_B_n  # [BL, BN]
+        off_C = rl[:, None] * stride_C_l + rn[None, :] * stride_C_n
+        u_row = u_ptr + batch * stride_u_b + d0 * stride_u_d
+        dt_row = delta_ptr + batch * stride_dt_b + d0 * stride_dt_d
+        z_row = z_ptr + batch * stride_z_b + d0 * stride_z_d
+        y_row = y_ptr + batch * stride_y_b + d0 * stride_y_d
+        B_row = B_ptr + batch * stride_B_b
+        C_row = C_ptr + batch * stride_C_b
+
+        # Whole tiles run without position masks. The inputs of the next PREFETCH tiles are loaded
+        # before the current one is computed, so that their latency hides behind its exps (past the
+        # last whole tile, the last whole tile is loaded again instead of reading beyond it).
+        n_full = (end - start) // BLOCK_L
+        last_full = start + tl.maximum(n_full - 1, 0) * BLOCK_L
+        whole = rl < BLOCK_L  # [BL] all true
+        tile = _load_tile(
+            u_row + start * stride_u_l, dt_row + start * stride_dt_l, z_row + start * stride_z_l,
+            B_row + start * stride_B_l, C_row + start * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
+            rl < end - start, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, True, not EVEN_D, True)
+        tile1 = tile
         if PREFETCH > 1:
-            tile = tile1
-            tile1 = next_tile
+            p1 = tl.minimum(start + BLOCK_L, last_full)
+            tile1 = _load_tile(
+                u_row + p1 * stride_u_l, dt_row + p1 * stride_dt_l, z_row + p1 * stride_z_l,
+                B_row + p1 * stride_B_l, C_row + p1 * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
+                rl < end - p1, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, True, not EVEN_D, True)
+        for i in range(n_full):
+            lo = start + i * BLOCK_L
+            nxt = tl.minimum(lo + PREFETCH * BLOCK_L, last_full)
+            next_tile = _load_tile(
+                u_row + nxt * stride_u_l, dt_row + nxt * stride_dt_l, z_row + nxt * stride_z_l,
+                B_row + nxt * stride_B_l, C_row + nxt * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
+                whole, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, False, not EVEN_D, not EVEN_N)
+            u, dt, z, Bt, Ct = tile
+            h, s = _scan_tile(
+                h, A, Dv, bias, u, dt, z, Bt, Ct, y_row + lo * stride_y_l, off_y, whole, mask_d,
+                HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS, WRITE_Y, False, not EVEN_D, BLOCK_L)
+            dtsum += s
+            if PREFETCH > 1:
+                tile = tile1
+                tile1 = next_tile
+            else:
+                tile = next_tile
+        lo = start + n_full * BLOCK_L
+        if lo < end:  # the last, partial tile
+            mask_l = rl < end - lo
+            u, dt, z, Bt, Ct = _load_tile(
+                u_row + lo * stride_u_l, dt_row + lo * stride_dt_l, z_row + lo * stride_z_l,
+                B_row + lo * stride_B_l, C_row + lo * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
+                mask_l, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, True, not EVEN_D, True)
+            h, s = _scan_tile(
+                h, A, Dv, bias, u, dt, z, Bt, Ct, y_row + lo * stride_y_l, off_y, mask_l, mask_d,
+                HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS, WRITE_Y, True, not EVEN_D, BLOCK_L)
+            dtsum += s
+        if WRITE_STATE:  # hT is a fresh contiguous [S, D, N] fp32 tensor (stride_hT_n = 1)
+            tl.store(hT_ptr + seg * dim * dstate + (d0 + rd[None, :]) * dstate + rn[:, None] * stride_hT_n, h,
+                     mask=mask_nd)
+        if WRITE_DTSUM:  # dtsum is a fresh contiguous [S, D] fp32 tensor
+            tl.store(dtsum_ptr + seg * dim + d0 + rd, dtsum, mask=mask_d)
+
+
+    @triton.jit
+    def _chunk_state_passing_kernel(
+        hloc_ptr,  # [B * K, D, N] fp32: end state of each chunk scanned from a zero state
+        dtsum_ptr,  # [B * K, D] fp32: sum of Δ over each chunk
+        A_ptr, h0_ptr,  # [D, N], [B, D, N] (HAS_H0)
+        hin_ptr,  # [B * K, D, N] fp32 out: initial state of each chunk
+        hT_ptr,  # [B, D, N] fp32 out: final state of each row
+        dim, dstate, n_chunks,
+        stride_A_d, stride_A_n, stride_h0_b, stride_h0_d, stride_h0_n,
+        HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Grid (cdiv(D, BLOCK_D), B): h_in[0] = h0, h_in[k+1] = exp(A ΣΔ_k) h_in[k] + h_end[k]."""
+        pid_d = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        rd = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rn = tl.arange(0, BLOCK_N)
+        mask_d = rd < dim
+        mask = mask_d[:, None] & (rn < dstate)[None, :]  # [BD, BN]
+        A = tl.load(A_ptr + rd[:, None] * stride_A_d + rn[None, :] * stride_A_n, mask=mask, other=0.0).to(tl.float32)
+        if HAS_H0:
+            h = tl.load(h0_ptr + b * stride_h0_b + rd[:, None] * stride_h0_d + rn[None, :] * stride_h0_n,
+                        mask=mask, other=0.0).to(tl.float32)
         else:
-            tile = next_tile
-    lo = start + n_full * BLOCK_L
-    if lo < end:  # the last, partial tile
-        mask_l = rl < end - lo
-        u, dt, z, Bt, Ct = _load_tile(
-            u_row + lo * stride_u_l, dt_row + lo * stride_dt_l, z_row + lo * stride_z_l,
-            B_row + lo * stride_B_l, C_row + lo * stride_C_l, off_u, off_dt, off_z, off_B, off_C,
-            mask_l, mask_d, mask_n, WRITE_Y, WRITE_Y and HAS_Z, True, not EVEN_D, True)
-        h, s = _scan_tile(
-            h, A, Dv, bias, u, dt, z, Bt, Ct, y_row + lo * stride_y_l, off_y, mask_l, mask_d,
-            HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS, WRITE_Y, True, not EVEN_D, BLOCK_L)
-        dtsum += s
-    if WRITE_STATE:  # hT is a fresh contiguous [S, D, N] fp32 tensor (stride_hT_n = 1)
-        tl.store(hT_ptr + seg * dim * dstate + (d0 + rd[None, :]) * dstate + rn[:, None] * stride_hT_n, h,
-                 mask=mask_nd)
-    if WRITE_DTSUM:  # dtsum is a fresh contiguous [S, D] fp32 tensor
-        tl.store(dtsum_ptr + seg * dim + d0 + rd, dtsum, mask=mask_d)
+            h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        off = rd[:, None] * dstate + rn[None, :]  # [BD, BN] within one [D, N] state
+        for k in range(n_chunks):
+            seg = b * n_chunks + k
+            tl.store(hin_ptr + seg * dim * dstate + off, h, mask=mask)
+            total = tl.load(dtsum_ptr + seg * dim + rd, mask=mask_d, other=0.0)  # [BD]
+            h_end = tl.load(hloc_ptr + seg * dim * dstate + off, mask=mask, other=0.0)
+            h = tl.exp2(total[:, None] * A * 1.4426950408889634) * h + h_end
+        tl.store(hT_ptr + b * dim * dstate + off, h, mask=mask)
 
 
-@triton.jit
-def _chunk_state_passing_kernel(
-    hloc_ptr,  # [B * K, D, N] fp32: end state of each chunk scanned from a zero state
-    dtsum_ptr,  # [B * K, D] fp32: sum of Δ over each chunk
-    A_ptr, h0_ptr,  # [D, N], [B, D, N] (HAS_H0)
-    hin_ptr,  # [B * K, D, N] fp32 out: initial state of each chunk
-    hT_ptr,  # [B, D, N] fp32 out: final state of each row
-    dim, dstate, n_chunks,
-    stride_A_d, stride_A_n, stride_h0_b, stride_h0_d, stride_h0_n,
-    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Grid (cdiv(D, BLOCK_D), B): h_in[0] = h0, h_in[k+1] = exp(A ΣΔ_k) h_in[k] + h_end[k]."""
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    rd = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rn = tl.arange(0, BLOCK_N)
-    mask_d = rd < dim
-    mask = mask_d[:, None] & (rn < dstate)[None, :]  # [BD, BN]
-    A = tl.load(A_ptr + rd[:, None] * stride_A_d + rn[None, :] * stride_A_n, mask=mask, other=0.0).to(tl.float32)
-    if HAS_H0:
-        h = tl.load(h0_ptr + b * stride_h0_b + rd[:, None] * stride_h0_d + rn[None, :] * stride_h0_n,
-                    mask=mask, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    off = rd[:, None] * dstate + rn[None, :]  # [BD, BN] within one [D, N] state
-    for k in range(n_chunks):
-        seg = b * n_chunks + k
-        tl.store(hin_ptr + seg * dim * dstate + off, h, mask=mask)
-        total = tl.load(dtsum_ptr + seg * dim + rd, mask=mask_d, other=0.0)  # [BD]
-        h_end = tl.load(hloc_ptr + seg * dim * dstate + off, mask=mask, other=0.0)
-        h = tl.exp2(total[:, None] * A * 1.4426950408889634) * h + h_end
-    tl.store(hT_ptr + b * dim * dstate + off, h, mask=mask)
-
-
-@triton.jit
-def _selective_state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr,
-    dim, dstate,
-    stride_s_b, stride_s_d, stride_s_n,
-    stride_x_b, stride_x_d, stride_dt_b, stride_dt_d,
-    stride_A_d, stride_A_n, stride_B_b, stride_B_n, stride_C_b, stride_C_n,
-    stride_z_b, stride_z_d, stride_y_b, stride_y_d,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Grid (cdiv(D, BLOCK_D), B): one step of the recurrence for BLOCK_D channels of one row."""
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    rd = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rn = tl.arange(0, BLOCK_N)
-    mask_d = rd < dim
-    mask_n = rn < dstate
-    mask = mask_d[:, None] & mask_n[None, :]  # [BD, BN]
-    s_ptrs = state_ptr + b * stride_s_b + rd[:, None] * stride_s_d + rn[None, :] * stride_s_n
-    h = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BD, BN]
-    x = tl.load(x_ptr + b * stride_x_b + rd * stride_x_d, mask=mask_d, other=0.0).to(tl.float32)  # [BD]
-    dt = tl.load(dt_ptr + b * stride_dt_b + rd * stride_dt_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_DT_BIAS:
-        dt += tl.load(dt_bias_ptr + rd, mask=mask_d, other=0.0).to(tl.float32)
-    if DT_SOFTPLUS:
-        dt = _softplus(dt)
-    A = tl.load(A_ptr + rd[:, None] * stride_A_d + rn[None, :] * stride_A_n, mask=mask, other=0.0).to(tl.float32)
-    Bv = tl.load(B_ptr + b * stride_B_b + rn * stride_B_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
-    Cv = tl.load(C_ptr + b * stride_C_b + rn * stride_C_n, mask=mask_n, other=0.0).to(tl.float32)
-    h = tl.exp2(dt[:, None] * A * 1.4426950408889634) * h + (dt * x)[:, None] * Bv[None, :]
-    tl.store(s_ptrs, h.to(state_ptr.dtype.element_ty), mask=mask)
-    y = tl.sum(h * Cv[None, :], axis=1)  # [BD]
-    if HAS_D:
-        y += x * tl.load(D_ptr + rd, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_Z:
-        y *= _silu(tl.load(z_ptr + b * stride_z_b + rd * stride_z_d, mask=mask_d, other=0.0).to(tl.float32))
-    tl.store(y_ptr + b * stride_y_b + rd * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+    @triton.jit
+    def _selective_state_update_kernel(
+        state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr,
+        dim, dstate,
+        stride_s_b, stride_s_d, stride_s_n,
+        stride_x_b, stride_x_d, stride_dt_b, stride_dt_d,
+        stride_A_d, stride_A_n, stride_B_b, stride_B_n, stride_C_b, stride_C_n,
+        stride_z_b, stride_z_d, stride_y_b, stride_y_d,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Grid (cdiv(D, BLOCK_D), B): one step of the recurrence for BLOCK_D channels of one row."""
+        pid_d = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        rd = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rn = tl.arange(0, BLOCK_N)
+        mask_d = rd < dim
+        mask_n = rn < dstate
+        mask = mask_d[:, None] & mask_n[None, :]  # [BD, BN]
+        s_ptrs = state_ptr + b * stride_s_b + rd[:, None] * stride_s_d + rn[None, :] * stride_s_n
+        h = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BD, BN]
+        x = tl.load(x_ptr + b * stride_x_b + rd * stride_x_d, mask=mask_d, other=0.0).to(tl.float32)  # [BD]
+        dt = tl.load(dt_ptr + b * stride_dt_b + rd * stride_dt_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt += tl.load(dt_bias_ptr + rd, mask=mask_d, other=0.0).to(tl.float32)
+        if DT_SOFTPLUS:
+            dt = _softplus(dt)
+        A = tl.load(A_ptr + rd[:, None] * stride_A_d + rn[None, :] * stride_A_n, mask=mask, other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + b * stride_B_b + rn * stride_B_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
+        Cv = tl.load(C_ptr + b * stride_C_b + rn * stride_C_n, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp2(dt[:, None] * A * 1.4426950408889634) * h + (dt * x)[:, None] * Bv[None, :]
+        tl.store(s_ptrs, h.to(state_ptr.dtype.element_ty), mask=mask)
+        y = tl.sum(h * Cv[None, :], axis=1)  # [BD]
+        if HAS_D:
+            y += x * tl.load(D_ptr + rd, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_Z:
+            y *= _silu(tl.load(z_ptr + b * stride_z_b + rd * stride_z_d, mask=mask_d, other=0.0).to(tl.float32))
+        tl.store(y_ptr + b * stride_y_b + rd * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,6 +743,7 @@ def selective_scan(
     clamped); ``seq_idx`` alone is converted to boundaries on the host (one sync) and checked.
     Rows too few to fill the GPU are split along L (see the notes above the kernels).
     """
+    require_triton("selective_scan")
     if u.dim() != 3:
         raise ValueError(f"u must be [B, D, L], got {tuple(u.shape)}")
     batch, dim, length = u.shape
@@ -790,6 +791,7 @@ def selective_state_update(
     One launch, no host sync and no autotuning (it would apply the update more than once), so it
     can be captured in a CUDA graph. Any strides; the state keeps its dtype (math in fp32).
     """
+    require_triton("selective_state_update")
     if x.dim() != 2 or A.dim() != 2 or A.shape[0] != x.shape[1]:
         raise ValueError(f"x must be [B, D] and A [D, N], got x {tuple(x.shape)}, A {tuple(A.shape)}")
     batch, dim = x.shape

@@ -60,18 +60,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._triton import require_triton, tl, triton
 from .selective_scan import _discretise_dt
 
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # the references work without Triton (a dependency on Linux only)
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
+# Without Triton the kernels below are plain (never called) functions, so the module still imports.
+_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 def _check_shapes(x, dt, A, B, C, initial_state):
@@ -765,10 +758,6 @@ def _ssd_state_update_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _require_triton(name: str) -> None:
-    if triton is None:
-        raise RuntimeError(f"{name} needs Triton, which is not installed; use the *_ref functions instead")
-
 
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
@@ -804,7 +793,7 @@ def ssd_scan(
     ``cu_seqlens`` (and ``seq_idx`` if at hand; from ``seq_idx`` alone, learning S costs one host
     sync). Their values are not checked here (that would need a host sync): the references check them.
     """
-    _require_triton("ssd_scan")
+    require_triton("ssd_scan")
     if x.dim() != 4 or B.dim() != 4:
         raise ValueError(f"x must be [B, L, H, P] and B [B, L, G, N], got {tuple(x.shape)} and {tuple(B.shape)}")
     batch, length, nheads, headdim = x.shape
@@ -958,7 +947,7 @@ def ssd_state_update(
 ) -> torch.Tensor:
     """Triton ``ssd_state_update_ref``: advances ``state`` IN PLACE (any strides, e.g. a slice of a
     cache) and returns ``y [B, H, P]`` in x.dtype. No autotuning, no host sync: CUDA-graph safe."""
-    _require_triton("ssd_state_update")
+    require_triton("ssd_state_update")
     if x.dim() != 3 or B.dim() != 3:
         raise ValueError(f"x must be [B, H, P] and B [B, G, N], got {tuple(x.shape)} and {tuple(B.shape)}")
     batch, nheads, headdim = x.shape
