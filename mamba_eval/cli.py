@@ -18,7 +18,10 @@
 ``mamba-eval --version`` prints the versions of mamba-eval and lm-eval.
 
 A subcommand is one ``_add_<name>(subparsers)`` function that adds its parser and sets
-``handler=(args, extra) -> int``; list it in ``_SUBCOMMANDS``. A subcommand that forwards
+``handler=(args, extra) -> int``; list it in ``_SUBCOMMANDS``. A subcommand that lives in a
+module of its own (``batch``, ``table``, ``probe``) is listed in ``_MODULE_SUBCOMMANDS``; the
+module's ``add_subcommand(subparsers)`` does the same and its top level imports only the
+standard library. A subcommand that forwards
 unknown flags to another tool also sets ``passthrough=True``; any other rejects them.
 Importing this module is cheap: lm-eval, torch and the rest load only when a command runs.
 """
@@ -26,6 +29,8 @@ Importing this module is cheap: lm-eval, torch and the rest load only when a com
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 import textwrap
@@ -180,6 +185,7 @@ def _demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 _SUBCOMMANDS = (_add_run, _add_demo)
+_MODULE_SUBCOMMANDS = ("mamba_eval.batch", "mamba_eval.table", "mamba_eval.probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in _SUBCOMMANDS:
         add(subparsers)
+    for module_name in _MODULE_SUBCOMMANDS:
+        if importlib.util.find_spec(module_name) is not None:
+            importlib.import_module(module_name).add_subcommand(subparsers)
     return parser
 
 
