@@ -56,6 +56,7 @@ How the work is cut:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -204,6 +205,48 @@ def token_budget(
     return size * longest
 
 
+def _upload(data: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of ``data`` on ``device``, copied without making the host wait for the GPU
+    (through pinned memory on CUDA: a copy from pageable memory would first drain the stream)."""
+    t = torch.tensor(data, dtype=torch.long)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _Scores:
+    """Scores kept on the device as batches produce them and read once at the end, so that the
+    host never waits for the GPU between batches (it prepares the next batch meanwhile)."""
+
+    def __init__(self):
+        self.values: list[torch.Tensor] = []
+        self.greedy: list[torch.Tensor] = []
+        self.size = 0
+
+    def add(self, values: torch.Tensor, greedy: torch.Tensor) -> int:
+        """Store one batch's scores; returns the index of its first."""
+        start = self.size
+        self.values.append(values)
+        self.greedy.append(greedy)
+        self.size += values.shape[0]
+        return start
+
+    def fetch(self) -> tuple[list[float], list[bool]]:
+        if not self.values:
+            return [], []
+        return torch.cat(self.values).tolist(), torch.cat(self.greedy).tolist()
+
+
+#: A result's scores: ranges ``(start, count)`` of a :class:`_Scores`.
+Ranges = list[tuple[int, int]]
+
+
+def _gather(scores: tuple[list[float], list[bool]], ranges: Ranges) -> tuple[float, bool]:
+    values, greedy = scores
+    total = math.fsum(v for a, n in ranges for v in values[a:a + n])
+    return total, all(g for a, n in ranges for g in greedy[a:a + n])
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -224,6 +267,7 @@ class _Executor:
         self.cost = CostModel.of(model)
         self.min_rows = min_rows(device) if batch_invariant else 1
         self.align = cpu_alignment(device) if batch_invariant else 1
+        self.scores = _Scores()
         stats.budget = budget
 
     # -- budget ------------------------------------------------------------------------------
@@ -283,9 +327,9 @@ class _Executor:
         fill = total - n
         pad = self.pad_id
         padded = [r + [pad] * (length - len(r)) for r in rows] + [[pad] * length] * fill
-        inp = torch.tensor(padded, dtype=torch.long).to(self.device, non_blocking=True)
+        inp = _upload(padded, self.device)
         if state is not None:
-            idx = torch.tensor(list(owners) + [owners[0]] * fill, dtype=torch.long, device=self.device)
+            idx = _upload(list(owners) + [owners[0]] * fill, self.device)
             state = [layer.index_select(idx) for layer in state]
         hidden, final = self.model.backbone_forward(inp, state=state, return_state=return_state)
         st = self.stats
@@ -301,16 +345,21 @@ class _Executor:
         rows = self.budget * self.cost.token_bytes // self.cost.logit_row_bytes
         return max(self.min_rows, int(rows))
 
-    def score_rows(self, hidden_rows: torch.Tensor, picks_row: list[int], picks_target: list[int]):
+    def pick(self, hidden: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
+        """``hidden[rows[i], cols[i]]`` for every i: the rows that predict scored tokens."""
+        return hidden[_upload(rows, hidden.device), _upload(cols, hidden.device)]
+
+    def score_rows(self, hidden_rows: torch.Tensor, picks_row: list[int], picks_target: list[int]) -> int:
         """Log-probabilities of ``picks_target[i]`` under the next-token distribution of
         ``hidden_rows[picks_row[i]]`` (``picks_row`` non-decreasing), and whether each target is
-        the argmax. Returns two lists (float, bool) in the order of the picks."""
+        the argmax. The results stay on the device (:class:`_Scores`); returns the index of the
+        first, the others follow in the order of the picks."""
         total = hidden_rows.shape[0]
         chunk = self.logit_chunk()
-        rows_t = torch.tensor(picks_row, dtype=torch.long)
-        targets_t = torch.tensor(picks_target, dtype=torch.long)
-        values: list[float] = []
-        greedy: list[bool] = []
+        rows_t = _upload(picks_row, self.device)
+        targets_t = _upload(picks_target, self.device)
+        values: list[torch.Tensor] = []
+        greedy: list[torch.Tensor] = []
         lo = 0
         for start in range(0, total, chunk):
             h = hidden_rows[start:start + chunk]
@@ -319,17 +368,18 @@ class _Executor:
                 h = torch.cat([h, h.new_zeros(self.min_rows - n, h.shape[1])])
             logprobs = torch.log_softmax(self.model.lm_logits(h).float(), dim=-1)
             self.stats.max_logit_rows = max(self.stats.max_logit_rows, h.shape[0])
-            hi = lo
-            while hi < len(picks_row) and picks_row[hi] < start + n:
-                hi += 1
+            hi = bisect.bisect_left(picks_row, start + n, lo)
             if hi == lo:
                 continue
-            r = (rows_t[lo:hi] - start).to(self.device)
-            t = targets_t[lo:hi].to(self.device)
-            values += logprobs[r, t].tolist()
-            greedy += (logprobs.argmax(dim=-1)[r] == t).tolist()
+            r = rows_t[lo:hi] - start
+            t = targets_t[lo:hi]
+            values.append(logprobs[r, t])
+            greedy.append(logprobs.argmax(dim=-1)[r] == t)
             lo = hi
-        return values, greedy
+        if not values:
+            return self.scores.add(hidden_rows.new_zeros(0, dtype=torch.float32),
+                                   torch.zeros(0, dtype=torch.bool, device=hidden_rows.device))
+        return self.scores.add(torch.cat(values), torch.cat(greedy))
 
     def progress(self, requests: int, tokens: int) -> None:
         if self.on_progress is not None and (requests or tokens):
@@ -397,14 +447,18 @@ class _PairScorer:
         self.ex = ex
         self.pairs = pairs
         self.weights = weights  # how many requests each distinct pair answers
-        self.results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        self.ranges: list[Ranges | None] = [None] * len(pairs)  # where each pair's scores are
 
-    def _commit(self, uid: int, parts: list[float], greedy: bool) -> int:
-        """Store a result; returns how many requests it newly answers (0 when a batch is
-        repeated after an out-of-memory error)."""
-        new = self.results[uid] is None
-        self.results[uid] = (math.fsum(parts), greedy)
+    def _commit(self, uid: int, ranges: Ranges) -> int:
+        """Record where a result's scores are; returns how many requests it newly answers (0 when
+        a batch is repeated after an out-of-memory error)."""
+        new = self.ranges[uid] is None
+        self.ranges[uid] = ranges
         return self.weights[uid] if new else 0
+
+    def results(self) -> list[tuple[float, bool]]:
+        scores = self.ex.scores.fetch()  # the one wait for the GPU
+        return [_gather(scores, r) for r in self.ranges]  # type: ignore[arg-type]
 
     # -- pairs run as one sequence -----------------------------------------------------------
     def run_wholes(self, wholes: list[_Whole]) -> None:
@@ -418,12 +472,12 @@ class _PairScorer:
             rows += [row] * n
             cols += range(end - n, end)
             targets += w.targets
-        picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
-        values, greedy = self.ex.score_rows(picked, list(range(len(targets))), targets)
-        at = answered = 0
+        picked = self.ex.pick(hidden, rows, cols)
+        at = self.ex.score_rows(picked, list(range(len(targets))), targets)
+        answered = 0
         for w in batch:
             n = len(w.targets)
-            answered += self._commit(w.uid, values[at:at + n], all(greedy[at:at + n]))
+            answered += self._commit(w.uid, [(at, n)])
             at += n
         self.ex.progress(answered, sum(len(w.tokens) for w in batch))
 
@@ -442,20 +496,16 @@ class _PairScorer:
             for _, cont in g.members:
                 picks_row.append(row)
                 picks_target.append(cont[0])
-        values, greedy = ex.score_rows(last, picks_row, picks_target)
-        parts: dict[int, list[float]] = {}
-        greedies: dict[int, bool] = {}
+        at = ex.score_rows(last, picks_row, picks_target)
+        first: dict[int, Ranges] = {}
         conts = []  # (owner row, uid, continuation) of the members with more than one token
-        at = 0
         for row, g in enumerate(batch):
             for uid, cont in g.members:
-                parts[uid], greedies[uid] = [values[at]], greedy[at]
+                first[uid] = [(at, 1)]
                 at += 1
                 if len(cont) > 1:
                     conts.append((row, uid, cont))
-        answered = sum(
-            self._commit(uid, parts[uid], greedies[uid]) for uid in parts if len(self.pairs[uid][1]) == 1
-        )
+        answered = sum(self._commit(uid, first[uid]) for uid in first if len(self.pairs[uid][1]) == 1)
         ex.progress(answered, sum(len(g.context) for g in batch))
         conts.sort(key=lambda c: (-len(c[2]), c[2], c[0]))
 
@@ -466,12 +516,12 @@ class _PairScorer:
                 rows += [r] * (len(cont) - 1)
                 cols += range(len(cont) - 1)
                 targets += cont[1:]
-            picked = hidden_c[torch.tensor(rows, device=hidden_c.device), torch.tensor(cols, device=hidden_c.device)]
-            vals, gr = ex.score_rows(picked, list(range(len(targets))), targets)
-            k = answered = 0
+            picked = ex.pick(hidden_c, rows, cols)
+            k = ex.score_rows(picked, list(range(len(targets))), targets)
+            answered = 0
             for _, uid, cont in items:
                 n = len(cont) - 1
-                answered += self._commit(uid, parts[uid] + vals[k:k + n], greedies[uid] and all(gr[k:k + n]))
+                answered += self._commit(uid, first[uid] + [(k, n)])
                 k += n
             ex.progress(answered, sum(len(c[2]) - 1 for c in items))
 
@@ -533,7 +583,8 @@ def score_continuations(
     with torch.inference_mode():
         scorer.run_wholes(wholes)
         scorer.run_groups(groups)
-    return [scorer.results[uid] for uid in owner]  # type: ignore[misc]
+        results = scorer.results()
+    return [results[uid] for uid in owner]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,7 +628,7 @@ def score_documents(
 
     def doc_batch(batch: list[int]) -> None:
         inputs = [[prefix_token] + docs[i][:-1] for i in batch]
-        parts: list[list[float]] = [[] for _ in batch]
+        parts: list[Ranges] = [[] for _ in batch]
         state = None
         n_chunks = -(-len(inputs[0]) // chunk_length)
         for k in range(n_chunks):
@@ -594,21 +645,24 @@ def score_documents(
                 rr += [r] * n
                 cc += range(n)
                 targets += docs[batch[r]][lo:lo + n]
-            picked = hidden[torch.tensor(rr, device=hidden.device), torch.tensor(cc, device=hidden.device)]
-            values, _ = ex.score_rows(picked, list(range(len(targets))), targets)
-            at = 0
+            picked = ex.pick(hidden, rr, cc)
+            at = ex.score_rows(picked, list(range(len(targets))), targets)
             for r in range(active):
                 n = len(rows[r])
-                parts[r] += values[at:at + n]
+                parts[r].append((at, n))
                 at += n
             state = new_state
             del hidden, picked, new_state  # hold one chunk's activations at a time
             ex.progress(0, sum(len(x) for x in rows))
         for r, i in enumerate(batch):
-            results[i] = math.fsum(parts[r])
+            ranges[i] = parts[r]
         ex.progress(len(batch), 0)
 
+    ranges: dict[int, Ranges] = {}
     extra = ex.cost.state_tokens
     with torch.inference_mode():
         ex.drain(order, lambda i: min(chunk_length, len(docs[i])), extra, doc_batch)
+        scores = ex.scores.fetch()
+    for i, r in ranges.items():
+        results[i] = _gather(scores, r)[0]
     return results
