@@ -21,6 +21,7 @@ finished rows until the whole group ends.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -71,26 +72,37 @@ class _Seq:
 
 
 class DecodeRunner:
-    """One decoding step over preallocated buffers for up to ``max_batch`` sequences.
+    """Decoding steps over preallocated buffers for up to ``max_batch`` sequences.
 
     ``load(state)`` copies a prefill state into the leading rows; ``compact(keep)`` moves the
     listed live rows to the front (in place); ``run(tokens)`` advances the ``len(tokens)`` leading
-    rows by one token and returns their fp32 logits ``[n, V]``. With ``cuda_graphs`` (CUDA only),
-    ``capture()`` records one graph per size of the ladder; ``run`` then replays them. Without it the
-    same buffers are used eagerly.
+    rows by one token and returns their fp32 logits ``[n, V]``. ``run_greedy(tokens)`` advances
+    them by ``greedy_steps`` tokens at once, each step fed the argmax of the one before, and
+    returns the chosen tokens ``[n, greedy_steps]`` (the last one's state not yet advanced by it),
+    so the host looks at the tokens once per ``greedy_steps``.
+
+    With ``cuda_graphs`` (CUDA only), ``capture()`` records one graph per size of the ladder (one
+    step with logits out, or ``greedy_steps`` steps with the argmax inside); ``run`` and
+    ``run_greedy`` then replay them. Without it the same buffers are used eagerly. A runner is
+    reused across ``generate`` calls (:func:`decode_runner`): capture is paid once per model,
+    batch size and mode.
     """
 
-    def __init__(self, model, max_batch: int, *, cuda_graphs: bool = False):
+    def __init__(self, model, max_batch: int, *, cuda_graphs: bool = False, greedy_steps: int = 0):
         if max_batch < 1:
             raise ValueError(f"DecodeRunner: max_batch must be >= 1, got {max_batch}")
+        if greedy_steps < 0:
+            raise ValueError(f"DecodeRunner: greedy_steps must be >= 0, got {greedy_steps}")
         device = torch.device(model.device)
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"DecodeRunner: cuda_graphs needs a CUDA model, the model is on {device}")
         self.model = model
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs
+        self.greedy_steps = greedy_steps
         self.state = model.allocate_state(max_batch)
         self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.chosen = torch.zeros(max_batch, max(greedy_steps, 1), dtype=torch.long, device=device)
         sizes, m = [], 1
         while m < max_batch:
             sizes.append(m)
@@ -98,10 +110,11 @@ class DecodeRunner:
         self.sizes = sizes + [max_batch]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.captured = False
 
     def view(self, n: int):
         """The state of the ``n`` leading rows (views of the buffers, updated in place by steps)."""
-        return [type(layer)(layer.conv[:n], layer.ssm[:n]) for layer in self.state]
+        return [layer.rows(n) for layer in self.state]
 
     def load(self, state) -> None:
         n = state[0].batch_size
@@ -117,45 +130,93 @@ class DecodeRunner:
         idx = torch.as_tensor(list(keep), dtype=torch.long, device=self.ids.device)
         n = len(keep)
         for layer in self.state:
-            layer.conv[:n].copy_(layer.conv.index_select(0, idx))
-            layer.ssm[:n].copy_(layer.ssm.index_select(0, idx))
+            layer.rows(n).copy_(layer.index_select(idx))
 
     def _size_for(self, n: int) -> int:
         return next(m for m in self.sizes if m >= n) if self.cuda_graphs else n
 
+    def _steps(self, m: int) -> torch.Tensor:
+        """The work one replay does for the ``m`` leading rows (captured as is)."""
+        state = self.view(m)
+        if not self.greedy_steps:
+            return self.model.step(self.ids[:m], state).float()
+        ids = self.ids[:m]
+        for j in range(self.greedy_steps):
+            ids = self.model.step(ids, state).argmax(dim=-1)
+            self.chosen[:m, j].copy_(ids)
+        return self.chosen[:m]
+
     @torch.inference_mode()
     def capture(self, warmup: int = 2) -> None:
-        """Record a graph per ladder size. Call before ``load``: the buffers are zeroed afterwards."""
-        if not self.cuda_graphs:
+        """Record a graph per ladder size (once). The buffers are zeroed afterwards: call before ``load``."""
+        if not self.cuda_graphs or self.captured:
             return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up off the default stream (kernel compilation, allocator)
             for m in self.sizes:
                 for _ in range(warmup):
-                    self.model.step(self.ids[:m], self.view(m))
+                    self._steps(m)
         torch.cuda.current_stream().wait_stream(stream)
         pool = torch.cuda.graph_pool_handle()
         for m in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[m] = self.model.step(self.ids[:m], self.view(m))
+                self.logits[m] = self._steps(m)
             self.graphs[m] = graph
         torch.cuda.synchronize()
         for layer in self.state:
-            layer.conv.zero_()
-            layer.ssm.zero_()
+            layer.zero_()
+        self.captured = True
 
-    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _replay(self, tokens: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[0]
         if not 1 <= n <= self.max_batch:
-            raise ValueError(f"DecodeRunner.run: {n} tokens for max_batch={self.max_batch}")
+            raise ValueError(f"DecodeRunner: {n} tokens for max_batch={self.max_batch}")
         self.ids[:n].copy_(tokens)
         m = self._size_for(n)
         if m in self.graphs:
             self.graphs[m].replay()
             return self.logits[m][:n]
-        return self.model.step(self.ids[:m], self.view(m))[:n].float()
+        return self._steps(m)[:n]
+
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.greedy_steps:
+            raise ValueError("DecodeRunner.run: this runner decodes greedily (use run_greedy)")
+        return self._replay(tokens)
+
+    def run_greedy(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.greedy_steps:
+            raise ValueError("DecodeRunner.run_greedy: this runner returns logits (use run)")
+        return self._replay(tokens)
+
+
+#: Greedy tokens decoded per replay (per host look at the tokens) with CUDA graphs.
+GREEDY_STEPS = 8
+#: Runners kept per model (each holds a state buffer of its batch size and its graphs).
+_MAX_RUNNERS = 4
+_runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_key(model) -> tuple:
+    """Changes when the model's tensors move (``.to``, reloading), which a graph would not see."""
+    return tuple(p.data_ptr() for p in (model.backbone.embedding.weight, model.lm_head.weight)) + (
+        model.device, model.dtype)
+
+
+def decode_runner(model, max_batch: int, *, cuda_graphs: bool, greedy_steps: int) -> DecodeRunner:
+    """A captured :class:`DecodeRunner` for ``model``, reused while the model's tensors stay where
+    they are (a few per model, the most recently used kept)."""
+    key = (max_batch, cuda_graphs, greedy_steps, _weights_key(model))
+    table = _runners.setdefault(model, {})
+    runner = table.pop(key, None)
+    if runner is None:
+        runner = DecodeRunner(model, max_batch, cuda_graphs=cuda_graphs, greedy_steps=greedy_steps)
+        runner.capture()
+    table[key] = runner  # most recent last
+    while len(table) > _MAX_RUNNERS:
+        del table[next(iter(table))]
+    return runner
 
 
 @torch.inference_mode()
@@ -170,13 +231,17 @@ def generate(
     batch_size: int = 16,
     device: torch.device,
     cuda_graphs: bool | None = None,
+    greedy_steps: int | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
     ``is_stopped(tokens)`` is asked after every new token (the generated tokens only) and ends
     that sequence when true; the stop string itself is trimmed by the caller. The EOS token is
     not included in the output. Results are in the order of ``prompts``. ``cuda_graphs`` (default:
-    on for a CUDA device) replays a captured graph per decoding step.
+    on for a CUDA device) replays captured graphs. Greedy decoding looks at the tokens every
+    ``greedy_steps`` steps (default :data:`GREEDY_STEPS` with CUDA graphs, else 1): a sequence
+    that ends inside such a block costs the rest of the block, and its output is exactly what
+    one step at a time gives.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: empty prompt (lm-eval supplies at least one token)")
@@ -189,8 +254,12 @@ def generate(
         return [s.out for s in seqs]
     if cuda_graphs is None:
         cuda_graphs = torch.device(device).type == "cuda"
-    runner = DecodeRunner(model, min(batch_size, len(seqs)), cuda_graphs=cuda_graphs)
-    runner.capture()
+    if not params.greedy:
+        greedy_steps = 0
+    elif greedy_steps is None:
+        greedy_steps = GREEDY_STEPS if cuda_graphs else 1
+    runner = decode_runner(model, min(batch_size, len(seqs)), cuda_graphs=cuda_graphs,
+                           greedy_steps=max(0, greedy_steps))
     buckets: dict[int, list[_Seq]] = {}
     for s in seqs:
         buckets.setdefault(len(s.prompt), []).append(s)
@@ -202,35 +271,50 @@ def generate(
     return [s.out for s in seqs]
 
 
+def _accept(s: _Seq, tok: int, max_new_tokens: int, eos_id, is_stopped) -> bool:
+    """Take one generated token for ``s``; returns whether the sequence goes on."""
+    if eos_id is not None and tok == eos_id:
+        s.done = True
+        return False
+    s.out.append(tok)
+    if len(s.out) >= max_new_tokens or (is_stopped is not None and is_stopped(s.out)):
+        s.done = True
+    return not s.done
+
+
 def _generate_group(model, runner, group, max_new_tokens, params, eos_id, is_stopped, generator, device):
     ids = torch.tensor([s.prompt for s in group], dtype=torch.long, device=device)
     hidden, state = model.backbone_forward(ids, return_state=True)
     runner.load(state)
     del state
     logits = model.lm_logits(hidden[:, -1]).float()
+    next_ids = sample_next(logits, params, generator)
     live = list(range(len(group)))  # live[i]: the sequence in row i of the runner's buffers
-    for _ in range(max_new_tokens):
-        next_ids = sample_next(logits, params, generator)
-        tokens = next_ids.tolist()  # the one host sync per step: EOS and stop strings
-        keep = []  # (buffer row, sequence) of the sequences that go on
-        for pos, (row, tok) in enumerate(zip(live, tokens)):
+    while True:
+        if runner.greedy_steps:
+            # next_ids feeds the block; the block's chosen tokens follow it.
+            block = torch.cat([next_ids[:, None], runner.run_greedy(next_ids)], dim=1)
+            rows = block.tolist()  # the one host sync per block: EOS and stop strings
+            tokens = [row[:-1] for row in rows]  # the last is the input of the next block
+            carry = [row[-1] for row in rows]
+        else:
+            tokens = [[t] for t in next_ids.tolist()]  # the one host sync per step
+        keep = []  # positions (in live) of the sequences that go on
+        for pos, (row, toks) in enumerate(zip(live, tokens)):
             s = group[row]
-            if eos_id is not None and tok == eos_id:
-                s.done = True
-                continue
-            s.out.append(tok)
-            if len(s.out) >= max_new_tokens or (is_stopped is not None and is_stopped(s.out)):
-                s.done = True
-            else:
+            if all(_accept(s, tok, max_new_tokens, eos_id, is_stopped) for tok in toks):
                 keep.append(pos)
         if not keep:
             return
+        if runner.greedy_steps:
+            next_ids = torch.tensor([carry[p] for p in keep], dtype=torch.long, device=device)
+        elif len(keep) < len(live):
+            next_ids = next_ids.index_select(0, torch.as_tensor(keep, dtype=torch.long, device=next_ids.device))
         if len(keep) < len(live):
             runner.compact(keep)
-            sel = torch.as_tensor(keep, dtype=torch.long, device=next_ids.device)
-            next_ids = next_ids.index_select(0, sel)
             live = [live[p] for p in keep]
-        logits = runner.run(next_ids)
+        if not runner.greedy_steps:
+            next_ids = sample_next(runner.run(next_ids), params, generator)
 
 
 def tail_stop_checker(decode: Callable[[list[int]], str], stops: Sequence[str]) -> Callable[[list[int]], bool]:

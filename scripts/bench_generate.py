@@ -1,10 +1,13 @@
 """GPU benchmark of cached generation (``mamba_eval.generation.generate``), ms per generated token.
 
 Prompt 128 tokens, 256 new tokens (no EOS, no stop strings, greedy), batch 1 and 64, random-init
-bf16 models of the published shapes on the triton backend, with and without CUDA graphs, beside
-mamba_ssm's ``generate(cg=True)`` figures (anchors.md, one H200). The time per token is the whole
-``generate`` call (prefill, graph capture, decoding) divided by 256; the graph capture alone is
-timed too. Needs CUDA (exits 2 without).
+bf16 models of the published shapes on the triton backend, beside mamba_ssm's ``generate(cg=True)``
+figures (anchors.md, one H200). Three ways: eager (no CUDA graphs), CUDA graphs with the host looking
+at the tokens after every step, and CUDA graphs with ``GREEDY_STEPS`` greedy steps per replay (the
+default). The time per token is the whole ``generate`` call (prefill and decoding) divided by 256,
+after a first call that compiles the kernels and captures the graphs (runners are reused across
+calls, as mamba_ssm reuses its captured graph); the capture of a fresh runner is timed on its own.
+Needs CUDA (exits 2 without).
 
     python scripts/bench_generate.py --json bench_generate.json [--shapes mamba-130m] [--batches 1,64]
 """
@@ -32,26 +35,29 @@ ANCHORS = {
 PROMPT, NEW = 128, 256
 
 
-def bench(model, batch: int, cuda_graphs: bool) -> dict:
+def bench(model, batch: int, cuda_graphs: bool, greedy_steps: int, repeats: int = 3) -> dict:
     from mamba_eval.generation import DecodeRunner, generate
 
     prompts = torch.randint(2, 50000, (batch, PROMPT)).tolist()
     dev = torch.device("cuda")
-    generate(model, prompts, max_new_tokens=4, batch_size=batch, device=dev, cuda_graphs=cuda_graphs)  # compile
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    outs = generate(model, prompts, max_new_tokens=NEW, batch_size=batch, device=dev, cuda_graphs=cuda_graphs)
-    torch.cuda.synchronize()
-    total = time.perf_counter() - t0
+    kw = dict(batch_size=batch, device=dev, cuda_graphs=cuda_graphs, greedy_steps=greedy_steps)
+    generate(model, prompts, max_new_tokens=4, **kw)  # compile, capture
+    times, outs = [], None
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = generate(model, prompts, max_new_tokens=NEW, **kw)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
     if any(len(o) != NEW for o in outs):
         raise RuntimeError(f"expected {NEW} tokens per row, got {sorted({len(o) for o in outs})}")
     capture = None
     if cuda_graphs:
         t0 = time.perf_counter()
-        DecodeRunner(model, batch, cuda_graphs=True).capture()
+        DecodeRunner(model, batch, cuda_graphs=True, greedy_steps=greedy_steps).capture()
         torch.cuda.synchronize()
         capture = time.perf_counter() - t0
-    return {"ms_per_token": 1e3 * total / NEW, "capture_s": capture}
+    return {"ms_per_token": 1e3 * sorted(times)[len(times) // 2] / NEW, "capture_s": capture, "tokens": outs}
 
 
 def main() -> int:
@@ -71,19 +77,29 @@ def main() -> int:
         ap.error(f"unknown shapes {unknown}; known: {', '.join(ANCHORS)}")
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
-    print(f"{'shape':<12} {'batch':>5} {'eager ms/tok':>12} {'graphs ms/tok':>13} {'capture s':>9} {'mamba_ssm':>9}")
+    from mamba_eval.generation import GREEDY_STEPS
+
+    print(f"{'shape':<12} {'batch':>5} {'eager':>7} {'graphs,1':>8} {f'graphs,{GREEDY_STEPS}':>8} "
+          f"{'capture s':>9} {'mamba_ssm':>9}   (ms per token; same tokens)")
     for shape in shapes:
         torch.manual_seed(0)
         model = MambaLMHeadModel(make_config(**SHAPES[shape]), backend="triton", device="cuda",
                                  dtype=torch.bfloat16).eval()
         for batch in batches:
-            eager, graphs = bench(model, batch, False), bench(model, batch, True)
+            eager = bench(model, batch, False, 1, repeats=1)
+            single = bench(model, batch, True, 1)
+            multi = bench(model, batch, True, GREEDY_STEPS)
+            same = eager.pop("tokens") == single.pop("tokens") == multi.pop("tokens")
             anchor = ANCHORS[shape].get(batch)
             rows.append({"shape": shape, "batch": batch, "prompt": PROMPT, "new_tokens": NEW,
-                         "eager_ms_per_token": eager["ms_per_token"], "graphs_ms_per_token": graphs["ms_per_token"],
-                         "capture_s": graphs["capture_s"], "anchor_mamba_ssm_cg_ms_per_token": anchor})
-            print(f"{shape:<12} {batch:>5} {eager['ms_per_token']:>12.2f} {graphs['ms_per_token']:>13.2f} "
-                  f"{graphs['capture_s']:>9.2f} {anchor if anchor is not None else '-':>9}")
+                         "eager_ms_per_token": eager["ms_per_token"],
+                         "graphs_1_step_ms_per_token": single["ms_per_token"],
+                         "graphs_ms_per_token": multi["ms_per_token"], "greedy_steps": GREEDY_STEPS,
+                         "capture_s": multi["capture_s"], "same_tokens": same,
+                         "anchor_mamba_ssm_cg_ms_per_token": anchor})
+            print(f"{shape:<12} {batch:>5} {eager['ms_per_token']:>7.2f} {single['ms_per_token']:>8.3f} "
+                  f"{multi['ms_per_token']:>8.3f} {multi['capture_s']:>9.2f} "
+                  f"{anchor if anchor is not None else '-':>9}   {'yes' if same else 'NO'}")
         del model
         torch.cuda.empty_cache()
     if args.json:

@@ -229,3 +229,32 @@ def test_tail_stop_check_equals_full_decode_check():
     assert fired >= 12, "too few stop strings were met: the comparison would prove little"
     with pytest.raises(ValueError, match="stop strings"):
         tail_stop_checker(decode, [""])
+
+
+def test_several_greedy_steps_per_look_give_the_same_tokens(model):
+    """Decoding blocks of greedy steps (the host looks at the tokens once a block) gives exactly the
+    tokens of one step at a time, also when sequences stop or meet EOS inside a block."""
+    gen = torch.Generator().manual_seed(3)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in (5, 5, 5, 2)]
+    cpu = torch.device("cpu")
+    one = generate(model, prompts, max_new_tokens=11, device=cpu, batch_size=4, greedy_steps=1)
+    assert generate(model, prompts, max_new_tokens=11, device=cpu, batch_size=4, greedy_steps=4) == one
+    # Stop row 0 after its 3rd token and give row 1's 6th token the role of EOS: both inside a block.
+    eos = one[1][5]
+    stop_at = tuple(one[0][:3])
+    kwargs = dict(max_new_tokens=11, device=cpu, batch_size=4, eos_id=eos,
+                  is_stopped=lambda toks: tuple(toks) == stop_at)
+    expected = generate(model, prompts, greedy_steps=1, **kwargs)
+    assert expected[0] == one[0][:3]
+    assert expected[1] == one[1][:one[1].index(eos)]
+    assert generate(model, prompts, greedy_steps=4, **kwargs) == expected
+    assert generate(model, prompts, greedy_steps=3, **kwargs) == expected
+
+
+def test_decode_runner_is_reused(model):
+    from mamba_eval.generation import decode_runner
+
+    a = decode_runner(model, 3, cuda_graphs=False, greedy_steps=2)
+    assert decode_runner(model, 3, cuda_graphs=False, greedy_steps=2) is a
+    assert decode_runner(model, 3, cuda_graphs=False, greedy_steps=1) is not a
