@@ -91,6 +91,7 @@ def lm_eval_argv(args, checkpoint: Path, tokenizer: Path, include: Path, mode: s
 
 def child(spec_path: str) -> int:
     """One timed lm_eval process: time MambaLM.loglikelihood and collect the engine's counters."""
+    t_child = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
@@ -98,17 +99,31 @@ def child(spec_path: str) -> int:
     from mamba_eval.engine import EngineStats
 
     timing = {"loglikelihood_s": 0.0, "loglikelihood_calls": 0}
+    marks: dict[str, float] = {}
+    original_init = lm_mod.MambaLM.__init__
+
+    def timed_init(self, *a, **k):
+        marks.setdefault("init_start", time.perf_counter())
+        try:
+            return original_init(self, *a, **k)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks["init_end"] = time.perf_counter()
+
     stats: list[EngineStats] = []
     original_ll, original_score = lm_mod.MambaLM.loglikelihood, lm_mod.score_continuations
 
     def timed_loglikelihood(self, requests, disable_tqdm: bool = False):
         start = time.perf_counter()
+        marks.setdefault("ll_start", start)
         try:
             return original_ll(self, requests, disable_tqdm=disable_tqdm)
         finally:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            timing["loglikelihood_s"] += time.perf_counter() - start
+            marks["ll_end"] = time.perf_counter()
+            timing["loglikelihood_s"] += marks["ll_end"] - start
             timing["loglikelihood_calls"] += 1
 
     def counted_score(*a, **k):
@@ -116,12 +131,23 @@ def child(spec_path: str) -> int:
         return original_score(*a, stats=stats[-1], **k)
 
     lm_mod.MambaLM.loglikelihood = timed_loglikelihood
+    lm_mod.MambaLM.__init__ = timed_init
     lm_mod.score_continuations = counted_score
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = spec["argv"]
     cli_evaluate()
-    result = {**timing, "engine": [s.__dict__ for s in stats]}
+    done = time.perf_counter()
+    # Where the process's time goes (the interpreter's own start-up is the parent's whole time minus these).
+    phases = {
+        "imports_and_task_index_s": marks["init_start"] - t_child,
+        "model_load_s": marks["init_end"] - marks["init_start"],
+        "task_building_s": marks["ll_start"] - marks["init_end"],
+        "loglikelihood_s": marks["ll_end"] - marks["ll_start"],
+        "metrics_and_output_s": done - marks["ll_end"],
+        "child_total_s": done - t_child,
+    }
+    result = {**timing, "phases": phases, "engine": [s.__dict__ for s in stats]}
     files = sorted(glob.glob(os.path.join(spec["out_dir"], "**", "results_*.json"), recursive=True))
     if files:
         metrics = json.loads(Path(files[-1]).read_text())["results"].get(TASK, {})
@@ -206,9 +232,17 @@ def print_table(runs: list[dict]) -> None:
           f"{'req/s':>8} {'tokens run':>11} {'forwards':>8} {'acc':>6} {'acc_norm':>8}")
     for r in runs:
         m = r.get("metrics", {})
+        if r.get("phases"):
+            p = r["phases"]
+            r.setdefault("_phase_line", "  where the time goes: interpreter start {:.1f} s, imports + task index {:.1f} s, "
+                         "model load {:.1f} s, task building {:.1f} s, loglikelihood {:.1f} s, metrics + output {:.1f} s".format(
+                             r["whole_process_s"] - p["child_total_s"], p["imports_and_task_index_s"], p["model_load_s"],
+                             p["task_building_s"], p["loglikelihood_s"], p["metrics_and_output_s"]))
         print(f"{r['shape']:<11} {r['mode']:<9} {r['whole_process_s']:>8.1f} {fmt(r['anchor_whole_process_s']):>7} "
               f"{r['loglikelihood_s']:>7.1f} {fmt(r['anchor_loglikelihood_s']):>7} {r['requests_per_s']:>8.0f} "
               f"{r['tokens']:>11} {r['forward_calls']:>8} {fmt(m.get('acc'), '.4f'):>6} {fmt(m.get('acc_norm'), '.4f'):>8}")
+        if r.get("_phase_line"):
+            print(r["_phase_line"])
     print(f"anchors: lm-eval `mamba_ssm` wrapper on one H200; lm-eval `hf` mamba-130m whole process "
           f"{ANCHOR_HF_130M_WHOLE:.0f} s. Random weights: accuracies are at chance (~0.25).")
 
@@ -229,6 +263,8 @@ def main() -> int:
     ap.add_argument("--invariance", type=int, default=0, metavar="N",
                     help="also check batch-size invariance on the first N HellaSwag documents (e.g. 200)")
     ap.add_argument("--verbose", action="store_true", help="show lm_eval's output")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each (shape, mode) this many times (the first compiles Triton kernels into an empty cache)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -272,10 +308,12 @@ def main() -> int:
             checkpoint = write_checkpoint(work / f"ckpt-{shape}", shape, args.device)
             print(f"{shape}: checkpoint ready in {time.perf_counter() - t0:.1f} s ({checkpoint})", flush=True)
             for mode in modes:
-                run = run_one(args, shape, mode, checkpoint, tokenizer, include, work)
-                print(f"{shape}/{mode}: whole process {run['whole_process_s']:.1f} s, loglikelihood "
-                      f"{run['loglikelihood_s']:.1f} s ({run['requests']} requests)", flush=True)
-                runs.append(run)
+                for rep in range(args.repeat):
+                    run = run_one(args, shape, mode, checkpoint, tokenizer, include, work)
+                    run["repeat"] = rep
+                    print(f"{shape}/{mode}: whole process {run['whole_process_s']:.1f} s, loglikelihood "
+                          f"{run['loglikelihood_s']:.1f} s ({run['requests']} requests)", flush=True)
+                    runs.append(run)
             if args.invariance:
                 inv = check_invariance(args, shape, checkpoint, tokenizer, data, args.invariance)
                 invariance.append(inv)
