@@ -1,0 +1,190 @@
+"""``mamba-eval table``: tables from fixture result files against hand-written expected outputs,
+determinism, the chart, the published reference rows, and the command line.
+
+The fixtures (tests/fixtures/results/input) hold three models: ``alpha`` and ``beta`` as batch
+checkpoint folders, ``org/gamma`` as plain lm-eval output. Their metric values are chosen so that
+every displayed number is exact, and the expected files (tests/fixtures/results/expected) were
+written by hand from them: ordering by parameter count (beta 1.0M from its results, alpha 2.0M
+from its checkpoint.json although its results report 1999999, gamma 3.0M), averages (alpha
+315/7 = 45.0, gamma 365/7 = 52.1, beta lacks OpenBookQA: empty, or 295/6 = 49.2 (6/7) with
+partial averages), best values (a tie on WinoGrande), beta's HellaSwag task version 2.0 against
+1.0, beta's PIQA subset, gamma's HellaSwag found in two files (the newer wins), a half-written
+hidden temporary file and a truncated JSON that must both be ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mamba_eval import published
+from mamba_eval.errors import MambaEvalError
+from mamba_eval.table import COLUMNS, make_table, render_chart, to_csv, to_latex, to_markdown
+
+FIXTURES = Path(__file__).parent / "fixtures" / "results"
+INPUT = FIXTURES / "input"
+EXPECTED = FIXTURES / "expected"
+SCRIPT = Path(sys.executable).parent / "mamba-eval"
+
+
+@pytest.mark.parametrize("name,render", [("table.md", to_markdown), ("table.csv", to_csv), ("table.tex", to_latex)])
+def test_outputs_equal_hand_written_expected(name, render):
+    table = make_table([INPUT])
+    assert render(table) == (EXPECTED / name).read_text(encoding="utf-8")
+
+
+def test_published_rows_stderr_and_partial_average_markdown():
+    table = make_table([INPUT], published=("mamba",), stderr=True, partial_average=True)
+    assert to_markdown(table) == (EXPECTED / "table_published_stderr_partial.md").read_text(encoding="utf-8")
+
+
+def test_half_written_and_unreadable_files_are_not_read():
+    table = make_table([INPUT])
+    beta = next(r for r in table.rows if r.label == "beta")
+    assert beta.cells["hellaswag"].value == 50.0  # not the 90.0 of the hidden temporary file
+    assert len(table.warnings) == 1 and "truncated.json: unreadable JSON" in table.warnings[0]
+
+
+def test_same_inputs_give_identical_bytes_wherever_they_live(tmp_path):
+    """Twice, from a copy in another folder, and with the folders given in either order."""
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(INPUT, copy)
+
+    def render(inputs):
+        table = make_table(inputs, published=("mamba", "mamba2"), stderr=True)
+        return to_markdown(table), to_csv(table), to_latex(table)
+
+    assert render([INPUT]) == render([INPUT]) == render([copy])
+    assert render([copy / "batch", copy / "plain"]) == render([copy / "plain", copy / "batch"])
+
+
+def test_chart_is_a_deterministic_png(tmp_path):
+    table = make_table([INPUT], published=("mamba", "mamba2"))
+    first, second = render_chart(table, tmp_path / "a.png"), render_chart(table, tmp_path / "b.png")
+    data = first.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert data == second.read_bytes()
+    assert b"Software" not in data and b"tIME" not in data  # no tool tag, no timestamp chunk
+    with pytest.raises(MambaEvalError, match="not a column"):
+        render_chart(table, tmp_path / "c.png", metric="mmlu")
+
+
+def test_missing_columns_and_table3_averages():
+    """The Mamba paper's own format (no OpenBookQA): published averages match its Table 3 where
+    the paper's average is the mean of its six accuracies."""
+    t3 = ["lambada_ppl", "lambada_acc", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande"]
+    table = make_table(published=("mamba",), columns=t3)
+    averages = {row.label: f"{avg[0]:.1f}" for row, avg in zip(table.rows, table.averages)}
+    assert averages == {"mamba-130m": "44.7", "mamba-370m": "51.7", "mamba-790m": "56.1", "mamba-1.4b": "59.7",
+                        "mamba-2.8b": "63.3"}
+    assert [s.table for s in table.references] == ["Table 3"]  # OpenBookQA (Table 10) not shown
+    assert "OpenBookQA" not in to_markdown(table)
+
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    with pytest.raises(MambaEvalError, match="no such file or folder"):
+        make_table([tmp_path / "nope"])
+    (tmp_path / "x.json").write_text('{"a": 1}')
+    with pytest.raises(MambaEvalError, match="not an lm-eval results file"):
+        make_table([tmp_path / "x.json"])
+    with pytest.raises(MambaEvalError, match="unknown column 'mmlu'"):
+        make_table([INPUT], columns="piqa,mmlu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MambaEvalError, match="no results found"):
+        make_table([tmp_path / "empty"])
+    with pytest.raises(MambaEvalError, match="unknown published family"):
+        make_table([INPUT], published=("mamba3",))
+
+
+def test_parameter_count_from_a_reachable_checkpoint_config(tmp_path):
+    """No n_parameters anywhere in the results: counted from the checkpoint's config.json. The
+    expected 5056 is counted by hand: embedding 104 x 16 (vocab 100 padded to 8); one Mamba-1
+    layer with d_inner 32, dt_rank 1, d_state 16, d_conv 4: in_proj 16*64, conv 32*4 + 32,
+    x_proj 32*33, dt_proj 32 + 32, A_log 32*16, D 32, out_proj 32*16, norm 16 (3376); norm_f 16."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({
+        "d_model": 16, "n_layer": 1, "vocab_size": 100, "ssm_cfg": {}, "rms_norm": True,
+        "residual_in_fp32": True, "pad_vocab_size_multiple": 8, "tie_embeddings": True}))
+    (tmp_path / "res.json").write_text(json.dumps({
+        "results": {"piqa": {"acc,none": 0.5}}, "versions": {"piqa": 1.0},
+        "config": {"model": "mamba", "model_args": f"pretrained={ckpt}"}}))
+    table = make_table([tmp_path / "res.json"])
+    assert table.rows[0].n_parameters == 5056 and table.rows[0].label == "ckpt"
+
+
+# ------------------------------------------------------------------------- published data
+
+
+def _count(d_model: int, n_layer: int, mamba2: bool) -> int:
+    """Parameter count of a released shape, by the architecture's formula (tied embeddings)."""
+    d_inner = 2 * d_model
+    if mamba2:
+        n, heads, vocab = 128, d_inner // 64, 50288
+        conv_dim = d_inner + 2 * n
+        layer = (d_model * (2 * d_inner + 2 * n + heads) + conv_dim * 4 + conv_dim + 3 * heads + d_inner
+                 + d_inner * d_model + d_model)
+    else:
+        n, rank, vocab = 16, math.ceil(d_model / 16), 50280
+        layer = (d_model * 2 * d_inner + d_inner * 4 + d_inner + d_inner * (rank + 2 * n) + rank * d_inner + d_inner
+                 + d_inner * n + d_inner + d_inner * d_model + d_model)
+    return vocab * d_model + n_layer * layer + d_model
+
+
+SHAPES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "780m": (1536, 48), "1.4b": (2048, 48),
+          "1.3b": (2048, 48), "2.8b": (2560, 64), "2.7b": (2560, 64)}
+
+
+def test_published_rows_are_sourced_and_consistent():
+    keys = {c.key for c in COLUMNS}
+    assert [r.name for r in published.ROWS] == [
+        "mamba-130m", "mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b",
+        "mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b"]
+    for row in published.ROWS:
+        assert set(row.values) == keys, row.name
+        assert all(v.source in published.SOURCES for v in row.values.values())
+        d_model, n_layer = SHAPES[row.name.split("-")[1]]
+        assert row.n_parameters == _count(d_model, n_layer, row.family == "mamba2"), row.name
+        accuracies = [v.value for k, v in row.values.items() if k != "lambada_ppl"]
+        if row.family == "mamba2":  # Table 10 averages its seven accuracies
+            assert f"{sum(accuracies) / 7:.1f}" == f"{row.printed_average.value:.1f}", row.name
+        else:  # Table 3 averages six; two of its printed averages are not that mean (see published.py)
+            mean6 = sum(v.value for k, v in row.values.items() if k not in ("lambada_ppl", "openbookqa")) / 6
+            agrees = abs(mean6 - row.printed_average.value) < 0.051
+            assert agrees == (row.name not in ("mamba-370m", "mamba-790m")), (row.name, mean6)
+            assert row.values["openbookqa"].source is published.MAMBA2_T10
+            assert row.values["piqa"].source is published.MAMBA_T3
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _script(*args, cwd=None):
+    return subprocess.run([str(SCRIPT), "table", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "MAMBA_EVAL_TRACEBACK"})
+
+
+def test_command_line(tmp_path):
+    proc = _script(INPUT, "-o", tmp_path / "t.md", "-o", tmp_path / "t.csv", "-o", tmp_path / "t.tex",
+                   "--chart", tmp_path / "t.png")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("md", "csv", "tex"):
+        assert (tmp_path / f"t.{name}").read_text(encoding="utf-8") == (EXPECTED / f"table.{name}").read_text(
+            encoding="utf-8")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert proc.stdout == ""
+    assert "note: ‡ hellaswag: task versions differ" in proc.stderr and "truncated.json" in proc.stderr
+
+    proc = _script(INPUT, "--format", "csv")
+    assert proc.returncode == 0 and proc.stdout == (EXPECTED / "table.csv").read_text(encoding="utf-8")
+
+    proc = _script(INPUT, "--columns", "piqa,mmlu")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1].startswith("mamba-eval: error: unknown column 'mmlu'")
