@@ -2,20 +2,30 @@
 
 Two formats are read, each as a folder with a ``config.json`` and weights:
 
-- **mamba_ssm** (``state-spaces/mamba-130m``, ``state-spaces/mamba2-130m``, ...): config fields
-  ``d_model, n_layer, vocab_size, ssm_cfg, rms_norm, residual_in_fp32, pad_vocab_size_multiple,
-  tie_embeddings, ...``; ``vocab_size`` is the tokenizer's (e.g. 50277) and the stored embedding
-  has it rounded up to a multiple of ``pad_vocab_size_multiple`` (e.g. 50280). ``ssm_cfg["layer"]``
-  = ``"Mamba2"`` selects Mamba-2. Defaults are mamba_ssm's (Mamba-1: d_state 16, d_conv 4,
-  expand 2, dt_rank ceil(d_model/16); Mamba-2: d_state 128, d_conv 4, expand 2, headdim 64,
-  ngroups 1, chunk_size 256; norm eps 1e-5). ``fused_add_norm`` only selects a kernel and is
-  ignored. Hybrid models (``d_intermediate`` > 0, ``attn_layer_idx``) are refused.
-- **transformers** (``model_type`` "mamba" / "mamba2", ``MambaForCausalLM`` /
-  ``Mamba2ForCausalLM``): ``hidden_size, num_hidden_layers, state_size, conv_kernel, expand,
-  time_step_rank, head_dim, n_groups, num_heads, chunk_size, layer_norm_epsilon, use_bias,
-  use_conv_bias, residual_in_fp32, tie_word_embeddings, vocab_size``; here ``vocab_size`` already
-  equals the stored embedding rows. Missing optional fields take transformers' class defaults
-  (note ``Mamba2Config``'s: n_groups 8, num_heads 128, untied embeddings).
+- **mamba_ssm** (``state-spaces/mamba-130m``, ``state-spaces/mamba2-130m``,
+  ``state-spaces/mamba2attn-2.7b``, ...): config fields ``d_model, d_intermediate, n_layer,
+  vocab_size, ssm_cfg, attn_layer_idx, attn_cfg, rms_norm, residual_in_fp32,
+  pad_vocab_size_multiple, tie_embeddings, ...``; ``vocab_size`` is the tokenizer's (e.g. 50277)
+  and the stored embedding has it rounded up to a multiple of ``pad_vocab_size_multiple`` (e.g.
+  50280). ``ssm_cfg["layer"]`` = ``"Mamba2"`` selects Mamba-2. Defaults are mamba_ssm's (Mamba-1:
+  d_state 16, d_conv 4, expand 2, dt_rank ceil(d_model/16); Mamba-2: d_state 128, d_conv 4,
+  expand 2, headdim 64, ngroups 1, chunk_size 256; norm eps 1e-5). ``fused_add_norm`` only
+  selects a kernel and is ignored. Hybrids: the layers of ``attn_layer_idx`` are attention as
+  described by ``attn_cfg`` (mamba_ssm's ``MHA`` arguments and defaults: num_heads,
+  num_heads_kv = num_heads, head_dim = d_model / num_heads, qkv_proj_bias and out_proj_bias true,
+  rotary_emb_dim 0, rotary_emb_base 10000, rotary_emb_interleaved false, softmax_scale
+  1/sqrt(head_dim), d_conv 0, mlp_dim 0 rounded up to a multiple of 256; ``causal`` must be true);
+  ``d_intermediate > 0`` adds a gated MLP whose width mamba_ssm rounds up to a multiple of 128.
+- **transformers** (``model_type`` "mamba" / "mamba2" / "falcon_mamba", ``MambaForCausalLM`` /
+  ``Mamba2ForCausalLM`` / ``FalconMambaForCausalLM``): ``hidden_size, num_hidden_layers,
+  state_size, conv_kernel, expand, intermediate_size, time_step_rank, head_dim, n_groups,
+  num_heads, chunk_size, layer_norm_epsilon, mixer_rms_eps, use_bias, use_conv_bias,
+  residual_in_fp32, tie_word_embeddings, vocab_size``; here ``vocab_size`` already equals the
+  stored embedding rows. Missing optional fields take transformers' class defaults (note
+  ``Mamba2Config``'s: n_groups 8, num_heads 128, untied embeddings — Codestral-Mamba's shape).
+  For Mamba-1 and Falcon-Mamba a stored ``intermediate_size`` wins over ``expand``, as in
+  transformers (Falcon-Mamba-7B's config says expand 16 and intermediate_size 8192 = 2 x 4096).
+  Falcon-Mamba is Mamba-1 with weightless RMSNorms of Δ, B and C (eps ``mixer_rms_eps``, 1e-6).
 
 Weight keys are mamba_ssm's (``backbone.embedding.weight``, ``backbone.layers.N.mixer.in_proj``,
 ...), which are the names of ``mamba_eval.model``; transformers differs only by
@@ -38,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from mamba_eval.config import MambaConfig
+from mamba_eval.config import AttnConfig, MambaConfig
 from mamba_eval.errors import MambaEvalError
 
 CONFIG_FILE = "config.json"
@@ -211,13 +221,70 @@ _SSM_CFG_READ = {
 }
 
 
+# attn_cfg keys of mamba_ssm's MHA that only place the module.
+_ATTN_CFG_IGNORED = {"layer_idx", "device", "dtype"}
+_ATTN_CFG_READ = {
+    "num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias", "out_proj_bias", "softmax_scale",
+    "causal", "d_conv", "rotary_emb_dim", "rotary_emb_base", "rotary_emb_interleaved",
+}
+
+
+def _attn_layers(f: _Fields, d_model: int, n_layer: int) -> tuple[tuple[int, ...], AttnConfig | None]:
+    """``attn_layer_idx`` and ``attn_cfg`` of a mamba_ssm config (mamba_ssm's MHA defaults)."""
+    idx = f.get("attn_layer_idx", [])
+    if not isinstance(idx, list) or any(not isinstance(i, int) or isinstance(i, bool) for i in idx):
+        f._fail("attn_layer_idx", f"must be a list of layer indices, got {idx!r}")
+    bad = [i for i in idx if not 0 <= i < n_layer]
+    if bad:
+        f._fail("attn_layer_idx", f"holds {bad}, outside the {n_layer} layers")
+    if not idx:
+        return (), None  # mamba_ssm ignores attn_cfg then
+    attn_cfg = f.get("attn_cfg", {})
+    if not isinstance(attn_cfg, dict):
+        f._fail("attn_cfg", f"must be an object, got {attn_cfg!r}")
+    a = _Fields(attn_cfg, f.where, prefix="attn_cfg.")
+    unknown = sorted(set(attn_cfg) - _ATTN_CFG_READ - _ATTN_CFG_IGNORED)
+    if unknown:
+        a._fail(unknown[0], "is not a known setting of mamba_ssm's MHA")
+    num_heads = a.int("num_heads", required=True)
+    if num_heads < 1:
+        a._fail("num_heads", f"must be positive, got {num_heads}")
+    if a.bool("causal", False) is not True:  # MHA's default is non-causal
+        a._fail("causal", "must be true: a language model's attention is causal")
+    if a.get("head_dim") is None and d_model % num_heads != 0:
+        a._fail("head_dim", f"is missing and d_model = {d_model} is not a multiple of num_heads = {num_heads}")
+    mlp_dim = a.int("mlp_dim", 0)
+    softmax_scale = a.get("softmax_scale")
+    if softmax_scale is not None:
+        softmax_scale = a.float("softmax_scale", None)
+    try:
+        attn = AttnConfig(
+            num_heads=num_heads,
+            num_heads_kv=a.int("num_heads_kv", num_heads),
+            head_dim=a.int("head_dim", d_model // num_heads),
+            rotary_emb_dim=a.int("rotary_emb_dim", 0),
+            rotary_emb_base=a.float("rotary_emb_base", 10000.0),
+            rotary_emb_interleaved=a.bool("rotary_emb_interleaved", False),
+            qkv_proj_bias=a.bool("qkv_proj_bias", True),
+            out_proj_bias=a.bool("out_proj_bias", True),
+            softmax_scale=softmax_scale,
+            d_conv=a.int("d_conv", 0),
+            mlp_dim=-(-mlp_dim // 256) * 256,  # MHA rounds it up to a multiple of 256
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{f.where}: attn_cfg: {e}") from None
+    return tuple(sorted(set(idx))), attn
+
+
 def _from_mamba_ssm(raw: dict, where: Path) -> MambaConfig:
     f = _Fields(raw, where)
     d_model = f.int("d_model", required=True)
     n_layer = f.int("n_layer", required=True)
     vocab_size = f.int("vocab_size", required=True)
-    f.unsupported_unless("d_intermediate", lambda v: not v, "an MLP after each mixer")
-    f.unsupported_unless("attn_layer_idx", lambda v: not v, "attention layers")
+    d_intermediate = f.int("d_intermediate", 0)
+    if d_intermediate < 0:
+        f._fail("d_intermediate", f"must be non-negative, got {d_intermediate}")
+    attn_layer_idx, attn = _attn_layers(f, d_model, n_layer)
     ssm_cfg = f.get("ssm_cfg", {})
     if not isinstance(ssm_cfg, dict):
         f._fail("ssm_cfg", f"must be an object, got {ssm_cfg!r}")
@@ -243,6 +310,9 @@ def _from_mamba_ssm(raw: dict, where: Path) -> MambaConfig:
         norm_eps=1e-5,  # mamba_ssm's MixerModel default (and RMSNormGated's); not stored in the config
         residual_in_fp32=f.bool("residual_in_fp32", True),
         tie_embeddings=f.bool("tie_embeddings", True),
+        d_intermediate=-(-d_intermediate // 128) * 128,  # GatedMLP rounds its width up to a multiple of 128
+        attn_layer_idx=attn_layer_idx,
+        attn=attn,
     )
     if layer == "Mamba1":
         dt_rank = s.get("dt_rank", "auto")
@@ -262,11 +332,19 @@ def _from_mamba_ssm(raw: dict, where: Path) -> MambaConfig:
     )
 
 
-def _from_transformers(raw: dict, arch: str, where: Path) -> MambaConfig:
+def _from_transformers(raw: dict, arch: str, where: Path, falcon: bool = False) -> MambaConfig:
     f = _Fields(raw, where)
     hidden = f.int("hidden_size", required=True)
     expand = f.int("expand", 2)
     f.unsupported_unless("hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
+    if arch == "mamba1" and f.get("intermediate_size") is not None:
+        # transformers' MambaConfig / FalconMambaConfig set intermediate_size = expand * hidden_size,
+        # but a stored intermediate_size overrides it (and sizes the weights).
+        intermediate = f.int("intermediate_size")
+        if intermediate < 1 or intermediate % hidden != 0:
+            f._fail("intermediate_size", f"= {intermediate} is not a positive multiple of hidden_size = {hidden} "
+                    "(not supported)")
+        expand = intermediate // hidden
     common = dict(
         d_model=hidden,
         n_layer=f.int("num_hidden_layers", required=True),
@@ -284,7 +362,8 @@ def _from_transformers(raw: dict, arch: str, where: Path) -> MambaConfig:
         return MambaConfig(
             arch="mamba1", d_state=f.int("state_size", 16), headdim=0, ngroups=1, chunk_size=0,
             dt_rank=math.ceil(hidden / 16) if dt_rank == "auto" else f.int("time_step_rank"),
-            tie_embeddings=f.bool("tie_word_embeddings", True), **common,
+            tie_embeddings=f.bool("tie_word_embeddings", True), bcdt_rmsnorm=falcon,
+            bcdt_rmsnorm_eps=f.float("mixer_rms_eps", 1e-6) if falcon else 1e-6, **common,
         )
     f.unsupported_unless("time_step_limit", _is_default_dt_limit, "clamped Δ")
     head_dim, num_heads = f.int("head_dim", 64), f.int("num_heads", 128)
@@ -300,8 +379,9 @@ def _from_transformers(raw: dict, arch: str, where: Path) -> MambaConfig:
     )
 
 
-_TRANSFORMERS_ARCHS = {"mamba": "mamba1", "mamba2": "mamba2"}
-_TRANSFORMERS_CLASSES = {"MambaForCausalLM": "mamba1", "Mamba2ForCausalLM": "mamba2"}
+_TRANSFORMERS_ARCHS = {"mamba": "mamba1", "mamba2": "mamba2", "falcon_mamba": "mamba1"}
+_TRANSFORMERS_CLASSES = {"MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamba2",
+                         "FalconMambaForCausalLM": "falcon_mamba"}  # -> model_type
 
 
 def read_config(path) -> MambaConfig:
@@ -316,12 +396,12 @@ def read_config(path) -> MambaConfig:
     try:
         if "hidden_size" not in raw and "d_model" in raw:
             return _from_mamba_ssm(raw, file)
+        if model_type is None:
+            model_type = next((_TRANSFORMERS_CLASSES[n] for n in raw.get("architectures") or []
+                               if n in _TRANSFORMERS_CLASSES), None)
         if model_type is not None:
-            return _from_transformers(raw, _TRANSFORMERS_ARCHS[model_type], file)
+            return _from_transformers(raw, _TRANSFORMERS_ARCHS[model_type], file, falcon=model_type == "falcon_mamba")
         architectures = raw.get("architectures") or []
-        for name in architectures:
-            if name in _TRANSFORMERS_CLASSES:
-                return _from_transformers(raw, _TRANSFORMERS_CLASSES[name], file)
         if architectures:
             raise CheckpointError(f"{file}: unsupported architectures {architectures}")
         raise CheckpointError(f"{file}: unknown config format (no model_type, architectures or d_model field)")
@@ -376,6 +456,9 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
 
 # transformers' names -> ours (mamba_ssm's); everything else is already identical.
 _RENAMES = ((re.compile(r"^backbone\.embeddings\."), "backbone.embedding."),)
+# Falcon-Mamba's norms of Δ, B and C have no weight; some transformers versions keep placeholder
+# weights of ones. Stored ones are dropped; any other value would change the model and is refused.
+_FALCON_PLACEHOLDERS = re.compile(r"^backbone\.layers\.\d+\.mixer\.(b|c|dt)_layernorm\.weight$")
 
 
 def _rename(key: str) -> str:
@@ -418,6 +501,13 @@ def load_state_dict(path, config: MambaConfig) -> dict[str, torch.Tensor]:
     expected = expected_shapes(config)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
+    if config.bcdt_rmsnorm:
+        for key in [k for k in state if _FALCON_PLACEHOLDERS.match(k)]:
+            if not bool((state[key] == 1).all()):
+                raise CheckpointError(
+                    f"{path}: weight {key!r} is not all ones; Falcon-Mamba's norms of B, C and dt have no weight"
+                )
+            del state[key]
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} weight(s) missing from the checkpoint: {_list(missing)}")

@@ -5,17 +5,23 @@ checkpoints load without renaming (``mamba_eval.loader`` maps the other formats 
 
     backbone.embedding                                        token embedding        [V, D]
     backbone.layers.i.norm       pre-norm (fused with the residual add)
-    backbone.layers.i.mixer      Mamba1Mixer or Mamba2Mixer
+    backbone.layers.i.mixer      Mamba1Mixer or Mamba2Mixer (attention.Attention in the layers
+                                 of config.attn_layer_idx)
+    backbone.layers.i.norm2/mlp  pre-norm and gated MLP after the mixer, when config.d_intermediate > 0
     backbone.norm_f              final norm
     lm_head                      [V, D], the embedding itself when tie_embeddings
 
-A block computes ``residual = x + residual; x = mixer(norm(residual))``; the residual stream is
-kept in fp32 when ``config.residual_in_fp32``. The SSM parameters (``A_log``, ``D`` and the Δ
-bias) stay fp32 whatever the model dtype, as the scans consume them in fp32.
+A block computes ``residual = x + residual; x = mixer(norm(residual))`` and then, with an MLP,
+``residual = x + residual; x = mlp(norm2(residual))``; the residual stream is kept in fp32 when
+``config.residual_in_fp32``. The SSM parameters (``A_log``, ``D`` and the Δ bias) stay fp32
+whatever the model dtype, as the scans consume them in fp32. Falcon-Mamba's extra norms of Δ, B
+and C (``config.bcdt_rmsnorm``) are weightless RMSNorms in plain PyTorch.
 
 Operators come from a backend chosen once at construction (``mamba_eval.backend.get_ops``).
 Sequence state is explicit: ``forward`` takes an optional initial ``ModelState`` (not modified)
-and can return the final one; ``step`` advances a ``ModelState`` by one token IN PLACE.
+and can return the final one; ``step`` advances a ``ModelState`` by one token IN PLACE. A Mamba
+layer's state is a ``LayerState`` (conv window, SSM state); an attention layer's is an
+``attention.AttnState`` (key/value cache), which offers the same methods.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamba_eval.attention import Attention, AttnState, GatedMLP
 from mamba_eval.backend import Ops, get_ops
 from mamba_eval.config import MambaConfig
 
@@ -60,8 +67,24 @@ class LayerState:
         self.ssm.copy_(other.ssm)
         return self
 
+    def rows(self, n: int) -> LayerState:
+        """The ``n`` leading rows as views (same storage): steps on the view update this state."""
+        return LayerState(self.conv[:n], self.ssm[:n])
 
-ModelState = list[LayerState]  # one LayerState per layer
+    def zero_(self) -> LayerState:
+        """Reset to the state before any token, in place."""
+        self.conv.zero_()
+        self.ssm.zero_()
+        return self
+
+
+ModelState = list  # one state per layer: LayerState (Mamba layers) or AttnState (attention layers)
+
+
+def _weightless_rmsnorm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight over the last dimension, in fp32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class Norm(nn.Module):
@@ -98,6 +121,7 @@ class Mamba1Mixer(nn.Module):
         self.ops = ops
         d, di, n, r = config.d_model, config.d_inner, config.d_state, config.dt_rank
         self.d_state, self.dt_rank = n, r
+        self.bcdt_eps = config.bcdt_rmsnorm_eps if config.bcdt_rmsnorm else None
         fp32 = {**factory, "dtype": torch.float32}
         self.in_proj = nn.Linear(d, 2 * di, bias=config.proj_bias, **factory)  # rows [x; z]
         self.conv1d = _conv_params(di, config.d_conv, config.conv_bias, **factory)
@@ -116,8 +140,11 @@ class Mamba1Mixer(nn.Module):
         self.dt_proj.bias.copy_(_inverse_softplus_dt(self.D.shape[0], self.D.device))
 
     def _ssm_inputs(self, x: torch.Tensor):
-        """Δ (without its bias), B, C from the convolved x [..., d_inner]."""
+        """Δ (without its bias), B, C from the convolved x [..., d_inner]; with Falcon-Mamba's norms,
+        the low-rank Δ, B and C are RMS-normalised first."""
         dt, B, C = F.linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.bcdt_eps is not None:
+            dt, B, C = (_weightless_rmsnorm(t, self.bcdt_eps) for t in (dt, B, C))
         return F.linear(dt, self.dt_proj.weight), B, C
 
     def forward(self, h: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
@@ -214,24 +241,40 @@ class Mamba2Mixer(nn.Module):
 
 
 class Block(nn.Module):
-    """``residual = x + residual; x = mixer(norm(residual))`` (add and norm fused, as in mamba_ssm)."""
+    """``residual = x + residual; x = mixer(norm(residual))`` (add and norm fused, as in mamba_ssm),
+    then with an MLP ``residual = x + residual; x = mlp(norm2(residual))``."""
 
-    def __init__(self, config: MambaConfig, ops: Ops, **factory):
+    def __init__(self, config: MambaConfig, ops: Ops, layer_idx: int, **factory):
         super().__init__()
         self.ops = ops
         self.residual_in_fp32 = config.residual_in_fp32
+        self.is_attention = layer_idx in config.attn_layer_idx
         self.norm = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
-        mixer_cls = Mamba1Mixer if config.arch == "mamba1" else Mamba2Mixer
-        self.mixer = mixer_cls(config, ops, **factory)
+        if self.is_attention:
+            self.mixer = Attention(config, ops, **factory)
+        else:
+            mixer_cls = Mamba1Mixer if config.arch == "mamba1" else Mamba2Mixer
+            self.mixer = mixer_cls(config, ops, **factory)
+        self.norm2 = self.mlp = None
+        if config.d_intermediate > 0:
+            self.norm2 = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
+            self.mlp = GatedMLP(config.d_model, config.d_intermediate, **factory)
 
-    def forward(self, x, residual, state: LayerState | None):
+    def _mlp(self, x, residual):
+        if self.mlp is None:
+            return x, residual
+        x, residual = self.norm2.add_norm(self.ops, x, residual, self.residual_in_fp32)
+        return self.mlp(x), residual
+
+    def forward(self, x, residual, state: LayerState | AttnState | None):
         x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
         x, state = self.mixer(x, state)
+        x, residual = self._mlp(x, residual)
         return x, residual, state
 
-    def step(self, x, residual, state: LayerState):
+    def step(self, x, residual, state: LayerState | AttnState):
         x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
-        return self.mixer.step(x, state), residual
+        return self._mlp(self.mixer.step(x, state), residual)
 
 
 class Backbone(nn.Module):
@@ -240,12 +283,13 @@ class Backbone(nn.Module):
     def __init__(self, config: MambaConfig, ops: Ops, **factory):
         super().__init__()
         self.embedding = nn.Embedding(config.vocab_size, config.d_model, **factory)
-        self.layers = nn.ModuleList(Block(config, ops, **factory) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, ops, i, **factory) for i in range(config.n_layer))
         self.norm_f = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
 
 
 class MambaLMHeadModel(nn.Module):
-    """A Mamba or Mamba-2 language model; forward only (parameters do not require grad).
+    """A Mamba or Mamba-2 language model, possibly with attention layers and MLPs; forward only
+    (parameters do not require grad).
 
     ``backend`` names the operator implementations (``mamba_eval.backend``); ``dtype`` is the
     dtype of the weights and activations (the SSM parameters stay fp32). On a real device the
@@ -285,7 +329,8 @@ class MambaLMHeadModel(nn.Module):
                     module.bias.zero_()
         nn.init.normal_(self.backbone.embedding.weight, std=0.02)
         for layer in self.backbone.layers:
-            layer.mixer.init_ssm_parameters()
+            if not layer.is_attention:
+                layer.mixer.init_ssm_parameters()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -295,11 +340,23 @@ class MambaLMHeadModel(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.embedding.weight.device
 
+    @property
+    def has_attention(self) -> bool:
+        """Whether some layers are attention: their state is a key/value cache that grows with
+        the sequence, and ``allocate_state`` needs the longest sequence it must hold."""
+        return self.config.has_attention
+
     def _check_state(self, state: ModelState, batch_size: int):
         if len(state) != self.config.n_layer:
             raise ValueError(f"state has {len(state)} layers, the model has {self.config.n_layer}")
         if state and state[0].batch_size != batch_size:
             raise ValueError(f"state is for batch size {state[0].batch_size}, input_ids for {batch_size}")
+        for i, (layer, layer_state) in enumerate(zip(self.backbone.layers, state)):
+            expected = AttnState if layer.is_attention else LayerState
+            if not isinstance(layer_state, expected):
+                raise ValueError(
+                    f"state of layer {i} is a {type(layer_state).__name__}, the layer needs a {expected.__name__}"
+                )
 
     def backbone_forward(
         self, input_ids: torch.Tensor, state: ModelState | None = None, return_state: bool = False
@@ -335,21 +392,34 @@ class MambaLMHeadModel(nn.Module):
         hidden, final_state = self.backbone_forward(input_ids, state, return_state)
         return self.lm_logits(hidden), final_state
 
-    def allocate_state(self, batch_size: int) -> ModelState:
-        """A zero state (the state before any token) for ``batch_size`` sequences."""
+    def allocate_state(self, batch_size: int, max_length: int | None = None) -> ModelState:
+        """A zero state (the state before any token) for ``batch_size`` sequences.
+
+        ``max_length``: the most positions a sequence will reach (prompt and generated tokens);
+        required when the model has attention layers, whose key/value caches are preallocated
+        for that many positions. Ignored otherwise (a recurrent state does not grow).
+        """
         c = self.config
+        if c.has_attention and (max_length is None or max_length < 1):
+            raise ValueError(
+                f"this model has attention layers: allocate_state needs max_length, the number of positions "
+                f"their key/value caches must hold (got {max_length!r})"
+            )
         conv_shape = (batch_size, c.conv_dim, c.d_conv - 1)
         if c.arch == "mamba1":
             ssm_shape = (batch_size, c.d_inner, c.d_state)
         else:
             ssm_shape = (batch_size, c.nheads, c.headdim, c.d_state)
-        return [
-            LayerState(
-                torch.zeros(conv_shape, dtype=self.dtype, device=self.device),
-                torch.zeros(ssm_shape, dtype=torch.float32, device=self.device),
-            )
-            for _ in range(c.n_layer)
-        ]
+        states: ModelState = []
+        for layer in self.backbone.layers:
+            if layer.is_attention:
+                states.append(AttnState.zeros(batch_size, c.attn, max_length, dtype=self.dtype, device=self.device))
+            else:
+                states.append(LayerState(
+                    torch.zeros(conv_shape, dtype=self.dtype, device=self.device),
+                    torch.zeros(ssm_shape, dtype=torch.float32, device=self.device),
+                ))
+        return states
 
     def step(self, input_ids: torch.Tensor, state: ModelState) -> torch.Tensor:
         """One token per sequence: input_ids [B] -> logits [B, V] fp32; advances ``state`` IN PLACE."""
