@@ -206,12 +206,14 @@ def token_budget(
 
 
 def _upload(data: Sequence[int], device: torch.device) -> torch.Tensor:
-    """A long tensor of ``data`` on ``device``, copied without making the host wait for the GPU
-    (through pinned memory on CUDA: a copy from pageable memory would first drain the stream)."""
+    """A long tensor of ``data`` on ``device``, copied without making the host wait for the GPU.
+    A non-blocking copy from pageable memory returns once the driver has staged the bytes, with
+    no stream synchronisation (a blocking one waits for all queued work; pinning each small
+    tensor first costs more than it saves)."""
     t = torch.tensor(data, dtype=torch.long)
     if device.type != "cuda":
         return t
-    return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
 
 
 class _Scores:
