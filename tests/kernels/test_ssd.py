@@ -48,6 +48,7 @@ if REAL:
         (4, 300, 10, 48, 2, 96, 128),  # P and N not powers of two
     ]
     PACKED_LENGTHS = [[1, 300, 1000, 1, 255, 256, 2000], [4096], [1] * 40 + [700]]
+    CONFIG_CASE = (2, 1100, 8, 64, 2, 128, 256)
     STEP_CASES = [(64, 80, 64, 1, 128), (1, 24, 64, 1, 128), (5, 16, 64, 8, 128)]  # (batch, heads, P, G, N)
 else:
     SCAN_CASES = [
@@ -59,6 +60,7 @@ else:
         (1, 300, 2, 16, 1, 16, 256),  # several sequential steps and several row blocks per chunk
     ]
     PACKED_LENGTHS = [[5, 1, 30, 17, 1, 10], [16, 16, 1, 15], [1] * 12, [3, 0, 50, 7], [100, 1, 90, 70, 39]]
+    CONFIG_CASE = (2, 150, 4, 32, 2, 16, 32)  # 5 chunks, the last one partial
     STEP_CASES = [(3, 4, 16, 2, 16), (2, 3, 24, 1, 20)]
 
 
@@ -105,6 +107,27 @@ def test_ssd_scan_matches_ref(case, dtype, with_initial):
     assert y.dtype == dtype and final.dtype == torch.float32
     assert_close(y, y_ref, RTOL[dtype], "y")
     assert_close(final, final_ref, RTOL[dtype], "final state")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(seg=1), dict(seg=3), dict(seg=10**6, block_p=16), dict(seg=2, block_t=2 * CONFIG_CASE[-1]),
+     dict(seg=2, s_block_p=16, s_block_n=16, s_block_t=CONFIG_CASE[-1] // 2)],
+    ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_ssd_scan_launch_configs(overrides, monkeypatch):
+    """Every split of the work gives the reference result: a state pass storing every ``seg`` chunks
+    or none (one walk per row and head), the head dimension split over programs, output steps
+    longer than a chunk, smaller state-pass tiles and two steps per chunk."""
+    b, length, h, p, g, n, chunk = CONFIG_CASE
+    inp, h0 = _scan_inputs(b, length, h, p, g, n, torch.float32, seed=6)
+    default = ssd._scan_config
+    monkeypatch.setattr(ssd, "_scan_config", lambda *args: {**default(*args), **overrides})
+    y_ref, final_ref = ssd.ssd_scan_ref(**inp, chunk_size=chunk, initial_state=h0)
+    y, final = ssd.ssd_scan(**inp, chunk_size=chunk, initial_state=h0, out=_poisoned(inp["x"]),
+                            final_state_out=_poisoned(final_ref))
+    assert_close(y, y_ref, RTOL[torch.float32], "y")
+    assert_close(final, final_ref, RTOL[torch.float32], "final state")
 
 
 def test_ssd_scan_optional_inputs_and_extreme_dt():
