@@ -76,26 +76,28 @@ def test_kill_9_then_resume(tmp_path, ckpts):
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen([*command, "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    worker = None
+    workers: list[int] = []
     try:
         deadline = time.monotonic() + 240
         while not _results(out):
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no result within 240 s"
             time.sleep(0.05)
-        busy = [p for p in out.glob("*/.lock") if "worker pid" in p.read_text()]
-        worker = int(busy[0].read_text().rsplit("worker pid ", 1)[1].rstrip(")"))
+        locks = [p.read_text() for p in out.glob("*/.lock")]
+        workers = [int(text.rsplit("worker pid ", 1)[1].rstrip(")")) for text in locks if "worker pid" in text]
+        assert any(_alive(pid) for pid in workers), locks
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 20
-        while _alive(worker) and time.monotonic() < deadline:
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(worker), "the evaluation process outlived the killed batch"
+        assert not any(_alive(pid) for pid in workers), "an evaluation process outlived the killed batch"
     finally:
         if proc.poll() is None:
             proc.kill()
-        if worker is not None and _alive(worker):
-            os.kill(worker, signal.SIGKILL)
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
     before = _results(out)
     assert 1 <= len(before) < 4, sorted(before)
