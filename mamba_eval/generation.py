@@ -88,7 +88,8 @@ class DecodeRunner:
     batch size and mode.
     """
 
-    def __init__(self, model, max_batch: int, *, cuda_graphs: bool = False, greedy_steps: int = 0):
+    def __init__(self, model, max_batch: int, *, cuda_graphs: bool = False, greedy_steps: int = 0,
+                 max_length: int | None = None):
         if max_batch < 1:
             raise ValueError(f"DecodeRunner: max_batch must be >= 1, got {max_batch}")
         if greedy_steps < 0:
@@ -100,7 +101,10 @@ class DecodeRunner:
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs
         self.greedy_steps = greedy_steps
-        self.state = model.allocate_state(max_batch)
+        # Attention layers keep key/value caches of max_length positions (prompt and generated
+        # tokens); recurrent layers ignore it.
+        self.max_length = max_length
+        self.state = model.allocate_state(max_batch, max_length=max_length)
         self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.chosen = torch.zeros(max_batch, max(greedy_steps, 1), dtype=torch.long, device=device)
         sizes, m = [], 1
@@ -156,6 +160,8 @@ class DecodeRunner:
         with torch.cuda.stream(stream):  # warm-up off the default stream (kernel compilation, allocator)
             for m in self.sizes:
                 for _ in range(warmup):
+                    for layer in self.state:  # each step fills a key/value position of attention layers
+                        layer.zero_()
                     self._steps(m)
         torch.cuda.current_stream().wait_stream(stream)
         pool = torch.cuda.graph_pool_handle()
@@ -204,14 +210,28 @@ def _weights_key(model) -> tuple:
         model.device, model.dtype)
 
 
-def decode_runner(model, max_batch: int, *, cuda_graphs: bool, greedy_steps: int) -> DecodeRunner:
+def _cache_length(need: int) -> int:
+    """Key/value cache positions for ``need``: the next power of two, at least 256, so that
+    runners (and their graphs) are reused across calls with similar lengths."""
+    return max(256, 1 << (need - 1).bit_length())
+
+
+def decode_runner(model, max_batch: int, *, cuda_graphs: bool, greedy_steps: int,
+                  max_length: int | None = None) -> DecodeRunner:
     """A captured :class:`DecodeRunner` for ``model``, reused while the model's tensors stay where
-    they are (a few per model, the most recently used kept)."""
+    they are (a few per model, the most recently used kept). ``max_length``: positions a sequence
+    may reach, for models with attention layers (ignored otherwise); a runner whose key/value
+    caches are shorter is replaced."""
+    has_attention = getattr(model, "has_attention", False)
+    length = _cache_length(max_length) if has_attention and max_length else None
     key = (max_batch, cuda_graphs, greedy_steps, _weights_key(model))
     table = _runners.setdefault(model, {})
     runner = table.pop(key, None)
+    if runner is not None and has_attention and (runner.max_length or 0) < (length or 0):
+        runner = None
     if runner is None:
-        runner = DecodeRunner(model, max_batch, cuda_graphs=cuda_graphs, greedy_steps=greedy_steps)
+        runner = DecodeRunner(model, max_batch, cuda_graphs=cuda_graphs, greedy_steps=greedy_steps,
+                              max_length=length)
         runner.capture()
     table[key] = runner  # most recent last
     while len(table) > _MAX_RUNNERS:
@@ -258,8 +278,10 @@ def generate(
         greedy_steps = 0
     elif greedy_steps is None:
         greedy_steps = GREEDY_STEPS if cuda_graphs else 1
+    # Positions a sequence may reach: a greedy block can run past max_new_tokens.
+    need = max(len(s.prompt) for s in seqs) + max_new_tokens + max(1, greedy_steps)
     runner = decode_runner(model, min(batch_size, len(seqs)), cuda_graphs=cuda_graphs,
-                           greedy_steps=max(0, greedy_steps))
+                           greedy_steps=max(0, greedy_steps), max_length=need)
     buckets: dict[int, list[_Seq]] = {}
     for s in seqs:
         buckets.setdefault(len(s.prompt), []).append(s)
