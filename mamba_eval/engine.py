@@ -113,6 +113,12 @@ class CostModel:
     token_bytes: int  # activation bytes per token
     state_tokens: int  # one sequence's state (all layers), in tokens
     logit_row_bytes: int  # one row of fp32 logits with its log-softmax and temporaries
+    kv_bytes: int = 0  # attention layers' key/value cache per position of a sequence (hybrids)
+
+    def state_tokens_at(self, length: int) -> int:
+        """One sequence's state after ``length`` positions, in tokens: the recurrent part, plus
+        the key/value caches of attention layers, which grow with the sequence."""
+        return self.state_tokens + math.ceil(length * self.kv_bytes / self.token_bytes)
 
     @classmethod
     def of(cls, model) -> CostModel:
@@ -127,11 +133,20 @@ class CostModel:
             ssm = cfg.d_inner * cfg.d_state
         else:
             ssm = cfg.nheads * cfg.headdim * cfg.d_state
-        state_bytes = cfg.n_layer * (cfg.conv_dim * (cfg.d_conv - 1) * elem + 4 * ssm)
+        n_attn = len(getattr(cfg, "attn_layer_idx", ()) or ())
+        n_ssm = cfg.n_layer - n_attn
+        state_bytes = n_ssm * (cfg.conv_dim * (cfg.d_conv - 1) * elem + 4 * ssm)
+        kv_bytes = 0
+        if n_attn:
+            attn = cfg.attn
+            kv_bytes = n_attn * 2 * attn.num_heads_kv * attn.head_dim * elem
+            state_bytes += n_attn * attn.qkv_dim * max(attn.d_conv - 1, 0) * elem
+            token_bytes += kv_bytes  # a forward's own keys and values
         return cls(
             token_bytes=token_bytes,
             state_tokens=max(1, math.ceil(state_bytes / token_bytes)),
             logit_row_bytes=3 * 4 * cfg.vocab_size,
+            kv_bytes=kv_bytes,
         )
 
 
@@ -485,7 +500,9 @@ class _PairScorer:
 
     # -- shared contexts -----------------------------------------------------------------------
     def run_groups(self, groups: list[_Group]) -> None:
-        extra = self.ex.cost.state_tokens  # the context pass returns every row's state
+        # The context pass returns every row's state (for hybrids, with key/value caches as long
+        # as the context; the groups of one batch have equal contexts lengths, the longest first).
+        extra = self.ex.cost.state_tokens_at(len(groups[0].context)) if groups else 0
         self.ex.drain(groups, lambda g: len(g.context), extra, self._context_batch, same_length=True)
 
     def _context_batch(self, batch: list[_Group]) -> None:
@@ -529,7 +546,7 @@ class _PairScorer:
 
         # Continuations run from a forked state, which weighs state_tokens per row. (The k
         # context states stay alive meanwhile: a context batch peaks near twice the budget.)
-        ex.drain(conts, lambda c: len(c[2]) - 1, ex.cost.state_tokens, cont_batch)
+        ex.drain(conts, lambda c: len(c[2]) - 1, ex.cost.state_tokens_at(len(batch[0].context)), cont_batch)
         ex.stats.shared_contexts += len(batch)
         ex.stats.shared_requests += sum(self.weights[u] for g in batch for u, _ in g.members)
 
