@@ -87,6 +87,30 @@ def _weightless_rmsnorm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+class _CachedA:
+    """``A = -exp(A_log)`` in fp32 for a mixer, computed once per parameter value and reused (a
+    decoding step would otherwise spend two kernel launches per layer on it). Recomputed when the
+    parameter is written (its version counter moves) or replaced; computed afresh whenever
+    gradients flow to ``A_log`` (training)."""
+
+    def _neg_A(self) -> torch.Tensor:
+        a_log = self.A_log
+        if a_log.requires_grad and torch.is_grad_enabled():
+            return -torch.exp(a_log.float())
+        try:
+            version = a_log._version
+        except RuntimeError:  # an inference tensor has no version counter: no safe cache
+            return -torch.exp(a_log.float())
+        key = (a_log.data_ptr(), version, a_log.device, a_log.dtype, tuple(a_log.shape))
+        cached = self.__dict__.get("_neg_A_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.inference_mode(False), torch.no_grad():
+            value = -torch.exp(a_log.detach().float())
+        self.__dict__["_neg_A_cache"] = (key, value)
+        return value
+
+
 class Norm(nn.Module):
     """Parameters of an RMSNorm (weight) or LayerNorm (weight, bias); applied by ``ops.add_norm``."""
 
@@ -112,7 +136,7 @@ def _inverse_softplus_dt(n: int, device, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4)
     return dt + torch.log(-torch.expm1(-dt))
 
 
-class Mamba1Mixer(nn.Module):
+class Mamba1Mixer(_CachedA, nn.Module):
     """The Mamba-1 mixer (Mamba paper, Fig. 3): in_proj -> [x; z]; x -> conv -> SiLU -> selective
     scan with Δ, B, C = x_proj(x) (Δ through the low-rank dt_proj), gated by silu(z); out_proj."""
 
@@ -156,7 +180,7 @@ class Mamba1Mixer(nn.Module):
         )  # [B, d_inner, L]
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         y, ssm_state = self.ops.selective_scan(
-            x, dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+            x, dt.transpose(1, 2), self._neg_A(), B.transpose(1, 2), C.transpose(1, 2),
             self.D, z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True,
             initial_state=None if state is None else state.ssm,
         )  # [B, d_inner, L]
@@ -169,13 +193,13 @@ class Mamba1Mixer(nn.Module):
         x = self.ops.causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x)
         y = self.ops.selective_state_update(
-            state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, self.D, z,
+            state.ssm, x, dt, self._neg_A(), B, C, self.D, z,
             dt_bias=self.dt_proj.bias, dt_softplus=True,
         )
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(_CachedA, nn.Module):
     """The Mamba-2 mixer (SSD paper, Fig. 6): in_proj -> [z; x; B; C; dt]; [x; B; C] -> conv ->
     SiLU; SSD scan (scalar A per head, B/C shared within groups); RMSNorm(y * silu(z)); out_proj."""
 
@@ -224,7 +248,7 @@ class Mamba2Mixer(nn.Module):
         )  # [B, conv_dim, L]
         x, B, C = self._split_xbc(xbc.transpose(1, 2))
         y, ssm_state = self.ops.ssd_scan(
-            x, dt, -torch.exp(self.A_log.float()), B, C, self.config.chunk_size, self.D,
+            x, dt, self._neg_A(), B, C, self.config.chunk_size, self.D,
             dt_bias=self.dt_bias, dt_softplus=True, initial_state=None if state is None else state.ssm,
         )  # [B, L, H, P]
         return self._gated_norm_out(y.flatten(-2), z), LayerState(conv_state, ssm_state)
@@ -235,7 +259,7 @@ class Mamba2Mixer(nn.Module):
         xbc = self.ops.causal_conv1d_update(xbc, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         x, B, C = self._split_xbc(xbc)
         y = self.ops.ssd_state_update(
-            state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            state.ssm, x, dt, self._neg_A(), B, C, self.D, dt_bias=self.dt_bias, dt_softplus=True,
         )  # [B, H, P]
         return self._gated_norm_out(y.flatten(-2), z)
 

@@ -153,3 +153,26 @@ def test_layernorm_variant_has_norm_biases():
     state = model.allocate_state(2)
     stepped = torch.stack([model.step(ids[:, t], state) for t in range(9)], dim=1)
     assert_close(stepped, full, rtol_max=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba1-tiny", "mamba2-tiny"])
+def test_cached_A_follows_the_parameter(checkpoint, name):
+    """A = -exp(A_log) is cached per mixer, recomputed when A_log is written, and differentiable
+    when gradients flow to A_log (training)."""
+    from mamba_eval.loader import load_model
+
+    model = load_model(checkpoint(name).ssm_dir, dtype="float32")
+    mixer = model.backbone.layers[0].mixer
+    a = mixer._neg_A()
+    assert torch.equal(a, -torch.exp(mixer.A_log.float()))
+    assert mixer._neg_A() is a
+    ids = torch.tensor([[3, 4, 5, 6]])
+    before, _ = model(ids)
+    with torch.no_grad():
+        mixer.A_log.add_(0.5)
+    assert torch.equal(mixer._neg_A(), -torch.exp(mixer.A_log.float()))
+    after, _ = model(ids)
+    assert not torch.equal(before, after)
+    mixer.A_log.requires_grad_(True)
+    mixer._neg_A().sum().backward()
+    assert mixer.A_log.grad is not None
