@@ -52,6 +52,11 @@ How the work is cut:
    least 64 x threads rows); ``batch_invariant=False`` turns it off. On CUDA nothing is filled:
    the element-wise kernels have no tails, and cuBLAS picks its algorithm per shape, which a
    floor would not make invariant.
+6. *Long sequences*: a sequence longer than ``context_chunk`` tokens (default
+   :data:`DEFAULT_CONTEXT_CHUNK`) runs in chunks of that many positions, at fixed offsets, that
+   carry the recurrent state; only the hidden states at scored positions are kept. A context of
+   a million tokens thus needs the memory of one chunk (long-context probes), and the budget
+   counts a row at the chunk's length.
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ ProgressFn = Callable[[int, int], None]
 
 #: Share of the free memory that ``batch_size=auto`` gives to one forward.
 AUTO_MEMORY_FRACTION = 0.25
+#: Sequences longer than this many tokens run in chunks of it that carry the recurrent state.
+DEFAULT_CONTEXT_CHUNK = 16384
 
 
 @dataclass
@@ -274,7 +281,11 @@ def _is_oom(err: BaseException) -> bool:
 
 class _Executor:
     def __init__(self, model, device: torch.device, pad_id: int, budget: int, stats: EngineStats,
-                 on_progress: ProgressFn | None, batch_invariant: bool = True):
+                 on_progress: ProgressFn | None, batch_invariant: bool = True,
+                 context_chunk: int = DEFAULT_CONTEXT_CHUNK):
+        if context_chunk < 1:
+            raise MambaEvalError(f"context_chunk must be at least 1, got {context_chunk}")
+        self.context_chunk = int(context_chunk)
         self.model = model
         self.device = device
         self.pad_id = pad_id
@@ -332,30 +343,74 @@ class _Executor:
         log.warning("out of memory with %d rows (%d tokens); token budget %d -> %d", rows, cost, old, self.budget)
 
     # -- model calls ---------------------------------------------------------------------------
-    def forward(self, rows: list[list[int]], state=None, owners: list[int] | None = None,
-                return_state: bool = False):
-        """Right-padded forward of ``rows``; ``state``, if given, is forked per row: row ``r``
-        starts from ``state`` row ``owners[r]``. Filler rows and columns of padding make up the
-        shape of :func:`forward_shape`; the returned hidden states and final state include them
-        (the final state is meaningful for the rows as long as the longest)."""
+    def forward(self, rows: list[list[int]], pick_rows: list[int], pick_cols: list[int], state=None,
+                owners: list[int] | None = None, return_state: bool = False):
+        """Right-padded forward of ``rows``; returns the hidden states at the positions
+        ``(pick_rows[i], pick_cols[i])`` ([P, D], in that order) and, with ``return_state``, the
+        final state. ``state``, if given, is forked per row: row ``r`` starts from ``state`` row
+        ``owners[r]``. Filler rows and columns of padding make up the shape of
+        :func:`forward_shape`; the final state includes them and is meaningful for the rows as
+        long as the longest.
+
+        Rows longer than ``context_chunk`` tokens run in chunks of that many positions (at fixed
+        offsets 0, C, 2C, ...) that carry the recurrent state, keeping only the picked positions:
+        memory does not grow with the sequence (a million-token context runs like a short one).
+        """
         n = len(rows)
         longest = max(len(r) for r in rows)
-        total, length = forward_shape(n, longest, self.min_rows, self.align, fixed_length=return_state)
+        chunked = longest > self.context_chunk
+        if chunked:  # every chunk's rows x width must meet the shape rules: the full ones and the last
+            # Chunks are all context_chunk wide (the last padded on the right), so a position's
+            # computation does not depend on the batch's longest row; except where the final state
+            # is returned: that needs the exact last chunk (those rows have equal lengths).
+            step = self.context_chunk
+            last = longest - (longest - 1) // step * step if return_state else step
+            total = max(forward_shape(n, step, self.min_rows, self.align, True)[0],
+                        forward_shape(n, last, self.min_rows, self.align, True)[0])
+            unit = math.lcm(self.align // math.gcd(step, self.align), self.align // math.gcd(last, self.align))
+            total, length = -(-total // unit) * unit, longest
+        else:
+            total, length = forward_shape(n, longest, self.min_rows, self.align, fixed_length=return_state)
         fill = total - n
         pad = self.pad_id
-        padded = [r + [pad] * (length - len(r)) for r in rows] + [[pad] * length] * fill
-        inp = _upload(padded, self.device)
         if state is not None:
             idx = _upload(list(owners) + [owners[0]] * fill, self.device)
             state = [layer.index_select(idx) for layer in state]
-        hidden, final = self.model.backbone_forward(inp, state=state, return_state=return_state)
+        st = self.stats
+        if not chunked:
+            padded = [r + [pad] * (length - len(r)) for r in rows] + [[pad] * length] * fill
+            hidden, final = self.model.backbone_forward(_upload(padded, self.device), state=state,
+                                                        return_state=return_state)
+            picked = self.pick(hidden, pick_rows, pick_cols)
+            del hidden
+            self._count(rows, n + fill, length)
+            return picked, final
+        width = self.model.config.d_model
+        picked = torch.empty(len(pick_rows), width, dtype=self.model.dtype, device=self.device)
+        cols_t = torch.tensor(pick_cols, dtype=torch.long)
+        rows_t = torch.tensor(pick_rows, dtype=torch.long)
+        step = self.context_chunk
+        for lo in range(0, length, step):
+            hi = min(length, lo + step) if return_state else lo + step
+            block = [r[lo:hi] + [pad] * (hi - lo - len(r[lo:hi])) for r in rows] + [[pad] * (hi - lo)] * fill
+            last = hi >= length
+            hidden, state = self.model.backbone_forward(_upload(block, self.device), state=state,
+                                                        return_state=return_state or not last)
+            sel = ((cols_t >= lo) & (cols_t < hi)).nonzero().flatten()
+            if sel.numel():
+                got = self.pick(hidden, rows_t[sel].tolist(), (cols_t[sel] - lo).tolist())
+                picked.index_copy_(0, sel.to(self.device, non_blocking=True), got)
+            del hidden
+            self._count(rows if lo == 0 else [], n + fill, hi - lo)
+        return picked, (state if return_state else None)
+
+    def _count(self, rows, total_rows: int, length: int) -> None:
         st = self.stats
         st.forward_calls += 1
         st.tokens += sum(len(r) for r in rows)
-        st.padded_tokens += (n + fill) * length
-        if (n + fill) * length > st.max_rows * max(st.max_length, 1):
-            st.max_rows, st.max_length = n + fill, length
-        return hidden, final
+        st.padded_tokens += total_rows * length
+        if total_rows * length > st.max_rows * max(st.max_length, 1):
+            st.max_rows, st.max_length = total_rows, length
 
     def logit_chunk(self) -> int:
         """Rows per LM-head product: about the memory the budget allows for activations."""
@@ -482,14 +537,13 @@ class _PairScorer:
         self.ex.drain(wholes, lambda w: len(w.tokens), 0, self._whole_batch)
 
     def _whole_batch(self, batch: list[_Whole]) -> None:
-        hidden, _ = self.ex.forward([w.tokens for w in batch])
         rows, cols, targets = [], [], []
         for row, w in enumerate(batch):
             n, end = len(w.targets), len(w.tokens)
             rows += [row] * n
             cols += range(end - n, end)
             targets += w.targets
-        picked = self.ex.pick(hidden, rows, cols)
+        picked, _ = self.ex.forward([w.tokens for w in batch], rows, cols)
         at = self.ex.score_rows(picked, list(range(len(targets))), targets)
         answered = 0
         for w in batch:
@@ -507,9 +561,10 @@ class _PairScorer:
 
     def _context_batch(self, batch: list[_Group]) -> None:
         ex = self.ex
-        hidden, states = ex.forward([g.context for g in batch], return_state=True)
-        last = hidden[:len(batch), -1].contiguous()  # [k, D]: predicts each member's first continuation token
-        del hidden
+        length = len(batch[0].context)  # equal in a batch
+        # [k, D]: the last position predicts each member's first continuation token
+        last, states = ex.forward([g.context for g in batch], list(range(len(batch))), [length - 1] * len(batch),
+                                  return_state=True)
         picks_row, picks_target = [], []
         for row, g in enumerate(batch):
             for _, cont in g.members:
@@ -529,13 +584,13 @@ class _PairScorer:
         conts.sort(key=lambda c: (-len(c[2]), c[2], c[0]))
 
         def cont_batch(items) -> None:
-            hidden_c, _ = ex.forward([c[2][:-1] for c in items], state=states, owners=[c[0] for c in items])
             rows, cols, targets = [], [], []
             for r, (_, _, cont) in enumerate(items):
                 rows += [r] * (len(cont) - 1)
                 cols += range(len(cont) - 1)
                 targets += cont[1:]
-            picked = ex.pick(hidden_c, rows, cols)
+            picked, _ = ex.forward([c[2][:-1] for c in items], rows, cols, state=states,
+                                   owners=[c[0] for c in items])
             k = ex.score_rows(picked, list(range(len(targets))), targets)
             answered = 0
             for _, uid, cont in items:
@@ -564,6 +619,7 @@ def score_continuations(
     max_batch_size: int | None = None,
     on_progress: ProgressFn | None = None,
     stats: EngineStats | None = None,
+    context_chunk: int = DEFAULT_CONTEXT_CHUNK,
 ) -> list[tuple[float, bool]]:
     """Log-likelihood of each continuation given its context, and whether greedy decoding would
     have produced it; results in the order of ``requests``.
@@ -573,7 +629,8 @@ def score_continuations(
     context once for all its continuations. ``batch_invariant`` gives the CPU's forwards the
     shapes that keep every score independent of its batch (module docstring, point 5).
     ``on_progress(requests, tokens)`` is called as work finishes; ``stats`` (if given) receives
-    the counters of the call.
+    the counters of the call. Sequences longer than ``context_chunk`` tokens run in chunks that
+    carry the recurrent state (memory flat in the context's length).
     """
     stats = stats if stats is not None else EngineStats()
     stats.requests = len(requests)
@@ -595,8 +652,9 @@ def score_continuations(
     if not pairs:
         return []
     longest = max(min(len(c) + len(t) - 1, max_length) for c, t in pairs)
-    budget = token_budget(model, batch_size, longest, device, max_batch_size)
-    ex = _Executor(model, device, pad_id, budget, stats, on_progress, batch_invariant)
+    # A longer sequence runs in chunks of context_chunk positions: that is what a row costs.
+    budget = token_budget(model, batch_size, min(longest, context_chunk), device, max_batch_size)
+    ex = _Executor(model, device, pad_id, budget, stats, on_progress, batch_invariant, context_chunk)
     wholes, groups = plan_pairs(pairs, max_length, share_context)
     scorer = _PairScorer(ex, pairs, weights)
     with torch.inference_mode():
@@ -643,7 +701,7 @@ def score_documents(
         return results
     longest = min(chunk_length, len(docs[order[0]]))
     budget = token_budget(model, batch_size, longest, device, max_batch_size)
-    ex = _Executor(model, device, pad_id, budget, stats, on_progress, batch_invariant)
+    ex = _Executor(model, device, pad_id, budget, stats, on_progress, batch_invariant, max(chunk_length, 1))
 
     def doc_batch(batch: list[int]) -> None:
         inputs = [[prefix_token] + docs[i][:-1] for i in batch]
@@ -655,23 +713,22 @@ def score_documents(
             active = sum(1 for x in inputs if len(x) > lo)  # a prefix: longest first
             rows = [inputs[r][lo:hi] for r in range(active)]
             carry = any(len(inputs[r]) > hi for r in range(active))
-            hidden, new_state = ex.forward(
-                rows, state=state, owners=None if state is None else list(range(active)), return_state=carry
-            )
             rr, cc, targets = [], [], []
             for r in range(active):
                 n = len(rows[r])
                 rr += [r] * n
                 cc += range(n)
                 targets += docs[batch[r]][lo:lo + n]
-            picked = ex.pick(hidden, rr, cc)
+            picked, new_state = ex.forward(
+                rows, rr, cc, state=state, owners=None if state is None else list(range(active)), return_state=carry
+            )
             at = ex.score_rows(picked, list(range(len(targets))), targets)
             for r in range(active):
                 n = len(rows[r])
                 parts[r].append((at, n))
                 at += n
             state = new_state
-            del hidden, picked, new_state  # hold one chunk's activations at a time
+            del picked, new_state  # hold one chunk's activations at a time
             ex.progress(0, sum(len(x) for x in rows))
         for r, i in enumerate(batch):
             ranges[i] = parts[r]

@@ -252,6 +252,7 @@ def generate(
     device: torch.device,
     cuda_graphs: bool | None = None,
     greedy_steps: int | None = None,
+    prefill_chunk: int = 16384,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
@@ -261,8 +262,11 @@ def generate(
     on for a CUDA device) replays captured graphs. Greedy decoding looks at the tokens every
     ``greedy_steps`` steps (default :data:`GREEDY_STEPS` with CUDA graphs, else 1): a sequence
     that ends inside such a block costs the rest of the block, and its output is exactly what
-    one step at a time gives.
+    one step at a time gives. A prompt longer than ``prefill_chunk`` tokens is run in chunks of
+    that many that carry the recurrent state (memory flat in the prompt's length).
     """
+    if prefill_chunk < 1:
+        raise ValueError(f"generate: prefill_chunk must be at least 1, got {prefill_chunk}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: empty prompt (lm-eval supplies at least one token)")
     generator = None
@@ -289,7 +293,7 @@ def generate(
         group = buckets[length]
         for start in range(0, len(group), batch_size):
             _generate_group(model, runner, group[start:start + batch_size], max_new_tokens, params,
-                            eos_id, is_stopped, generator, device)
+                            eos_id, is_stopped, generator, device, prefill_chunk)
     return [s.out for s in seqs]
 
 
@@ -304,12 +308,24 @@ def _accept(s: _Seq, tok: int, max_new_tokens: int, eos_id, is_stopped) -> bool:
     return not s.done
 
 
-def _generate_group(model, runner, group, max_new_tokens, params, eos_id, is_stopped, generator, device):
+def _prefill(model, ids: torch.Tensor, chunk: int):
+    """The hidden state at the last position and the final state after ``ids`` [B, L], run in
+    chunks of ``chunk`` positions that carry the state."""
+    state = None
+    for lo in range(0, ids.shape[1], chunk):
+        hidden, state = model.backbone_forward(ids[:, lo:lo + chunk], state=state, return_state=True)
+        last = hidden[:, -1]
+        del hidden
+    return last, state
+
+
+def _generate_group(model, runner, group, max_new_tokens, params, eos_id, is_stopped, generator, device,
+                    prefill_chunk):
     ids = torch.tensor([s.prompt for s in group], dtype=torch.long, device=device)
-    hidden, state = model.backbone_forward(ids, return_state=True)
+    last, state = _prefill(model, ids, prefill_chunk)
     runner.load(state)
     del state
-    logits = model.lm_logits(hidden[:, -1]).float()
+    logits = model.lm_logits(last).float()
     next_ids = sample_next(logits, params, generator)
     live = list(range(len(group)))  # live[i]: the sequence in row i of the runner's buffers
     while True:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from mamba_eval.errors import MambaEvalError, ModelArgsError, install_excepthook
 from mamba_eval.generation import SamplingParams, generate, tail_stop_checker
-from mamba_eval.engine import score_continuations, score_documents
+from mamba_eval.engine import DEFAULT_CONTEXT_CHUNK, score_continuations, score_documents
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class MambaLM(TemplateLM):
     tokenizer files, else EleutherAI/gpt-neox-20b), ``revision``, ``dtype`` (auto, float32,
     bfloat16, float16), ``device``, ``batch_size`` (int or ``auto``), ``max_batch_size``,
     ``max_length`` (default 2048), ``backend`` (op implementations: ``ref``, ``triton``),
-    ``add_bos_token``, ``prefix_token_id``, and three of our own:
+    ``add_bos_token``, ``prefix_token_id``, and four of our own:
 
     - ``share_context`` (default true): requests with the same context tokens run the context
       once and fork its recurrent state for each continuation (``mamba_eval.engine``); false runs
@@ -148,10 +148,13 @@ class MambaLM(TemplateLM):
       scores a document. ``windows`` (default) uses lm-eval's disjoint windows of ``max_length``
       tokens, so published perplexities are reproduced; ``stateful`` conditions every token on
       the whole document before it, carrying the recurrent state from chunk to chunk of
-      ``max_length`` tokens (memory does not grow with the document).
+      ``min(max_length, context_chunk)`` tokens (memory does not grow with the document).
     - ``batch_invariant`` (default true): on the CPU, give every forward the shapes that keep a
       request's score independent of the batch it runs in (filler rows: more work, the more
       threads); false is faster on many-core CPUs. No effect on CUDA.
+    - ``context_chunk`` (default 16384): a sequence longer than this many tokens (a long-context
+      probe's context or prompt, with ``max_length`` raised to fit it) runs in chunks of it that
+      carry the recurrent state, so memory stays flat in the sequence's length.
 
     ``batch_size=N`` sets a token budget of N times the longest request; ``auto`` takes a share
     of the free memory (capped at ``max_batch_size`` rows of the longest request when
@@ -176,6 +179,7 @@ class MambaLM(TemplateLM):
         share_context: bool | str = True,
         rolling: str = "windows",
         batch_invariant: bool | str = True,
+        context_chunk: int | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -187,7 +191,7 @@ class MambaLM(TemplateLM):
             accepted = sorted(
                 ["pretrained", "tokenizer", "revision", "dtype", "device", "batch_size",
                  "max_batch_size", "max_length", "backend", "add_bos_token", "prefix_token_id",
-                 "share_context", "rolling", "batch_invariant", *_ACCEPTED_NOOPS]
+                 "share_context", "rolling", "batch_invariant", "context_chunk", *_ACCEPTED_NOOPS]
             )
             raise ModelArgsError(
                 f"unknown model_args key(s) for --model mamba: {', '.join(sorted(kwargs))} "
@@ -213,6 +217,7 @@ class MambaLM(TemplateLM):
         self._max_length = int(max_length) if max_length is not None else DEFAULT_MAX_LENGTH
         if self._max_length < 1:
             raise ModelArgsError(f"max_length={max_length!r}: must be at least 1")
+        self.context_chunk = _parse_positive("context_chunk", context_chunk) or DEFAULT_CONTEXT_CHUNK
 
         self.pretrained = str(pretrained)
         self.revision = revision
@@ -420,6 +425,9 @@ class MambaLM(TemplateLM):
             device=self._device, pad_id=self.eot_token_id, batch_invariant=self.batch_invariant,
         )
 
+    def _score_args(self) -> dict:
+        return dict(self._engine_args(), context_chunk=self.context_chunk)
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [tuple(req.args) for req in requests]
         encoded = self.encode_pairs(pairs)
@@ -432,7 +440,7 @@ class MambaLM(TemplateLM):
         with self._progress(len(pairs), "Running loglikelihood requests", disable_tqdm) as bar:
             results = score_continuations(
                 self.model, pairs, max_length=self.max_length, share_context=self.share_context,
-                on_progress=bar, **self._engine_args(),
+                on_progress=bar, **self._score_args(),
             )
         for (request_str, _, _), res in zip(requests, results):
             if request_str is not None:
@@ -444,7 +452,8 @@ class MambaLM(TemplateLM):
         if self.rolling == "stateful":
             with self._progress(len(documents), "Running loglikelihood_rolling documents", disable_tqdm) as bar:
                 totals = score_documents(
-                    self.model, documents, prefix_token=self.prefix_token_id, chunk_length=self.max_length,
+                    self.model, documents, prefix_token=self.prefix_token_id,
+                    chunk_length=min(self.max_length, self.context_chunk),
                     on_progress=bar, **self._engine_args(),
                 )
         else:
@@ -463,7 +472,7 @@ class MambaLM(TemplateLM):
             with self._progress(len(windows), "Running loglikelihood_rolling windows", disable_tqdm) as bar:
                 scores = score_continuations(
                     self.model, windows, max_length=self.max_length, share_context=self.share_context,
-                    on_progress=bar, **self._engine_args(),
+                    on_progress=bar, **self._score_args(),
                 )
             totals = [0.0] * len(requests)
             for idx, (logprob, _) in zip(owners, scores):
@@ -510,7 +519,7 @@ class MambaLM(TemplateLM):
                 outs = generate(
                     self.model, prompts, max_new_tokens=max_gen, params=params,
                     eos_id=self.eot_token_id, is_stopped=stopped,
-                    batch_size=batch, device=self._device,
+                    batch_size=batch, device=self._device, prefill_chunk=self.context_chunk,
                 )
                 for i, toks in zip(indices, outs):
                     text = postprocess_generated_text(self.tok_decode(toks), until, None)

@@ -510,3 +510,30 @@ def test_bench_eval_smoke(data_dir, tmp_path):
     (inv,) = result["invariance"]
     checks = [v for v in inv.values() if isinstance(v, dict)]
     assert inv["requests"] == 12 and len(checks) == 8 and all(c["bitwise_equal_to_bs1"] for c in checks)
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_long_sequences_run_in_chunks_with_the_same_scores(models, hellaswag_pairs, arch):
+    """With a context_chunk shorter than the requests, contexts and whole sequences run in chunks
+    that carry the state: the scores equal the naive forward, the batch-size invariance holds, and
+    no forward holds more than one chunk of positions."""
+    model, pairs = models[arch], hellaswag_pairs[:40]
+    naive = _naive(model, pairs, 2048)
+    for share in (True, False):
+        runs = {}
+        for bs in (1, 7):
+            stats = EngineStats()
+            runs[bs] = score_continuations(model, pairs, max_length=2048, batch_size=bs, device=CPU,
+                                           share_context=share, stats=stats, context_chunk=16)
+            assert stats.max_length <= 16 and stats.forward_calls > len(pairs) // bs
+        assert runs[7] == runs[1]
+        _assert_scores_close(runs[1], naive)
+    with pytest.raises(Exception, match="context_chunk"):
+        score_continuations(model, pairs[:1], max_length=2048, batch_size=1, device=CPU, context_chunk=0)
+
+
+def test_model_arg_context_chunk(checkpoints, tok_dir):
+    lm = _lm(checkpoints["mamba1"], tok_dir, context_chunk="32")
+    assert lm.context_chunk == 32
+    with pytest.raises(ModelArgsError, match="context_chunk"):
+        _lm(checkpoints["mamba1"], tok_dir, context_chunk="0")

@@ -258,3 +258,11 @@ def test_decode_runner_is_reused(model):
     a = decode_runner(model, 3, cuda_graphs=False, greedy_steps=2)
     assert decode_runner(model, 3, cuda_graphs=False, greedy_steps=2) is a
     assert decode_runner(model, 3, cuda_graphs=False, greedy_steps=1) is not a
+
+
+def test_long_prompts_prefill_in_chunks(model):
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(2, model.config.vocab_size, (23,), generator=gen).tolist() for _ in range(2)]
+    cpu = torch.device("cpu")
+    whole = generate(model, prompts, max_new_tokens=5, device=cpu)
+    assert generate(model, prompts, max_new_tokens=5, device=cpu, prefill_chunk=4) == whole
