@@ -66,7 +66,6 @@ import json
 import os
 import queue
 import re
-import secrets
 import shlex
 import signal
 import socket
@@ -77,6 +76,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from mamba_eval.atomic import atomic_write
 
 __all__ = [
     "Checkpoint",
@@ -137,25 +138,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    """Write ``text`` to ``path`` atomically (:func:`mamba_eval.atomic.atomic_write`)."""
+    atomic_write(path, text)
 
 
 def _atomic_write_json(path: Path, data) -> None:

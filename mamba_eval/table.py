@@ -60,6 +60,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mamba_eval.atomic import atomic_write
+
 __all__ = [
     "Column",
     "COLUMNS",
@@ -699,16 +701,7 @@ _SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".tex": 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, data)
 
 
 def write_output(table: Table, path, fmt: str | None = None) -> Path:
