@@ -906,12 +906,12 @@ def shipped_task_configs() -> dict[str, str]:
 
 def write_task_configs(folder: str | os.PathLike, configs: Mapping[str, str]) -> Path:
     """Write ``{file name: YAML text}`` into ``folder`` (each file atomically); return the folder."""
+    from mamba_eval.atomic import atomic_write
+
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in configs.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        atomic_write(out / name, text)
     return out
 
 
