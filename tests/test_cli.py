@@ -209,13 +209,13 @@ def test_options_are_not_passed_to_subcommands_that_take_none(monkeypatch):
 
     recorder = Recorder()
 
-    def add_probe(subparsers):
-        parser = subparsers.add_parser("probe")
+    def add_fake(subparsers):
+        parser = subparsers.add_parser("fake-subcommand")
         parser.set_defaults(handler=recorder)
 
-    monkeypatch.setattr(cli, "_SUBCOMMANDS", (*cli._SUBCOMMANDS, add_probe))
-    assert cli.main(["probe"]) == 0 and recorder.extra == []
-    assert cli.main(["probe", "--unknown"]) == 2
+    monkeypatch.setattr(cli, "_SUBCOMMANDS", (*cli._SUBCOMMANDS, add_fake))
+    assert cli.main(["fake-subcommand"]) == 0 and recorder.extra == []
+    assert cli.main(["fake-subcommand", "--unknown"]) == 2
 
 
 def test_demo_builds_and_evaluates_offline(tmp_path, monkeypatch):
