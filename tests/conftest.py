@@ -171,3 +171,13 @@ def checkpoint(tmp_path_factory):
 def ckpt_name(request) -> str:
     """Each checkpoint name of ``SPECS`` in turn."""
     return request.param
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test: tests of many small forwards stay fast even when the
+    machine's cores are busy with other work (two OpenMP threads then wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,16 +16,8 @@ from mamba_eval.errors import MambaEvalError
 from mamba_eval.probe import ProbeSpec, run_probe
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tests run many small forwards: one intra-op thread keeps them fast even when the
-    machine's cores are busy with other work (two OpenMP threads then wait on each other)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many small forwards: one intra-op thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,8 @@ import torch
 from mamba_eval.probe_model import TrainConfig, default_probe_model, evaluate_recall, train_probe_model
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tests run many small forwards: one intra-op thread keeps them fast even when the
-    machine's cores are busy with other work (two OpenMP threads then wait on each other)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many small forwards: one intra-op thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(arch: str):
