@@ -1,13 +1,14 @@
-"""Start-up hook that registers ``mamba`` as an lm-eval model without any user import.
+"""Start-up hook that registers ``mamba`` as an lm-eval model, and the package's long-context probe
+tasks as lm-eval tasks, without any user import.
 
 lm-eval 0.4.13 discovers models only through its registry (``lm_eval.api.registry``); it
 scans no entry points. The wheel therefore installs ``mamba_eval_hook.pth`` into
 site-packages. Its one ``import`` line, run by ``site`` at every interpreter start-up, puts a
 stub finder (``MambaEvalStartupHook``, defined in the ``.pth`` itself so that start-up imports
-no file) at the front of ``sys.meta_path``. The stub answers ``None`` after two string
+no file) at the front of ``sys.meta_path``. The stub answers ``None`` after three string
 comparisons, and on the first import of a watched module it removes itself and calls
 :func:`install_and_find_spec` here. Processes that never import lm-eval never import this
-module. From then on the finder below watches two modules:
+module. From then on the finder below watches three modules:
 
 ``lm_eval.models``
     lm-eval's built-in model table. When it has finished executing, ``mamba`` is added to
@@ -22,7 +23,15 @@ module. From then on the finder below watches two modules:
     only stores placeholder strings. The registry is thus never non-empty without the
     built-ins, and ``mamba`` is added right after them.
 
-After ``mamba`` is registered the finder removes itself. The real loader is restored on
+``lm_eval.tasks.manager``
+    lm-eval's ``TaskManager``. Its ``__init__`` is wrapped so that, whenever it indexes the
+    built-in tasks (``include_defaults=True``, the default), it also indexes the package's
+    probe tasks (``tasks/probes``: ``mamba_passkey``, ``mamba_mqar``, ...) *before* any
+    ``include_path`` of the caller, so the caller's configs of the same name still win. Thus
+    ``lm_eval --model mamba --tasks mamba_passkey_16k`` works without ``--include_path``. The
+    instance's ``include_path`` attribute keeps the caller's value.
+
+After both are done the finder removes itself. The real loader is restored on
 the module objects, so the hook leaves no trace in ``__loader__`` or ``__spec__``.
 
 Every failure inside the hook is swallowed: it must never break an interpreter. Set
@@ -39,6 +48,8 @@ MODEL_TARGET = "mamba_eval.lm:MambaLM"
 
 _REGISTRY_MODULE = "lm_eval.api.registry"
 _MODELS_MODULE = "lm_eval.models"
+_TASKS_MODULE = "lm_eval.tasks.manager"
+_WRAPPED_MARK = "_mamba_eval_probe_tasks"
 
 
 def _report(exc):
@@ -69,7 +80,66 @@ def _on_models_loaded():
     except Exception as exc:  # a frozen registry, an incompatible lm-eval, ...
         _report(exc)
     finally:
-        uninstall()
+        _done(_MODELS_MODULE)
+
+
+def probe_tasks_dir():
+    """The installed ``tasks/probes`` folder (found without importing anything heavy), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mamba_eval.tasks")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        folder = os.path.join(root, "probes")
+        if os.path.isdir(folder):
+            return folder
+    return None
+
+
+def wrap_task_manager(cls):
+    """Make ``cls`` (lm-eval's ``TaskManager``) index the probe tasks with the built-in ones.
+
+    A no-op when already wrapped, or when ``__init__`` lacks ``include_path`` or
+    ``include_defaults`` (an lm-eval this hook does not know)."""
+    import functools
+    import inspect
+
+    init = cls.__init__
+    if getattr(init, _WRAPPED_MARK, False):
+        return
+    signature = inspect.signature(init)
+    if not {"include_path", "include_defaults"} <= set(signature.parameters):
+        return
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        user_path, call_args, call_kwargs, widened = None, (self, *args), kwargs, False
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            folder = probe_tasks_dir()
+            if bound.arguments["include_defaults"] and folder is not None:
+                user_path = bound.arguments["include_path"]
+                given = [] if user_path is None else list(user_path) if isinstance(user_path, (list, tuple)) else [user_path]
+                if not any(os.path.realpath(str(p)) == os.path.realpath(folder) for p in given):
+                    bound.arguments["include_path"] = [folder, *given]
+                    call_args, call_kwargs, widened = bound.args, bound.kwargs, True
+        except Exception as exc:  # the caller's own arguments are wrong: let lm-eval say so
+            _report(exc)
+        init(*call_args, **call_kwargs)
+        if widened and hasattr(self, "include_path"):
+            self.include_path = user_path
+
+    setattr(__init__, _WRAPPED_MARK, True)
+    cls.__init__ = __init__
+
+
+def _on_tasks_loaded():
+    try:
+        wrap_task_manager(sys.modules[_TASKS_MODULE].TaskManager)
+    except Exception as exc:
+        _report(exc)
+    finally:
+        _done(_TASKS_MODULE)
 
 
 def _on_registry_loaded():
@@ -86,7 +156,16 @@ def _on_registry_loaded():
 _CALLBACKS = {
     _REGISTRY_MODULE: _on_registry_loaded,
     _MODELS_MODULE: _on_models_loaded,
+    _TASKS_MODULE: _on_tasks_loaded,
 }
+# The watched modules whose work is still to do; the finder leaves when none is.
+_pending = {_MODELS_MODULE, _TASKS_MODULE}
+
+
+def _done(module):
+    _pending.discard(module)
+    if not _pending:
+        uninstall()
 
 
 class _PostImportLoader:
@@ -184,8 +263,17 @@ def install():
     try:
         if os.environ.get("MAMBA_EVAL_DISABLE_HOOK"):
             return
+        # Modules already imported (a late call) are handled at once; a module still executing
+        # (in sys.modules without its class yet) cannot be, and is left alone.
         if _MODELS_MODULE in sys.modules:
             _on_models_loaded()
+        tasks = sys.modules.get(_TASKS_MODULE)
+        if tasks is not None:
+            if hasattr(tasks, "TaskManager"):
+                _on_tasks_loaded()
+            else:
+                _done(_TASKS_MODULE)
+        if not _pending:
             return
         if _finder not in sys.meta_path:
             sys.meta_path.insert(0, _finder)

@@ -334,7 +334,9 @@ def run_probe(
     lm_device = getattr(lm, "device", None) or getattr(lm, "_device", None) or args.get("device") or "cpu"
     device_type = torch.device(str(lm_device)).type
     # Tasks get the model_args as metadata (the tokenizer and max_length they check against).
-    manager = TaskManager(include_path=str(task_dir.resolve()), metadata=dict(args))
+    # Only the run's own configs: no index of lm-eval's thousands of stock tasks (nor of the
+    # shipped probes the start-up hook adds beside them).
+    manager = TaskManager(include_path=str(task_dir.resolve()), include_defaults=False, metadata=dict(args))
 
     import datetime as _dt
 

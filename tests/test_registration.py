@@ -83,7 +83,8 @@ IMPORT_ORDERS = {
         import sys
         import lm_eval.api.registry as r
         import lm_eval.models as m
-        for mod in (r, m):
+        import lm_eval.tasks.manager as t
+        for mod in (r, m, t):
             assert type(mod.__loader__).__name__ == "SourceFileLoader", mod.__loader__
             assert mod.__spec__.loader is mod.__loader__
         assert not [f for f in sys.meta_path
@@ -94,6 +95,46 @@ IMPORT_ORDERS = {
 
 @pytest.mark.parametrize("code", IMPORT_ORDERS.values(), ids=IMPORT_ORDERS.keys())
 def test_mamba_registered_beside_builtins(code, tmp_path):
+    _python(code, cwd=tmp_path)
+
+
+# The probe tasks are indexed beside the built-in tasks, under every import order.
+PROBE_TASKS = {
+    "lm_eval.tasks first": """
+        from lm_eval.tasks import TaskManager
+        tm = TaskManager()
+        assert "mamba_passkey_16k" in tm.all_tasks and "hellaswag" in tm.all_tasks
+        assert "mamba_mqar" in tm.all_groups
+        assert tm.include_path is None
+        import lm_eval.api.registry as r
+        assert "mamba" in r.model_registry
+    """,
+    "the registry first": """
+        import lm_eval.api.registry as r
+        from lm_eval.tasks import TaskManager
+        assert "mamba_ppl_position_16k" in TaskManager().all_tasks and "mamba" in r.model_registry
+    """,
+    "the caller's include_path wins and is kept": """
+        import pathlib
+        from lm_eval.tasks import TaskManager
+        own = pathlib.Path("own"); own.mkdir()
+        (own / "mine.yaml").write_text("task: mamba_passkey_1k\\ndataset_path: json\\noutput_type: loglikelihood\\n")
+        tm = TaskManager(include_path=str(own))
+        assert tm.include_path == str(own)
+        assert tm._index["mamba_passkey_1k"].yaml_path.resolve() == (own / "mine.yaml").resolve()
+        assert "mamba_passkey_4k" in tm.all_tasks
+    """,
+    "not without the built-ins": """
+        import pathlib
+        from lm_eval.tasks import TaskManager
+        empty = pathlib.Path("empty"); empty.mkdir()
+        assert "mamba_passkey_1k" not in TaskManager(include_path=str(empty), include_defaults=False).all_tasks
+    """,
+}
+
+
+@pytest.mark.parametrize("code", PROBE_TASKS.values(), ids=PROBE_TASKS.keys())
+def test_probe_tasks_indexed_beside_builtins(code, tmp_path):
     _python(code, cwd=tmp_path)
 
 
@@ -115,13 +156,14 @@ def test_hook_can_be_disabled(tmp_path):
     proc = _python(
         """
         import lm_eval.api.registry as r
+        from lm_eval.tasks import TaskManager
         assert r.get_model("dummy").__name__ == "DummyLM"
-        print("mamba" in r.model_registry)
+        print("mamba" in r.model_registry, "mamba_passkey_1k" in TaskManager().all_tasks)
         """,
         cwd=tmp_path,
         env={"MAMBA_EVAL_DISABLE_HOOK": "1"},
     )
-    assert proc.stdout.split() == ["False"]
+    assert proc.stdout.split() == ["False", "False"]
 
 
 # ------------------------------------------------------------------ fresh environments
