@@ -287,6 +287,16 @@ def _manager(**meta):
     return TaskManager(include_path=str(pd.include_path()), metadata=meta)
 
 
+def _default_manager(**meta):
+    """lm-eval's TaskManager as ``lm_eval`` makes it: no include path; the start-up hook adds the
+    shipped probe tasks beside the built-in ones."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(metadata=meta)
+    assert manager.include_path is None
+    return manager
+
+
 def test_tasks_load_through_the_task_manager(neox_dir):
     manager = _manager(tokenizer=neox_dir, max_length=4096)
     assert {"mamba_passkey", "mamba_passkey_gen", "mamba_mqar", "mamba_ppl_position"} <= set(manager.all_groups)
@@ -320,7 +330,7 @@ def test_end_to_end_mqar_with_tiny_checkpoint(checkpoint, word_tokenizer):
     model_args = {"pretrained": str(ckpt), "tokenizer": str(tok_dir), "device": "cpu", "max_length": 1024}
     out = lm_eval.simple_evaluate(
         model="mamba", model_args=model_args, tasks=["mamba_mqar_256_p4"], limit=6,
-        task_manager=_manager(**model_args), bootstrap_iters=0,
+        task_manager=_default_manager(**model_args), bootstrap_iters=0,
     )
     res = out["results"]["mamba_mqar_256_p4"]
     _assert_close_metric(res["acc,none"])
