@@ -131,6 +131,10 @@ class _ProgressBar:
         self.bar.close()
 
 
+# decode_state_dtype model_arg -> torch dtype name (None: the model's dtype).
+_STATE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": None}
+
+
 class MambaLM(TemplateLM):
     """Mamba and Mamba-2 checkpoints (mamba_ssm or transformers format) for lm-eval.
 
@@ -155,6 +159,10 @@ class MambaLM(TemplateLM):
     - ``context_chunk`` (default 16384): a sequence longer than this many tokens (a long-context
       probe's context or prompt, with ``max_length`` raised to fit it) runs in chunks of it that
       carry the recurrent state, so memory stays flat in the sequence's length.
+    - ``decode_state_dtype`` (``float32`` default, ``bfloat16``, ``float16``, or ``auto`` for the
+      model's dtype): how ``generate_until`` stores the SSM states between decoding steps. The
+      step's math is fp32 either way; a 16-bit state halves the bytes a step moves, which is what
+      bounds large-batch decoding of Mamba-2 (mamba_ssm's cache keeps the model's dtype).
 
     ``batch_size=N`` sets a token budget of N times the longest request; ``auto`` takes a share
     of the free memory (capped at ``max_batch_size`` rows of the longest request when
@@ -180,6 +188,7 @@ class MambaLM(TemplateLM):
         rolling: str = "windows",
         batch_invariant: bool | str = True,
         context_chunk: int | str | None = None,
+        decode_state_dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -191,7 +200,8 @@ class MambaLM(TemplateLM):
             accepted = sorted(
                 ["pretrained", "tokenizer", "revision", "dtype", "device", "batch_size",
                  "max_batch_size", "max_length", "backend", "add_bos_token", "prefix_token_id",
-                 "share_context", "rolling", "batch_invariant", "context_chunk", *_ACCEPTED_NOOPS]
+                 "share_context", "rolling", "batch_invariant", "context_chunk", "decode_state_dtype",
+                 *_ACCEPTED_NOOPS]
             )
             raise ModelArgsError(
                 f"unknown model_args key(s) for --model mamba: {', '.join(sorted(kwargs))} "
@@ -218,6 +228,10 @@ class MambaLM(TemplateLM):
         if self._max_length < 1:
             raise ModelArgsError(f"max_length={max_length!r}: must be at least 1")
         self.context_chunk = _parse_positive("context_chunk", context_chunk) or DEFAULT_CONTEXT_CHUNK
+        if str(decode_state_dtype) not in _STATE_DTYPES:
+            raise ModelArgsError(
+                f"decode_state_dtype={decode_state_dtype!r} is not one of {', '.join(_STATE_DTYPES)}")
+        self._decode_state_dtype = str(decode_state_dtype)
 
         self.pretrained = str(pretrained)
         self.revision = revision
@@ -285,6 +299,12 @@ class MambaLM(TemplateLM):
         if self.tokenizer.bos_token_id is not None:
             return self.tokenizer.bos_token_id
         return self.tokenizer.eos_token_id
+
+    @property
+    def decode_state_dtype(self) -> torch.dtype:
+        """Storage dtype of the SSM states while generating (model_arg ``decode_state_dtype``)."""
+        name = _STATE_DTYPES[self._decode_state_dtype]
+        return self.model.dtype if name is None else getattr(torch, name)
 
     @property
     def max_length(self) -> int:
@@ -520,6 +540,7 @@ class MambaLM(TemplateLM):
                     self.model, prompts, max_new_tokens=max_gen, params=params,
                     eos_id=self.eot_token_id, is_stopped=stopped,
                     batch_size=batch, device=self._device, prefill_chunk=self.context_chunk,
+                    state_dtype=self.decode_state_dtype,
                 )
                 for i, toks in zip(indices, outs):
                     text = postprocess_generated_text(self.tok_decode(toks), until, None)

@@ -416,12 +416,17 @@ class MambaLMHeadModel(nn.Module):
         hidden, final_state = self.backbone_forward(input_ids, state, return_state)
         return self.lm_logits(hidden), final_state
 
-    def allocate_state(self, batch_size: int, max_length: int | None = None) -> ModelState:
+    def allocate_state(self, batch_size: int, max_length: int | None = None,
+                       state_dtype: torch.dtype = torch.float32) -> ModelState:
         """A zero state (the state before any token) for ``batch_size`` sequences.
 
         ``max_length``: the most positions a sequence will reach (prompt and generated tokens);
         required when the model has attention layers, whose key/value caches are preallocated
         for that many positions. Ignored otherwise (a recurrent state does not grow).
+        ``state_dtype``: storage of the SSM states (fp32 by default; the step's math is fp32
+        either way). A 16-bit state halves the bytes a decoding step reads and writes, which
+        is what bounds large-batch decoding; mamba_ssm's inference cache keeps it in the
+        model's dtype.
         """
         c = self.config
         if c.has_attention and (max_length is None or max_length < 1):
@@ -441,7 +446,7 @@ class MambaLMHeadModel(nn.Module):
             else:
                 states.append(LayerState(
                     torch.zeros(conv_shape, dtype=self.dtype, device=self.device),
-                    torch.zeros(ssm_shape, dtype=torch.float32, device=self.device),
+                    torch.zeros(ssm_shape, dtype=state_dtype, device=self.device),
                 ))
         return states
 

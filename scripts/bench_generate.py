@@ -4,7 +4,9 @@ Prompt 128 tokens, 256 new tokens (no EOS, no stop strings, greedy), batch 1 and
 bf16 models of the published shapes on the triton backend, beside mamba_ssm's ``generate(cg=True)``
 figures (anchors.md, one H200). Three ways: eager (no CUDA graphs), CUDA graphs with the host looking
 at the tokens after every step, and CUDA graphs with ``GREEDY_STEPS`` greedy steps per replay (the
-default). The time per token is the whole ``generate`` call (prefill and decoding) divided by 256,
+default), and the last again with the SSM states stored in bf16 between steps
+(``state_dtype``; mamba_ssm's cache keeps them in the model's dtype, ours defaults to fp32). The
+time per token is the whole ``generate`` call (prefill and decoding) divided by 256,
 after a first call that compiles the kernels and captures the graphs (runners are reused across
 calls, as mamba_ssm reuses its captured graph); the capture of a fresh runner is timed on its own.
 Needs CUDA (exits 2 without).
@@ -35,12 +37,14 @@ ANCHORS = {
 PROMPT, NEW = 128, 256
 
 
-def bench(model, batch: int, cuda_graphs: bool, greedy_steps: int, repeats: int = 3) -> dict:
+def bench(model, batch: int, cuda_graphs: bool, greedy_steps: int, repeats: int = 3,
+          state_dtype: torch.dtype = torch.float32) -> dict:
     from mamba_eval.generation import DecodeRunner, generate
 
     prompts = torch.randint(2, 50000, (batch, PROMPT)).tolist()
     dev = torch.device("cuda")
-    kw = dict(batch_size=batch, device=dev, cuda_graphs=cuda_graphs, greedy_steps=greedy_steps)
+    kw = dict(batch_size=batch, device=dev, cuda_graphs=cuda_graphs, greedy_steps=greedy_steps,
+              state_dtype=state_dtype)
     generate(model, prompts, max_new_tokens=4, **kw)  # compile, capture
     times, outs = [], None
     for _ in range(repeats):
@@ -54,7 +58,7 @@ def bench(model, batch: int, cuda_graphs: bool, greedy_steps: int, repeats: int 
     capture = None
     if cuda_graphs:
         t0 = time.perf_counter()
-        DecodeRunner(model, batch, cuda_graphs=True, greedy_steps=greedy_steps).capture()
+        DecodeRunner(model, batch, cuda_graphs=True, greedy_steps=greedy_steps, state_dtype=state_dtype).capture()
         torch.cuda.synchronize()
         capture = time.perf_counter() - t0
     return {"ms_per_token": 1e3 * sorted(times)[len(times) // 2] / NEW, "capture_s": capture, "tokens": outs}
@@ -80,7 +84,7 @@ def main() -> int:
     from mamba_eval.generation import GREEDY_STEPS
 
     print(f"{'shape':<12} {'batch':>5} {'eager':>7} {'graphs,1':>8} {f'graphs,{GREEDY_STEPS}':>8} "
-          f"{'capture s':>9} {'mamba_ssm':>9}   (ms per token; same tokens)")
+          f"{'bf16 state':>10} {'capture s':>9} {'mamba_ssm':>9}   (ms per token; same tokens)")
     for shape in shapes:
         torch.manual_seed(0)
         model = MambaLMHeadModel(make_config(**SHAPES[shape]), backend="triton", device="cuda",
@@ -89,16 +93,19 @@ def main() -> int:
             eager = bench(model, batch, False, 1, repeats=1)
             single = bench(model, batch, True, 1)
             multi = bench(model, batch, True, GREEDY_STEPS)
+            half = bench(model, batch, True, GREEDY_STEPS, state_dtype=torch.bfloat16)
+            half.pop("tokens")
             same = eager.pop("tokens") == single.pop("tokens") == multi.pop("tokens")
             anchor = ANCHORS[shape].get(batch)
             rows.append({"shape": shape, "batch": batch, "prompt": PROMPT, "new_tokens": NEW,
                          "eager_ms_per_token": eager["ms_per_token"],
                          "graphs_1_step_ms_per_token": single["ms_per_token"],
                          "graphs_ms_per_token": multi["ms_per_token"], "greedy_steps": GREEDY_STEPS,
+                         "graphs_bf16_state_ms_per_token": half["ms_per_token"],
                          "capture_s": multi["capture_s"], "same_tokens": same,
                          "anchor_mamba_ssm_cg_ms_per_token": anchor})
             print(f"{shape:<12} {batch:>5} {eager['ms_per_token']:>7.2f} {single['ms_per_token']:>8.3f} "
-                  f"{multi['ms_per_token']:>8.3f} {multi['capture_s']:>9.2f} "
+                  f"{multi['ms_per_token']:>8.3f} {half['ms_per_token']:>10.3f} {multi['capture_s']:>9.2f} "
                   f"{anchor if anchor is not None else '-':>9}   {'yes' if same else 'NO'}")
         del model
         torch.cuda.empty_cache()

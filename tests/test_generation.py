@@ -266,3 +266,54 @@ def test_long_prompts_prefill_in_chunks(model):
     cpu = torch.device("cpu")
     whole = generate(model, prompts, max_new_tokens=5, device=cpu)
     assert generate(model, prompts, max_new_tokens=5, device=cpu, prefill_chunk=4) == whole
+
+
+@torch.inference_mode()
+def test_bfloat16_decode_state(model):
+    """States stored in bf16 between steps (mamba_ssm's cache dtype): the buffers are bf16, each
+    step's logits stay within bf16 rounding of the fp32-state step, and rows still do not
+    depend on their batch (bf16 storage rounds each element on its own)."""
+    from mamba_eval.generation import DecodeRunner
+
+    runner = DecodeRunner(model, 3, state_dtype=torch.bfloat16)
+    ssm = [layer.ssm for layer in runner.state]
+    assert all(t.dtype == torch.bfloat16 for t in ssm)
+    gen = torch.Generator().manual_seed(5)
+    vocab = model.config.vocab_size
+    ids = torch.randint(2, vocab, (3, 6), generator=gen)
+    exact, half = model.allocate_state(3), model.allocate_state(3, state_dtype=torch.bfloat16)
+    for t in range(ids.shape[1]):
+        ref = model.step(ids[:, t], exact)
+        got = model.step(ids[:, t], half)
+        scale = ref.abs().max()
+        assert (got - ref).abs().max() <= 2e-2 * scale, t
+        assert (got - ref).abs().max() > 0 or t == 0  # the rounding is really there after a step
+    prompts = [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in (4, 4, 7)]
+    cpu = torch.device("cpu")
+    together = generate(model, prompts, max_new_tokens=6, device=cpu, batch_size=3, state_dtype=torch.bfloat16)
+    alone = [generate(model, [p], max_new_tokens=6, device=cpu, state_dtype=torch.bfloat16)[0] for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.parametrize("arg, dtype, expected", [
+    (None, "float32", torch.float32), ("bfloat16", "float32", torch.bfloat16), ("auto", "bfloat16", torch.bfloat16),
+])
+def test_decode_state_dtype_model_arg_reaches_generation(arg, dtype, expected, tmp_path, monkeypatch):
+    """``decode_state_dtype`` (model_arg) is the state storage ``generate_until`` decodes with."""
+    import transformers
+    from lm_eval.api.instance import Instance
+
+    import mamba_eval.lm as lm_mod
+
+    data = require_data_dir()
+    cfg = transformers.MambaConfig(vocab_size=50280, hidden_size=16, num_hidden_layers=1, state_size=4)
+    transformers.MambaForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
+    seen = []
+    real = lm_mod.generate
+    monkeypatch.setattr(lm_mod, "generate", lambda *a, **kw: seen.append(kw["state_dtype"]) or real(*a, **kw))
+    extra = {} if arg is None else {"decode_state_dtype": arg}
+    lm = lm_mod.MambaLM(pretrained=str(tmp_path / "ckpt"), tokenizer=str(data / "tokenizers" / "gpt-neox-20b"),
+                        dtype=dtype, device="cpu", **extra)
+    out = lm.generate_until([Instance("generate_until", doc={}, idx=0,
+                                      arguments=("The cat", {"until": ["\n"], "max_gen_toks": 3}))])
+    assert len(out) == 1 and seen == [expected]
