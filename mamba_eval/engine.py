@@ -233,7 +233,7 @@ def _upload(data: Sequence[int], device: torch.device) -> torch.Tensor:
     no stream synchronisation (a blocking one waits for all queued work; pinning each small
     tensor first costs more than it saves)."""
     t = torch.tensor(data, dtype=torch.long)
-    if device.type != "cuda":
+    if device.type == "cpu":
         return t
     return t.to(device, non_blocking=True)
 
