@@ -376,13 +376,14 @@ class MambaLM(TemplateLM):
         """The Rust tokenizer's ``encode_batch`` behind a fast tokenizer, when it gives exactly the
         ids of ``self.tokenizer(...)`` (checked once per setting on probe strings): it skips
         transformers' per-string conversion, a large share of tokenising 40k requests. ``None``
-        for other tokenizers."""
+        for other tokenizers, and for a backend that truncates or pads by itself."""
         key = kwargs.get("add_special_tokens", True)
         cache = self.__dict__.setdefault("_backend_encoders", {})
         if key not in cache:
             cache[key] = None
             backend = getattr(self.tokenizer, "backend_tokenizer", None)
-            if backend is not None and hasattr(backend, "encode_batch"):
+            if (backend is not None and hasattr(backend, "encode_batch")
+                    and getattr(backend, "truncation", None) is None and getattr(backend, "padding", None) is None):
                 probes = ["Hello world", " leading space", "A: b.\n\nTwo  spaces", "ünïcödé 字 🙂", "x"]
                 try:
                     fast = [e.ids for e in backend.encode_batch(probes, add_special_tokens=key)]
@@ -393,37 +394,129 @@ class MambaLM(TemplateLM):
                     cache[key] = lambda texts: backend.encode_batch(texts, add_special_tokens=key)
         return cache[key]
 
+    def _splits_before_space(self) -> bool:
+        """Whether ``tok_encode(a + b) == tok_encode(a) + tok_encode(b, add_special_tokens=False)``
+        holds for every ``a`` that ends in a non-whitespace character and every ``b`` that starts
+        with a space (checked once, from the tokenizer's own description, see below).
+
+        It holds for a byte-level BPE tokenizer (GPT-2's pre-tokenizer regex, the GPT-NeoX-20B
+        tokenizer of the Mamba releases) whose pieces of text cannot cross such a boundary:
+
+        - added tokens (matched first, on the raw or normalised text) contain no non-whitespace
+          character followed by a space, so none can straddle the boundary, and none absorbs the
+          space after it (``rstrip``) or depends on its neighbours (``single_word``);
+        - the normaliser is none or NFC, and no canonical composition involves a following space;
+        - in the pre-tokenizer's pattern ``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+|
+          ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`` no alternative matches a non-whitespace character
+          followed by whitespace, and the one look-ahead sees whitespace either way; there is no
+          look-behind. So the pieces of ``a + b`` are those of ``a`` followed by those of ``b``,
+          and BPE merges within pieces;
+        - the post-processor adds no tokens after the text (special tokens before it, with
+          ``add_special_tokens``, are part of ``tok_encode(a)``), and the backend neither
+          truncates nor pads.
+
+        (lm-eval's contexts never end in whitespace: it moves trailing whitespace to the
+        continuation, and most continuations start with a space.) Any other tokenizer: ``False``.
+        """
+        cached = self.__dict__.get("_splits_before_space_cache")
+        if cached is None:
+            cached = self.__dict__["_splits_before_space_cache"] = self._check_splits_before_space()
+        return cached
+
+    def _check_splits_before_space(self) -> bool:
+        import json
+
+        encoders = [self._backend_encoder(self._special_tokens_kwargs(None)),
+                    self._backend_encoder({"add_special_tokens": False})]
+        if None in encoders:
+            return False
+        try:
+            spec = json.loads(self.tokenizer.backend_tokenizer.to_str())
+        except Exception:  # no serialisable description: do not assume anything
+            return False
+        if spec.get("truncation") is not None or spec.get("padding") is not None:
+            return False
+        for token in spec.get("added_tokens") or []:
+            text = token.get("content", "")
+            if token.get("rstrip") or token.get("single_word"):
+                return False
+            if any(text[i] == " " and not text[i - 1].isspace() for i in range(1, len(text))):
+                return False
+        normalizer = spec.get("normalizer")
+        if normalizer is not None and normalizer.get("type") != "NFC":
+            return False
+        pre = spec.get("pre_tokenizer") or {}
+        if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+            return False
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE" or model.get("dropout") not in (None, 0, 0.0):
+            return False
+
+        def adds_nothing_after(proc) -> bool:
+            if proc is None or proc.get("type") == "ByteLevel":
+                return True
+            if proc.get("type") == "Sequence":
+                return all(adds_nothing_after(p) for p in proc.get("processors", []))
+            if proc.get("type") == "TemplateProcessing":
+                single = proc.get("single") or []
+                return bool(single) and "Sequence" in single[-1] and all("SpecialToken" in x for x in single[:-1])
+            return False
+
+        if not adds_nothing_after(spec.get("post_processor")):
+            return False
+        # The library's behaviour, on a few boundaries (a guard against a changed implementation).
+        probes = [("Hello", " world"), ("x.", "  two spaces"), ("caf\u00e9", " \u0301 accent"), ("a1", " 2b"),
+                  ("it'", " s"), ("<|endoftext|>", " after"), ("tab\tend", " \t x"), ("\u5b57", " \U0001f642")]
+        wholes = self.tok_encode_many([a + b for a, b in probes])
+        firsts = self.tok_encode_many([a for a, _ in probes])
+        seconds = self.tok_encode_many([b for _, b in probes], add_special_tokens=False)
+        return all(w == f + s for w, f, s in zip(wholes, firsts, seconds))
+
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """(context tokens, continuation tokens) of each (context, continuation) string pair,
-        exactly as lm-eval's ``TemplateLM.loglikelihood`` makes them, but with two tokenizer calls
-        for all pairs instead of two per pair.
+        exactly as lm-eval's ``TemplateLM.loglikelihood`` makes them, but with two or three
+        tokenizer calls for all pairs instead of two per pair.
 
         The context's trailing whitespace moves to the continuation; the whole string and the
         context are tokenised and the continuation is the whole's tokens past the context's. An
         empty context becomes the prefix token (or the continuation's first token when that is
         the prefix token), with the continuation tokenised without special tokens.
+
+        With a tokenizer that splits before a space (:meth:`_splits_before_space`, true of the
+        GPT-NeoX-20B tokenizer), a continuation that starts with a space is tokenised on its own
+        instead of inside the whole string: the same tokens, for a fraction of the text (a
+        HellaSwag context is tokenised once instead of once per ending).
         """
-        contexts, wholes, bare = [], [], []
+        split = self._splits_before_space()
+        contexts, wholes, tails, bare = [], [], [], []
+        kinds = []  # per pair: 0 empty context, 1 whole string, 2 context and continuation apart
         for context, continuation in pairs:
             if context == "":
                 bare.append(continuation)
+                kinds.append(0)
                 continue
             n_spaces = len(context) - len(context.rstrip())
             if n_spaces > 0:
                 continuation = context[-n_spaces:] + continuation
                 context = context[:-n_spaces]
             contexts.append(context)
-            wholes.append(context + continuation)
+            if split and context and continuation[:1] == " ":
+                tails.append(continuation)
+                kinds.append(2)
+            else:
+                wholes.append(context + continuation)
+                kinds.append(1)
         encoded = self.tok_encode_many(contexts + wholes)
-        ctx_ids, whole_ids = encoded[:len(contexts)], encoded[len(contexts):]
+        ctx_ids, whole_ids = encoded[:len(contexts)], iter(encoded[len(contexts):])
+        tail_ids = iter(self.tok_encode_many(tails, add_special_tokens=False))
         bare_ids = iter(self.tok_encode_many(bare, add_special_tokens=False))
         out: list[tuple[list[int], list[int]]] = []
         at = 0
-        for i, (context, continuation) in enumerate(pairs):
-            if context == "":
+        for i, kind in enumerate(kinds):
+            if kind == 0:
                 cont = next(bare_ids)
                 if not cont:
                     raise MambaEvalError(f"request {i}: empty context and empty continuation")
@@ -431,7 +524,7 @@ class MambaLM(TemplateLM):
                 out.append(([prefix], cont) if prefix != cont[0] else (cont[:1], cont[1:]))
             else:
                 ctx = ctx_ids[at]
-                out.append((ctx, whole_ids[at][len(ctx):]))
+                out.append((ctx, next(tail_ids) if kind == 2 else next(whole_ids)[len(ctx):]))
                 at += 1
         return out
 

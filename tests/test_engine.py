@@ -219,6 +219,37 @@ def test_batched_tokenisation_equals_lm_eval_per_request_path(checkpoints, tok_d
     assert lm.tok_encode_many(pages) == [lm.tok_encode(p) for p in pages]
 
 
+def test_continuations_tokenised_apart_only_where_exact(checkpoints, tok_dir, tmp_path, monkeypatch):
+    """The GPT-NeoX-20B tokenizer splits before a space, so continuations are tokenised on their
+    own (the test above checks the ids on real requests). A tokenizer whose added token absorbs
+    the space after it does not split there: it is recognised and the whole string is tokenised,
+    still giving lm-eval's ids."""
+    from mamba_eval.lm import MambaLM
+
+    assert _lm(checkpoints["mamba1"], tok_dir)._splits_before_space()
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    assert spec["added_tokens"][0]["content"] == "<|endoftext|>"
+    spec["added_tokens"][0]["rstrip"] = True
+    other = tmp_path / "tok_rstrip"
+    other.mkdir()
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (other / name).write_text((tok_dir / name).read_text())
+    lm = _lm(checkpoints["mamba1"], other)
+    context, continuation = "The end.<|endoftext|>", " And then"
+    whole, ctx = lm.tok_encode(context + continuation), lm.tok_encode(context)
+    assert whole[len(ctx):] != lm.tok_encode(continuation, add_special_tokens=False)  # apart would be wrong
+    assert not lm._splits_before_space()
+    pairs = [(context, continuation), ("Hello", " world"), ("x", "\ny")]
+    instances = [Instance("loglikelihood", doc={}, arguments=p, idx=0) for p in pairs]
+    seen = []
+    monkeypatch.setattr(MambaLM, "_loglikelihood_tokens",
+                        lambda self, reqs, **kw: seen.append(reqs) or [(0.0, False)] * len(reqs))
+    TemplateLM.loglikelihood(lm, instances, disable_tqdm=True)
+    lm.loglikelihood(instances, disable_tqdm=True)
+    assert seen[0] == seen[1]
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
