@@ -62,6 +62,8 @@ How the work is cut:
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import logging
 import math
 import os
@@ -271,6 +273,25 @@ def _gather(scores: tuple[list[float], list[bool]], ranges: Ranges) -> tuple[flo
     return total, all(g for a, n in ranges for g in greedy[a:a + n])
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off inside the block or decorated function (restored
+    after it; nesting allowed).
+
+    Scoring builds hundreds of thousands of short-lived lists (token ids, rows, picks) and no
+    reference cycles; with the collector on, those allocations trigger collections that walk
+    every object of the process (lm-eval's task index, datasets, ...): a quarter to a third of
+    the host time of a HellaSwag run. Objects without cycles are freed by reference counting
+    as usual; cycles made meanwhile wait for the next collection after the block."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -338,6 +359,7 @@ class _Executor:
         self.budget = max(1, min(self.budget, cost) // 2)
         self.stats.ooms += 1
         self.stats.budget = self.budget
+        gc.collect()  # tensors held by reference cycles of the failed batch (the collector may be paused)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         log.warning("out of memory with %d rows (%d tokens); token budget %d -> %d", rows, cost, old, self.budget)
@@ -606,6 +628,7 @@ class _PairScorer:
         ex.stats.shared_requests += sum(self.weights[u] for g in batch for u, _ in g.members)
 
 
+@gc_paused()
 def score_continuations(
     model,
     requests: Sequence[TokenPair],
@@ -668,6 +691,7 @@ def score_continuations(
 # loglikelihood_rolling, stateful
 
 
+@gc_paused()
 def score_documents(
     model,
     documents: Sequence[Sequence[int]],

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from mamba_eval.errors import MambaEvalError, ModelArgsError, install_excepthook
 from mamba_eval.generation import SamplingParams, generate, tail_stop_checker
-from mamba_eval.engine import DEFAULT_CONTEXT_CHUNK, score_continuations, score_documents
+from mamba_eval.engine import DEFAULT_CONTEXT_CHUNK, gc_paused, score_continuations, score_documents
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +541,7 @@ class MambaLM(TemplateLM):
     def _score_args(self) -> dict:
         return dict(self._engine_args(), context_chunk=self.context_chunk)
 
+    @gc_paused()  # many small lists, no cycles: see engine.gc_paused
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [tuple(req.args) for req in requests]
         encoded = self.encode_pairs(pairs)
@@ -560,6 +561,7 @@ class MambaLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", request_str, res)
         return results
 
+    @gc_paused()
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         documents = self.tok_encode_many([req.args[0] for req in requests])
         if self.rolling == "stateful":

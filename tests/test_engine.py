@@ -388,6 +388,39 @@ def test_out_of_memory_shrinks_the_budget_and_carries_on(models, hellaswag_pairs
         score_continuations(model, pairs[:8], max_length=2048, batch_size="auto", device=CPU)
 
 
+def test_collector_paused_while_scoring_and_restored(models, hellaswag_pairs, monkeypatch):
+    """Scoring runs with Python's cyclic garbage collector off (engine.gc_paused) and leaves it as
+    it found it, also after an error."""
+    import gc
+
+    model = models["mamba1"]
+    forward, seen = model.backbone_forward, []
+
+    def spy(ids, state=None, return_state=False):
+        seen.append(gc.isenabled())
+        return forward(ids, state=state, return_state=return_state)
+
+    monkeypatch.setattr(model, "backbone_forward", spy)
+    assert gc.isenabled()
+    score_continuations(model, hellaswag_pairs[:8], max_length=2048, batch_size=4, device=CPU)
+    assert seen and not any(seen) and gc.isenabled()
+    with engine.gc_paused():
+        with engine.gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # nested: the outer block still holds it
+    assert gc.isenabled()
+    with pytest.raises(ValueError, match="empty context"):
+        score_continuations(model, [([], [2])], max_length=2048, batch_size=1, device=CPU)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with engine.gc_paused():
+            pass
+        assert not gc.isenabled()  # was off before: stays off
+    finally:
+        gc.enable()
+
+
 def test_token_budget(models, monkeypatch):
     model = models["mamba2"]
     per_token = engine.CostModel.of(model).token_bytes
