@@ -46,10 +46,13 @@ def add_rmsnorm_ref(
     residual_in_fp32: bool = True,
     is_rms: bool = True,
     return_residual: bool = True,
+    *,
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns ``(normed [..., D] in x.dtype, new_residual [..., D])``; see the module docstring.
 
     ``return_residual=False`` returns ``(normed, None)``: the final norm has no use for the sum.
+    ``batch_invariant`` is accepted for the kernel's signature and ignored.
     """
     r = x.float() if residual is None else x.float() + residual.float()
     if is_rms:
@@ -70,8 +73,12 @@ def gated_rmsnorm_ref(
     weight: torch.Tensor,  # [D]
     eps: float = 1e-5,
     group_size: int | None = None,
+    *,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
-    """``RMSNorm(y * silu(z))`` over groups of ``group_size`` channels (None: one group); in y.dtype."""
+    """``RMSNorm(y * silu(z))`` over groups of ``group_size`` channels (None: one group); in y.dtype.
+
+    ``batch_invariant`` is accepted for the kernel's signature and ignored."""
     width = y.shape[-1]
     group_size = width if group_size is None else group_size
     if width % group_size != 0:
@@ -253,8 +260,16 @@ if triton is not None:
 
 
 
-def _launch_config(rows: int, width: int) -> tuple[int, int, bool, int]:
-    """(rows per program, BLOCK_N, single pass?, num_warps) for ``rows`` rows of ``width`` columns."""
+def _launch_config(rows: int, width: int, batch_invariant: bool = False) -> tuple[int, int, bool, int]:
+    """(rows per program, BLOCK_N, single pass?, num_warps) for ``rows`` rows of ``width`` columns.
+
+    Narrow rows are packed several to a program while enough programs remain, so rows per
+    program, and num_warps with it, depend on the number of rows. That changes a row's result:
+    the [ROWS, BLOCK_N] tile is spread over another number of warps, and the row's sum of
+    squares is reduced in another order. With ``batch_invariant=True`` every call takes the
+    packing of a large call (a function of the width only), so each row's bits are independent of
+    the other rows. BLOCK_N and the number of passes depend on the width only.
+    """
     block_n = triton.next_power_of_2(width)
     single_pass = block_n <= _MAX_BLOCK_N
     if not single_pass:  # blocks of a loop: smaller ones keep the accumulator in registers
@@ -262,7 +277,7 @@ def _launch_config(rows: int, width: int) -> tuple[int, int, bool, int]:
     rows_per_program = 1
     while (
         2 * rows_per_program * block_n <= _ELEMS_PER_PROGRAM
-        and triton.cdiv(rows, 2 * rows_per_program) >= _MIN_PROGRAMS
+        and (batch_invariant or triton.cdiv(rows, 2 * rows_per_program) >= _MIN_PROGRAMS)
     ):
         rows_per_program *= 2
     # About 16 elements per thread and live tensor: enough loads in flight, no register spills.
@@ -326,13 +341,15 @@ def add_rmsnorm(
     return_residual: bool = True,
     out: torch.Tensor | None = None,  # [..., D] in x.dtype
     residual_out: torch.Tensor | None = None,  # [..., D]; may be ``residual`` itself (updated in place)
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton version of ``add_rmsnorm_ref`` (same arguments and results).
 
     ``out`` / ``residual_out`` receive the results when given (``residual_out=residual`` updates the
     residual stream in place when the dtypes agree). Inputs that can be viewed as [rows, D] with a
     unit stride along D are read where they are; other layouts are copied first. Outputs the
-    function allocates are contiguous.
+    function allocates are contiguous. ``batch_invariant``: every row's results are bitwise
+    independent of the number of rows (``_launch_config``).
     """
     require_triton("add_rmsnorm")
     width = x.shape[-1]
@@ -363,7 +380,7 @@ def add_rmsnorm(
         raise ValueError("out and residual_out must be viewable as [rows, D] with a unit stride along D")
     n_rows = x2.shape[0]
     if n_rows > 0:
-        rows_per_program, block_n, single_pass, num_warps = _launch_config(n_rows, width)
+        rows_per_program, block_n, single_pass, num_warps = _launch_config(n_rows, width, batch_invariant)
         matrices = [t for t in (x2, res2, out2, res_out2) if t is not None]
         align, vec = _access_hints(*matrices)
         _add_rmsnorm_fwd_kernel[(triton.cdiv(n_rows, rows_per_program),)](
@@ -388,11 +405,13 @@ def gated_rmsnorm(
     group_size: int | None = None,
     *,
     out: torch.Tensor | None = None,  # [..., D] in y.dtype
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Triton version of ``gated_rmsnorm_ref`` (same arguments and result).
 
     ``z`` may be a strided view (e.g. a slice of the input projection) as long as its last
-    dimension has unit stride; ``out`` receives the result when given.
+    dimension has unit stride; ``out`` receives the result when given. ``batch_invariant``: every
+    row's result is bitwise independent of the number of rows (``_launch_config``).
     """
     require_triton("gated_rmsnorm")
     width = y.shape[-1]
@@ -412,7 +431,7 @@ def gated_rmsnorm(
         raise ValueError("out must be viewable as [rows, D] with a unit stride along D")
     n_rows = y2.shape[0]
     if n_rows > 0:
-        rows_per_program, block_n, single_pass, num_warps = _launch_config(n_rows, group_size)
+        rows_per_program, block_n, single_pass, num_warps = _launch_config(n_rows, group_size, batch_invariant)
         align, vec = _access_hints(y2, z2, out2)
         _gated_rmsnorm_fwd_kernel[(triton.cdiv(n_rows, rows_per_program), width // group_size)](
             y2, z2, weight, out2,

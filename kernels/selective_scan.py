@@ -100,11 +100,14 @@ def selective_scan_ref(
     *,
     cu_seqlens: torch.Tensor | None = None,  # [S + 1] int, packed row only
     seq_idx: torch.Tensor | None = None,  # [1, L] int, packed row only
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scan the whole sequence; returns ``(y [B, D, L] in u.dtype, final_state [B, D, N] fp32)``.
 
     With ``cu_seqlens`` and/or ``seq_idx`` (B = 1), every packed sequence is scanned on its own:
     ``initial_state`` and the returned final state are then [S, D, N], one per sequence.
+    ``batch_invariant`` is accepted for the kernel's signature and ignored: this loop computes
+    every row the same way whatever the batch.
     """
     batch, channels, length = u.shape
     d_state = A.shape[-1]
@@ -203,11 +206,12 @@ def selective_state_update_ref(
 # exps (and the issue slots, nearly as busy) bound the kernel.
 #
 # Rows with few channels (B * D small) and long L leave most of the GPU idle if one program walks
-# a whole row. Then L is split into chunks: pass 1 scans every chunk from a zero state and keeps
-# only its end state and sum of Δ; a small kernel chains the chunks (h_in[k+1] = exp(A ΣΔ_k)
-# h_in[k] + h_end[k]); pass 2 re-scans every chunk from its true initial state and writes y. The
-# exps are paid twice, in exchange for B * D * chunks parallel programs. (Carrying the state in
-# without re-scanning would need prod(dA) per (t, n, d), one exp each again: no cheaper.)
+# a whole row. Then L is split into chunks (never with batch_invariant=True: ``_launch_config``):
+# pass 1 scans every chunk from a zero state and keeps only its end state and sum of Δ; a small
+# kernel chains the chunks (h_in[k+1] = exp(A ΣΔ_k) h_in[k] + h_end[k]); pass 2 re-scans every
+# chunk from its true initial state and writes y. The exps are paid twice, in exchange for
+# B * D * chunks parallel programs. (Carrying the state in without re-scanning would need
+# prod(dA) per (t, n, d), one exp each again: no cheaper.)
 
 
 if triton is not None:
@@ -605,6 +609,45 @@ def _n_chunks(rows: int, dim: int, length: int, block_d: int, device: torch.devi
     return max(1, min(triton.cdiv(_SPLIT_TARGET * sms, programs), length // _MIN_CHUNK, _MAX_ROWS // rows))
 
 
+def _chunking(length: int, n_chunks: int, block_l: int) -> tuple[int, int]:
+    """(chunks, positions per chunk) of a row split into about ``n_chunks`` chunks of whole tiles."""
+    if n_chunks <= 1 or length <= 1:
+        return 1, max(length, 1)
+    chunk_len = triton.cdiv(triton.cdiv(length, n_chunks), block_l) * block_l
+    return triton.cdiv(length, chunk_len), chunk_len
+
+
+def _launch_config(
+    batch: int, dim: int, length: int, d_state: int, channel_contiguous: bool, varlen: bool,
+    device: torch.device, batch_invariant: bool = False,
+) -> dict:
+    """Launch configuration of ``selective_scan`` for these shapes.
+
+    Returns ``n_chunks`` and ``chunk_len`` (each row is split along L into n_chunks chunks of
+    chunk_len positions; 1 and L: not split) and the sequence kernel's tiles ``block_d, block_n,
+    block_l, prefetch, maxnreg`` (from ``_scan_config``).
+
+    What depends on the batch: only ``n_chunks``, which is above 1 when ``batch`` x channel blocks
+    are too few to fill the GPU (and L is long). A split row is computed differently: its chunks
+    are scanned from zero and chained by ``_chunk_state_passing_kernel``, and its tiles are the
+    split ones, so its bits depend on how many rows share the call. With ``batch_invariant=True``
+    rows are never split (what the code picks for large batches anyway): every row is then walked
+    from position 0 in tiles that depend on N, D and u's layout only, and its outputs and final
+    state are the same bits whatever the other rows (and whatever padding follows it). Packed rows
+    (``varlen``) are never split either.
+    """
+    block_d = _scan_config(d_state, dim, channel_contiguous)[0]
+    if varlen or batch_invariant:
+        n_chunks = 1
+    else:
+        n_chunks = _n_chunks(batch, dim, length, block_d, device)
+    block_l = _scan_config(d_state, dim, channel_contiguous, n_chunks > 1)[2]
+    n_chunks, chunk_len = _chunking(length, n_chunks, block_l)
+    block_d, block_n, block_l, prefetch, maxnreg = _scan_config(d_state, dim, channel_contiguous, n_chunks > 1)
+    return dict(n_chunks=n_chunks, chunk_len=chunk_len, block_d=block_d, block_n=block_n, block_l=block_l,
+                prefetch=prefetch, maxnreg=maxnreg)
+
+
 def _check_float(name: str, t: torch.Tensor, device: torch.device) -> None:
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
@@ -700,9 +743,7 @@ def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
     if cu_seqlens is not None or n_chunks <= 1 or length <= 1:
         _launch_scan(*args, initial_state, y, final_state, None, cu_seqlens, n_seg, 1, max(length, 1), True)
         return y, final_state
-    block_l = _scan_config(d_state, dim, _channel_contiguous(u), True)[2]
-    chunk_len = triton.cdiv(triton.cdiv(length, n_chunks), block_l) * block_l  # whole tiles
-    n_chunks = triton.cdiv(length, chunk_len)
+    n_chunks, chunk_len = _chunking(length, n_chunks, _scan_config(d_state, dim, _channel_contiguous(u), True)[2])
     # Split rows: end states of the chunks from zero, then the chain of chunk states, then y.
     n_seg = batch * n_chunks
     h_end = torch.empty((n_seg, dim, d_state), dtype=torch.float32, device=u.device)
@@ -735,13 +776,16 @@ def selective_scan(
     *,
     cu_seqlens: torch.Tensor | None = None,  # [S + 1] int, packed row only
     seq_idx: torch.Tensor | None = None,  # [1, L] int, packed row only
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``selective_scan_ref`` (same arguments and results).
 
     Any strides; y is channel-contiguous when u is. Packed rows: ``cu_seqlens`` is used as given
     (its values are not read on the host, so there is no device sync; values outside [0, L] are
     clamped); ``seq_idx`` alone is converted to boundaries on the host (one sync) and checked.
-    Rows too few to fill the GPU are split along L (see the notes above the kernels).
+    Rows too few to fill the GPU are split along L (see the notes above the kernels), unless
+    ``batch_invariant``: then every row's outputs and final state are bitwise independent of the
+    other rows of the call (``_launch_config``), at the cost of speed for few, long rows.
     """
     require_triton("selective_scan")
     if u.dim() != 3:
@@ -768,10 +812,10 @@ def selective_scan(
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, n_states)
     if n_states > _MAX_ROWS:
         raise ValueError(f"at most {_MAX_ROWS} rows or packed sequences per call, got {n_states}")
-    block_d = _scan_config(A.shape[1], dim, _channel_contiguous(u))[0]
-    n_chunks = 1 if cu_seqlens is not None else _n_chunks(batch, dim, length, block_d, u.device)
+    cfg = _launch_config(batch, dim, length, A.shape[1], _channel_contiguous(u), cu_seqlens is not None, u.device,
+                         batch_invariant)
     return _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens,
-                               n_chunks=n_chunks)
+                               n_chunks=cfg["n_chunks"])
 
 
 def selective_state_update(

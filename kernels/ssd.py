@@ -121,13 +121,15 @@ def ssd_scan_ref(
     *,
     cu_seqlens: torch.Tensor | None = None,  # [S + 1] int, packed sequences (B = 1)
     seq_idx: torch.Tensor | None = None,  # [1, L] int, packed sequences (B = 1)
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked SSD algorithm (the paper's Listing 1, vectorised over chunks).
 
     Returns ``(y [B, L, H, P] in x.dtype, final_state [B, H, P, N] fp32)``. L need not be a multiple
     of ``chunk_size``: the tail is padded with Δ = 0 (decay 1, no input), which leaves the state
     unchanged, and the padded outputs are dropped. Packed sequences (``cu_seqlens`` / ``seq_idx``)
-    are scanned one at a time, and the final state is ``[S, H, P, N]``.
+    are scanned one at a time, and the final state is ``[S, H, P, N]``. ``batch_invariant`` is
+    accepted for the kernel's signature and ignored.
     """
     if cu_seqlens is not None or seq_idx is not None:
         return _ssd_scan_packed_ref(
@@ -770,12 +772,16 @@ def ssd_scan(
     seq_idx: torch.Tensor | None = None,  # [1, L] int32, packed sequences (B = 1)
     out: torch.Tensor | None = None,  # [B, L, H, P] x.dtype: written instead of a new y
     final_state_out: torch.Tensor | None = None,  # [B or S, H, P, N] fp32: written instead of a new one
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``ssd_scan_ref``: returns ``(y [B, L, H, P] in x.dtype, final_state fp32)``.
 
     Any strides are accepted (contiguous last dimensions load fastest). For packed sequences give
     ``cu_seqlens`` (and ``seq_idx`` if at hand; from ``seq_idx`` alone, learning S costs one host
     sync). Their values are not checked here (that would need a host sync): the references check them.
+    ``batch_invariant``: launch with a configuration that does not depend on the batch size, so
+    that every row's outputs and final state are bitwise independent of the other rows of the
+    call (``_scan_config``); slower for few rows and heads with long sequences.
     """
     require_triton("ssd_scan")
     if x.dim() != 4 or B.dim() != 4:
@@ -840,7 +846,7 @@ def ssd_scan(
             final_state_out.copy_(initial_state)
         return out, final_state_out
 
-    cfg = _scan_config(batch, length, nheads, headdim, d_state, chunk_size, x.dtype, varlen, x.device)
+    cfg = _scan_config(batch, length, nheads, headdim, d_state, chunk_size, x.dtype, varlen, x.device, batch_invariant)
     _launch_scan(
         x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, cu_seqlens, seq_idx,
         out, final_state_out, nseqs, cfg,
@@ -848,7 +854,9 @@ def ssd_scan(
     return out, final_state_out
 
 
-def _scan_config(batch, length, nheads, headdim, d_state, chunk_size, dtype, varlen, device) -> dict:
+def _scan_config(
+    batch, length, nheads, headdim, d_state, chunk_size, dtype, varlen, device, batch_invariant=False
+) -> dict:
     """Launch parameters of ``ssd_scan`` for these shapes (chosen by timings on an H200).
 
     ``seg``: chunks walked by one output program. With enough (batch row, head) pairs to fill the
@@ -857,6 +865,15 @@ def _scan_config(batch, length, nheads, headdim, d_state, chunk_size, dtype, var
     segments (at batch 1, 4 chunks timed best against 1, 2 and 9). The output kernel runs 4 warps
     (up to 1.7x faster than 8); one program per head keeps its tensor-core products 64 rows tall
     (splitting P into 32-wide blocks was 1.6-1.9x slower).
+
+    What depends on the batch: ``seg`` (a row whose later segments start from states of the state
+    pass, stored in the activation dtype, gets other bits than a row walked in one go) and the
+    state pass's tiles ``s_block_p, s_block_n, s_block_t, s_num_warps`` (its step length and
+    tensor-core tile shapes change a stored state's rounding). The output kernel's tiles depend on
+    P, N and the dtype only. With ``batch_invariant=True`` everything is a function of the shapes
+    but the batch: ``seg`` covers the whole sequence (no state pass, as for large batches) and
+    the state pass, which packed sequences still run, gets the tiles it has at large batches, so a
+    row's outputs and final state do not depend on the other rows (nor on padding after it).
     """
     Q = chunk_size
     nchunks = triton.cdiv(length, Q)
@@ -871,7 +888,7 @@ def _scan_config(batch, length, nheads, headdim, d_state, chunk_size, dtype, var
     rows = batch * nheads * triton.cdiv(headdim, block_p)  # output programs per segment
     if varlen:
         seg = 1  # the packed final-state pass reads the state at every chunk end
-    elif rows >= 2 * sms:
+    elif batch_invariant or rows >= 2 * sms:
         seg = nchunks  # one walk per (row, head): no state pass
     else:
         seg = 4
@@ -881,7 +898,11 @@ def _scan_config(batch, length, nheads, headdim, d_state, chunk_size, dtype, var
     )
     # The state pass: enough programs to fill the GPU: split P (x is read once either way), then N.
     s_block_p, s_block_n = min(64, _pow2(headdim)), min(128, block_n)
-    while batch * nheads * triton.cdiv(headdim, s_block_p) * triton.cdiv(d_state, s_block_n) < 2 * sms:
+
+    def state_programs():
+        return batch * nheads * triton.cdiv(headdim, s_block_p) * triton.cdiv(d_state, s_block_n)
+
+    while not batch_invariant and state_programs() < 2 * sms:
         if s_block_p > 16:
             s_block_p //= 2
         elif s_block_n > 32:
@@ -890,7 +911,7 @@ def _scan_config(batch, length, nheads, headdim, d_state, chunk_size, dtype, var
             break
     # Positions per sequential step: with few programs (few rows and heads, long sequences) the
     # walk is latency-bound, so take fewer, longer steps.
-    few = batch * nheads * triton.cdiv(headdim, s_block_p) * triton.cdiv(d_state, s_block_n) < 4 * sms
+    few = not batch_invariant and state_programs() < 4 * sms
     cfg.update(
         s_block_p=s_block_p, s_block_n=s_block_n, s_block_t=min(128 if few and not wide else 64, _pow2(Q)),
         s_num_warps=8 if s_block_p * s_block_n >= 64 * 128 else 4, s_num_stages=3 if not wide else 1,

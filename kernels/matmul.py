@@ -1,0 +1,264 @@
+"""Linear layers, ``y = x W^T + b``, with a tiling fixed by the layer's shape (batch-invariant products).
+
+For every row m of x (its leading dimensions flattened)::
+
+    y[m, n] = sum_k x[m, k] * W[n, k]  (+ b[n])
+
+Shapes: x [..., K]; weight [N, K]; bias [N] or None; y [..., N] in x.dtype. The sum is accumulated
+in fp32 (fp32 inputs multiply in full precision, no TF32), the bias is added in fp32 and the
+result rounded once to x.dtype. Nothing is written in place.
+
+Why a kernel of our own: torch's ``F.linear`` calls cuBLAS, which chooses its algorithm (tile
+shape, split-K, ...) per problem, the number of rows M included. A row's sum over K is then cut
+and ordered differently when it is computed alone, among 64 rows or among 64 000, and its last
+bits change. ``linear`` takes its configuration (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+num_stages; never a split of K) from (N, K, dtype) only (``_linear_config``): every output
+element is the same chain of BLOCK_K-wide tensor-core products accumulated in k order, whichever
+tile holds its row and whatever the other rows are, so each output row is bitwise independent of
+M and of the other rows. The order in which programs run tiles (grouped along M for L2 reuse) does
+not enter a tile's arithmetic. ``linear_ref`` is ``F.linear``.
+
+Cost: a product of M rows moves ``(M*K + N*K + M*N) * e`` bytes (e bytes per element; more when
+tiles re-read x or W from L2) and does ``2*M*N*K`` flops; the model's projections at thousands of
+rows are bound by the tensor cores, the narrow ones (x_proj, N = 80 or 192; dt_proj, K = 48 or
+160) by memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import require_triton, tl, triton
+
+
+def linear_ref(
+    x: torch.Tensor,  # [..., K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: ``y [..., N]`` in x.dtype (for the CPU: MKL's own choices)."""
+    return F.linear(x, weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------
+#
+# One program computes one [BLOCK_M, BLOCK_N] tile of y, walking K in BLOCK_K steps with an fp32
+# accumulator: acc += x[tile rows, k:k+BK] @ W[tile cols, k:k+BK]^T. Rows past M and columns past N
+# are read as copies of valid ones (index modulo M or N, so the loads need no mask) and never
+# stored; only the last K step of a K that is not a multiple of BLOCK_K is masked (zeros, which
+# add nothing). Programs are numbered in groups of GROUP_M row blocks, so that programs that run
+# together share W's and x's tiles in L2 (Triton tutorial 03).
+
+# Triton's CPU interpreter runs tl.dot as numpy's matmul, which multiplies 16-bit floats as raw
+# integers and, through BLAS, rounds a row's sum differently depending on where the row sits in
+# the tile. Under the interpreter the kernel therefore forms each product tile as broadcast
+# products summed over k (operands widened to fp32, exact for 16-bit values): the same bits for a
+# row wherever it sits, as on the GPU's tensor cores.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if triton is not None:
+
+    @triton.jit
+    def _interpreted_dot(a, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """a [BM, BK] @ b [BK, BN] in fp32 as broadcast products summed over k, the same way for
+        every row. The even and odd k go in two halves: the interpreter caps a tensor at 2^20
+        elements, and a [128, 64, 256] product would hold 2^21."""
+        a_even, a_odd = tl.split(tl.reshape(a.to(tl.float32), (BLOCK_M, BLOCK_K // 2, 2)))  # [BM, BK/2]
+        b_even, b_odd = tl.split(tl.reshape(tl.trans(b.to(tl.float32)), (BLOCK_N, BLOCK_K // 2, 2)))  # [BN, BK/2]
+        even = tl.sum(a_even[:, :, None] * tl.trans(b_even)[None, :, :], axis=1)  # [BM, BN]
+        odd = tl.sum(a_odd[:, :, None] * tl.trans(b_odd)[None, :, :], axis=1)
+        return even + odd
+
+    @triton.jit
+    def _linear_fwd_kernel(
+        x_ptr,  # [M, K], row m at (m // M_INNER) * stride_x_outer + (m % M_INNER) * stride_x_inner
+        w_ptr,  # [N, K]
+        b_ptr,  # [N] (read if HAS_BIAS)
+        y_ptr,  # [M, N], rows stride_y_m apart, unit column stride
+        M, N, K, M_INNER,
+        stride_x_outer, stride_x_inner, stride_x_k,
+        stride_w_n, stride_w_k,
+        stride_y_m,
+        TWO_LEVEL: tl.constexpr,  # rows of x are (outer, inner) pairs, not one stride apart
+        HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no mask on the K steps
+        INTERPRETED: tl.constexpr,  # Triton's interpreter: no tl.dot (see _INTERPRETED)
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_blocks_m = tl.cdiv(M, BLOCK_M)
+        n_blocks_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * n_blocks_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(n_blocks_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+
+        offs_m = (pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # [BM] (past M: a valid row)
+        offs_n = (pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # [BN]
+        offs_k = tl.arange(0, BLOCK_K)  # [BK]
+        if TWO_LEVEL:
+            x_rows = (offs_m // M_INNER) * stride_x_outer + (offs_m % M_INNER) * stride_x_inner
+        else:
+            x_rows = offs_m * stride_x_inner
+        x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * stride_x_k  # [BM, BK]
+        w_ptrs = w_ptr + offs_n[None, :] * stride_w_n + offs_k[:, None] * stride_w_k  # [BK, BN]
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(x_ptrs)
+                b = tl.load(w_ptrs)
+            else:
+                k_left = K - i * BLOCK_K
+                a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if INTERPRETED:
+                acc += _interpreted_dot(a, b, BLOCK_M, BLOCK_N, BLOCK_K)
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")  # "ieee" only matters for fp32 operands
+            x_ptrs += BLOCK_K * stride_x_k
+            w_ptrs += BLOCK_K * stride_w_k
+
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
+        out_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] unwrapped, for the store mask
+        out_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        tl.store(
+            y_ptr + out_m[:, None] * stride_y_m + out_n[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=(out_m[:, None] < M) & (out_n[None, :] < N),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrapper (same signature as the reference)
+# ---------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The one allocation point of the wrapper's output (the tests fill it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _fit_block(size: int, candidates: tuple[int, ...]) -> int:
+    """The candidate block that pads ``size`` least (ties: the larger block)."""
+    return min(candidates, key=lambda b: (-(-size // b) * b, -b))
+
+
+def _linear_config(n: int, k: int, dtype: torch.dtype, hip: bool = False) -> dict:
+    """Launch configuration of ``linear`` for weight [N, K] in ``dtype`` on an NVIDIA GPU (or, with
+    ``hip``, an AMD one): a function of these only.
+
+    Never of M (the number of rows), and no split of K, so that a row's bits do not depend on the
+    other rows. One configuration per size class (16-bit inputs):
+
+    - N > 256 (in_proj, out_proj, dt_proj's outputs, the LM head): 128 x 256 tiles, BLOCK_K 64,
+      8 warps, 3 stages: the largest tile of Triton's Hopper matmul configurations, for large M.
+    - N <= 256 (x_proj: N = 80 or 192, tall and skinny): 128 x BLOCK_N tiles with BLOCK_N 32 or
+      64, whichever pads N least (80 -> 3 x 32, 192 -> 3 x 64), 4 warps, 4 stages: more programs
+      and less wasted width than one wide tile; the tiles of a row block re-read x from L2.
+    - BLOCK_K = 64, or the next power of two >= K (at least 16) for K < 64 (dt_proj's K = 48).
+
+    fp32 inputs (exact fp32 products on the FMA units, not the tensor cores): 64 x 64 x 32 tiles,
+    4 warps, 3 stages.
+
+    AMD GPUs have 64 KiB of shared memory per program (an H200 227 KiB): there the wide tiles step
+    K by 32 and every configuration keeps 2 stages (what Triton's ROCm pipeliner expects).
+    """
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"linear supports float16, bfloat16 and float32, got {dtype}")
+    if dtype == torch.float32:
+        cfg = dict(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=3)
+    else:
+        block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(max(k, 1)))
+        if n > 256:
+            cfg = dict(block_m=128, block_n=256, block_k=block_k, group_m=8, num_warps=8, num_stages=3)
+            if hip:
+                cfg["block_k"] = min(block_k, 32)
+        else:
+            cfg = dict(block_m=128, block_n=_fit_block(n, (64, 32)), block_k=block_k, group_m=8, num_warps=4,
+                       num_stages=4)
+    if hip:
+        cfg["num_stages"] = 2
+    return cfg
+
+
+def _rows_view(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """x's leading dims as rows m = (outer, inner): (M_INNER, stride_outer, stride_inner), or None
+    when they cannot be described by two strides (then x is copied).
+
+    Adjacent leading dims merge when one steps over the other exactly; dims of size 1 drop out.
+    """
+    dims = [(size, stride) for size, stride in zip(x.shape[:-1], x.stride()[:-1]) if size != 1]
+    merged: list[list[int]] = []  # [size, stride], outermost first
+    for size, stride in dims:
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    if not merged:
+        return 1, 0, 0
+    if len(merged) == 1:
+        return merged[0][0], 0, merged[0][1]
+    if len(merged) == 2:
+        return merged[1][0], merged[0][1], merged[1][1]
+    return None
+
+
+def linear(
+    x: torch.Tensor,  # [..., K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:
+    """Triton version of ``linear_ref``: ``y [..., N]`` (contiguous) in x.dtype, each row bitwise
+    independent of the number and contents of the other rows (see the module docstring).
+
+    x may have any strides (leading dims that two strides cannot describe are copied first);
+    weight any strides. No host synchronisation, no autotuning: CUDA-graph safe.
+    """
+    require_triton("linear")
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"x must be [..., K] and weight [N, K], got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x [..., K] and weight [N, K] disagree on K: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be [N={n}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} is {t.dtype}, x is {x.dtype}: linear needs one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    cfg = _linear_config(n, k, x.dtype, hip=x.is_cuda and torch.version.hip is not None)
+    y = _new_output((*x.shape[:-1], n), x.dtype, x.device)
+    m = y.numel() // n if n else 0
+    if m == 0 or n == 0:
+        return y
+    view = _rows_view(x)
+    if view is None:
+        x = x.contiguous()
+        view = _rows_view(x)
+    m_inner, stride_outer, stride_inner = view
+    grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]),)
+    _linear_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, y,
+        m, n, k, m_inner,
+        stride_outer, stride_inner, x.stride(-1),
+        weight.stride(0), weight.stride(1),
+        n,
+        TWO_LEVEL=m_inner < m, HAS_BIAS=bias is not None, EVEN_K=k % cfg["block_k"] == 0,
+        INTERPRETED=_INTERPRETED,
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y
