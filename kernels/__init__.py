@@ -7,6 +7,8 @@ beside it. Everything here is forward only: this package evaluates models, it do
 - ``conv1d``: depthwise causal convolution over time (+ SiLU), full sequence and one-token update.
 - ``selective_scan``: the Mamba-1 selective SSM (diagonal A per channel), sequence and one step.
 - ``ssd``: the Mamba-2 SSD scan (scalar A per head, chunked), sequence and one step.
+- ``mamba1_step``: one Mamba-1 decoding step between the projections (conv update, x_proj,
+  dt_proj, state update) in two kernels.
 - ``norm``: fused residual-add + RMSNorm/LayerNorm, and Mamba-2's gated, grouped RMSNorm.
 
 Shape glossary (used in every docstring and shape comment of this package)

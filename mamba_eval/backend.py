@@ -13,6 +13,7 @@ of the ``*_ref`` references in ``mamba_eval.kernels``:
 ``ssd_state_update``       ``kernels.ssd.ssd_state_update_ref``
 ``add_norm``               ``kernels.norm.add_rmsnorm_ref``
 ``gated_rmsnorm``          ``kernels.norm.gated_rmsnorm_ref``
+``mamba1_decode``          ``kernels.mamba1_step.mamba1_decode_ref``
 =========================  =====================================================
 """
 
@@ -38,6 +39,7 @@ class Ops:
     ssd_state_update: Callable
     add_norm: Callable
     gated_rmsnorm: Callable
+    mamba1_decode: Callable
 
 
 # Ops field -> (module of mamba_eval.kernels, name of the Triton wrapper); the reference of each
@@ -51,6 +53,7 @@ _FUNCTIONS = {
     "ssd_state_update": ("ssd", "ssd_state_update"),
     "add_norm": ("norm", "add_rmsnorm"),
     "gated_rmsnorm": ("norm", "gated_rmsnorm"),
+    "mamba1_decode": ("mamba1_step", "mamba1_decode"),
 }
 
 

@@ -188,13 +188,12 @@ class Mamba1Mixer(_CachedA, nn.Module):
         return out, LayerState(conv_state, ssm_state)
 
     def step(self, h: torch.Tensor, state: LayerState) -> torch.Tensor:
-        """h [B, D] -> out [B, D]; advances ``state`` IN PLACE."""
+        """h [B, D] -> out [B, D]; advances ``state`` IN PLACE. Between the projections, one fused
+        op: conv update, x_proj, (Falcon-Mamba's norms), dt_proj and the state update."""
         x, z = F.linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
-        x = self.ops.causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
-        dt, B, C = self._ssm_inputs(x)
-        y = self.ops.selective_state_update(
-            state.ssm, x, dt, self._neg_A(), B, C, self.D, z,
-            dt_bias=self.dt_proj.bias, dt_softplus=True,
+        y = self.ops.mamba1_decode(
+            x, z, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight,
+            self.dt_proj.weight, self.dt_proj.bias, self._neg_A(), self.D, bcdt_eps=self.bcdt_eps,
         )
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)
 

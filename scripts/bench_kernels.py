@@ -64,6 +64,8 @@ class Case:
     exps: int = 0  # exponentials the kernel must compute
     state_arg: int | None = None  # decode: index of the argument updated in place
     note: str = ""
+    kernel: Callable | None = None  # runs instead of module.op (a sequence of ops); module.op_ref checks it
+    cycled: tuple[int, ...] = ()  # decode: further arguments copied per graph step like the state (weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +188,42 @@ def _ssd_update_case(batch, nheads, headdim=64, d_state=128, ngroups=1):
     return make
 
 
+def _mamba1_step_case(batch, d_inner, dt_rank, d_state=16, width=4):
+    def make(device):
+        xz = _randn(batch, 2 * d_inner, device=device)  # x and z: the halves of in_proj's output
+        args = (
+            xz[:, :d_inner], xz[:, d_inner:],
+            _randn(batch, d_inner, width - 1, device=device),  # conv_state
+            0.1 * torch.randn(batch, d_inner, d_state, device=device),  # ssm_state, fp32
+            _randn(d_inner, width, device=device, scale=0.5), _randn(d_inner, device=device, scale=0.1),
+            _randn(dt_rank + 2 * d_state, d_inner, device=device, scale=d_inner**-0.5),  # x_proj
+            _randn(d_inner, dt_rank, device=device, scale=dt_rank**-0.5),  # dt_proj
+            _dt_bias(d_inner, device),
+            -torch.arange(1, d_state + 1, device=device, dtype=torch.float32).repeat(d_inner, 1),
+            torch.ones(d_inner, device=device),
+        )
+        return args, {}
+
+    return make
+
+
+def _mamba1_decode_unfused(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                           dt_bias, A, D, bcdt_eps=None):
+    """The Mamba-1 step as the model ran it before ``mamba1_decode``: conv update, x_proj GEMM,
+    dt_proj GEMM (cuBLAS), state update (no bcdt norms)."""
+    import torch.nn.functional as F
+
+    from mamba_eval.kernels.conv1d import causal_conv1d_update
+    from mamba_eval.kernels.selective_scan import selective_state_update
+
+    if bcdt_eps is not None:
+        raise ValueError("the unfused baseline has no bcdt norms")
+    u = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, "silu")
+    dt, B, C = F.linear(u, x_proj_weight).split([dt_proj_weight.shape[1], A.shape[1], A.shape[1]], dim=-1)
+    return selective_state_update(ssm_state, u, F.linear(dt, dt_proj_weight), A, B, C, D, z,
+                                  dt_bias=dt_bias, dt_softplus=True)
+
+
 def build_cases() -> list[Case]:
     """The kernel table of the reference measurements, plus the rows our model adds."""
     cases = []
@@ -236,6 +274,19 @@ def build_cases() -> list[Case]:
                           state_arg=1))
         cases.append(Case("conv1d", "causal_conv1d_update", f"C=5376 K=4 B={b}", _conv_update_case(b, 5376),
                           state_arg=1))
+        # One Mamba-1 decoding step between in_proj and out_proj (mamba-2.8b and mamba-130m layers):
+        # the fused two-kernel op against the op sequence it replaces, each step with its own copy of
+        # the weights and states (a model's layers do not find them in L2).
+        for d_inner, dt_rank in ((5120, 160), (1536, 48)):
+            shape = f"D={d_inner} R={dt_rank} N=16 K=4 B={b}"
+            step = dict(exps=b * d_inner * 16, state_arg=3, cycled=(2, 4, 5, 6, 7, 8, 9, 10))
+            make = _mamba1_step_case(b, d_inner, dt_rank)
+            cases.append(Case("mamba1_step", "mamba1_decode", shape, make, **step,
+                              note="mamba1_decode: conv update + x_proj + dt_proj + state update in 2 launches"))
+            cases.append(Case("mamba1_step", "mamba1_decode", f"{shape}, unfused", make, **step,
+                              kernel=_mamba1_decode_unfused,
+                              note="unfused: conv update, x_proj and dt_proj GEMMs (cuBLAS), state update: "
+                                   "4 kernels + cuBLAS's split-K reduce; rounds u, dt, B, C to bf16"))
     return cases
 
 
@@ -291,7 +342,7 @@ def _load(case: Case):
         module = importlib.import_module(f"mamba_eval.kernels.{case.module}")
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
         return f"not available (import mamba_eval.kernels.{case.module}: {type(exc).__name__}: {exc})"
-    kernel, ref = getattr(module, case.op, None), getattr(module, f"{case.op}_ref", None)
+    kernel, ref = case.kernel or getattr(module, case.op, None), getattr(module, f"{case.op}_ref", None)
     if kernel is None:
         return f"not available (no {case.op} in mamba_eval.kernels.{case.module})"
     if ref is None:
@@ -340,10 +391,15 @@ def time_decode(case: Case, kernel, args, kwargs, steps: int) -> float:
     """ms per call inside one CUDA graph of ``steps`` calls cycling through distinct states."""
     import triton.testing
 
-    state = args[case.state_arg]
-    copies = min(MAX_STATE_COPIES, max(1, math.ceil(L2_FLUSH_BYTES / _nbytes(state))))
+    per_copy = (case.state_arg, *case.cycled)
+    copies = min(MAX_STATE_COPIES, max(1, math.ceil(L2_FLUSH_BYTES / sum(_nbytes(args[i]) for i in per_copy))))
     steps = max(steps, copies)
-    arg_sets = [_clone_state(args, case.state_arg) for _ in range(copies)]
+    arg_sets = []
+    for _ in range(copies):
+        copy = args
+        for index in per_copy:
+            copy = _clone_state(copy, index)
+        arg_sets.append(copy)
 
     def run_all():
         for i in range(steps):
