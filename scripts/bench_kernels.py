@@ -12,9 +12,11 @@ For every kernel, at the shapes of the kernel table of the reference measurement
    model do; launch cost would otherwise be all one measures;
 3. counts the bytes the kernel must move (every input read once, every output written once, an
    in-place state read and written) and, for the Mamba-1 scans, the exponentials (one per batch,
-   channel, state and position). The roofline time is the larger of bytes / 4.27e12 B/s (device
-   copy bandwidth of the H200 measured with the references) and exps / exp rate, where the exp
-   rate is measured here by a small Triton kernel. Share = roofline time / measured time.
+   channel, state and position), for the matrix products the flops (2 M N K). The roofline time
+   is the largest of bytes / 4.27e12 B/s (device copy bandwidth of the H200 measured with the
+   references), exps / exp rate, where the exp rate is measured here by a small Triton kernel,
+   and flops / 989e12 /s (the H200's dense bf16 tensor-core peak). Share = roofline time /
+   measured time.
 
 mamba_ssm's time for the same shape is printed beside ours, with its share of the same
 roofline. Kernels that do not exist (yet) are listed as "not available".
@@ -42,6 +44,7 @@ import torch
 
 BANDWIDTH = 4.27e12  # B/s, device copy (read + write) on the H200, measured with the anchors
 EXP_RATE_LEAD = 4.2e12  # /s, 132 SMs x 1.98 GHz x 16: only a lead; the script measures its own
+TENSOR_FLOPS = 989e12  # /s, dense bf16 tensor-core peak of the H200 (NVIDIA's data sheet)
 DTYPE = torch.bfloat16
 # Relative max error allowed for every output, fp32 states included: the inputs are bf16 and a
 # kernel may round intermediates to bf16 for tensor-core products (as mamba_ssm's do), so what
@@ -56,12 +59,13 @@ SEQ_SHAPES = [(64, 128), (16, 2048), (1, 16384)]
 
 @dataclass
 class Case:
-    module: str  # file of kernels/: conv1d, selective_scan, ssd, norm
+    module: str  # file of kernels/: conv1d, selective_scan, ssd, norm, mamba1_step, matmul
     op: str  # public kernel function; its reference is f"{op}_ref"
     shape: str  # label printed in the table
     make: Callable[[torch.device], tuple[tuple, dict]]  # -> (args, kwargs), bf16 activations
     anchor_ms: float | None = None  # mamba_ssm's median time at this shape (None: not measured)
     exps: int = 0  # exponentials the kernel must compute
+    flops: int = 0  # tensor-core flops the kernel must compute (matrix products)
     state_arg: int | None = None  # decode: index of the argument updated in place
     note: str = ""
     kernel: Callable | None = None  # runs instead of module.op (a sequence of ops); module.op_ref checks it
@@ -224,6 +228,34 @@ def _mamba1_decode_unfused(x, z, conv_state, ssm_state, conv_weight, conv_bias, 
                                   dt_bias=dt_bias, dt_softplus=True)
 
 
+def _linear_case(rows, k, n, row_stride=None):
+    """x [rows, K] (a column slice of a [rows, row_stride] tensor when given, as dt_proj reads the
+    x_proj output), weight [N, K], no bias (the Mamba projections have none)."""
+    def make(device):
+        x = _randn(rows, row_stride or k, device=device)[:, :k]
+        return (x, _randn(n, k, device=device, scale=k**-0.5)), {}
+
+    return make
+
+
+def _torch_linear(x, weight, bias=None):
+    """torch's F.linear (cuBLAS): the product ``linear`` replaces."""
+    import torch.nn.functional as F
+
+    return F.linear(x, weight, bias)
+
+
+# The model's projections: (layer, K, N, row stride of x when x is a slice). Mamba-1 130m and 2.8b,
+# Mamba-2 130m and 2.7b in_proj (out_proj is Mamba-1's), the LM head over the 50280-row vocabulary.
+LINEAR_SHAPES = [
+    ("in_proj 130m", 768, 3072, None), ("x_proj 130m", 1536, 80, None), ("dt_proj 130m", 48, 1536, 80),
+    ("out_proj 130m", 1536, 768, None), ("lm_head 130m", 768, 50280, None),
+    ("in_proj 2.8b", 2560, 10240, None), ("x_proj 2.8b", 5120, 192, None), ("dt_proj 2.8b", 160, 5120, 192),
+    ("out_proj 2.8b", 5120, 2560, None), ("lm_head 2.8b", 2560, 50280, None),
+    ("in_proj mamba2-130m", 768, 3352, None), ("in_proj mamba2-2.7b", 2560, 10576, None),
+]
+
+
 def build_cases() -> list[Case]:
     """The kernel table of the reference measurements, plus the rows our model adds."""
     cases = []
@@ -287,6 +319,16 @@ def build_cases() -> list[Case]:
                               kernel=_mamba1_decode_unfused,
                               note="unfused: conv update, x_proj and dt_proj GEMMs (cuBLAS), state update: "
                                    "4 kernels + cuBLAS's split-K reduce; rounds u, dt, B, C to bf16"))
+    # The batch-invariant matrix product (a tiling fixed per (N, K)) against torch's F.linear, whose
+    # cuBLAS algorithm is chosen per shape; M = tokens of a forward.
+    for m in (4096, 65536):
+        for layer, k, n, row_stride in LINEAR_SHAPES:
+            shape = f"{layer} M={m} K={k} N={n}"
+            make, flops = _linear_case(m, k, n, row_stride), 2 * m * n * k
+            cases.append(Case("matmul", "linear", shape, make, flops=flops,
+                              note="linear: Triton, tiles fixed per (N, K), rows bitwise independent of M"))
+            cases.append(Case("matmul", "linear", f"{shape}, torch", make, flops=flops, kernel=_torch_linear,
+                              note="torch: F.linear (cuBLAS, algorithm chosen per shape, M included)"))
     return cases
 
 
@@ -494,15 +536,17 @@ def run_case(case: Case, device, exp_rate: float, do_check: bool, graph_steps: i
         return {**row, "status": f"error: {type(exc).__name__}: {exc}"}
     finally:
         torch.cuda.empty_cache()
-    bytes_ms = nbytes / BANDWIDTH * 1e3
-    exps_ms = case.exps / exp_rate * 1e3
-    roofline_ms = max(bytes_ms, exps_ms)
+    limits_ms = {"bytes": nbytes / BANDWIDTH * 1e3, "exp": case.exps / exp_rate * 1e3,
+                 "flops": case.flops / TENSOR_FLOPS * 1e3}
+    bound = max(limits_ms, key=limits_ms.get)
+    roofline_ms = limits_ms[bound]
     row.update(
         ms=ms,
         bytes=nbytes,
         exps=case.exps,
+        flops=case.flops,
         gbps=nbytes / (ms * 1e-3) / 1e9,
-        bound="exp" if exps_ms > bytes_ms else "bytes",
+        bound=bound,
         roofline_ms=roofline_ms,
         share=roofline_ms / ms,
         anchor_share=None if case.anchor_ms is None else roofline_ms / case.anchor_ms,
