@@ -10,6 +10,11 @@ beside it. Everything here is forward only: this package evaluates models, it do
 - ``mamba1_step``: one Mamba-1 decoding step between the projections (conv update, x_proj,
   dt_proj, state update) in two kernels.
 - ``norm``: fused residual-add + RMSNorm/LayerNorm, and Mamba-2's gated, grouped RMSNorm.
+- ``matmul``: the linear layers' ``x W^T + b`` with a tiling fixed per weight shape, so that
+  every row's result is bitwise independent of the other rows (batch invariance).
+
+The sequence kernels (``selective_scan``, ``ssd_scan``, ``add_rmsnorm``, ``gated_rmsnorm``) take
+``batch_invariant=True`` to launch with a configuration that does not depend on the batch size.
 
 Shape glossary (used in every docstring and shape comment of this package)
 --------------------------------------------------------------------------
