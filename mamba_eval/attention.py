@@ -169,9 +169,9 @@ class GatedMLP(nn.Module):
         self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False, **factory)
         self.fc2 = nn.Linear(hidden, d_model, bias=False, **factory)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, gate = F.linear(x, self.fc1.weight).chunk(2, dim=-1)
-        return F.linear(y * F.silu(gate), self.fc2.weight)
+    def forward(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        y, gate = linear(x, self.fc1.weight).chunk(2, dim=-1)
+        return linear(y * F.silu(gate), self.fc2.weight)
 
 
 class Attention(nn.Module):
@@ -196,10 +196,10 @@ class Attention(nn.Module):
                                     bias=True, **factory)
         self.out_proj = nn.Linear(a.out_dim + a.mlp_dim // 2, config.d_model, bias=a.out_proj_bias, **factory)
 
-    def _project(self, h: torch.Tensor):
+    def _project(self, h: torch.Tensor, linear):
         """in_proj, split into q/k/v channels and the parallel MLP's output (or None)."""
         a = self.cfg
-        proj = F.linear(h, self.in_proj.weight, self.in_proj.bias)
+        proj = linear(h, self.in_proj.weight, self.in_proj.bias)
         if a.mlp_dim == 0:
             return proj, None
         qkv, mlp = proj.split([a.qkv_dim, a.mlp_dim], dim=-1)
@@ -231,15 +231,15 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=a.scale)
 
-    def _out(self, ctx: torch.Tensor, mlp: torch.Tensor | None) -> torch.Tensor:
+    def _out(self, ctx: torch.Tensor, mlp: torch.Tensor | None, linear) -> torch.Tensor:
         if mlp is not None:
             ctx = torch.cat([ctx, mlp], dim=-1)
-        return F.linear(ctx, self.out_proj.weight, self.out_proj.bias)
+        return linear(ctx, self.out_proj.weight, self.out_proj.bias)
 
     def forward(self, h: torch.Tensor, state: AttnState | None = None) -> tuple[torch.Tensor, AttnState]:
         """h [B, L, D] -> (out [B, L, D], cache of the ``state``'s positions and these L)."""
         batch, length, _ = h.shape
-        qkv, mlp = self._project(h)
+        qkv, mlp = self._project(h, self.ops.linear)
         conv_state = None
         if self.conv1d is not None:
             y, conv_state = self.ops.causal_conv1d(
@@ -260,13 +260,13 @@ class Attention(nn.Module):
             mask = None
         ctx = self._attend(q, k, v, mask).transpose(1, 2).reshape(batch, length, -1)
         filled = torch.full((1,), offset + length, dtype=torch.long, device=h.device)
-        return self._out(ctx, mlp), AttnState(k, v, filled, conv_state)
+        return self._out(ctx, mlp, self.ops.linear), AttnState(k, v, filled, conv_state)
 
     def step(self, h: torch.Tensor, state: AttnState) -> torch.Tensor:
         """h [B, D] -> out [B, D]: writes the position ``state.length`` of the cache and advances
         ``state.length``, IN PLACE; attends over the filled positions by a mask over the whole
         cache (fixed shapes, no host synchronisation)."""
-        qkv, mlp = self._project(h)
+        qkv, mlp = self._project(h, F.linear)  # decoding: cuBLAS's small-row kernels
         if self.conv1d is not None:
             qkv = self.ops.causal_conv1d_update(qkv, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                                 None)
@@ -281,4 +281,4 @@ class Attention(nn.Module):
         seen = torch.arange(state.capacity, device=h.device) <= pos  # [T]: the filled positions and this one
         ctx = self._attend(q, state.k, state.v, seen.view(1, 1, 1, -1))
         state.length.add_(1)
-        return self._out(ctx.flatten(1), mlp)
+        return self._out(ctx.flatten(1), mlp, F.linear)

@@ -14,11 +14,24 @@ of the ``*_ref`` references in ``mamba_eval.kernels``:
 ``add_norm``               ``kernels.norm.add_rmsnorm_ref``
 ``gated_rmsnorm``          ``kernels.norm.gated_rmsnorm_ref``
 ``mamba1_decode``          ``kernels.mamba1_step.mamba1_decode_ref``
+``linear``                 ``kernels.matmul.linear_ref`` (``F.linear``)
 =========================  =====================================================
+
+``linear`` is the matrix product of the sequence forwards and the LM head (decoding steps call
+``F.linear`` directly: cuBLAS's small-row kernels are the fastest there). It is cuBLAS in both
+backends, except in *batch-invariant* ops (``get_ops(name, batch_invariant=True)``): there the
+Triton backend uses ``kernels.matmul.linear``, whose tiling never depends on the number of rows,
+and passes ``batch_invariant=True`` to the kernels whose launch configuration would otherwise
+follow the batch size (the scans and the norms). A row's result then does not depend on the
+other rows of its batch, bit for bit (cuBLAS picks its algorithm, split-K included, per shape).
+On the CPU the references have no such dependence to remove; the scoring engine handles the
+CPU libraries' own (``mamba_eval.engine``, point 5).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -40,6 +53,8 @@ class Ops:
     add_norm: Callable
     gated_rmsnorm: Callable
     mamba1_decode: Callable
+    linear: Callable
+    batch_invariant: bool = False
 
 
 # Ops field -> (module of mamba_eval.kernels, name of the Triton wrapper); the reference of each
@@ -54,21 +69,31 @@ _FUNCTIONS = {
     "add_norm": ("norm", "add_rmsnorm"),
     "gated_rmsnorm": ("norm", "gated_rmsnorm"),
     "mamba1_decode": ("mamba1_step", "mamba1_decode"),
+    "linear": ("matmul", "linear"),
 }
+# Kernels that take ``batch_invariant`` (their references accept and ignore it).
+_INVARIANT_FIELDS = ("selective_scan", "ssd_scan", "add_norm", "gated_rmsnorm")
 
 
-def _build(name: str, suffix: str) -> Ops:
+def _build(name: str, suffix: str, batch_invariant: bool) -> Ops:
     functions = {}
     for field, (module, function) in _FUNCTIONS.items():
         mod = importlib.import_module(f"mamba_eval.kernels.{module}")
-        functions[field] = getattr(mod, function + suffix)
-    return Ops(name=name, **functions)
+        if field == "linear" and not batch_invariant:
+            suffix_ = "_ref"  # cuBLAS: fastest when invariance is not asked for
+        else:
+            suffix_ = suffix
+        functions[field] = getattr(mod, function + suffix_)
+    if batch_invariant:
+        for field in _INVARIANT_FIELDS:
+            functions[field] = functools.partial(functions[field], batch_invariant=True)
+    return Ops(name=name, batch_invariant=batch_invariant, **functions)
 
 
 # name -> builder; builders import lazily (the kernels modules are only imported when used).
-_BACKENDS: dict[str, Callable[[], Ops]] = {
-    "ref": lambda: _build("ref", "_ref"),
-    "triton": lambda: _build("triton", ""),
+_BACKENDS: dict[str, Callable[[bool], Ops]] = {
+    "ref": lambda invariant: _build("ref", "_ref", invariant),
+    "triton": lambda invariant: _build("triton", "", invariant),
 }
 
 
@@ -81,9 +106,10 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def get_ops(name: str) -> Ops:
+def get_ops(name: str, batch_invariant: bool = False) -> Ops:
     """The ``Ops`` of backend ``name`` ("ref": plain PyTorch, any device; "triton": our Triton
-    kernels, for GPUs, or the CPU under ``TRITON_INTERPRET=1``)."""
+    kernels, for GPUs, or the CPU under ``TRITON_INTERPRET=1``); ``batch_invariant``: the
+    variant whose results for a row do not depend on the rest of the batch (module docstring)."""
     if name not in _BACKENDS:
         raise MambaEvalError(f"unknown kernel backend {name!r}; available: {', '.join(_BACKENDS)}")
-    return _BACKENDS[name]()
+    return _BACKENDS[name](bool(batch_invariant))

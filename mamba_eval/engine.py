@@ -51,7 +51,9 @@ How the work is cut:
    shapes. That costs compute, more with more threads (a context pass of odd length holds at
    least 64 x threads rows); ``batch_invariant=False`` turns it off. On CUDA nothing is filled:
    the element-wise kernels have no tails, and cuBLAS picks its algorithm per shape, which a
-   floor would not make invariant.
+   floor would not make invariant; instead the model is built with the batch-invariant ops of
+   ``mamba_eval.backend`` (kernels whose launch configuration ignores the batch, and a GEMM
+   whose tiling ignores the row count), which ``--model mamba`` does when ``batch_invariant``.
 6. *Long sequences*: a sequence longer than ``context_chunk`` tokens (default
    :data:`DEFAULT_CONTEXT_CHUNK`) runs in chunks of that many positions, at fixed offsets, that
    carry the recurrent state; only the hidden states at scored positions are kept. A context of

@@ -153,9 +153,10 @@ class MambaLM(TemplateLM):
       tokens, so published perplexities are reproduced; ``stateful`` conditions every token on
       the whole document before it, carrying the recurrent state from chunk to chunk of
       ``min(max_length, context_chunk)`` tokens (memory does not grow with the document).
-    - ``batch_invariant`` (default true): on the CPU, give every forward the shapes that keep a
-      request's score independent of the batch it runs in (filler rows: more work, the more
-      threads); false is faster on many-core CPUs. No effect on CUDA.
+    - ``batch_invariant`` (default true): keep a request's score independent of the batch it
+      runs in, bit for bit. On the CPU every forward gets shapes that make the libraries'
+      arithmetic the same for every row (filler rows: more work, the more threads); on CUDA the
+      model runs the batch-invariant kernels and GEMM (``mamba_eval.backend``). False is faster.
     - ``context_chunk`` (default 16384): a sequence longer than this many tokens (a long-context
       probe's context or prompt, with ``max_length`` raised to fit it) runs in chunks of it that
       carry the recurrent state, so memory stays flat in the sequence's length.
@@ -166,9 +167,8 @@ class MambaLM(TemplateLM):
 
     ``batch_size=N`` sets a token budget of N times the longest request; ``auto`` takes a share
     of the free memory (capped at ``max_batch_size`` rows of the longest request when
-    ``max_batch_size`` is given). A request's score does not depend on the batch size or the
-    request order (bit for bit on the CPU; on CUDA as far as cuBLAS keeps a row's result
-    independent of the number of rows, see ``mamba_eval.engine``).
+    ``max_batch_size`` is given). With ``batch_invariant`` a request's score does not depend on
+    the batch size or the request order, bit for bit (``mamba_eval.engine``, point 5).
     """
 
     def __init__(
@@ -239,8 +239,11 @@ class MambaLM(TemplateLM):
         from mamba_eval.backend import default_backend
 
         backend_name = backend or default_backend(device_obj)
+        # Batch invariance on a GPU: the kernels' batch-invariant variants and a GEMM whose tiling
+        # ignores the row count (mamba_eval.backend); on the CPU the engine's shapes do it.
         self.model = loader.load_model(
-            path, dtype=str(dtype), device=device_obj, backend=backend_name
+            path, dtype=str(dtype), device=device_obj, backend=backend_name,
+            batch_invariant=self.batch_invariant and device_obj.type == "cuda",
         )
         self.model.eval()
         self.tokenizer = self._load_tokenizer(tokenizer, path, revision)

@@ -556,13 +556,14 @@ def _auto_dtype(path: Path, state: dict[str, torch.Tensor]) -> torch.dtype:
     return state["backbone.embedding.weight"].dtype
 
 
-def load_model(pretrained, *, revision: str | None = None, dtype="auto", device="cpu", backend: str = "ref"):
+def load_model(pretrained, *, revision: str | None = None, dtype="auto", device="cpu", backend: str = "ref",
+               batch_invariant: bool = False):
     """Build a ``MambaLMHeadModel`` from a checkpoint folder (str or Path) or Hub id, in eval mode,
     with no parameter requiring grad.
 
     ``dtype``: "auto" (see the module docstring), a name ("float32", "bfloat16", "float16", ...) or
     a torch.dtype. ``device``: where the weights go. ``backend``: "ref" or another name known to
-    ``mamba_eval.backend``.
+    ``mamba_eval.backend``; ``batch_invariant``: its batch-invariant variant (see that module).
     """
     from mamba_eval.backend import get_ops
     from mamba_eval.model import MambaLMHeadModel
@@ -580,7 +581,8 @@ def load_model(pretrained, *, revision: str | None = None, dtype="auto", device=
         torch_dtype = _auto_dtype(path, state)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["backbone.embedding.weight"]
-    model = MambaLMHeadModel(config, backend=backend, device="meta", dtype=torch_dtype)
+    model = MambaLMHeadModel(config, backend=backend, device="meta", dtype=torch_dtype,
+                             batch_invariant=batch_invariant)
     model.to_empty(device=device)  # allocates (per-parameter dtypes kept) but un-ties
     model.tie_weights()
     model.load_state_dict(state, strict=True)  # copies, casting to each parameter's dtype

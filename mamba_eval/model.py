@@ -17,7 +17,8 @@ A block computes ``residual = x + residual; x = mixer(norm(residual))`` and then
 whatever the model dtype, as the scans consume them in fp32. Falcon-Mamba's extra norms of Δ, B
 and C (``config.bcdt_rmsnorm``) are weightless RMSNorms in plain PyTorch.
 
-Operators come from a backend chosen once at construction (``mamba_eval.backend.get_ops``).
+Operators come from a backend chosen once at construction (``mamba_eval.backend.get_ops``),
+batch-invariant or not; decoding steps use ``F.linear`` for their matrix products.
 Sequence state is explicit: ``forward`` takes an optional initial ``ModelState`` (not modified)
 and can return the final one; ``step`` advances a ``ModelState`` by one token IN PLACE. A Mamba
 layer's state is a ``LayerState`` (conv window, SSM state); an attention layer's is an
@@ -166,14 +167,15 @@ class Mamba1Mixer(_CachedA, nn.Module):
     def _ssm_inputs(self, x: torch.Tensor):
         """Δ (without its bias), B, C from the convolved x [..., d_inner]; with Falcon-Mamba's norms,
         the low-rank Δ, B and C are RMS-normalised first."""
-        dt, B, C = F.linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        linear = self.ops.linear
+        dt, B, C = linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.bcdt_eps is not None:
             dt, B, C = (_weightless_rmsnorm(t, self.bcdt_eps) for t in (dt, B, C))
-        return F.linear(dt, self.dt_proj.weight), B, C
+        return linear(dt, self.dt_proj.weight), B, C
 
     def forward(self, h: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
         """h [B, L, D] -> (out [B, L, D], final LayerState); ``state`` (if given) is read, not written."""
-        x, z = F.linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
+        x, z = self.ops.linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
         x, conv_state = self.ops.causal_conv1d(
             x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
             initial_state=None if state is None else state.conv, activation="silu",
@@ -184,7 +186,7 @@ class Mamba1Mixer(_CachedA, nn.Module):
             self.D, z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True,
             initial_state=None if state is None else state.ssm,
         )  # [B, d_inner, L]
-        out = F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
+        out = self.ops.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
         return out, LayerState(conv_state, ssm_state)
 
     def step(self, h: torch.Tensor, state: LayerState) -> torch.Tensor:
@@ -233,14 +235,14 @@ class Mamba2Mixer(_CachedA, nn.Module):
         groups = (c.ngroups, c.d_state)
         return x.unflatten(-1, (c.nheads, c.headdim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
 
-    def _gated_norm_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _gated_norm_out(self, y: torch.Tensor, z: torch.Tensor, linear=None) -> torch.Tensor:
         c = self.config
         y = self.ops.gated_rmsnorm(y, z, self.norm.weight, self.norm.eps, c.d_inner // c.ngroups)
-        return F.linear(y, self.out_proj.weight, self.out_proj.bias)
+        return (linear or self.ops.linear)(y, self.out_proj.weight, self.out_proj.bias)
 
     def forward(self, h: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
         """h [B, L, D] -> (out [B, L, D], final LayerState); ``state`` (if given) is read, not written."""
-        z, xbc, dt = self._split(F.linear(h, self.in_proj.weight, self.in_proj.bias))
+        z, xbc, dt = self._split(self.ops.linear(h, self.in_proj.weight, self.in_proj.bias))
         xbc, conv_state = self.ops.causal_conv1d(
             xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
             initial_state=None if state is None else state.conv, activation="silu",
@@ -260,7 +262,7 @@ class Mamba2Mixer(_CachedA, nn.Module):
         y = self.ops.ssd_state_update(
             state.ssm, x, dt, self._neg_A(), B, C, self.D, dt_bias=self.dt_bias, dt_softplus=True,
         )  # [B, H, P]
-        return self._gated_norm_out(y.flatten(-2), z)
+        return self._gated_norm_out(y.flatten(-2), z, F.linear)
 
 
 class Block(nn.Module):
@@ -283,21 +285,21 @@ class Block(nn.Module):
             self.norm2 = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
             self.mlp = GatedMLP(config.d_model, config.d_intermediate, **factory)
 
-    def _mlp(self, x, residual):
+    def _mlp(self, x, residual, linear):
         if self.mlp is None:
             return x, residual
         x, residual = self.norm2.add_norm(self.ops, x, residual, self.residual_in_fp32)
-        return self.mlp(x), residual
+        return self.mlp(x, linear), residual
 
     def forward(self, x, residual, state: LayerState | AttnState | None):
         x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
         x, state = self.mixer(x, state)
-        x, residual = self._mlp(x, residual)
+        x, residual = self._mlp(x, residual, self.ops.linear)
         return x, residual, state
 
     def step(self, x, residual, state: LayerState | AttnState):
         x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
-        return self._mlp(self.mixer.step(x, state), residual)
+        return self._mlp(self.mixer.step(x, state), residual, F.linear)
 
 
 class Backbone(nn.Module):
@@ -320,10 +322,11 @@ class MambaLMHeadModel(nn.Module):
     (``mamba_eval.loader`` materialises and fills them).
     """
 
-    def __init__(self, config: MambaConfig, *, backend: str = "ref", device=None, dtype=None):
+    def __init__(self, config: MambaConfig, *, backend: str = "ref", device=None, dtype=None,
+                 batch_invariant: bool = False):
         super().__init__()
         self.config = config
-        self.ops = get_ops(backend)
+        self.ops = get_ops(backend, batch_invariant=batch_invariant)
         factory = {"device": device, "dtype": dtype}
         self.backbone = Backbone(config, self.ops, **factory)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, **factory)
@@ -403,10 +406,11 @@ class MambaLMHeadModel(nn.Module):
         hidden, _ = self.backbone.norm_f.add_norm(self.ops, x, residual, self.config.residual_in_fp32)
         return hidden, final_states
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., D] -> logits [..., V] in fp32 (matmul in the weight dtype), over all stored rows."""
+    def lm_logits(self, hidden: torch.Tensor, linear=None) -> torch.Tensor:
+        """hidden [..., D] -> logits [..., V] in fp32 (matmul in the weight dtype), over all stored
+        rows; ``linear`` (default ``ops.linear``) is the matrix product used."""
         weight = self.lm_head.weight
-        return F.linear(hidden.to(weight.dtype), weight).float()
+        return (linear or self.ops.linear)(hidden.to(weight.dtype), weight).float()
 
     def forward(
         self, input_ids: torch.Tensor, state: ModelState | None = None, return_state: bool = False
@@ -458,4 +462,4 @@ class MambaLMHeadModel(nn.Module):
         for layer, layer_state in zip(self.backbone.layers, state):
             x, residual = layer.step(x, residual, layer_state)
         hidden, _ = self.backbone.norm_f.add_norm(self.ops, x, residual, self.config.residual_in_fp32)
-        return self.lm_logits(hidden)
+        return self.lm_logits(hidden, F.linear)
