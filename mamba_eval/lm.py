@@ -376,8 +376,9 @@ class MambaLM(TemplateLM):
         return [table[s] for s in strings]
 
     def _backend_encoder(self, kwargs: dict):
-        """The Rust tokenizer's ``encode_batch`` behind a fast tokenizer, when it gives exactly the
-        ids of ``self.tokenizer(...)`` (checked once per setting on probe strings): it skips
+        """The Rust tokenizer's ``encode_batch`` behind a fast tokenizer (``encode_batch_fast``
+        where it exists: no character offsets), when it gives exactly the ids of
+        ``self.tokenizer(...)`` (checked once per setting on probe strings): it skips
         transformers' per-string conversion, a large share of tokenising 40k requests. ``None``
         for other tokenizers, and for a backend that truncates or pads by itself."""
         key = kwargs.get("add_special_tokens", True)
@@ -388,13 +389,14 @@ class MambaLM(TemplateLM):
             if (backend is not None and hasattr(backend, "encode_batch")
                     and getattr(backend, "truncation", None) is None and getattr(backend, "padding", None) is None):
                 probes = ["Hello world", " leading space", "A: b.\n\nTwo  spaces", "ünïcödé 字 🙂", "x"]
+                encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
                 try:
-                    fast = [e.ids for e in backend.encode_batch(probes, add_special_tokens=key)]
+                    fast = [e.ids for e in encode(probes, add_special_tokens=key)]
                     slow = self.tokenizer(probes, return_attention_mask=False, **kwargs)["input_ids"]
                 except Exception:  # any failure: keep the tokenizer's own path
                     fast, slow = None, True
                 if fast == [list(x) for x in slow]:
-                    cache[key] = lambda texts: backend.encode_batch(texts, add_special_tokens=key)
+                    cache[key] = lambda texts: encode(texts, add_special_tokens=key)
         return cache[key]
 
     def _splits_before_space(self) -> bool:
