@@ -59,13 +59,19 @@ How the work is cut:
    carry the recurrent state; only the hidden states at scored positions are kept. A context of
    a million tokens thus needs the memory of one chunk (long-context probes), and the budget
    counts a row at the chunk's length.
+7. *Little host work per forward*: the distinct sequences sit end to end in one int64 array
+   (:class:`_TokenStore`); a forward's padded rows, picked positions, state owners and targets
+   are cut from it with a few array operations and reach the device in one non-blocking copy.
+   Scores stay on the device until one read at the end, so the host never waits for the GPU
+   between forwards (``tests/test_engine.py`` runs the engine on the meta device, where any
+   read of values fails). ``scripts/bench_host.py`` measures this host side.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import gc
+import itertools
 import logging
 import math
 import os
@@ -73,6 +79,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from mamba_eval.errors import MambaEvalError
@@ -231,15 +238,25 @@ def token_budget(
     return size * longest
 
 
-def _upload(data: Sequence[int], device: torch.device) -> torch.Tensor:
-    """A long tensor of ``data`` on ``device``, copied without making the host wait for the GPU.
-    A non-blocking copy from pageable memory returns once the driver has staged the bytes, with
-    no stream synchronisation (a blocking one waits for all queued work; pinning each small
-    tensor first costs more than it saves)."""
-    t = torch.tensor(data, dtype=torch.long)
-    if device.type == "cpu":
-        return t
-    return t.to(device, non_blocking=True)
+def _ranges(first: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """The concatenation of ``arange(first[i], first[i] + count[i])`` over i (int64), in one
+    array operation instead of a Python loop."""
+    total = int(count.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    return np.repeat(first - (np.cumsum(count) - count), count) + np.arange(total, dtype=np.int64)
+
+
+class _TokenStore:
+    """The token sequences of one engine call, end to end in one int64 array: sequence ``i`` is
+    ``tokens[starts[i] : starts[i] + lengths[i]]``. Padded rows, picks and targets of a forward
+    are cut from it with a few array operations (no per-token Python)."""
+
+    def __init__(self, seqs: Sequence[Sequence[int]]):
+        self.lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
+        self.starts = np.zeros(len(seqs), np.int64)
+        np.cumsum(self.lengths[:-1], out=self.starts[1:])
+        self.tokens = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, int(self.lengths.sum()))
 
 
 class _Scores:
@@ -259,20 +276,16 @@ class _Scores:
         self.size += values.shape[0]
         return start
 
-    def fetch(self) -> tuple[list[float], list[bool]]:
+    def fetch(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every score on the host (float32 log-probabilities, bool is-greedy): the one wait for
+        the device."""
         if not self.values:
-            return [], []
-        return torch.cat(self.values).tolist(), torch.cat(self.greedy).tolist()
+            return np.zeros(0, np.float32), np.zeros(0, bool)
+        return torch.cat(self.values).cpu().numpy(), torch.cat(self.greedy).cpu().numpy()
 
 
 #: A result's scores: ranges ``(start, count)`` of a :class:`_Scores`.
 Ranges = list[tuple[int, int]]
-
-
-def _gather(scores: tuple[list[float], list[bool]], ranges: Ranges) -> tuple[float, bool]:
-    values, greedy = scores
-    total = math.fsum(v for a, n in ranges for v in values[a:a + n])
-    return total, all(g for a, n in ranges for g in greedy[a:a + n])
 
 
 @contextlib.contextmanager
@@ -303,8 +316,14 @@ def _is_oom(err: BaseException) -> bool:
 
 
 class _Executor:
+    """Runs batches of rows cut from a :class:`_TokenStore`. A batch is given as index arrays:
+    row ``r`` is ``store.tokens[starts[r] : starts[r] + lengths[r]]``, and the positions to keep
+    are columns ``pick_first[r] .. pick_first[r] + pick_count[r] - 1`` of row ``r``. Each forward
+    makes one host-to-device copy (rows, picks, state owners and the caller's targets packed
+    together), and nothing in it waits for the device."""
+
     def __init__(self, model, device: torch.device, pad_id: int, budget: int, stats: EngineStats,
-                 on_progress: ProgressFn | None, batch_invariant: bool = True,
+                 on_progress: ProgressFn | None, store: _TokenStore, batch_invariant: bool = True,
                  context_chunk: int = DEFAULT_CONTEXT_CHUNK):
         if context_chunk < 1:
             raise MambaEvalError(f"context_chunk must be at least 1, got {context_chunk}")
@@ -315,6 +334,7 @@ class _Executor:
         self.budget = budget
         self.stats = stats
         self.on_progress = on_progress
+        self.store = store
         self.cost = CostModel.of(model)
         self.min_rows = min_rows(device) if batch_invariant else 1
         self.align = cpu_alignment(device) if batch_invariant else 1
@@ -322,29 +342,27 @@ class _Executor:
         stats.budget = budget
 
     # -- budget ------------------------------------------------------------------------------
-    def pack(self, items: list, start: int, length_of: Callable, extra: int, same_length: bool = False) -> int:
-        """End of the batch that starts at ``items[start]`` (items sorted by length, longest
-        first): as many items as fit ``rows x (longest + extra) <= budget``, at least one."""
-        first = length_of(items[start])
-        rows_fit = max(1, self.budget // (first + extra))
-        end = min(len(items), start + rows_fit)
+    def pack(self, lengths: np.ndarray, start: int, extra: int, same_length: bool = False) -> int:
+        """End of the batch that starts at item ``start`` (``lengths`` non-increasing): as many
+        items as fit ``rows x (longest + extra) <= budget``, at least one; with ``same_length``,
+        only items as long as the first."""
+        first = int(lengths[start])
+        end = min(len(lengths), start + max(1, self.budget // (first + extra)))
         if same_length:
-            stop = start + 1
-            while stop < end and length_of(items[stop]) == first:
-                stop += 1
-            end = stop
+            end = start + int(np.searchsorted(-lengths[start:end], -first, side="right"))
         return end
 
-    def drain(self, items: list, length_of: Callable, extra: int, process: Callable,
+    def drain(self, lengths: np.ndarray, extra: int, process: Callable[[int, int], None],
               same_length: bool = False) -> None:
-        """Run ``process(batch)`` over ``items`` cut into batches by the budget; an out-of-memory
-        error halves the budget and cuts the rest again (a batch of one item is retried while
-        the LM-head chunks can still shrink). ``process`` must be safe to repeat."""
+        """Run ``process(i, j)`` over items ``0 .. len(lengths) - 1`` (their lengths, longest first)
+        cut into batches ``[i, j)`` by the budget; an out-of-memory error halves the budget and
+        cuts the rest again (a batch of one item is retried while the LM-head chunks can still
+        shrink). ``process`` must be safe to repeat."""
         i = 0
-        while i < len(items):
-            j = self.pack(items, i, length_of, extra, same_length)
+        while i < len(lengths):
+            j = self.pack(lengths, i, extra, same_length)
             try:
-                process(items[i:j])
+                process(i, j)
             except RuntimeError as err:
                 if not _is_oom(err) or (j - i == 1 and self.logit_chunk() <= self.min_rows):
                     raise
@@ -352,7 +370,7 @@ class _Executor:
             else:
                 failed = False
             if failed:  # outside the except clause, so the failed batch's tensors are freed first
-                self._shrink((j - i) * (length_of(items[i]) + extra), j - i)
+                self._shrink((j - i) * (int(lengths[i]) + extra), j - i)
                 continue
             i = j
 
@@ -367,71 +385,95 @@ class _Executor:
         log.warning("out of memory with %d rows (%d tokens); token budget %d -> %d", rows, cost, old, self.budget)
 
     # -- model calls ---------------------------------------------------------------------------
-    def forward(self, rows: list[list[int]], pick_rows: list[int], pick_cols: list[int], state=None,
-                owners: list[int] | None = None, return_state: bool = False):
-        """Right-padded forward of ``rows``; returns the hidden states at the positions
-        ``(pick_rows[i], pick_cols[i])`` ([P, D], in that order) and, with ``return_state``, the
-        final state. ``state``, if given, is forked per row: row ``r`` starts from ``state`` row
-        ``owners[r]``. Filler rows and columns of padding make up the shape of
-        :func:`forward_shape`; the final state includes them and is meaningful for the rows as
-        long as the longest.
+    def upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """The int64 host arrays as tensors on the device, in one copy. The copy is non-blocking
+        from pageable memory: it returns once the driver has staged the bytes, with no stream
+        synchronisation (a blocking one waits for all queued work; pinning each small tensor
+        first costs more than it saves)."""
+        sizes = [a.size for a in arrays]
+        host = torch.from_numpy(np.concatenate(arrays) if len(arrays) != 1 else np.ascontiguousarray(arrays[0]))
+        if self.device.type != "cpu":
+            host = host.to(self.device, non_blocking=True)
+        return list(host.split(sizes))
+
+    def _rows(self, starts: np.ndarray, lengths: np.ndarray, lo: int, width: int, total: int) -> np.ndarray:
+        """[total, width] token ids: columns ``lo .. lo + width - 1`` of each row, padding after
+        a row's end and in the filler rows past ``len(starts)``."""
+        ids = np.full((total, width), self.pad_id, np.int64)
+        cols = np.arange(lo, lo + width, dtype=np.int64)
+        real = cols < lengths[:, None]
+        ids[:len(starts)][real] = self.store.tokens[(starts[:, None] + cols)[real]]
+        return ids
+
+    def forward(self, starts: np.ndarray, lengths: np.ndarray, pick_first: np.ndarray, pick_count: np.ndarray,
+                state=None, owners: np.ndarray | None = None, return_state: bool = False,
+                extra: Sequence[np.ndarray] = ()):
+        """Right-padded forward of the rows (class docstring); returns the hidden states at the
+        picked positions ([P, D], row by row), the final state with ``return_state`` (else None),
+        and the int64 host arrays ``extra`` as device tensors (copied with the rows). ``state``,
+        if given, is forked per row: row ``r`` starts from ``state`` row ``owners[r]``. Filler
+        rows and columns of padding make up the shape of :func:`forward_shape`; the final state
+        includes them and is meaningful for the rows as long as the longest.
 
         Rows longer than ``context_chunk`` tokens run in chunks of that many positions (at fixed
         offsets 0, C, 2C, ...) that carry the recurrent state, keeping only the picked positions:
         memory does not grow with the sequence (a million-token context runs like a short one).
         """
-        n = len(rows)
-        longest = max(len(r) for r in rows)
-        chunked = longest > self.context_chunk
-        if chunked:  # every chunk's rows x width must meet the shape rules: the full ones and the last
-            # Chunks are all context_chunk wide (the last padded on the right), so a position's
-            # computation does not depend on the batch's longest row; except where the final state
-            # is returned: that needs the exact last chunk (those rows have equal lengths).
-            step = self.context_chunk
-            last = longest - (longest - 1) // step * step if return_state else step
-            total = max(forward_shape(n, step, self.min_rows, self.align, True)[0],
-                        forward_shape(n, last, self.min_rows, self.align, True)[0])
-            unit = math.lcm(self.align // math.gcd(step, self.align), self.align // math.gcd(last, self.align))
-            total, length = -(-total // unit) * unit, longest
-        else:
-            total, length = forward_shape(n, longest, self.min_rows, self.align, fixed_length=return_state)
-        fill = total - n
-        pad = self.pad_id
-        if state is not None:
-            idx = _upload(list(owners) + [owners[0]] * fill, self.device)
-            state = [layer.index_select(idx) for layer in state]
-        st = self.stats
-        if not chunked:
-            padded = [r + [pad] * (length - len(r)) for r in rows] + [[pad] * length] * fill
-            hidden, final = self.model.backbone_forward(_upload(padded, self.device), state=state,
+        n = len(starts)
+        longest = int(lengths.max())
+        if longest <= self.context_chunk:
+            total, width = forward_shape(n, longest, self.min_rows, self.align, fixed_length=return_state)
+            forks = self._forks(owners, total) if state is not None else []
+            positions = _ranges(np.arange(n, dtype=np.int64) * width + pick_first, pick_count)
+            dev = self.upload([self._rows(starts, lengths, 0, width, total).reshape(-1), positions, *forks, *extra])
+            if state is not None:
+                state = [layer.index_select(dev[2]) for layer in state]
+            hidden, final = self.model.backbone_forward(dev[0].view(total, width), state=state,
                                                         return_state=return_state)
-            picked = self.pick(hidden, pick_rows, pick_cols)
+            picked = hidden.flatten(0, 1).index_select(0, dev[1])
             del hidden
-            self._count(rows, n + fill, length)
-            return picked, final
-        width = self.model.config.d_model
-        picked = torch.empty(len(pick_rows), width, dtype=self.model.dtype, device=self.device)
-        cols_t = torch.tensor(pick_cols, dtype=torch.long)
-        rows_t = torch.tensor(pick_rows, dtype=torch.long)
+            self._count(int(lengths.sum()), total, width)
+            return picked, final, dev[len(dev) - len(extra):]
+        # Chunks are all context_chunk wide (the last padded on the right), so a position's
+        # computation does not depend on the batch's longest row; except where the final state
+        # is returned: that needs the exact last chunk (those rows have equal lengths). Every
+        # chunk's rows x width must meet the shape rules: the full ones and the last.
         step = self.context_chunk
-        for lo in range(0, length, step):
-            hi = min(length, lo + step) if return_state else lo + step
-            block = [r[lo:hi] + [pad] * (hi - lo - len(r[lo:hi])) for r in rows] + [[pad] * (hi - lo)] * fill
-            last = hi >= length
-            hidden, state = self.model.backbone_forward(_upload(block, self.device), state=state,
-                                                        return_state=return_state or not last)
-            sel = ((cols_t >= lo) & (cols_t < hi)).nonzero().flatten()
-            if sel.numel():
-                got = self.pick(hidden, rows_t[sel].tolist(), (cols_t[sel] - lo).tolist())
-                picked.index_copy_(0, sel.to(self.device, non_blocking=True), got)
+        last = longest - (longest - 1) // step * step if return_state else step
+        total = max(forward_shape(n, step, self.min_rows, self.align, True)[0],
+                    forward_shape(n, last, self.min_rows, self.align, True)[0])
+        unit = math.lcm(self.align // math.gcd(step, self.align), self.align // math.gcd(last, self.align))
+        total = -(-total // unit) * unit
+        width = longest if return_state else -(-longest // step) * step
+        forks = self._forks(owners, total) if state is not None else []
+        rows = np.repeat(np.arange(n, dtype=np.int64), pick_count)
+        cols = _ranges(pick_first, pick_count)
+        extra_dev = self.upload(extra) if len(extra) else []
+        picked = torch.empty(len(cols), self.model.config.d_model, dtype=self.model.dtype, device=self.device)
+        for lo in range(0, width, step):
+            hi = min(width, lo + step)
+            sel = np.flatnonzero((cols >= lo) & (cols < hi))
+            block = self._rows(starts, lengths, lo, hi - lo, total).reshape(-1)
+            dev = self.upload([block, sel, rows[sel] * (hi - lo) + cols[sel] - lo, *(forks if lo == 0 else [])])
+            if lo == 0 and state is not None:
+                state = [layer.index_select(dev[3]) for layer in state]
+            hidden, state = self.model.backbone_forward(dev[0].view(total, hi - lo), state=state,
+                                                        return_state=return_state or hi < width)
+            if len(sel):
+                picked.index_copy_(0, dev[1], hidden.flatten(0, 1).index_select(0, dev[2]))
             del hidden
-            self._count(rows if lo == 0 else [], n + fill, hi - lo)
-        return picked, (state if return_state else None)
+            self._count(int(lengths.sum()) if lo == 0 else 0, total, hi - lo)
+        return picked, (state if return_state else None), extra_dev
 
-    def _count(self, rows, total_rows: int, length: int) -> None:
+    @staticmethod
+    def _forks(owners: np.ndarray, total: int) -> list[np.ndarray]:
+        """The state row each of ``total`` rows starts from: its owner; filler rows the first's."""
+        return [np.concatenate([owners, np.full(total - len(owners), owners[0], np.int64)])]
+
+    def _count(self, tokens: int, total_rows: int, length: int) -> None:
         st = self.stats
         st.forward_calls += 1
-        st.tokens += sum(len(r) for r in rows)
+        st.tokens += tokens
         st.padded_tokens += total_rows * length
         if total_rows * length > st.max_rows * max(st.max_length, 1):
             st.max_rows, st.max_length = total_rows, length
@@ -441,19 +483,15 @@ class _Executor:
         rows = self.budget * self.cost.token_bytes // self.cost.logit_row_bytes
         return max(self.min_rows, int(rows))
 
-    def pick(self, hidden: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
-        """``hidden[rows[i], cols[i]]`` for every i: the rows that predict scored tokens."""
-        return hidden[_upload(rows, hidden.device), _upload(cols, hidden.device)]
-
-    def score_rows(self, hidden_rows: torch.Tensor, picks_row: list[int], picks_target: list[int]) -> int:
-        """Log-probabilities of ``picks_target[i]`` under the next-token distribution of
-        ``hidden_rows[picks_row[i]]`` (``picks_row`` non-decreasing), and whether each target is
-        the argmax. The results stay on the device (:class:`_Scores`); returns the index of the
-        first, the others follow in the order of the picks."""
+    def score_rows(self, hidden_rows: torch.Tensor, targets: torch.Tensor,
+                   rows: tuple[np.ndarray, torch.Tensor] | None = None) -> int:
+        """Log-probabilities of ``targets[i]`` (on the device) under the next-token distribution
+        of ``hidden_rows[i]``, or with ``rows`` (the same index array on the host and on the
+        device, non-decreasing) of ``hidden_rows[rows[i]]``; and whether each target is the
+        argmax. The results stay on the device (:class:`_Scores`); returns the index of the
+        first, the others follow in order."""
         total = hidden_rows.shape[0]
         chunk = self.logit_chunk()
-        rows_t = _upload(picks_row, self.device)
-        targets_t = _upload(picks_target, self.device)
         values: list[torch.Tensor] = []
         greedy: list[torch.Tensor] = []
         lo = 0
@@ -464,17 +502,25 @@ class _Executor:
                 h = torch.cat([h, h.new_zeros(self.min_rows - n, h.shape[1])])
             logprobs = torch.log_softmax(self.model.lm_logits(h).float(), dim=-1)
             self.stats.max_logit_rows = max(self.stats.max_logit_rows, h.shape[0])
-            hi = bisect.bisect_left(picks_row, start + n, lo)
+            if rows is None:
+                t = targets[start:start + n]
+                logprobs = logprobs[:n]
+                values.append(logprobs.gather(1, t.unsqueeze(1)).squeeze(1))
+                greedy.append(logprobs.argmax(dim=-1) == t)
+                continue
+            hi = int(np.searchsorted(rows[0], start + n, side="left"))
             if hi == lo:
                 continue
-            r = rows_t[lo:hi] - start
-            t = targets_t[lo:hi]
+            r = rows[1][lo:hi] - start
+            t = targets[lo:hi]
             values.append(logprobs[r, t])
             greedy.append(logprobs.argmax(dim=-1)[r] == t)
             lo = hi
         if not values:
             return self.scores.add(hidden_rows.new_zeros(0, dtype=torch.float32),
                                    torch.zeros(0, dtype=torch.bool, device=hidden_rows.device))
+        if len(values) == 1:
+            return self.scores.add(values[0], greedy[0])
         return self.scores.add(torch.cat(values), torch.cat(greedy))
 
     def progress(self, requests: int, tokens: int) -> None:
@@ -486,23 +532,6 @@ class _Executor:
 # loglikelihood
 
 
-@dataclass(frozen=True)
-class _Whole:
-    """A pair run as one sequence: ``tokens`` = (ctx + cont)[-(max_length + 1):][:-1]."""
-
-    uid: int
-    tokens: list[int]
-    targets: list[int]
-
-
-@dataclass(frozen=True)
-class _Group:
-    """A context shared by several continuations (``members``: (uid, continuation tokens))."""
-
-    context: list[int]
-    members: tuple[tuple[int, list[int]], ...]
-
-
 def _check_pair(i: int, ctx: Sequence[int], cont: Sequence[int], max_length: int) -> None:
     if len(ctx) == 0:
         raise MambaEvalError(f"request {i}: empty context (lm-eval supplies a prefix token)")
@@ -512,122 +541,174 @@ def _check_pair(i: int, ctx: Sequence[int], cont: Sequence[int], max_length: int
         raise MambaEvalError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length={max_length}")
 
 
-def plan_pairs(
-    pairs: Sequence[tuple[list[int], list[int]]], max_length: int, share_context: bool
-) -> tuple[list[_Whole], list[_Group]]:
+@dataclass
+class _Plan:
+    """Distinct pairs cut into what runs, in run order, as index arrays into ``store``.
+
+    Wholes (pairs run as one sequence): ``whole_seq`` holds ``(ctx + cont)[-(max_length + 1):]``,
+    whose tokens but the last are the input, and whose last ``whole_n`` tokens are the targets.
+    Groups (contexts shared by several continuations): ``group_seq`` holds the context; its
+    members are ``group_members[g] .. group_members[g + 1] - 1``, each with its continuation
+    (``member_seq``) and its group (``member_group``)."""
+
+    store: _TokenStore
+    whole_uid: np.ndarray
+    whole_seq: np.ndarray
+    whole_n: np.ndarray
+    group_seq: np.ndarray
+    group_members: np.ndarray
+    member_uid: np.ndarray
+    member_seq: np.ndarray
+    member_group: np.ndarray
+
+
+def plan_pairs(pairs: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], max_length: int,
+               share_context: bool) -> _Plan:
     """Split distinct pairs (uid = position in ``pairs``) into single sequences and shared-context
-    groups, each list in a fixed order that depends on the pairs alone (longest first)."""
+    groups, each in a fixed order that depends on the pairs alone (longest first)."""
+    limit = max_length + 1
     by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    wholes: list[_Whole] = []
+    wholes: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []  # (sequence, targets, uid)
     for uid, (ctx, cont) in enumerate(pairs):
-        if share_context and len(ctx) + len(cont) <= max_length + 1:
-            by_context[tuple(ctx)].append(uid)
+        if share_context and len(ctx) + len(cont) <= limit:
+            by_context[ctx].append(uid)
         else:
-            whole = (ctx + cont)[-(max_length + 1):][:-1]
-            wholes.append(_Whole(uid, whole, cont))
-    groups: list[_Group] = []
+            wholes.append(((ctx + cont)[-limit:], cont, uid))
+    groups: list[tuple[tuple[int, ...], list[int]]] = []
     for ctx, uids in by_context.items():
         if len(uids) == 1:
-            ctx_l, cont = pairs[uids[0]]
-            wholes.append(_Whole(uids[0], ctx_l + cont[:-1], cont))
+            cont = pairs[uids[0]][1]
+            wholes.append((ctx + cont, cont, uids[0]))
         else:
-            members = sorted(((u, pairs[u][1]) for u in uids), key=lambda m: (-len(m[1]), m[1]))
-            groups.append(_Group(list(ctx), tuple(members)))
-    wholes.sort(key=lambda w: (-len(w.tokens), w.tokens, w.targets))
-    groups.sort(key=lambda g: (-len(g.context), g.context))
-    return wholes, groups
+            groups.append((ctx, sorted(uids, key=lambda u: (-len(pairs[u][1]), pairs[u][1]))))
+    wholes.sort(key=lambda w: (-len(w[0]), w[0][:-1], w[1]))
+    groups.sort(key=lambda g: (-len(g[0]), g[0]))
+    members = [u for _, uids in groups for u in uids]
+    n_w, n_g = len(wholes), len(groups)
+    store = _TokenStore([w[0] for w in wholes] + [g[0] for g in groups] + [pairs[u][1] for u in members])
+    sizes = np.fromiter((len(uids) for _, uids in groups), np.int64, n_g)
+    group_members = np.zeros(n_g + 1, np.int64)
+    np.cumsum(sizes, out=group_members[1:])
+    return _Plan(
+        store=store,
+        whole_uid=np.fromiter((w[2] for w in wholes), np.int64, n_w),
+        whole_seq=np.arange(n_w, dtype=np.int64),
+        whole_n=np.fromiter((len(w[1]) for w in wholes), np.int64, n_w),
+        group_seq=np.arange(n_w, n_w + n_g, dtype=np.int64),
+        group_members=group_members,
+        member_uid=np.array(members, dtype=np.int64),
+        member_seq=np.arange(n_w + n_g, n_w + n_g + len(members), dtype=np.int64),
+        member_group=np.repeat(np.arange(n_g, dtype=np.int64), sizes),
+    )
 
 
 class _PairScorer:
-    def __init__(self, ex: _Executor, pairs, weights: list[int]):
+    """Runs a :class:`_Plan` and records where each distinct pair's token scores are: the first
+    token's at ``first_at`` (from a shared context pass; -1 when none), and ``rest_n`` more
+    from ``rest_at``."""
+
+    def __init__(self, ex: _Executor, plan: _Plan, pairs, weights: np.ndarray):
         self.ex = ex
+        self.plan = plan
         self.pairs = pairs
         self.weights = weights  # how many requests each distinct pair answers
-        self.ranges: list[Ranges | None] = [None] * len(pairs)  # where each pair's scores are
+        self.first_at = np.full(len(pairs), -1, np.int64)
+        self.rest_at = np.zeros(len(pairs), np.int64)
+        self.rest_n = np.zeros(len(pairs), np.int64)
+        self.done = np.zeros(len(pairs), bool)
 
-    def _commit(self, uid: int, ranges: Ranges) -> int:
-        """Record where a result's scores are; returns how many requests it newly answers (0 when
-        a batch is repeated after an out-of-memory error)."""
-        new = self.ranges[uid] is None
-        self.ranges[uid] = ranges
-        return self.weights[uid] if new else 0
+    def _commit(self, uids: np.ndarray) -> int:
+        """Mark results complete; returns how many requests they newly answer (0 when a batch is
+        repeated after an out-of-memory error)."""
+        new = uids[~self.done[uids]]
+        self.done[new] = True
+        return int(self.weights[new].sum())
 
     def results(self) -> list[tuple[float, bool]]:
-        scores = self.ex.scores.fetch()  # the one wait for the GPU
-        return [_gather(scores, r) for r in self.ranges]  # type: ignore[arg-type]
+        """(sum of log-probabilities, all greedy) per distinct pair. The sum is ``math.fsum`` of
+        the float32 scores: correctly rounded, so independent of their order."""
+        values, greedy = self.ex.scores.fetch()  # the one wait for the GPU
+        has_first = (self.first_at >= 0).astype(np.int64)
+        count = has_first + self.rest_n
+        block = np.cumsum(count) - count
+        perm = np.empty(int(count.sum()), np.int64)  # each pair's scores made contiguous
+        firsts = has_first.astype(bool)
+        perm[block[firsts]] = self.first_at[firsts]
+        perm[_ranges(block + has_first, self.rest_n)] = _ranges(self.rest_at, self.rest_n)
+        vals = values[perm].tolist()
+        all_greedy = np.logical_and.reduceat(greedy[perm], block).tolist()
+        bounds = zip(block.tolist(), (block + count).tolist())
+        return [(math.fsum(vals[a:b]), g) for (a, b), g in zip(bounds, all_greedy)]
 
     # -- pairs run as one sequence -----------------------------------------------------------
-    def run_wholes(self, wholes: list[_Whole]) -> None:
-        self.ex.drain(wholes, lambda w: len(w.tokens), 0, self._whole_batch)
+    def run_wholes(self) -> None:
+        p = self.plan
+        self.ex.drain(p.store.lengths[p.whole_seq] - 1, 0, self._whole_batch)
 
-    def _whole_batch(self, batch: list[_Whole]) -> None:
-        rows, cols, targets = [], [], []
-        for row, w in enumerate(batch):
-            n, end = len(w.targets), len(w.tokens)
-            rows += [row] * n
-            cols += range(end - n, end)
-            targets += w.targets
-        picked, _ = self.ex.forward([w.tokens for w in batch], rows, cols)
-        at = self.ex.score_rows(picked, list(range(len(targets))), targets)
-        answered = 0
-        for w in batch:
-            n = len(w.targets)
-            answered += self._commit(w.uid, [(at, n)])
-            at += n
-        self.ex.progress(answered, sum(len(w.tokens) for w in batch))
+    def _whole_batch(self, i: int, j: int) -> None:
+        p, ex, store = self.plan, self.ex, self.plan.store
+        seq = p.whole_seq[i:j]
+        starts, lengths, n = store.starts[seq], store.lengths[seq] - 1, p.whole_n[i:j]
+        first = lengths - n  # the last n input positions predict the n targets
+        targets = store.tokens[_ranges(starts + first + 1, n)]
+        picked, _, (targets_d,) = ex.forward(starts, lengths, first, n, extra=[targets])
+        at = ex.score_rows(picked, targets_d)
+        uids = p.whole_uid[i:j]
+        self.rest_at[uids] = at + np.cumsum(n) - n
+        self.rest_n[uids] = n
+        ex.progress(self._commit(uids), int(lengths.sum()))
 
     # -- shared contexts -----------------------------------------------------------------------
-    def run_groups(self, groups: list[_Group]) -> None:
+    def run_groups(self) -> None:
         # The context pass returns every row's state (for hybrids, with key/value caches as long
         # as the context; the groups of one batch have equal contexts lengths, the longest first).
-        extra = self.ex.cost.state_tokens_at(len(groups[0].context)) if groups else 0
-        self.ex.drain(groups, lambda g: len(g.context), extra, self._context_batch, same_length=True)
+        p = self.plan
+        if not len(p.group_seq):
+            return
+        lengths = p.store.lengths[p.group_seq]
+        extra = self.ex.cost.state_tokens_at(int(lengths[0]))
+        self.ex.drain(lengths, extra, self._context_batch, same_length=True)
 
-    def _context_batch(self, batch: list[_Group]) -> None:
-        ex = self.ex
-        length = len(batch[0].context)  # equal in a batch
+    def _context_batch(self, i: int, j: int) -> None:
+        p, ex, store = self.plan, self.ex, self.plan.store
+        seq = p.group_seq[i:j]
+        starts, lengths = store.starts[seq], store.lengths[seq]  # lengths equal in a batch
+        m_lo, m_hi = int(p.group_members[i]), int(p.group_members[j])
+        m_seq, uids = p.member_seq[m_lo:m_hi], p.member_uid[m_lo:m_hi]
+        rows = p.member_group[m_lo:m_hi] - i  # each member's context row
+        firsts = store.tokens[store.starts[m_seq]]
         # [k, D]: the last position predicts each member's first continuation token
-        last, states = ex.forward([g.context for g in batch], list(range(len(batch))), [length - 1] * len(batch),
-                                  return_state=True)
-        picks_row, picks_target = [], []
-        for row, g in enumerate(batch):
-            for _, cont in g.members:
-                picks_row.append(row)
-                picks_target.append(cont[0])
-        at = ex.score_rows(last, picks_row, picks_target)
-        first: dict[int, Ranges] = {}
-        conts = []  # (owner row, uid, continuation) of the members with more than one token
-        for row, g in enumerate(batch):
-            for uid, cont in g.members:
-                first[uid] = [(at, 1)]
-                at += 1
-                if len(cont) > 1:
-                    conts.append((row, uid, cont))
-        answered = sum(self._commit(uid, first[uid]) for uid in first if len(self.pairs[uid][1]) == 1)
-        ex.progress(answered, sum(len(g.context) for g in batch))
-        conts.sort(key=lambda c: (-len(c[2]), c[2], c[0]))
+        last, states, (firsts_d, rows_d) = ex.forward(
+            starts, lengths, lengths - 1, np.ones(j - i, np.int64), return_state=True, extra=[firsts, rows])
+        at = ex.score_rows(last, firsts_d, rows=(rows, rows_d))
+        self.first_at[uids] = at + np.arange(m_hi - m_lo)
+        m_len = store.lengths[m_seq]
+        ex.progress(self._commit(uids[m_len == 1]), int(lengths.sum()))
 
-        def cont_batch(items) -> None:
-            rows, cols, targets = [], [], []
-            for r, (_, _, cont) in enumerate(items):
-                rows += [r] * (len(cont) - 1)
-                cols += range(len(cont) - 1)
-                targets += cont[1:]
-            picked, _ = ex.forward([c[2][:-1] for c in items], rows, cols, state=states,
-                                   owners=[c[0] for c in items])
-            k = ex.score_rows(picked, list(range(len(targets))), targets)
-            answered = 0
-            for _, uid, cont in items:
-                n = len(cont) - 1
-                answered += self._commit(uid, first[uid] + [(k, n)])
-                k += n
-            ex.progress(answered, sum(len(c[2]) - 1 for c in items))
+        # The members with more than one token run their continuations but the last from the
+        # forked context states, longest first.
+        multi, row_list, uid_list = np.flatnonzero(m_len > 1).tolist(), rows.tolist(), uids.tolist()
+        order = np.array(sorted(multi, key=lambda m: (-len(self.pairs[uid_list[m]][1]),
+                                                      self.pairs[uid_list[m]][1], row_list[m])), np.int64)
+        c_seq, c_uid, c_owner = m_seq[order], uids[order], rows[order]
+        c_len = store.lengths[c_seq] - 1
+
+        def cont_batch(a: int, b: int) -> None:
+            starts_c, lens = store.starts[c_seq[a:b]], c_len[a:b]
+            targets = store.tokens[_ranges(starts_c + 1, lens)]
+            picked, _, (targets_d,) = ex.forward(starts_c, lens, np.zeros(b - a, np.int64), lens, state=states,
+                                                 owners=c_owner[a:b], extra=[targets])
+            k = ex.score_rows(picked, targets_d)
+            u = c_uid[a:b]
+            self.rest_at[u] = k + np.cumsum(lens) - lens
+            self.rest_n[u] = lens
+            ex.progress(self._commit(u), int(lens.sum()))
 
         # Continuations run from a forked state, which weighs state_tokens per row. (The k
         # context states stay alive meanwhile: a context batch peaks near twice the budget.)
-        ex.drain(conts, lambda c: len(c[2]) - 1, ex.cost.state_tokens_at(len(batch[0].context)), cont_batch)
-        ex.stats.shared_contexts += len(batch)
-        ex.stats.shared_requests += sum(self.weights[u] for g in batch for u, _ in g.members)
+        ex.drain(c_len, ex.cost.state_tokens_at(int(lengths[0])), cont_batch)
+        ex.stats.shared_contexts += j - i
+        ex.stats.shared_requests += int(self.weights[uids].sum())
 
 
 @gc_paused()
@@ -660,31 +741,29 @@ def score_continuations(
     stats = stats if stats is not None else EngineStats()
     stats.requests = len(requests)
     index: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
-    pairs: list[tuple[list[int], list[int]]] = []
-    weights: list[int] = []
+    pairs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     owner: list[int] = []
     for i, (ctx, cont) in enumerate(requests):
-        _check_pair(i, ctx, cont, max_length)
         key = (tuple(ctx), tuple(cont))
         uid = index.get(key)
         if uid is None:
+            _check_pair(i, key[0], key[1], max_length)
             uid = index[key] = len(pairs)
-            pairs.append((list(ctx), list(cont)))
-            weights.append(0)
-        weights[uid] += 1
+            pairs.append(key)
         owner.append(uid)
     stats.unique = len(pairs)
     if not pairs:
         return []
+    weights = np.bincount(np.array(owner, np.int64), minlength=len(pairs))
     longest = max(min(len(c) + len(t) - 1, max_length) for c, t in pairs)
     # A longer sequence runs in chunks of context_chunk positions: that is what a row costs.
     budget = token_budget(model, batch_size, min(longest, context_chunk), device, max_batch_size)
-    ex = _Executor(model, device, pad_id, budget, stats, on_progress, batch_invariant, context_chunk)
-    wholes, groups = plan_pairs(pairs, max_length, share_context)
-    scorer = _PairScorer(ex, pairs, weights)
+    plan = plan_pairs(pairs, max_length, share_context)
+    ex = _Executor(model, device, pad_id, budget, stats, on_progress, plan.store, batch_invariant, context_chunk)
+    scorer = _PairScorer(ex, plan, pairs, weights)
     with torch.inference_mode():
-        scorer.run_wholes(wholes)
-        scorer.run_groups(groups)
+        scorer.run_wholes()
+        scorer.run_groups()
         results = scorer.results()
     return [results[uid] for uid in owner]
 
@@ -727,44 +806,39 @@ def score_documents(
         return results
     longest = min(chunk_length, len(docs[order[0]]))
     budget = token_budget(model, batch_size, longest, device, max_batch_size)
-    ex = _Executor(model, device, pad_id, budget, stats, on_progress, batch_invariant, max(chunk_length, 1))
+    # Document i in run order is store sequence i: [prefix_token] + doc, the input all but its
+    # last token, the targets all but its first.
+    store = _TokenStore([[prefix_token] + docs[i] for i in order])
+    ex = _Executor(model, device, pad_id, budget, stats, on_progress, store, batch_invariant, max(chunk_length, 1))
+    doc_lengths = store.lengths - 1
+    ranges: list[Ranges] = [[] for _ in order]
 
-    def doc_batch(batch: list[int]) -> None:
-        inputs = [[prefix_token] + docs[i][:-1] for i in batch]
-        parts: list[Ranges] = [[] for _ in batch]
+    def doc_batch(a: int, b: int) -> None:
+        lengths = doc_lengths[a:b]
+        parts: list[Ranges] = [[] for _ in range(b - a)]
         state = None
-        n_chunks = -(-len(inputs[0]) // chunk_length)
-        for k in range(n_chunks):
-            lo, hi = k * chunk_length, (k + 1) * chunk_length
-            active = sum(1 for x in inputs if len(x) > lo)  # a prefix: longest first
-            rows = [inputs[r][lo:hi] for r in range(active)]
-            carry = any(len(inputs[r]) > hi for r in range(active))
-            rr, cc, targets = [], [], []
-            for r in range(active):
-                n = len(rows[r])
-                rr += [r] * n
-                cc += range(n)
-                targets += docs[batch[r]][lo:lo + n]
-            picked, new_state = ex.forward(
-                rows, rr, cc, state=state, owners=None if state is None else list(range(active)), return_state=carry
-            )
-            at = ex.score_rows(picked, list(range(len(targets))), targets)
-            for r in range(active):
-                n = len(rows[r])
-                parts[r].append((at, n))
-                at += n
+        for lo in range(0, int(lengths[0]), chunk_length):
+            hi = lo + chunk_length
+            active = int(np.count_nonzero(lengths > lo))  # a prefix: longest first
+            lens = np.minimum(lengths[:active], hi) - lo
+            starts = store.starts[a:a + active] + lo
+            targets = store.tokens[_ranges(starts + 1, lens)]
+            picked, new_state, (targets_d,) = ex.forward(
+                starts, lens, np.zeros(active, np.int64), lens, state=state,
+                owners=None if state is None else np.arange(active, dtype=np.int64),
+                return_state=bool(lengths[0] > hi), extra=[targets])
+            at = ex.score_rows(picked, targets_d)
+            for r, (offset, n) in enumerate(zip((at + np.cumsum(lens) - lens).tolist(), lens.tolist())):
+                parts[r].append((offset, n))
             state = new_state
             del picked, new_state  # hold one chunk's activations at a time
-            ex.progress(0, sum(len(x) for x in rows))
-        for r, i in enumerate(batch):
-            ranges[i] = parts[r]
-        ex.progress(len(batch), 0)
+            ex.progress(0, int(lens.sum()))
+        ranges[a:b] = parts
+        ex.progress(b - a, 0)
 
-    ranges: dict[int, Ranges] = {}
-    extra = ex.cost.state_tokens
     with torch.inference_mode():
-        ex.drain(order, lambda i: min(chunk_length, len(docs[i])), extra, doc_batch)
-        scores = ex.scores.fetch()
-    for i, r in ranges.items():
-        results[i] = _gather(scores, r)[0]
+        ex.drain(np.minimum(doc_lengths, chunk_length), ex.cost.state_tokens, doc_batch)
+        values, _ = ex.scores.fetch()
+    for i, parts in zip(order, ranges):
+        results[i] = math.fsum(v for a, n in parts for v in values[a:a + n].tolist())
     return results

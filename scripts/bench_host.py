@@ -21,7 +21,9 @@ scoring bookkeeping, gathering the results. This script runs that host path alon
 Stages are timed exclusively (a stage's time excludes the stages it calls): tokenisation
 (``MambaLM.encode_pairs``), the engine's entry bookkeeping and planning, per-forward row
 building and uploads, the model stand-in, scoring (LM head and picks), the final read and
-gathering, and the rest. ``--profile N`` adds cProfile's N most expensive functions.
+gathering, and the rest. ``--profile N`` adds cProfile's N most expensive functions;
+``--count-ops`` counts the tensor operations (kernel launches on a GPU) and host-to-device
+copies issued outside the model.
 
     python scripts/bench_host.py                         # all 10,042 documents, mamba-130m shape
     python scripts/bench_host.py --limit 2000 --profile 25 --json bench_host.json
@@ -135,7 +137,40 @@ class Stages:
         return True
 
 
-def install_meta_model(lm, shape: str, reads: dict):
+def op_counter():
+    """A dispatch mode counting the tensor operations the host issues on the meta device outside
+    the model stand-in: on a GPU each is a kernel launch (views excepted), each host-to-device
+    copy an upload."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.paused = False
+            self.counts = {"ops": 0, "views": 0, "uploads": 0}
+            self.by_op: dict[str, int] = defaultdict(int)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if not self.paused:
+                tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+                out_meta = kwargs.get("device") == torch.device("meta")
+                if out_meta or any(t.device.type == "meta" for t in tensors):
+                    name = func.overloadpacket.__name__
+                    if any(t.device.type == "cpu" for t in tensors):
+                        self.counts["uploads"] += 1
+                    elif func.is_view:
+                        self.counts["views"] += 1
+                    else:
+                        self.counts["ops"] += 1
+                        self.by_op[name] += 1
+            return func(*args, **kwargs)
+
+    return Counter()
+
+
+def install_meta_model(lm, shape: str, reads: dict, counter=None):
     """Replace ``lm``'s model by one of ``shape`` on the meta device whose layers are a stand-in."""
     import torch
 
@@ -148,6 +183,15 @@ def install_meta_model(lm, shape: str, reads: dict):
     ssm_shape = (cfg.d_inner, cfg.d_state) if cfg.arch == "mamba1" else (cfg.nheads, cfg.headdim, cfg.d_state)
 
     def backbone_forward(input_ids, state=None, return_state=False):
+        if counter is not None:
+            counter.paused = True
+        try:
+            return stand_in(input_ids, state, return_state)
+        finally:
+            if counter is not None:
+                counter.paused = False
+
+    def stand_in(input_ids, state, return_state):
         if input_ids.device != meta or input_ids.dtype != torch.long or input_ids.ndim != 2:
             raise ValueError(f"stand-in forward: got {input_ids.dtype} {tuple(input_ids.shape)} on {input_ids.device}")
         b, length = input_ids.shape
@@ -165,10 +209,13 @@ def install_meta_model(lm, shape: str, reads: dict):
     lm.model = model
     lm._device = meta
 
-    def fetch(self):  # the one read of device values: zeros in their place
+    original_fetch = engine._Scores.fetch
+
+    def fetch(self):  # the one read of device values: zeros in their place, then the real code
         reads["final_reads"] += 1
-        n = self.size
-        return [0.0] * n, [False] * n
+        self.values = [torch.zeros(v.shape, dtype=v.dtype) for v in self.values]
+        self.greedy = [torch.zeros(g.shape, dtype=g.dtype) for g in self.greedy]
+        return original_fetch(self)
 
     engine._Scores.fetch = fetch
     return model
@@ -196,7 +243,8 @@ def run(args) -> dict:
         lm = lm_mod.MambaLM(pretrained=str(ckpt), tokenizer=str(tokenizer), dtype="float32", device="cpu",
                             batch_size=args.batch_size, share_context=args.share_context)
     reads = {"final_reads": 0}
-    install_meta_model(lm, args.shape, reads)
+    counter = op_counter() if args.count_ops else None
+    install_meta_model(lm, args.shape, reads, counter)
 
     stages = Stages()
     wrapped = {
@@ -239,7 +287,11 @@ def run(args) -> dict:
     if profiler:
         profiler.enable()
     t0, c0 = time.perf_counter(), time.process_time()
-    results = lm.loglikelihood(requests, disable_tqdm=not args.tqdm)
+    if counter is not None:
+        with counter:
+            results = lm.loglikelihood(requests, disable_tqdm=not args.tqdm)
+    else:
+        results = lm.loglikelihood(requests, disable_tqdm=not args.tqdm)
     total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
     if profiler:
         profiler.disable()
@@ -260,6 +312,9 @@ def run(args) -> dict:
         "stages": {s: {"s": stages.time.get(s, 0.0), "cpu_s": stages.cpu.get(s, 0.0), "calls": stages.calls.get(s, 0)}
                    for s in dict.fromkeys(active)},
         "gc_s": gc_time["s"], "gc_collections": gc_time["collections"], "gc_tracked_objects": gc_objects,
+        "device_ops": None if counter is None else {
+            **counter.counts, "per_forward": {k: v / max(1, st.forward_calls) for k, v in counter.counts.items()},
+            "by_op": dict(sorted(counter.by_op.items(), key=lambda kv: -kv[1]))},
         "engine": st.__dict__, "final_reads": reads["final_reads"], "script_s": time.perf_counter() - t_start,
     }
     if profiler:
@@ -286,6 +341,12 @@ def print_table(r: dict) -> None:
     print(f"engine: {e['forward_calls']} forwards, {e['tokens']} tokens ({e['padded_tokens']} with padding), "
           f"{e['unique']} distinct requests, {e['shared_contexts']} shared contexts, "
           f"{e['tokens'] / max(1, e['forward_calls']):.0f} tokens/forward; final reads {r['final_reads']}")
+    if r.get("device_ops"):
+        d = r["device_ops"]
+        print(f"tensor operations issued outside the model (timings above include the counting): {d['ops']} "
+              f"({d['per_forward']['ops']:.1f} per forward), plus {d['views']} views and {d['uploads']} host-to-device "
+              f"copies ({d['per_forward']['uploads']:.1f} per forward); by operation: "
+              + ", ".join(f"{k} {v}" for k, v in d["by_op"].items()))
     print(f"Python's cyclic garbage collector: {r['gc_s']:.3f} s inside the stages above, collections per "
           f"generation {r['gc_collections']}, {r['gc_tracked_objects']} tracked objects at the start")
     if r.get("profile"):
@@ -303,6 +364,8 @@ def main() -> int:
     ap.add_argument("--share-context", default="true", choices=["true", "false"])
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the host path is one thread)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also report cProfile's top N functions")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="count the tensor operations and uploads issued outside the model (slows the run)")
     ap.add_argument("--requests-cache", help="pickle of the built requests (written if absent, read if present)")
     ap.add_argument("--no-tqdm", dest="tqdm", action="store_false",
                     help="hide the progress bar (lm-eval shows it; its updates are host work too)")

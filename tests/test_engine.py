@@ -421,6 +421,58 @@ def test_collector_paused_while_scoring_and_restored(models, hellaswag_pairs, mo
         gc.enable()
 
 
+def _meta_model(config):
+    """A model of ``config`` on PyTorch's meta device with a stand-in for its layers: every tensor
+    operation is shape-only, so a host read of device values (``.item()``, ``.tolist()``, a
+    Python ``if`` on a tensor) raises."""
+    from mamba_eval.model import LayerState, MambaLMHeadModel
+
+    meta = torch.device("meta")
+    model = MambaLMHeadModel(config, backend="ref", device=meta, dtype=torch.float32)
+    c = config
+    ssm = (c.d_inner, c.d_state) if c.arch == "mamba1" else (c.nheads, c.headdim, c.d_state)
+
+    def backbone_forward(ids, state=None, return_state=False):
+        assert ids.device == meta and ids.dtype == torch.long, (ids.device, ids.dtype)
+        if state is not None:
+            model._check_state(state, ids.shape[0])
+        b = ids.shape[0]
+        states = [LayerState(torch.empty(b, c.conv_dim, c.d_conv - 1, device=meta), torch.empty(b, *ssm, device=meta))
+                  for _ in range(c.n_layer)] if return_state else None
+        return torch.empty(*ids.shape, c.d_model, device=meta), states
+
+    model.backbone_forward = backbone_forward
+    return model
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_no_host_read_of_device_values_before_the_end(models, hellaswag_pairs, arch, monkeypatch):
+    """The host never waits for the device between forwards: on the meta device (where any read
+    of values raises) every forward runs, and the scores are read once, at the end."""
+    reads = []
+    fetch = engine._Scores.fetch
+
+    def final_read(self):  # zeros in place of the values, then the engine's own code
+        reads.append(self.size)
+        self.values = [torch.zeros(v.shape, dtype=v.dtype) for v in self.values]
+        self.greedy = [torch.zeros(g.shape, dtype=g.dtype) for g in self.greedy]
+        return fetch(self)
+
+    monkeypatch.setattr(engine._Scores, "fetch", final_read)
+    model, meta = _meta_model(models[arch].config), torch.device("meta")
+    pairs = hellaswag_pairs + [(hellaswag_pairs[0][0][:30], list(range(100, 140)))]  # truncated below
+    for kwargs in (dict(share_context=True), dict(share_context=False), dict(context_chunk=16)):
+        reads.clear()
+        stats = EngineStats()
+        got = score_continuations(model, pairs, max_length=60, batch_size=7, device=meta, stats=stats, **kwargs)
+        assert len(got) == len(pairs) and stats.forward_calls > 5 and len(reads) == 1
+        assert reads[0] == sum(len(cont) for _, cont in pairs)  # one score per continuation token
+    reads.clear()
+    docs = [list(range(5, 5 + n)) for n in (300, 40, 1, 0)]
+    assert score_documents(model, docs, prefix_token=0, chunk_length=64, batch_size=2, device=meta) == [0.0] * 4
+    assert reads == [341]
+
+
 def test_token_budget(models, monkeypatch):
     model = models["mamba2"]
     per_token = engine.CostModel.of(model).token_bytes
@@ -574,6 +626,29 @@ def test_bench_eval_smoke(data_dir, tmp_path):
     (inv,) = result["invariance"]
     checks = [v for v in inv.values() if isinstance(v, dict)]
     assert inv["requests"] == 12 and len(checks) == 8 and all(c["bitwise_equal_to_bs1"] for c in checks)
+
+
+def test_bench_host_smoke(data_dir, tmp_path):
+    """scripts/bench_host.py on 3 HellaSwag documents: the table, the JSON, one final read of the
+    scores, and the operation counts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_host.py"
+    out = tmp_path / "host.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--limit", "3", "--data-dir", str(data_dir), "--json", str(out),
+         "--count-ops", "--no-tqdm", "--profile", "5"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["requests"] == 12 and result["final_reads"] == 1
+    assert result["engine"]["shared_requests"] == 12 and result["engine"]["forward_calls"] >= 2
+    assert result["stages"]["tokenisation"]["calls"] == 1 and 0 < result["host_s"] <= result["loglikelihood_s"]
+    assert result["device_ops"]["uploads"] == result["engine"]["forward_calls"]  # one copy per forward
+    assert len(result["profile"]) == 5 and "host (total minus device work)" in proc.stdout
 
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
