@@ -137,6 +137,15 @@ def _inverse_softplus_dt(n: int, device, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4)
     return dt + torch.log(-torch.expm1(-dt))
 
 
+#: Rows x d_inner up to which a Mamba-1 decoding step uses the fused op (``ops.mamba1_decode``).
+#: Its programs loop over the rows one by one, so it wins at small batches and loses at large
+#: ones: on an H200, inside a CUDA graph, 13.7 us against 16.2 for the four ops at batch 1 and
+#: d_inner 5120, 7.7 against 12.4 at d_inner 1536; at batch 64, 186 against 32 us and 47
+#: against 17 (scripts/bench_kernels.py --only mamba1_decode). The crossing points estimated
+#: from those are about 2 rows at d_inner 5120 and 9 at 1536: 8192 elements puts both near it.
+FUSED_DECODE_MAX_ELEMENTS = 8192
+
+
 class Mamba1Mixer(_CachedA, nn.Module):
     """The Mamba-1 mixer (Mamba paper, Fig. 3): in_proj -> [x; z]; x -> conv -> SiLU -> selective
     scan with Δ, B, C = x_proj(x) (Δ through the low-rank dt_proj), gated by silu(z); out_proj."""
@@ -190,13 +199,25 @@ class Mamba1Mixer(_CachedA, nn.Module):
         return out, LayerState(conv_state, ssm_state)
 
     def step(self, h: torch.Tensor, state: LayerState) -> torch.Tensor:
-        """h [B, D] -> out [B, D]; advances ``state`` IN PLACE. Between the projections, one fused
-        op: conv update, x_proj, (Falcon-Mamba's norms), dt_proj and the state update."""
+        """h [B, D] -> out [B, D]; advances ``state`` IN PLACE. Between the projections: for few
+        rows one fused op (conv update, x_proj, Falcon-Mamba's norms, dt_proj, state update in two
+        launches), else the four ops with cuBLAS's products (module constant
+        :data:`FUSED_DECODE_MAX_ELEMENTS`)."""
         x, z = F.linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
-        y = self.ops.mamba1_decode(
-            x, z, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight,
-            self.dt_proj.weight, self.dt_proj.bias, self._neg_A(), self.D, bcdt_eps=self.bcdt_eps,
-        )
+        if x.shape[0] * x.shape[1] <= FUSED_DECODE_MAX_ELEMENTS:
+            y = self.ops.mamba1_decode(
+                x, z, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight,
+                self.dt_proj.weight, self.dt_proj.bias, self._neg_A(), self.D, bcdt_eps=self.bcdt_eps,
+            )
+        else:
+            x = self.ops.causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+            dt, B, C = F.linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            if self.bcdt_eps is not None:
+                dt, B, C = (_weightless_rmsnorm(t, self.bcdt_eps) for t in (dt, B, C))
+            y = self.ops.selective_state_update(
+                state.ssm, x, F.linear(dt, self.dt_proj.weight), self._neg_A(), B, C, self.D, z,
+                dt_bias=self.dt_proj.bias, dt_softplus=True,
+            )
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)
 
 

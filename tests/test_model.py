@@ -71,7 +71,12 @@ def test_state_passing_equals_one_pass(ours, checkpoint, ckpt_name):
     assert rel_max_error(torch.cat(stateless, dim=1), full) > 1e-3
 
 
-def test_step_equals_forward(ours, checkpoint, ckpt_name):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "four-op-step"])
+def test_step_equals_forward(ours, checkpoint, ckpt_name, fused, monkeypatch):
+    """Both Mamba-1 decoding paths (the fused op for few rows, the four ops for many)."""
+    import mamba_eval.model as model_mod
+
+    monkeypatch.setattr(model_mod, "FUSED_DECODE_MAX_ELEMENTS", 1 << 30 if fused else 0)
     name = ckpt_name
     model = ours(name)
     ids = _ids(checkpoint(name).spec, seed=2)
