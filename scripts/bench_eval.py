@@ -81,6 +81,8 @@ def lm_eval_argv(args, checkpoint: Path, tokenizer: Path, include: Path, mode: s
     model_args = f"pretrained={checkpoint},tokenizer={tokenizer},dtype={args.dtype},share_context={MODES[mode]}"
     if args.backend:
         model_args += f",backend={args.backend}"
+    if args.batch_invariant is not None:
+        model_args += f",batch_invariant={args.batch_invariant}"
     argv = ["lm_eval", "--model", "mamba", "--model_args", model_args, "--tasks", TASK,
             "--include_path", str(include), "--batch_size", str(args.batch_size), "--device", args.device,
             "--output_path", str(out_dir)]
@@ -257,6 +259,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend", default=None, help="model_args backend (default: the device's default)")
+    ap.add_argument("--batch-invariant", choices=["true", "false"], default=None,
+                    help="model_args batch_invariant (default: --model mamba's, true)")
     ap.add_argument("--limit", type=int, default=None, help="documents per task (smoke tests)")
     ap.add_argument("--work-dir", default=None, help="checkpoints and outputs (default: a temporary folder)")
     ap.add_argument("--json", help="write the results here")
