@@ -173,10 +173,10 @@ class Mamba1Mixer(_CachedA, nn.Module):
         self.D.fill_(1.0)
         self.dt_proj.bias.copy_(_inverse_softplus_dt(self.D.shape[0], self.D.device))
 
-    def _ssm_inputs(self, x: torch.Tensor):
+    def _ssm_inputs(self, x: torch.Tensor, linear=None):
         """Δ (without its bias), B, C from the convolved x [..., d_inner]; with Falcon-Mamba's norms,
-        the low-rank Δ, B and C are RMS-normalised first."""
-        linear = self.ops.linear
+        the low-rank Δ, B and C are RMS-normalised first. ``linear``: default ``ops.linear``."""
+        linear = linear or self.ops.linear
         dt, B, C = linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.bcdt_eps is not None:
             dt, B, C = (_weightless_rmsnorm(t, self.bcdt_eps) for t in (dt, B, C))
@@ -211,11 +211,9 @@ class Mamba1Mixer(_CachedA, nn.Module):
             )
         else:
             x = self.ops.causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
-            dt, B, C = F.linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-            if self.bcdt_eps is not None:
-                dt, B, C = (_weightless_rmsnorm(t, self.bcdt_eps) for t in (dt, B, C))
+            dt, B, C = self._ssm_inputs(x, F.linear)
             y = self.ops.selective_state_update(
-                state.ssm, x, F.linear(dt, self.dt_proj.weight), self._neg_A(), B, C, self.D, z,
+                state.ssm, x, dt, self._neg_A(), B, C, self.D, z,
                 dt_bias=self.dt_proj.bias, dt_softplus=True,
             )
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)
