@@ -23,8 +23,15 @@ How the work is cut:
    continuation token of every member; the final conv and SSM states are forked
    (``LayerState.index_select``) and each continuation runs only its own tokens but the last
    from the forked state. A pair that needs truncation, or a context with one continuation, runs
-   as one sequence, as lm-eval does. Contexts of one pass have equal length: the final state of a
-   right-padded row would include its padding.
+   as one sequence, as lm-eval does. Contexts of different lengths share a pass, padded on the
+   right to the longest and counted against the budget as rows x padded length, as continuations
+   are: the model takes the rows' lengths (``backbone_forward(lengths=...)``) and returns each
+   row's state after its own last token, the same bits as in a pass of its own length (Δ is
+   ``-inf`` before the softplus at padded positions, so the scan carries the state through them
+   unchanged; the conv window is gathered before the row's end). Three kinds of context keep
+   passes of equal lengths: those of hybrid models (an attention layer's key/value cache would
+   hold the padding), those longer than ``context_chunk`` (point 6; their state comes from the
+   exact last chunk), and those shorter than :data:`RAGGED_MIN_LENGTH` (a CPU library effect).
 3. *Logits only where needed*: the LM head and the log-softmax see only the rows that predict a
    scored token, in chunks whose size follows the budget.
 4. *A token budget*: every forward holds at most ``budget`` token-equivalents, counting rows x
@@ -47,9 +54,12 @@ How the work is cut:
      :func:`cpu_alignment` positions (64 per thread), which puts every share on a vector
      boundary for any per-token width.
 
-   Filler rows of padding (and, where no state is returned, extra padding columns) make up the
-   shapes. That costs compute, more with more threads (a context pass of odd length holds at
-   least 64 x threads rows); ``batch_invariant=False`` turns it off. On CUDA nothing is filled:
+   Filler rows of padding and extra padding columns make up the shapes; a pass that returns
+   its rows' states without their lengths (equal-length context passes: hybrids, chunked and
+   very short contexts) keeps its exact length and only gets filler rows (at least 64 x threads
+   of them when its length is odd). That costs compute, more with more threads;
+   ``batch_invariant=False`` turns it off (and with it the invariance: a change in how the
+   requests are batched then changes last bits). On CUDA nothing is filled:
    the element-wise kernels have no tails, and cuBLAS picks its algorithm per shape, which a
    floor would not make invariant; instead the model is built with the batch-invariant ops of
    ``mamba_eval.backend`` (kernels whose launch configuration ignores the batch, and a GEMM
@@ -95,6 +105,12 @@ ProgressFn = Callable[[int, int], None]
 AUTO_MEMORY_FRACTION = 0.25
 #: Sequences longer than this many tokens run in chunks of it that carry the recurrent state.
 DEFAULT_CONTEXT_CHUNK = 16384
+#: Shared contexts shorter than this run in passes of their own length, not in the passes of
+#: contexts of different lengths (module docstring, point 2): on the CPU, a product over a
+#: strided [rows, L, K] activation (Mamba-1's out_proj reads the scan output transposed) gives
+#: other last bits for L of 1-3 than for longer L, so a short context would score differently
+#: in a wide pass than in a pass of its own length.
+RAGGED_MIN_LENGTH = 4
 
 
 @dataclass
@@ -336,6 +352,8 @@ class _Executor:
         self.on_progress = on_progress
         self.store = store
         self.cost = CostModel.of(model)
+        # context passes may hold contexts of different lengths (backbone_forward's lengths)
+        self.ragged_contexts = not model.has_attention
         self.min_rows = min_rows(device) if batch_invariant else 1
         self.align = cpu_alignment(device) if batch_invariant else 1
         self.scores = _Scores()
@@ -407,13 +425,16 @@ class _Executor:
 
     def forward(self, starts: np.ndarray, lengths: np.ndarray, pick_first: np.ndarray, pick_count: np.ndarray,
                 state=None, owners: np.ndarray | None = None, return_state: bool = False,
-                extra: Sequence[np.ndarray] = ()):
+                extra: Sequence[np.ndarray] = (), ragged: bool = False):
         """Right-padded forward of the rows (class docstring); returns the hidden states at the
         picked positions ([P, D], row by row), the final state with ``return_state`` (else None),
         and the int64 host arrays ``extra`` as device tensors (copied with the rows). ``state``,
         if given, is forked per row: row ``r`` starts from ``state`` row ``owners[r]``. Filler
         rows and columns of padding make up the shape of :func:`forward_shape`; the final state
-        includes them and is meaningful for the rows as long as the longest.
+        includes them and is meaningful for the rows as long as the longest, except with
+        ``ragged`` (models without attention layers, rows of at most ``context_chunk`` tokens):
+        then the row lengths go to the model (``backbone_forward(lengths=...)``) and the final
+        state of every row is its state after its own last token, padding columns or not.
 
         Rows longer than ``context_chunk`` tokens run in chunks of that many positions (at fixed
         offsets 0, C, 2C, ...) that carry the recurrent state, keeping only the picked positions:
@@ -421,15 +442,23 @@ class _Executor:
         """
         n = len(starts)
         longest = int(lengths.max())
+        ragged = ragged and return_state
+        if ragged and longest > self.context_chunk:
+            raise AssertionError("ragged rows longer than context_chunk")  # callers keep those apart
         if longest <= self.context_chunk:
-            total, width = forward_shape(n, longest, self.min_rows, self.align, fixed_length=return_state)
+            total, width = forward_shape(n, longest, self.min_rows, self.align,
+                                         fixed_length=return_state and not ragged)
             forks = self._forks(owners, total) if state is not None else []
+            # the filler rows count as full rows (their state is never read)
+            row_lengths = [np.concatenate([lengths, np.full(total - n, width, np.int64)])] if ragged else []
             positions = _ranges(np.arange(n, dtype=np.int64) * width + pick_first, pick_count)
-            dev = self.upload([self._rows(starts, lengths, 0, width, total).reshape(-1), positions, *forks, *extra])
+            dev = self.upload([self._rows(starts, lengths, 0, width, total).reshape(-1), positions, *forks,
+                               *row_lengths, *extra])
             if state is not None:
                 state = [layer.index_select(dev[2]) for layer in state]
+            kwargs = {"lengths": dev[2 + len(forks)]} if ragged else {}
             hidden, final = self.model.backbone_forward(dev[0].view(total, width), state=state,
-                                                        return_state=return_state)
+                                                        return_state=return_state, **kwargs)
             picked = hidden.flatten(0, 1).index_select(0, dev[1])
             del hidden
             self._count(int(lengths.sum()), total, width)
@@ -660,26 +689,38 @@ class _PairScorer:
 
     # -- shared contexts -----------------------------------------------------------------------
     def run_groups(self) -> None:
-        # The context pass returns every row's state (for hybrids, with key/value caches as long
-        # as the context; the groups of one batch have equal contexts lengths, the longest first).
-        p = self.plan
+        # The context pass returns every row's state. Models without attention layers take
+        # contexts of different lengths in one pass (the longest first, padded to the longest,
+        # each row's state taken after its own last token: backbone_forward's lengths), except
+        # contexts longer than context_chunk, which run in chunks; those, and every context of a
+        # hybrid (key/value caches as long as the context), run in passes of equal lengths.
+        p, ex = self.plan, self.ex
         if not len(p.group_seq):
             return
         lengths = p.store.lengths[p.group_seq]
-        extra = self.ex.cost.state_tokens_at(int(lengths[0]))
-        self.ex.drain(lengths, extra, self._context_batch, same_length=True)
+        extra = ex.cost.state_tokens_at(int(lengths[0]))
+        if not ex.ragged_contexts:
+            ex.drain(lengths, extra, self._context_batch, same_length=True)
+            return
+        # longest first: the long contexts are a prefix, the short ones a suffix
+        k = int(np.count_nonzero(lengths > ex.context_chunk))
+        m = k + int(np.count_nonzero(lengths[k:] >= RAGGED_MIN_LENGTH))
+        ex.drain(lengths[:k], extra, self._context_batch, same_length=True)
+        ex.drain(lengths[k:m], extra, lambda i, j: self._context_batch(k + i, k + j, ragged=True))
+        ex.drain(lengths[m:], extra, lambda i, j: self._context_batch(m + i, m + j), same_length=True)
 
-    def _context_batch(self, i: int, j: int) -> None:
+    def _context_batch(self, i: int, j: int, ragged: bool = False) -> None:
         p, ex, store = self.plan, self.ex, self.plan.store
         seq = p.group_seq[i:j]
-        starts, lengths = store.starts[seq], store.lengths[seq]  # lengths equal in a batch
+        starts, lengths = store.starts[seq], store.lengths[seq]  # equal in a batch unless ragged
         m_lo, m_hi = int(p.group_members[i]), int(p.group_members[j])
         m_seq, uids = p.member_seq[m_lo:m_hi], p.member_uid[m_lo:m_hi]
         rows = p.member_group[m_lo:m_hi] - i  # each member's context row
         firsts = store.tokens[store.starts[m_seq]]
         # [k, D]: the last position predicts each member's first continuation token
         last, states, (firsts_d, rows_d) = ex.forward(
-            starts, lengths, lengths - 1, np.ones(j - i, np.int64), return_state=True, extra=[firsts, rows])
+            starts, lengths, lengths - 1, np.ones(j - i, np.int64), return_state=True, extra=[firsts, rows],
+            ragged=ragged)
         at = ex.score_rows(last, firsts_d, rows=(rows, rows_d))
         self.first_at[uids] = at + np.arange(m_hi - m_lo)
         m_len = store.lengths[m_seq]

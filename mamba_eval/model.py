@@ -88,6 +88,39 @@ def _weightless_rmsnorm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def _padding_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, L] bool, True at the positions at or past each row's length."""
+    return torch.arange(length, device=lengths.device).view(1, -1) >= lengths.view(-1, 1)
+
+
+def _mask_padded_dt(dt: torch.Tensor, padded: torch.Tensor | None) -> torch.Tensor:
+    """Δ before its bias and softplus, [B, L, ...], with ``-inf`` at the padded positions
+    (``padded`` [B, L], True past a row's length): softplus(-inf + bias) is exactly 0, so the
+    scan leaves the state unchanged there (``exp(0 A) = 1``, no input) and a row's final state
+    is its state after its last real token, bit for bit.
+
+    IN PLACE (``dt`` is, or is a view of, a projection's fresh output): the tensor keeps its
+    strides, so the scan's element-wise work on it (bias, softplus) takes the same code paths,
+    hence the same bits at the real positions, as without the mask."""
+    if padded is None:
+        return dt
+    return dt.masked_fill_(padded.view(*padded.shape, *([1] * (dt.ndim - 2))), float("-inf"))
+
+
+def _conv_state_at(x: torch.Tensor, initial: torch.Tensor | None, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """The conv state of each row after its own ``lengths[b]`` positions: the ``width - 1`` conv
+    inputs before that position (``x`` [B, C, L], the conv's input), with ``initial`` ([B, C,
+    width - 1], zeros when None) in front where a row is shorter, as the conv leaves it for an
+    unpadded row. Returns [B, C, width - 1] in x's dtype."""
+    batch, channels, _ = x.shape
+    keep = width - 1
+    if initial is None:
+        initial = x.new_zeros(batch, channels, keep)
+    full = torch.cat([initial.to(x.dtype), x], dim=-1)  # position t of x at column t + keep
+    idx = lengths.view(batch, 1, 1) + torch.arange(keep, device=x.device).view(1, 1, keep)
+    return full.gather(2, idx.expand(batch, channels, keep))
+
+
 class _CachedA:
     """``A = -exp(A_log)`` in fp32 for a mixer, computed once per parameter value and reused (a
     decoding step would otherwise spend two kernel launches per layer on it). Recomputed when the
@@ -182,14 +215,26 @@ class Mamba1Mixer(_CachedA, nn.Module):
             dt, B, C = (_weightless_rmsnorm(t, self.bcdt_eps) for t in (dt, B, C))
         return linear(dt, self.dt_proj.weight), B, C
 
-    def forward(self, h: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
-        """h [B, L, D] -> (out [B, L, D], final LayerState); ``state`` (if given) is read, not written."""
-        x, z = self.ops.linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
+    def forward(self, h: torch.Tensor, state: LayerState | None = None, lengths: torch.Tensor | None = None,
+                padded: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerState]:
+        """h [B, L, D] -> (out [B, L, D], final LayerState); ``state`` (if given) is read, not written.
+
+        ``lengths`` [B]: the returned state is each row's state after its position
+        ``lengths[b] - 1`` (``MambaLMHeadModel.backbone_forward``); the outputs are those of the
+        unmasked forward at the real positions. ``padded``: ``lengths``' [B, L] mask (True at
+        positions ``>= lengths``), computed here when not given."""
+        if lengths is not None and padded is None:
+            padded = _padding_mask(lengths, h.shape[1])
+        xin, z = self.ops.linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
         x, conv_state = self.ops.causal_conv1d(
-            x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+            xin.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
             initial_state=None if state is None else state.conv, activation="silu",
         )  # [B, d_inner, L]
+        if lengths is not None:
+            conv_state = _conv_state_at(xin.transpose(1, 2), None if state is None else state.conv, lengths,
+                                        self.conv1d.weight.shape[-1])
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
+        dt = _mask_padded_dt(dt, padded)
         y, ssm_state = self.ops.selective_scan(
             x, dt.transpose(1, 2), self._neg_A(), B.transpose(1, 2), C.transpose(1, 2),
             self.D, z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True,
@@ -259,13 +304,21 @@ class Mamba2Mixer(_CachedA, nn.Module):
         y = self.ops.gated_rmsnorm(y, z, self.norm.weight, self.norm.eps, c.d_inner // c.ngroups)
         return (linear or self.ops.linear)(y, self.out_proj.weight, self.out_proj.bias)
 
-    def forward(self, h: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
-        """h [B, L, D] -> (out [B, L, D], final LayerState); ``state`` (if given) is read, not written."""
-        z, xbc, dt = self._split(self.ops.linear(h, self.in_proj.weight, self.in_proj.bias))
+    def forward(self, h: torch.Tensor, state: LayerState | None = None, lengths: torch.Tensor | None = None,
+                padded: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerState]:
+        """h [B, L, D] -> (out [B, L, D], final LayerState); ``state`` (if given) is read, not written.
+        ``lengths`` and ``padded`` as in :meth:`Mamba1Mixer.forward`."""
+        if lengths is not None and padded is None:
+            padded = _padding_mask(lengths, h.shape[1])
+        z, xbc_in, dt = self._split(self.ops.linear(h, self.in_proj.weight, self.in_proj.bias))
         xbc, conv_state = self.ops.causal_conv1d(
-            xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+            xbc_in.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
             initial_state=None if state is None else state.conv, activation="silu",
         )  # [B, conv_dim, L]
+        if lengths is not None:
+            conv_state = _conv_state_at(xbc_in.transpose(1, 2), None if state is None else state.conv, lengths,
+                                        self.conv1d.weight.shape[-1])
+        dt = _mask_padded_dt(dt, padded)
         x, B, C = self._split_xbc(xbc.transpose(1, 2))
         y, ssm_state = self.ops.ssd_scan(
             x, dt, self._neg_A(), B, C, self.config.chunk_size, self.D,
@@ -404,11 +457,26 @@ class MambaLMHeadModel(nn.Module):
                 )
 
     def backbone_forward(
-        self, input_ids: torch.Tensor, state: ModelState | None = None, return_state: bool = False
+        self, input_ids: torch.Tensor, state: ModelState | None = None, return_state: bool = False,
+        lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ModelState | None]:
         """input_ids [B, L] -> (hidden [B, L, D] after norm_f in model dtype, final state or None).
 
         ``state`` is the state before ``input_ids[:, 0]`` (zeros when None); it is not modified.
+
+        ``lengths`` (with ``return_state``): a LongTensor [B] on the model's device of the rows'
+        real lengths, ``1 <= lengths[b] <= L`` (not checked: that would read device values), the
+        rest of a row being padding. The returned state of row b is then its state after
+        position ``lengths[b] - 1``, the same bits as the final state of the row in a forward of
+        its own length: Δ is set to ``-inf`` before its bias and softplus at the padded positions
+        (softplus gives exactly 0 there, and the scan carries the state through unchanged) and
+        the conv state is gathered from the conv inputs before ``lengths[b]``. Hidden states at
+        real positions are those without ``lengths`` (the model is causal). One exception: the
+        Mamba-2 reference scan (``kernels.ssd.ssd_scan_ref``) from a nonzero initial ``state``
+        agrees to fp32 rounding only (it sums the chunks' contributions in one product whose
+        length is the chunk count); from zeros, and in the Triton kernels, bits agree (tested in
+        ``tests/test_lengths.py``). Not for models with attention layers (their caches would
+        hold the padding): ValueError.
         """
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
             raise ValueError(
@@ -416,10 +484,32 @@ class MambaLMHeadModel(nn.Module):
             )
         if state is not None:
             self._check_state(state, input_ids.shape[0])
+        padded = None
+        if lengths is not None:
+            if self.has_attention:
+                raise ValueError(
+                    "lengths is not supported for models with attention layers: their key/value caches "
+                    "would hold the padding; run rows of equal length instead"
+                )
+            if not return_state:
+                raise ValueError("lengths is only meaningful with return_state=True")
+            if lengths.ndim != 1 or lengths.shape[0] != input_ids.shape[0] or lengths.dtype != torch.long:
+                raise ValueError(
+                    f"lengths must be a LongTensor [B={input_ids.shape[0]}], got {lengths.dtype} {tuple(lengths.shape)}"
+                )
+            if lengths.device != input_ids.device:
+                raise ValueError(f"lengths is on {lengths.device}, input_ids on {input_ids.device}")
+            padded = _padding_mask(lengths, input_ids.shape[1])
         x, residual = F.embedding(input_ids, self.backbone.embedding.weight), None
         final_states = [] if return_state else None
         for i, layer in enumerate(self.backbone.layers):
-            x, residual, layer_state = layer(x, residual, None if state is None else state[i])
+            layer_state = None if state is None else state[i]
+            if lengths is None:
+                x, residual, layer_state = layer(x, residual, layer_state)
+            else:  # Block.forward, with the lengths handed to the mixer
+                x, residual = layer.norm.add_norm(self.ops, x, residual, layer.residual_in_fp32)
+                x, layer_state = layer.mixer(x, layer_state, lengths=lengths, padded=padded)
+                x, residual = layer._mlp(x, residual, self.ops.linear)
             if return_state:
                 final_states.append(layer_state)
         hidden, _ = self.backbone.norm_f.add_norm(self.ops, x, residual, self.config.residual_in_fp32)

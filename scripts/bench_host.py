@@ -182,19 +182,23 @@ def install_meta_model(lm, shape: str, reads: dict, counter=None):
     model = MambaLMHeadModel(cfg, backend="ref", device=meta, dtype=torch.bfloat16)
     ssm_shape = (cfg.d_inner, cfg.d_state) if cfg.arch == "mamba1" else (cfg.nheads, cfg.headdim, cfg.d_state)
 
-    def backbone_forward(input_ids, state=None, return_state=False):
+    def backbone_forward(input_ids, state=None, return_state=False, lengths=None):
         if counter is not None:
             counter.paused = True
         try:
-            return stand_in(input_ids, state, return_state)
+            return stand_in(input_ids, state, return_state, lengths)
         finally:
             if counter is not None:
                 counter.paused = False
 
-    def stand_in(input_ids, state, return_state):
+    def stand_in(input_ids, state, return_state, lengths):
         if input_ids.device != meta or input_ids.dtype != torch.long or input_ids.ndim != 2:
             raise ValueError(f"stand-in forward: got {input_ids.dtype} {tuple(input_ids.shape)} on {input_ids.device}")
         b, length = input_ids.shape
+        if lengths is not None and (not return_state or lengths.device != meta or lengths.dtype != torch.long
+                                    or tuple(lengths.shape) != (b,)):
+            raise ValueError(f"stand-in forward: bad lengths {lengths.dtype} {tuple(lengths.shape)} on "
+                             f"{lengths.device} (return_state={return_state})")
         if state is not None:
             model._check_state(state, b)
         hidden = torch.empty(b, length, cfg.d_model, dtype=model.dtype, device=meta)

@@ -346,10 +346,10 @@ def test_out_of_memory_shrinks_the_budget_and_carries_on(models, hellaswag_pairs
     forward, head = model.backbone_forward, model.lm_logits
     limits = {}
 
-    def fake_forward(ids, state=None, return_state=False):
+    def fake_forward(ids, state=None, return_state=False, **kwargs):
         if ids.numel() > limits["positions"]:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return forward(ids, state=state, return_state=return_state)
+        return forward(ids, state=state, return_state=return_state, **kwargs)
 
     def fake_head(hidden):
         if hidden.shape[0] > limits["rows"]:
@@ -396,9 +396,9 @@ def test_collector_paused_while_scoring_and_restored(models, hellaswag_pairs, mo
     model = models["mamba1"]
     forward, seen = model.backbone_forward, []
 
-    def spy(ids, state=None, return_state=False):
+    def spy(ids, state=None, return_state=False, **kwargs):
         seen.append(gc.isenabled())
-        return forward(ids, state=state, return_state=return_state)
+        return forward(ids, state=state, return_state=return_state, **kwargs)
 
     monkeypatch.setattr(model, "backbone_forward", spy)
     assert gc.isenabled()
@@ -432,8 +432,11 @@ def _meta_model(config):
     c = config
     ssm = (c.d_inner, c.d_state) if c.arch == "mamba1" else (c.nheads, c.headdim, c.d_state)
 
-    def backbone_forward(ids, state=None, return_state=False):
+    def backbone_forward(ids, state=None, return_state=False, lengths=None):
         assert ids.device == meta and ids.dtype == torch.long, (ids.device, ids.dtype)
+        if lengths is not None:
+            assert return_state and lengths.device == meta and lengths.dtype == torch.long, lengths
+            assert tuple(lengths.shape) == (ids.shape[0],), (lengths.shape, ids.shape)
         if state is not None:
             model._check_state(state, ids.shape[0])
         b = ids.shape[0]
@@ -676,3 +679,39 @@ def test_model_arg_context_chunk(checkpoints, tok_dir):
     assert lm.context_chunk == 32
     with pytest.raises(ModelArgsError, match="context_chunk"):
         _lm(checkpoints["mamba1"], tok_dir, context_chunk="0")
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_context_passes_hold_contexts_of_different_lengths(models, hellaswag_pairs, arch, monkeypatch):
+    """Shared contexts of different lengths share a right-padded pass (``backbone_forward``'s
+    ``lengths``), except those longer than context_chunk (chunked, equal lengths) and those shorter
+    than RAGGED_MIN_LENGTH (own passes); the scores are batch-invariant, equal the naive forward,
+    and equal the scores of a run whose context passes all hold one length."""
+    model = models[arch]
+    rng = random.Random(1)
+    pairs = list(hellaswag_pairs[:60])
+    for n in (1, 2, 3, 4, 5, 6, 9):  # short contexts, several continuations each
+        ctx = [rng.randrange(1, 50000) for _ in range(n)]
+        pairs += [(ctx, [rng.randrange(1, 50000) for _ in range(rng.randrange(1, 5))]) for _ in range(3)]
+    chunk = 48  # some hellaswag contexts are longer: those run in chunks
+    forward, calls = model.backbone_forward, []
+
+    def spy(ids, state=None, return_state=False, lengths=None):
+        calls.append((ids.shape[1], None if lengths is None else lengths.tolist()))
+        return forward(ids, state=state, return_state=return_state, lengths=lengths)
+
+    monkeypatch.setattr(model, "backbone_forward", spy)
+    runs = {}
+    for bs in (1, 7, 64):
+        calls.clear()
+        runs[bs] = score_continuations(model, pairs, max_length=2048, batch_size=bs, device=CPU, context_chunk=chunk)
+        ragged = [(w, ls) for w, ls in calls if ls is not None]
+        assert ragged and all(engine.RAGGED_MIN_LENGTH <= l <= min(w, chunk) for w, ls in ragged for l in ls)
+        if bs > 1:  # the budget lets contexts of different lengths share a pass
+            assert any(len(set(ls)) > 1 for _, ls in ragged), ragged
+    assert runs[1] == runs[7] == runs[64]
+    _assert_scores_close(runs[7], _naive(forward.__self__, pairs, 2048))
+    # The same scores, bit for bit, with every context pass holding one length (the equal-length
+    # path, which the engine takes for models whose layers include attention).
+    monkeypatch.setattr(engine, "RAGGED_MIN_LENGTH", 10**9)
+    assert score_continuations(model, pairs, max_length=2048, batch_size=7, device=CPU, context_chunk=chunk) == runs[7]
