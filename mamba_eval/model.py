@@ -363,9 +363,10 @@ class Block(nn.Module):
         x, residual = self.norm2.add_norm(self.ops, x, residual, self.residual_in_fp32)
         return self.mlp(x, linear), residual
 
-    def forward(self, x, residual, state: LayerState | AttnState | None):
+    def forward(self, x, residual, state: LayerState | AttnState | None, **mixer_args):
+        """``mixer_args``: a Mamba mixer's ``lengths`` and ``padded`` (see ``backbone_forward``)."""
         x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
-        x, state = self.mixer(x, state)
+        x, state = self.mixer(x, state, **mixer_args)
         x, residual = self._mlp(x, residual, self.ops.linear)
         return x, residual, state
 
@@ -502,14 +503,9 @@ class MambaLMHeadModel(nn.Module):
             padded = _padding_mask(lengths, input_ids.shape[1])
         x, residual = F.embedding(input_ids, self.backbone.embedding.weight), None
         final_states = [] if return_state else None
+        mixer_args = {} if lengths is None else {"lengths": lengths, "padded": padded}
         for i, layer in enumerate(self.backbone.layers):
-            layer_state = None if state is None else state[i]
-            if lengths is None:
-                x, residual, layer_state = layer(x, residual, layer_state)
-            else:  # Block.forward, with the lengths handed to the mixer
-                x, residual = layer.norm.add_norm(self.ops, x, residual, layer.residual_in_fp32)
-                x, layer_state = layer.mixer(x, layer_state, lengths=lengths, padded=padded)
-                x, residual = layer._mlp(x, residual, self.ops.linear)
+            x, residual, layer_state = layer(x, residual, None if state is None else state[i], **mixer_args)
             if return_state:
                 final_states.append(layer_state)
         hidden, _ = self.backbone.norm_f.add_norm(self.ops, x, residual, self.config.residual_in_fp32)
