@@ -135,6 +135,34 @@ class _ProgressBar:
 _STATE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": None}
 
 
+@dataclasses.dataclass
+class GenerationStats:
+    """What one ``generate_until`` call did: requests, prompt tokens, generated tokens (EOS and
+    what follows a stop string excluded) and the wall time of the generation itself (prefill and
+    decoding; tokenising and detokenising excluded)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, requests: int, prompt_tokens: int, generated_tokens: int, seconds: float) -> None:
+        self.requests += requests
+        self.prompt_tokens += prompt_tokens
+        self.generated_tokens += generated_tokens
+        self.seconds += seconds
+
+    @property
+    def ms_per_generated_token(self) -> float | None:
+        return 1e3 * self.seconds / self.generated_tokens if self.generated_tokens else None
+
+    def __str__(self) -> str:
+        per = self.ms_per_generated_token
+        return (f"{self.requests} requests, {self.prompt_tokens} prompt tokens, {self.generated_tokens} generated "
+                f"tokens in {self.seconds:.2f} s" + (f" ({per:.3f} ms per generated token, prefill included)"
+                                                     if per is not None else ""))
+
+
 class MambaLM(TemplateLM):
     """Mamba and Mamba-2 checkpoints (mamba_ssm or transformers format) for lm-eval.
 
@@ -232,6 +260,7 @@ class MambaLM(TemplateLM):
             raise ModelArgsError(
                 f"decode_state_dtype={decode_state_dtype!r} is not one of {', '.join(_STATE_DTYPES)}")
         self._decode_state_dtype = str(decode_state_dtype)
+        self.generation_stats = GenerationStats()  # of the last generate_until call
 
         self.pretrained = str(pretrained)
         self.revision = revision
@@ -608,6 +637,7 @@ class MambaLM(TemplateLM):
             groups.setdefault(repr(sorted(req.args[1].items(), key=str)), []).append(i)
         results: list[str | None] = [None] * len(requests)
         batch = self.batch_size_arg if isinstance(self.batch_size_arg, int) else self.max_batch_size
+        stats = GenerationStats()
         with self._progress(len(requests), "Running generate_until requests", disable_tqdm) as bar:
             for indices in groups.values():
                 gen_kwargs = requests[indices[0]].args[1]
@@ -636,15 +666,20 @@ class MambaLM(TemplateLM):
                     lambda toks: self.tok_decode(toks, skip_special_tokens=False), stops
                 ) if stops else None
 
+                start = time.perf_counter()
                 outs = generate(
                     self.model, prompts, max_new_tokens=max_gen, params=params,
                     eos_id=self.eot_token_id, is_stopped=stopped,
                     batch_size=batch, device=self._device, prefill_chunk=self.context_chunk,
                     state_dtype=self.decode_state_dtype,
                 )
+                stats.add(len(prompts), sum(map(len, prompts)), sum(map(len, outs)), time.perf_counter() - start)
                 for i, toks in zip(indices, outs):
                     text = postprocess_generated_text(self.tok_decode(toks), until, None)
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                     bar.update(1)
+        self.generation_stats = stats
+        if stats.requests:
+            log.info("generate_until: %s", stats)
         return results  # type: ignore[return-value]
