@@ -82,17 +82,11 @@ import torch.nn.functional as F
 
 from ._triton import require_triton, tl, triton
 from .conv1d import causal_conv1d_update_ref
+from .norm import weightless_rmsnorm_ref
 from .selective_scan import _sm_count, selective_state_update_ref
 
 _MAX_WIDTH = 8  # conv widths the kernels compile for (Mamba uses K = 4)
 _MAX_ROWS = 65535  # grid axes 1 and 2 (row groups) of a launch
-
-
-def _weightless_rmsnorm(v: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without a weight over the last dimension, in fp32, returned in v's dtype (Falcon-Mamba's
-    norm of Δ, B and C; the same expression as ``mamba_eval.model._weightless_rmsnorm``)."""
-    vf = v.float()
-    return (vf * torch.rsqrt(vf.square().mean(-1, keepdim=True) + eps)).to(v.dtype)
 
 
 def _check_inputs(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
@@ -160,7 +154,7 @@ def mamba1_decode_ref(
     u = causal_conv1d_update_ref(x, conv_state, conv_weight, conv_bias, "silu")
     dt, B, C = F.linear(u, x_proj_weight).split([rank, d_state, d_state], dim=-1)
     if bcdt_eps is not None:
-        dt, B, C = (_weightless_rmsnorm(t, bcdt_eps) for t in (dt, B, C))
+        dt, B, C = (weightless_rmsnorm_ref(t, bcdt_eps) for t in (dt, B, C))
     dt = F.linear(dt, dt_proj_weight)
     return selective_state_update_ref(ssm_state, u, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=True)
 

@@ -37,6 +37,13 @@ import torch.nn.functional as F
 from ._triton import require_triton, tl, triton
 
 
+def weightless_rmsnorm_ref(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight over the last dimension, in fp32, returned in x's dtype
+    (Falcon-Mamba's norms of Δ, B and C)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def add_rmsnorm_ref(
     x: torch.Tensor,  # [..., D]
     residual: torch.Tensor | None,  # [..., D]

@@ -131,8 +131,8 @@ class _ProgressBar:
         self.bar.close()
 
 
-# decode_state_dtype model_arg -> torch dtype name (None: the model's dtype).
-_STATE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": None}
+# decode_state_dtype model_arg values: torch dtype names, or "auto" for the model's dtype.
+_STATE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @dataclasses.dataclass
@@ -335,8 +335,8 @@ class MambaLM(TemplateLM):
     @property
     def decode_state_dtype(self) -> torch.dtype:
         """Storage dtype of the SSM states while generating (model_arg ``decode_state_dtype``)."""
-        name = _STATE_DTYPES[self._decode_state_dtype]
-        return self.model.dtype if name is None else getattr(torch, name)
+        name = self._decode_state_dtype
+        return self.model.dtype if name == "auto" else getattr(torch, name)
 
     @property
     def max_length(self) -> int:

@@ -37,6 +37,7 @@ from torch import nn
 from mamba_eval.attention import Attention, AttnState, GatedMLP
 from mamba_eval.backend import Ops, get_ops
 from mamba_eval.config import MambaConfig
+from mamba_eval.kernels.norm import weightless_rmsnorm_ref
 
 
 @dataclass
@@ -80,12 +81,6 @@ class LayerState:
 
 
 ModelState = list  # one state per layer: LayerState (Mamba layers) or AttnState (attention layers)
-
-
-def _weightless_rmsnorm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without a weight over the last dimension, in fp32, returned in x's dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _padding_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
@@ -212,7 +207,7 @@ class Mamba1Mixer(_CachedA, nn.Module):
         linear = linear or self.ops.linear
         dt, B, C = linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.bcdt_eps is not None:
-            dt, B, C = (_weightless_rmsnorm(t, self.bcdt_eps) for t in (dt, B, C))
+            dt, B, C = (weightless_rmsnorm_ref(t, self.bcdt_eps) for t in (dt, B, C))
         return linear(dt, self.dt_proj.weight), B, C
 
     def forward(self, h: torch.Tensor, state: LayerState | None = None, lengths: torch.Tensor | None = None,
