@@ -217,6 +217,12 @@ def test_batched_tokenisation_equals_lm_eval_per_request_path(checkpoints, tok_d
     rows = [r["text"] for r in _read_jsonl(data_dir / "wikitext" / "wikitext-2-raw-v1_test.jsonl")]
     pages = wikitext_pages(rebuild_wikitext_raw(rows))[:20] + ["", " "]
     assert lm.tok_encode_many(pages) == [lm.tok_encode(p) for p in pages]
+    # Encoded in threads over slices of 3 strings (slices of 2,048 above): the same ids, in order.
+    import mamba_eval.lm as lm_module
+
+    monkeypatch.setattr(lm_module, "_ENCODE_CHUNK", 3)
+    monkeypatch.setattr(lm_module.os, "cpu_count", lambda: 4)
+    assert lm.tok_encode_many(pages) == [lm.tok_encode(p) for p in pages]
 
 
 def test_continuations_tokenised_apart_only_where_exact(checkpoints, tok_dir, tmp_path, monkeypatch):
