@@ -29,7 +29,9 @@ module. From then on the finder below watches three modules:
     probe tasks (``tasks/probes``: ``mamba_passkey``, ``mamba_mqar``, ...) *before* any
     ``include_path`` of the caller, so the caller's configs of the same name still win. Thus
     ``lm_eval --model mamba --tasks mamba_passkey_16k`` works without ``--include_path``. The
-    instance's ``include_path`` attribute keeps the caller's value.
+    instance's ``include_path`` attribute keeps the caller's value. lm-eval's task index and
+    its compiled prompt templates are cached from then on (:mod:`mamba_eval.harness_cache`:
+    exact, and switched off by ``MAMBA_EVAL_NO_HARNESS_CACHE=1``).
 
 After both are done the finder removes itself. The real loader is restored on
 the module objects, so the hook leaves no trace in ``__loader__`` or ``__spec__``.
@@ -37,7 +39,7 @@ the module objects, so the hook leaves no trace in ``__loader__`` or ``__spec__`
 Every failure inside the hook is swallowed: it must never break an interpreter. Set
 ``MAMBA_EVAL_HOOK_DEBUG=1`` to print those failures to stderr, or
 ``MAMBA_EVAL_DISABLE_HOOK=1`` to switch the hook off. This module imports nothing beyond
-``sys`` and ``os``.
+``sys`` and ``os`` until lm-eval's task manager has been imported.
 """
 
 import os
@@ -133,9 +135,26 @@ def wrap_task_manager(cls):
     cls.__init__ = __init__
 
 
+def install_harness_caches():
+    """lm-eval's task index and compiled prompt templates cached (:mod:`mamba_eval.harness_cache`),
+    once ``lm_eval.tasks.manager`` has been imported (and with it the modules they live in)."""
+    from mamba_eval import harness_cache
+
+    modules = sys.modules
+    if "lm_eval.tasks._index" in modules and "lm_eval.tasks._yaml_loader" in modules:
+        harness_cache.install_index_cache(modules["lm_eval.tasks._index"], modules["lm_eval.tasks._yaml_loader"])
+    env = getattr(modules.get("lm_eval.utils"), "env", None)
+    if env is not None and callable(getattr(env, "from_string", None)):
+        harness_cache.install_template_cache(env)
+
+
 def _on_tasks_loaded():
     try:
         wrap_task_manager(sys.modules[_TASKS_MODULE].TaskManager)
+    except Exception as exc:
+        _report(exc)
+    try:
+        install_harness_caches()
     except Exception as exc:
         _report(exc)
     finally:

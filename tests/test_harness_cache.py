@@ -1,0 +1,202 @@
+"""lm-eval's task index and prompt templates, cached by ``mamba_eval.harness_cache``: the same
+index and the same rendered text as lm-eval's own code, rebuilt whenever a file it read changes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import lm_eval.tasks._index as index_module
+import lm_eval.tasks._yaml_loader as loader_module
+import lm_eval.utils as lm_utils
+from mamba_eval import harness_cache
+
+TaskIndex = index_module.TaskIndex
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    """An empty cache folder, files old enough to be trusted, and the wrapper installed."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(harness_cache.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(harness_cache, "RACY_SECONDS", -3600.0)  # files written by the test count as old
+    harness_cache.install_index_cache(index_module, loader_module)
+    assert getattr(TaskIndex.build, "_mamba_eval_cached", False)
+    return tmp_path / "cache" / "mamba_eval" / "task_index"
+
+
+def _uncached(paths):
+    return TaskIndex.build.__wrapped__(paths)
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal indexes, NaN included (``repr`` shows every value's type and dicts' key order)."""
+    def norm(index):
+        return [(k, e.name, e.kind, type(e.yaml_path), e.yaml_path, repr(e.cfg), sorted(e.tags))
+                for k, e in index.items()]
+    return norm(a) == norm(b)
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+
+
+def _tree(root):
+    _write(root / "a" / "_template_yaml", """
+        dataset_path: local
+        output_type: multiple_choice
+        doc_to_choice: "{{choices}}"
+        metric_list:
+          - metric: acc
+    """)
+    _write(root / "a" / "one.yaml", """
+        include: _template_yaml
+        task: t_one
+        tag: [tag_x]
+        num_fewshot: 0
+        doc_to_text: !function utils.doc_to_text
+        fewshot_config: {1: first, 2.5: half, false: no_key, null: none_key}
+        generation_kwargs: {temperature: 0.0, until: ["\\n", "."], max_gen_toks: 32}
+        weird: [.nan, .inf, -0.0, 12345678901234567890, "\\x00d"]
+    """)
+    _write(root / "a" / "two.yaml", """
+        include: _template_yaml
+        task: t_two
+        tag: tag_x
+    """)
+    _write(root / "g" / "group.yaml", """
+        group: g_all
+        task: [t_one, t_two]
+        aggregate_metric_list: [{metric: acc, weight_by_size: true}]
+    """)
+
+
+def test_cached_index_equals_lm_eval_index_and_tracks_changes(tmp_path, cache_home):
+    root = tmp_path / "tasks"
+    _tree(root)
+    want = _uncached([root])
+    assert {"t_one", "t_two", "g_all", "tag_x"} <= set(want)
+    first = TaskIndex.build([root])  # built by lm-eval, stored
+    assert _same(first, want) and len(list(cache_home.glob("*.json"))) == 1
+    hit = TaskIndex.build([root])  # read back
+    assert _same(hit, want)
+    cfg = hit["t_one"].cfg
+    assert list(cfg["fewshot_config"]) == [1, 2.5, False, None]  # non-string keys and their order
+    assert cfg["weird"][0] != cfg["weird"][0] and cfg["weird"][1] == float("inf")
+    assert str(cfg["weird"][2]) == "-0.0" and cfg["weird"][3] == 12345678901234567890
+
+    # Reading the cache does not parse YAML; any change to a file the build read does.
+    calls = []
+    original = loader_module.load_yaml
+
+    def counting(path, *a, **k):
+        calls.append(path)
+        return original(path, *a, **k)
+
+    loader_module.load_yaml, index_module.load_yaml = counting, counting
+    try:
+        assert _same(TaskIndex.build([root]), want) and calls == []
+        time.sleep(0.01)
+        _write(root / "a" / "_template_yaml", """
+            dataset_path: other
+            output_type: multiple_choice
+        """)  # an included file, not a .yaml
+        changed = TaskIndex.build([root])
+        assert calls and changed["t_one"].cfg["dataset_path"] == "other"
+        assert _same(changed, _uncached([root]))
+        calls.clear()
+        assert _same(TaskIndex.build([root]), changed) and calls == []
+        _write(root / "b" / "three.yaml", "task: t_three\ndataset_path: x\n")  # a new file
+        assert "t_three" in TaskIndex.build([root])
+        (root / "a" / "two.yaml").unlink()  # a removed file
+        assert "t_two" not in TaskIndex.build([root])
+    finally:
+        loader_module.load_yaml, index_module.load_yaml = original, original
+
+
+def test_warnings_of_the_build_are_logged_again_from_the_cache(tmp_path, cache_home, caplog):
+    first, second = tmp_path / "first", tmp_path / "second"
+    _tree(first)
+    _write(second / "one.yaml", "task: t_one\ndataset_path: override\n")
+    with caplog.at_level(logging.WARNING, logger=index_module.log.name):
+        built = TaskIndex.build([first, second])
+    warned = [r.getMessage() for r in caplog.records if "overrides" in r.getMessage()]
+    assert warned and built["t_one"].cfg["dataset_path"] == "override"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=index_module.log.name):
+        assert _same(TaskIndex.build([first, second]), built)
+    assert [r.getMessage() for r in caplog.records if "overrides" in r.getMessage()] == warned
+
+
+def test_values_json_cannot_carry_leave_the_index_uncached(tmp_path, cache_home):
+    root = tmp_path / "tasks"
+    _write(root / "alias.yaml", """
+        task: t_alias
+        base: &shared {a: 1}
+        copy: *shared
+    """)
+    _write(root / "date.yaml", "task: t_date\nwhen: 2024-01-02\n")
+    want = _uncached([root])
+    assert _same(TaskIndex.build([root]), want)
+    assert list(cache_home.glob("*.json")) == []
+    assert _same(TaskIndex.build([root]), want)
+
+
+def test_recently_modified_files_are_not_trusted(tmp_path, cache_home, monkeypatch):
+    monkeypatch.setattr(harness_cache, "RACY_SECONDS", 2.0)
+    root = tmp_path / "tasks"
+    _tree(root)  # written just now
+    assert _same(TaskIndex.build([root]), _uncached([root]))
+    assert list(cache_home.glob("*.json")) == []
+
+
+def test_real_task_index_from_the_cache_equals_lm_eval(cache_home):
+    """lm-eval's own 14,000-odd task configs: the index read from the cache is the index."""
+    roots = [Path(index_module.__file__).parent]  # what TaskManager indexes by default
+    want = _uncached(roots)
+    TaskIndex.build(roots)
+    stored = list(cache_home.glob("*.json"))
+    assert len(stored) == 1 and json.loads(stored[0].read_text())["format"] == harness_cache.FORMAT
+    assert _same(TaskIndex.build(roots), want)
+
+
+def test_template_cache_renders_the_same_text():
+    env = lm_utils.env
+    from_string = env.from_string
+    assert getattr(from_string, "_mamba_eval_cached", False), "the start-up hook did not install it"
+    template = "{{ ctx | trim }}: {{ endings[label] }}{% if x %} x{% endif %}"
+    doc = {"ctx": " a b ", "endings": ["p", "q"], "label": 1, "x": True}
+    before = from_string.cache_info().hits
+    assert lm_utils.apply_template(template, doc) == "a b: q x"
+    assert lm_utils.apply_template(template, {**doc, "x": False, "label": 0}) == "a b: p"
+    assert from_string.cache_info().hits >= before + 1
+    assert env.from_string(template) is env.from_string(template)
+    # Calls with their own globals are not cached (and see those globals).
+    assert env.from_string("{{ g }}", globals={"g": "own"}).render() == "own"
+    uncached = from_string.__wrapped__(template)
+    assert uncached.render(**doc) == env.from_string(template).render(**doc)
+
+
+def test_hook_installs_the_caches_and_the_switch_turns_them_off(tmp_path):
+    code = textwrap.dedent("""
+        import lm_eval.tasks._index as ix, lm_eval.utils as u
+        import lm_eval.tasks
+        print(getattr(ix.TaskIndex.build, "_mamba_eval_cached", False),
+              getattr(u.env.from_string, "_mamba_eval_cached", False))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAMBA_EVAL_DISABLE_HOOK", harness_cache.DISABLE_ENV)}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    off = subprocess.run([sys.executable, "-c", code], env={**env, harness_cache.DISABLE_ENV: "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert on.stdout.split() == ["True", "True"], on.stderr
+    assert off.stdout.split() == ["False", "False"], off.stderr
