@@ -351,7 +351,7 @@ if triton is not None:
         f_ptrs = final_ptr + seq * stride_fb + offs_c64[:, None] * stride_fc + offs_j.to(tl.int64)[None, :] * stride_fk
         tl.store(f_ptrs, v.to(final_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["L", "n_seqs", "n_search"])  # lengths: one compiled variant
     def _causal_conv1d_fwd_kernel(
         x_ptr,  # [B, C, L], any strides
         w_ptr,  # [C, K]

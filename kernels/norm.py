@@ -116,7 +116,7 @@ _MIN_PROGRAMS = 1024
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # the row count varies per call: one compiled variant
     def _add_rmsnorm_fwd_kernel(
         X,  # [M, N]
         RES,  # [M, N] (unused unless HAS_RESIDUAL)
@@ -210,7 +210,7 @@ if triton is not None:
                 tl.store(out_ptrs + c[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _gated_rmsnorm_fwd_kernel(
         Y,  # [M, D]
         Z,  # [M, D]

@@ -345,7 +345,7 @@ if triton is not None:
     # The N strides of A, h0 and hT are left unspecialised: knowing them to be 1, the compiler would
     # lay the [N, D] tiles out with N across lanes (to coalesce these one-off accesses), and that layout
     # would spread into the recurrence, which wants all N states of a channel in one thread.
-    @triton.jit(do_not_specialize=["stride_A_n", "stride_h0_n", "stride_hT_n"])
+    @triton.jit(do_not_specialize=["seqlen", "chunk_len", "n_chunks", "stride_A_n", "stride_h0_n", "stride_hT_n"])
     def _selective_scan_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr,
         h0_ptr,  # [S, D, N] initial state of every segment (HAS_H0)
@@ -381,7 +381,9 @@ if triton is not None:
             batch = seg * 0
         else:
             batch = seg // n_chunks
-            start = (seg % n_chunks) * chunk_len
+            # chunk_len is a multiple of BLOCK_L (or the whole row: start 0). Said here, since
+            # the lengths are not specialised on (one compiled variant for every length).
+            start = tl.multiple_of((seg % n_chunks) * chunk_len, BLOCK_L)
             end = tl.minimum(start + chunk_len, seqlen)
         d0 = pid_d.to(tl.int64) * BLOCK_D
         rd = tl.arange(0, BLOCK_D)
@@ -474,7 +476,7 @@ if triton is not None:
             tl.store(dtsum_ptr + seg * dim + d0 + rd, dtsum, mask=mask_d)
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_chunks"])
     def _chunk_state_passing_kernel(
         hloc_ptr,  # [B * K, D, N] fp32: end state of each chunk scanned from a zero state
         dtsum_ptr,  # [B * K, D] fp32: sum of Δ over each chunk

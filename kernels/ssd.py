@@ -73,6 +73,13 @@ from .selective_scan import _discretise_dt
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
+def _jit_varying(*names: str):
+    """``triton.jit`` that does not specialise on the integer arguments ``names`` (lengths and
+    chunk counts that vary from call to call): one compiled variant instead of one per value
+    class (1, a multiple of 16, other)."""
+    return triton.jit(do_not_specialize=list(names)) if triton is not None else (lambda fn: fn)
+
+
 def _check_shapes(x, dt, A, B, C, initial_state):
     batch, length, nheads, headdim = x.shape
     ngroups, d_state = B.shape[-2:]
@@ -340,7 +347,7 @@ def _softplus(v):
     return tl.where(v > 20.0, v, lp)
 
 
-@_jit
+@_jit_varying("L", "nchunks", "n_steps", "store_every")
 def _ssd_state_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, h0_ptr, cu_ptr, seq_idx_ptr,  # inputs
     dacs_ptr, dtsp_ptr, states_ptr,  # outputs
@@ -451,7 +458,7 @@ def _ssd_state_fwd_kernel(
         )
 
 
-@_jit
+@_jit_varying("L", "nchunks", "seg_chunks")
 def _ssd_chunk_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, states_ptr, h0_ptr, cu_ptr, seq_idx_ptr,
     y_ptr, final_ptr,
@@ -615,7 +622,7 @@ def _ssd_chunk_fwd_kernel(
         )
 
 
-@_jit
+@_jit_varying("nchunks")
 def _ssd_varlen_final_state_kernel(
     x_ptr, B_ptr, dacs_ptr, dtsp_ptr, states_ptr, h0_ptr, cu_ptr, final_ptr,
     H, P, N, Q, nchunks, heads_per_group,
