@@ -1,11 +1,31 @@
 """Cached autoregressive generation for ``generate_until``.
 
-The recurrent state is the whole cache: a prompt is run once through ``backbone_forward``,
-which returns each layer's conv window and SSM state, then ``model.step`` advances one token at
-a time, updating those states in place. Prompts of different lengths are never padded into one
-recurrence: they are grouped into buckets of equal length, so no padding token ever passes
-through a scan. Each sequence stops on EOS, on any stop string, or at ``max_new_tokens``;
-finished sequences leave the batch.
+The recurrent state is the whole cache: a group of prompts is run once through
+``backbone_forward`` (the *prefill*), which returns each layer's conv window and SSM state, then
+``model.step`` advances one token at a time, updating those states in place. Each sequence stops
+on EOS, on any stop string, or at ``max_new_tokens``; finished sequences leave the batch.
+
+Prompts are prefilled in groups of up to ``batch_size``, longest first, and each group is then
+decoded together. In models without attention layers, prompts of different lengths share one
+prefill, padded on the right to the longest (``backbone_forward(lengths=...)``): each row's
+returned state is its state after its own last token, the same bits as in a prefill of its own
+length (Δ is ``-inf`` at padded positions, so the scan carries the state through them
+unchanged; the conv window is gathered before the row's end), and its first generated token
+comes from the hidden state at its own last position. A group is cut before its padding grows
+past :data:`MAX_PADDING_RATIO` times its real tokens (:func:`prefill_groups`). Prompts of the
+same kinds as the engine's shared contexts (``mamba_eval.engine``, module docstring point 2)
+keep prefills of one exact length instead:
+
+- every prompt of a hybrid model: an attention layer's key/value cache would hold the padding;
+- prompts longer than ``prefill_chunk``: they run in chunks that carry the state, and rows of
+  different lengths would end in different chunks;
+- prompts shorter than :data:`~mamba_eval.engine.RAGGED_MIN_LENGTH`: on the CPU a product over
+  1-3 positions rounds differently from one over more, so such a prompt in a wider pass would
+  not continue exactly as it does alone.
+
+As for prompts of equal length before, a batch's matrix products on the CPU may round their
+last bits differently from a batch of one (the engine's filler rows are not used here), so a
+greedy token can depend on the batch only at a near-tie of two candidates.
 
 Decoding runs through a :class:`DecodeRunner`, which owns a fixed set of state tensors for the
 largest batch, the step's input ids and (with CUDA graphs) its output logits. Live sequences are
@@ -21,11 +41,46 @@ finished rows until the whole group ends.
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+
+from mamba_eval.engine import RAGGED_MIN_LENGTH
+
+#: A prefill group of prompts of different lengths is cut before its padded area (rows x the
+#: longest prompt) exceeds this many times its real prompt tokens: padding then costs at most a
+#: fifth of the prefill's work. Prompts of nearly equal lengths (a probe's documents of the same
+#: target length) still share one pass; a long prompt does not pull short ones up to its length.
+MAX_PADDING_RATIO = 1.25
+
+
+@dataclass
+class GenerateTimes:
+    """Where ``generate`` spent its time; the fields are added to, so one object can sum several
+    calls.
+
+    ``prefill_s``: the prompt forwards, loading their states into the decoding buffers and
+    picking each sequence's first token (the prefill's logits give it). ``decode_s``: the
+    decoding steps after that, with the host's stop checks. Building or capturing the decode
+    runner (once per model and batch size) is in neither. On CUDA the prefill ends with one
+    synchronisation, so that its kernels are not counted as decoding; decoding is timed up to
+    its last read of the tokens, which waits for the device.
+
+    ``prefill_tokens``: real prompt tokens; ``padded_prefill_tokens``: rows x length of every
+    prefill forward (padding included); ``prefill_forwards``: ``backbone_forward`` calls (a
+    chunked prompt counts one per chunk); ``decode_steps``: batch steps of decoding run (a block
+    of greedy steps counts each of its steps).
+    """
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_tokens: int = 0
+    padded_prefill_tokens: int = 0
+    prefill_forwards: int = 0
+    decode_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -256,6 +311,8 @@ def generate(
     greedy_steps: int | None = None,
     prefill_chunk: int = 16384,
     state_dtype: torch.dtype = torch.float32,
+    mixed_lengths: bool = True,
+    times: GenerateTimes | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
@@ -269,9 +326,14 @@ def generate(
     that many that carry the recurrent state (memory flat in the prompt's length).
     ``state_dtype`` is the storage of the SSM states between decoding steps (fp32 by default;
     ``torch.bfloat16`` halves the state traffic of large batches, as mamba_ssm's cache does).
+    ``mixed_lengths`` (default true) lets prompts of different lengths share a right-padded
+    prefill (module docstring); false prefills only prompts of equal length together. ``times``,
+    if given, is added the time and work of the prefill and of decoding (:class:`GenerateTimes`).
     """
     if prefill_chunk < 1:
         raise ValueError(f"generate: prefill_chunk must be at least 1, got {prefill_chunk}")
+    if batch_size < 1:
+        raise ValueError(f"generate: batch_size must be at least 1, got {batch_size}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: empty prompt (lm-eval supplies at least one token)")
     generator = None
@@ -291,15 +353,48 @@ def generate(
     need = max(len(s.prompt) for s in seqs) + max_new_tokens + max(1, greedy_steps)
     runner = decode_runner(model, min(batch_size, len(seqs)), cuda_graphs=cuda_graphs,
                            greedy_steps=max(0, greedy_steps), max_length=need, state_dtype=state_dtype)
-    buckets: dict[int, list[_Seq]] = {}
-    for s in seqs:
-        buckets.setdefault(len(s.prompt), []).append(s)
-    for length in sorted(buckets, reverse=True):
-        group = buckets[length]
-        for start in range(0, len(group), batch_size):
-            _generate_group(model, runner, group[start:start + batch_size], max_new_tokens, params,
-                            eos_id, is_stopped, generator, device, prefill_chunk)
+    ragged = mixed_lengths and not getattr(model, "has_attention", False)
+    for group in prefill_groups([len(s.prompt) for s in seqs], batch_size, ragged=ragged,
+                                prefill_chunk=prefill_chunk):
+        _generate_group(model, runner, [seqs[i] for i in group], max_new_tokens, params, eos_id, is_stopped, generator,
+                        torch.device(device), prefill_chunk, times)
     return [s.out for s in seqs]
+
+
+def prefill_groups(lengths: Sequence[int], batch_size: int, *, ragged: bool, prefill_chunk: int) -> list[list[int]]:
+    """The prefill groups of prompts of these ``lengths``: lists of at most ``batch_size``
+    indices into ``lengths``, the groups in order of decreasing length and each group's indices
+    too (equal lengths in their given order).
+
+    Without ``ragged`` a group holds one length. With it, the prompts of
+    ``RAGGED_MIN_LENGTH <= length <= prefill_chunk`` tokens fill groups of mixed lengths in order
+    of decreasing length, a new group starting when the next prompt would take the group's padded
+    area (rows x its first, longest, length) past :data:`MAX_PADDING_RATIO` times its real
+    tokens; the other prompts keep groups of one length (module docstring).
+    """
+    exact: dict[int, list[int]] = {}
+    mixed: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep their order
+        n = lengths[i]
+        if ragged and RAGGED_MIN_LENGTH <= n <= prefill_chunk:
+            mixed.append(i)
+        else:
+            exact.setdefault(n, []).append(i)
+    groups = [b[lo:lo + batch_size] for b in exact.values() for lo in range(0, len(b), batch_size)]
+    group: list[int] = []
+    real = 0
+    for i in mixed:
+        n = lengths[i]
+        if group and (len(group) == batch_size
+                      or (len(group) + 1) * lengths[group[0]] > MAX_PADDING_RATIO * (real + n)):
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += n
+    if group:
+        groups.append(group)
+    groups.sort(key=lambda g: -lengths[g[0]])  # stable
+    return groups
 
 
 def _accept(s: _Seq, tok: int, max_new_tokens: int, eos_id, is_stopped) -> bool:
@@ -313,30 +408,71 @@ def _accept(s: _Seq, tok: int, max_new_tokens: int, eos_id, is_stopped) -> bool:
     return not s.done
 
 
-def _prefill(model, ids: torch.Tensor, chunk: int):
-    """The hidden state at the last position and the final state after ``ids`` [B, L], run in
-    chunks of ``chunk`` positions that carry the state."""
-    state = None
-    for lo in range(0, ids.shape[1], chunk):
-        hidden, state = model.backbone_forward(ids[:, lo:lo + chunk], state=state, return_state=True)
-        last = hidden[:, -1]
+def _prefill(model, prompts: list[list[int]], chunk: int, device: torch.device, times: GenerateTimes | None):
+    """The hidden state at each prompt's last position [B, D] and the state after each prompt.
+
+    Prompts of one length run as they are, in chunks of ``chunk`` positions that carry the
+    state. Prompts of different lengths (each at most ``chunk``) run in one forward padded on
+    the right, with their lengths: the state of each row is taken after its own last token, and
+    its hidden state at its own last position.
+    """
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    if min(lengths) == width:
+        ids = torch.tensor(prompts, dtype=torch.long, device=device)
+        state = None
+        for lo in range(0, width, chunk):
+            hidden, state = model.backbone_forward(ids[:, lo:lo + chunk], state=state, return_state=True)
+            last = hidden[:, -1]
+            del hidden
+            if times is not None:
+                times.prefill_forwards += 1
+                times.padded_prefill_tokens += len(prompts) * min(chunk, width - lo)
+    else:
+        if width > chunk:
+            raise ValueError(f"_prefill: prompts of different lengths up to {width} exceed the chunk of {chunk}")
+        pad = 0  # any token id: padded positions change no state and their outputs are not read
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
+        ends = torch.tensor(lengths, dtype=torch.long, device=device)
+        hidden, state = model.backbone_forward(ids, return_state=True, lengths=ends)
+        last = hidden[torch.arange(len(prompts), device=device), ends - 1]
         del hidden
+        if times is not None:
+            times.prefill_forwards += 1
+            times.padded_prefill_tokens += len(prompts) * width
+    if times is not None:
+        times.prefill_tokens += sum(lengths)
     return last, state
 
 
 def _generate_group(model, runner, group, max_new_tokens, params, eos_id, is_stopped, generator, device,
-                    prefill_chunk):
-    ids = torch.tensor([s.prompt for s in group], dtype=torch.long, device=device)
-    last, state = _prefill(model, ids, prefill_chunk)
+                    prefill_chunk, times):
+    start = time.perf_counter()
+    last, state = _prefill(model, [s.prompt for s in group], prefill_chunk, device, times)
     runner.load(state)
     del state
     logits = model.lm_logits(last).float()
     next_ids = sample_next(logits, params, generator)
+    if times is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)  # else the first read of tokens would count the prefill as decoding
+    started = time.perf_counter()
+    steps = _decode(runner, group, next_ids, max_new_tokens, params, eos_id, is_stopped, generator, device)
+    if times is not None:
+        times.prefill_s += started - start
+        times.decode_s += time.perf_counter() - started
+        times.decode_steps += steps
+
+
+def _decode(runner, group, next_ids, max_new_tokens, params, eos_id, is_stopped, generator, device) -> int:
+    """Decode ``group`` (its states loaded in the runner's leading rows, ``next_ids`` its first
+    tokens) until every sequence is done; returns the batch steps run."""
+    steps = 0
     live = list(range(len(group)))  # live[i]: the sequence in row i of the runner's buffers
     while True:
         if runner.greedy_steps:
             # next_ids feeds the block; the block's chosen tokens follow it.
             block = torch.cat([next_ids[:, None], runner.run_greedy(next_ids)], dim=1)
+            steps += runner.greedy_steps
             rows = block.tolist()  # the one host sync per block: EOS and stop strings
             tokens = [row[:-1] for row in rows]  # the last is the input of the next block
             carry = [row[-1] for row in rows]
@@ -348,7 +484,7 @@ def _generate_group(model, runner, group, max_new_tokens, params, eos_id, is_sto
             if all(_accept(s, tok, max_new_tokens, eos_id, is_stopped) for tok in toks):
                 keep.append(pos)
         if not keep:
-            return
+            return steps
         if runner.greedy_steps:
             next_ids = torch.tensor([carry[p] for p in keep], dtype=torch.long, device=device)
         elif len(keep) < len(live):
@@ -358,6 +494,7 @@ def _generate_group(model, runner, group, max_new_tokens, params, eos_id, is_sto
             live = [live[p] for p in keep]
         if not runner.greedy_steps:
             next_ids = sample_next(runner.run(next_ids), params, generator)
+            steps += 1
 
 
 def tail_stop_checker(decode: Callable[[list[int]], str], stops: Sequence[str]) -> Callable[[list[int]], bool]:

@@ -163,28 +163,44 @@ def _encode_in_threads(encode, texts: list[str]) -> list[list[int]]:
 class GenerationStats:
     """What one ``generate_until`` call did: requests, prompt tokens, generated tokens (EOS and
     what follows a stop string excluded) and the wall time of the generation itself (prefill and
-    decoding; tokenising and detokenising excluded)."""
+    decoding; tokenising and detokenising excluded), with its prefill and decoding parts
+    (``mamba_eval.generation.GenerateTimes``: the prefill includes picking each sequence's first
+    token; setting up the decode buffers and graphs is in neither part)."""
 
     requests: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
-    def add(self, requests: int, prompt_tokens: int, generated_tokens: int, seconds: float) -> None:
+    def add(self, requests: int, prompt_tokens: int, generated_tokens: int, seconds: float,
+            prefill_seconds: float = 0.0, decode_seconds: float = 0.0) -> None:
         self.requests += requests
         self.prompt_tokens += prompt_tokens
         self.generated_tokens += generated_tokens
         self.seconds += seconds
+        self.prefill_seconds += prefill_seconds
+        self.decode_seconds += decode_seconds
 
     @property
     def ms_per_generated_token(self) -> float | None:
         return 1e3 * self.seconds / self.generated_tokens if self.generated_tokens else None
 
+    @property
+    def decode_ms_per_generated_token(self) -> float | None:
+        """Decoding time alone per generated token (the first token of each sequence comes out of
+        the prefill, so prefill and decoding per token add up to about the overall figure)."""
+        return 1e3 * self.decode_seconds / self.generated_tokens if self.generated_tokens else None
+
     def __str__(self) -> str:
-        per = self.ms_per_generated_token
-        return (f"{self.requests} requests, {self.prompt_tokens} prompt tokens, {self.generated_tokens} generated "
-                f"tokens in {self.seconds:.2f} s" + (f" ({per:.3f} ms per generated token, prefill included)"
-                                                     if per is not None else ""))
+        text = (f"{self.requests} requests, {self.prompt_tokens} prompt tokens, {self.generated_tokens} generated "
+                f"tokens in {self.seconds:.2f} s (prefill {self.prefill_seconds:.2f} s, decoding "
+                f"{self.decode_seconds:.2f} s)")
+        if self.generated_tokens:
+            text += (f": {self.ms_per_generated_token:.3f} ms per generated token overall, "
+                     f"{self.decode_ms_per_generated_token:.3f} ms decoding alone")
+        return text
 
 
 class MambaLM(TemplateLM):
@@ -655,6 +671,8 @@ class MambaLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from mamba_eval.generation import GenerateTimes
+
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -691,13 +709,15 @@ class MambaLM(TemplateLM):
                 ) if stops else None
 
                 start = time.perf_counter()
+                times = GenerateTimes()
                 outs = generate(
                     self.model, prompts, max_new_tokens=max_gen, params=params,
                     eos_id=self.eot_token_id, is_stopped=stopped,
                     batch_size=batch, device=self._device, prefill_chunk=self.context_chunk,
-                    state_dtype=self.decode_state_dtype,
+                    state_dtype=self.decode_state_dtype, times=times,
                 )
-                stats.add(len(prompts), sum(map(len, prompts)), sum(map(len, outs)), time.perf_counter() - start)
+                stats.add(len(prompts), sum(map(len, prompts)), sum(map(len, outs)), time.perf_counter() - start,
+                          times.prefill_s, times.decode_s)
                 for i, toks in zip(indices, outs):
                     text = postprocess_generated_text(self.tok_decode(toks), until, None)
                     results[i] = text

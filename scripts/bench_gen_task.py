@@ -5,9 +5,9 @@ Runs ``mamba_passkey_gen_<len>`` (greedy generation until "." or a newline, 8 to
 probe task registered by the package) through lm-eval's ``simple_evaluate`` on a random-init
 checkpoint of a published Mamba-1 shape (``bench_eval.write_checkpoint``: mamba_ssm format, the
 real GPT-NeoX-20B tokenizer from the data folder) or on ``--pretrained``, then prints the task's
-``exact_match``, the requests, prompt and generated tokens, the generation's wall time (prefill and
-decoding, from ``MambaLM.generation_stats``) and the ms per generated token, and writes JSON. Random
-weights answer at chance; the time is the point.
+``exact_match``, the requests, prompt and generated tokens, the generation's wall time (from
+``MambaLM.generation_stats``) with its prefill and decoding parts, the ms per generated token overall
+and for decoding alone, and writes JSON. Random weights answer at chance; the time is the point.
 
     python scripts/bench_gen_task.py --shapes mamba-130m,mamba-2.8b --lengths 1k,4k --json gen_task.json
     python scripts/bench_gen_task.py --shapes tiny --device cpu --dtype float32 --lengths 1k --limit 2
@@ -45,7 +45,9 @@ def run(args, pretrained: str, tokenizer: str, length: str) -> dict:
     return {"task": task, "exact_match": out["results"][task].get("exact_match,none"),
             "requests": stats.requests, "prompt_tokens": stats.prompt_tokens,
             "generated_tokens": stats.generated_tokens, "generation_s": stats.seconds,
+            "prefill_s": stats.prefill_seconds, "decode_s": stats.decode_seconds,
             "ms_per_generated_token": stats.ms_per_generated_token,
+            "decode_ms_per_generated_token": stats.decode_ms_per_generated_token,
             "evaluate_s": time.perf_counter() - start}
 
 
@@ -73,10 +75,12 @@ def main() -> int:
             for length in args.lengths.split(","):
                 row = {"model": name, **run(args, path, str(tokenizer), length)}
                 rows.append(row)
-                per = row["ms_per_generated_token"]
+                per, dec = row["ms_per_generated_token"], row["decode_ms_per_generated_token"]
                 print(f"{name:<12} {row['task']:<24} requests {row['requests']:>4}  prompt tokens "
                       f"{row['prompt_tokens']:>8}  generated {row['generated_tokens']:>5}  generation "
-                      f"{row['generation_s']:7.2f} s  {per if per is None else round(per, 3)} ms/token  "
+                      f"{row['generation_s']:7.2f} s (prefill {row['prefill_s']:7.2f} s, decode "
+                      f"{row['decode_s']:7.2f} s)  {per if per is None else round(per, 3)} ms/token  "
+                      f"decode {dec if dec is None else round(dec, 3)} ms/token  "
                       f"exact_match {row['exact_match']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "dtype": args.dtype, "rows": rows}, indent=1))

@@ -342,3 +342,98 @@ def test_bench_gen_task_smoke(tmp_path):
     assert row["task"] == "mamba_passkey_gen_1k" and row["requests"] == 2
     assert 1 <= row["generated_tokens"] <= 2 * 8 and row["ms_per_generated_token"] > 0
     assert row["prompt_tokens"] > 2 * 900 and 0.0 <= row["exact_match"] <= 1.0
+
+
+def _counting_forwards(model, monkeypatch):
+    """Record every ``backbone_forward`` as (rows, length, with lengths or not)."""
+    calls = []
+    real = model.backbone_forward
+
+    def counted(input_ids, *args, **kwargs):
+        calls.append((input_ids.shape[0], input_ids.shape[1], kwargs.get("lengths") is not None))
+        return real(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "backbone_forward", counted)
+    return calls
+
+
+def test_prompts_of_mixed_lengths_share_a_prefill(model, monkeypatch, one_torch_thread):
+    """Prompts of different lengths prefill together, right-padded (each row's state and first
+    token taken at its own end): the greedy tokens equal each prompt alone, equal-length
+    prefills only (as before) and the full forward; fewer forwards run; prompts shorter than
+    RAGGED_MIN_LENGTH or longer than prefill_chunk keep prefills of their own length."""
+    from mamba_eval.engine import RAGGED_MIN_LENGTH
+    from mamba_eval.generation import GenerateTimes
+
+    gen = torch.Generator().manual_seed(6)
+    vocab = model.config.vocab_size
+    sizes = (5, 9, 9, 17, 4, 12, RAGGED_MIN_LENGTH - 1)
+    prompts = [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in sizes]
+    cpu = torch.device("cpu")
+    kwargs = dict(max_new_tokens=6, device=cpu, batch_size=8, greedy_steps=1)
+    calls = _counting_forwards(model, monkeypatch)
+    times = GenerateTimes()
+    mixed = generate(model, prompts, times=times, **kwargs)
+    mixed_calls = list(calls)
+    calls.clear()
+    exact = generate(model, prompts, mixed_lengths=False, **kwargs)
+    exact_calls = list(calls)
+    alone = [generate(model, [p], max_new_tokens=6, device=cpu, batch_size=1)[0] for p in prompts]
+    assert mixed == exact == alone
+    for i in (0, 5):  # the rows padded most (5 of 9, 12 of 17 tokens)
+        assert mixed[i] == _greedy_by_forward(model, prompts[i], 6)
+    assert len(exact_calls) == len(set(sizes))  # one prefill per distinct length
+    # 17+12 | 9+9+5 | 4 (a fifth row would take the padding past MAX_PADDING_RATIO) | 3 alone
+    assert mixed_calls == [(2, 17, True), (3, 9, True), (1, 4, False), (1, 3, False)]
+    assert times.prefill_forwards == len(mixed_calls)
+    assert times.prefill_tokens == sum(sizes)
+    assert times.padded_prefill_tokens == sum(rows * width for rows, width, _ in mixed_calls)
+    # greedy decoding feeds each sequence's tokens on as they come: 6 steps for 6 tokens, the
+    # first from the prefill, the last step's token not needed
+    assert times.decode_steps == 6 * len(mixed_calls)
+    assert times.prefill_s > 0 and times.decode_s > 0
+    # Longer than prefill_chunk: chunked prefills of one length; the rest still mixed.
+    calls.clear()
+    assert generate(model, prompts, prefill_chunk=8, **kwargs) == mixed
+    assert [c for c in calls if c[2]] == [(2, 5, True)]  # 5 and 4 together
+    # Seeded sampling over mixed prefills is reproducible.
+    params = SamplingParams(do_sample=True, temperature=1.5, top_k=20, seed=3)
+    assert generate(model, prompts, params=params, **kwargs) == generate(model, prompts, params=params, **kwargs)
+
+
+def test_prefill_groups_bound_padding_and_keep_batch_size():
+    from mamba_eval.generation import MAX_PADDING_RATIO, prefill_groups
+
+    lengths = [5, 9, 9, 17, 4, 12, 2, 40, 9]
+    groups = prefill_groups(lengths, 3, ragged=True, prefill_chunk=20)
+    assert groups == [[7], [3, 5], [1, 2, 8], [0, 4], [6]]  # 40 > chunk, 2 < RAGGED_MIN_LENGTH alone
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        width = lengths[g[0]]
+        assert len(g) <= 3 and width == max(lengths[i] for i in g)
+        assert len(g) * width <= MAX_PADDING_RATIO * sum(lengths[i] for i in g)
+    assert prefill_groups(lengths, 3, ragged=False, prefill_chunk=20) == [[7], [3], [5], [1, 2, 8], [0], [4], [6]]
+    assert prefill_groups([8] * 5, 2, ragged=True, prefill_chunk=20) == [[0, 1], [2, 3], [4]]
+
+
+@torch.inference_mode()
+def test_hybrid_models_keep_prefills_of_one_length(monkeypatch, one_torch_thread):
+    """An attention layer's key/value cache would hold the padding: a hybrid model prefills only
+    prompts of equal length together, and its greedy tokens equal each prompt alone."""
+    from mamba_eval.config import AttnConfig, MambaConfig
+    from mamba_eval.model import MambaLMHeadModel
+
+    torch.manual_seed(0)
+    config = MambaConfig(arch="mamba2", d_model=32, n_layer=2, vocab_size=64, d_state=8, d_conv=4, expand=2,
+                         dt_rank=0, headdim=16, ngroups=1, chunk_size=8, attn_layer_idx=(1,),
+                         attn=AttnConfig(num_heads=2, num_heads_kv=1, head_dim=16))
+    hybrid = MambaLMHeadModel(config, dtype=torch.float32)
+    with torch.no_grad():  # a spread-out output distribution: no near-ties between greedy candidates
+        hybrid.backbone.embedding.weight.normal_(0.0, 0.5)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 64, (n,), generator=gen).tolist() for n in (6, 9, 6, 5)]
+    cpu = torch.device("cpu")
+    calls = _counting_forwards(hybrid, monkeypatch)
+    together = generate(hybrid, prompts, max_new_tokens=5, device=cpu, batch_size=4)
+    assert calls == [(1, 9, False), (2, 6, False), (1, 5, False)]
+    assert together == [generate(hybrid, [p], max_new_tokens=5, device=cpu)[0] for p in prompts]
