@@ -24,7 +24,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from mamba_eval.errors import MambaEvalError, ModelArgsError, install_excepthook
-from mamba_eval.generation import SamplingParams, generate, tail_stop_checker
+from mamba_eval.generation import GenerateTimes, SamplingParams, generate, tail_stop_checker
 from mamba_eval.engine import DEFAULT_CONTEXT_CHUNK, gc_paused, score_continuations, score_documents
 
 log = logging.getLogger(__name__)
@@ -671,7 +671,6 @@ class MambaLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from mamba_eval.generation import GenerateTimes
 
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         groups: dict[str, list[int]] = {}
