@@ -671,7 +671,6 @@ class MambaLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
