@@ -18,7 +18,7 @@ Both caches hand lm-eval exactly what it would have computed:
   the environment's globals and filters are looked up at render time, as before.
 - :func:`install_index_cache` wraps ``TaskIndex.build``. The built index is stored as JSON
   under ``$XDG_CACHE_HOME/mamba_eval/task_index`` (``~/.cache`` by default), one file per
-  lm-eval version and list of task folders, and used only while every file the build read is
+  lm-eval version and task folder, and used only while every file the build read is
   unchanged: every YAML that lm-eval's own walk finds (the same list, in the same order) and
   every file they include, each with the size and modification time it had. Any edit, new or
   removed file rebuilds the index. Files modified in the last two seconds before a build are
@@ -45,7 +45,7 @@ from pathlib import Path
 
 DISABLE_ENV = "MAMBA_EVAL_NO_HARNESS_CACHE"
 FORMAT = 1
-MAX_INDEX_FILES = 16  # cached indexes kept (one per lm-eval version and list of task folders)
+MAX_INDEX_FILES = 32  # cached folder indexes kept (one per lm-eval version and task folder)
 RACY_SECONDS = 2.0
 _MARK = "_mamba_eval_cached"
 _ENTRY_FIELDS = ("name", "kind", "yaml_path", "cfg", "tags")
@@ -181,14 +181,33 @@ def install_index_cache(index_module, loader_module) -> bool:
     def cached_build(paths, *, resolve_includes=True):
         paths = list(paths)
         try:
-            return _cached_build(index_module, loader_module, original, paths, resolve_includes)
+            parts = [_cached_build(index_module, loader_module, original, [root], resolve_includes)
+                     for root in paths]
         except Exception as exc:  # the cache must never stand between lm-eval and its tasks
             log.debug("task index cache not used: %s", exc)
             return original(paths, resolve_includes=resolve_includes)
+        return _merge(parts, index_module.log)
 
     setattr(cached_build, _MARK, True)
     task_index.build = staticmethod(cached_build)
     return True
+
+
+def _merge(parts: list[dict], index_log) -> dict:
+    """The index of several folders from each folder's own, as ``TaskIndex.build`` merges them:
+    a later folder's entry replaces an earlier one of the same name, with lm-eval's warning.
+    (Each folder is cached on its own, so lm-eval's 14,000-odd built-in tasks are stored once
+    however many ``include_path`` folders are indexed with them.)"""
+    if len(parts) == 1:
+        return parts[0]
+    index: dict = {}
+    for part in parts:
+        for name, entry in part.items():
+            if name in index:
+                index_log.warning("Task '%s' from %s overrides existing task from %s",
+                                  name, entry.yaml_path, index[name].yaml_path)
+            index[name] = entry
+    return index
 
 
 def _lm_eval_version() -> str:

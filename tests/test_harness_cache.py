@@ -127,14 +127,23 @@ def test_warnings_of_the_build_are_logged_again_from_the_cache(tmp_path, cache_h
     first, second = tmp_path / "first", tmp_path / "second"
     _tree(first)
     _write(second / "one.yaml", "task: t_one\ndataset_path: override\n")
+    _write(second / "dup" / "a.yaml", "task: t_dup\ndataset_path: a\n")
+    _write(second / "dup" / "b.yaml", "task: t_dup\ndataset_path: b\n")  # a duplicate within a folder
+
+    def messages():
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
     with caplog.at_level(logging.WARNING, logger=index_module.log.name):
-        built = TaskIndex.build([first, second])
-    warned = [r.getMessage() for r in caplog.records if "overrides" in r.getMessage()]
-    assert warned and built["t_one"].cfg["dataset_path"] == "override"
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=index_module.log.name):
-        assert _same(TaskIndex.build([first, second]), built)
-    assert [r.getMessage() for r in caplog.records if "overrides" in r.getMessage()] == warned
+        want = _uncached([first, second])
+    warned = messages()
+    assert any("overrides" in m for m in warned) and any("Duplicate" in m for m in warned)
+    for _ in range(2):  # built (and stored) folder by folder, then read back
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=index_module.log.name):
+            assert _same(TaskIndex.build([first, second]), want)
+        assert messages() == warned
+    assert want["t_one"].cfg["dataset_path"] == "override"
+    assert len(list(cache_home.glob("*.json"))) == 2  # one per folder
 
 
 def test_values_json_cannot_carry_leave_the_index_uncached(tmp_path, cache_home):
