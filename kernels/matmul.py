@@ -191,6 +191,35 @@ def _linear_config(n: int, k: int, dtype: torch.dtype, hip: bool = False) -> dic
     return cfg
 
 
+# Few rows (decoding steps: one row per sequence of the batch): the products are bound by reading
+# W, so the tiles are thin in N (many programs stream W side by side) and one BLOCK_M-row block
+# covers a whole decoding batch (W is read once). BLOCK_M stays 64 whatever M is: a row's
+# arithmetic is then the same at batch 1 and at batch 64, as in ``linear``.
+_STEP_BLOCK_M = 64
+_STEP_MIN_PROGRAMS = 264  # about two per SM of an H200
+
+
+def _step_config(n: int, k: int, dtype: torch.dtype, hip: bool = False) -> dict:
+    """Launch configuration of ``linear_step`` for weight [N, K] in ``dtype``: a function of these
+    only, like ``_linear_config``.
+
+    16-bit inputs: 64-row tiles; BLOCK_N the widest of 64, 32, 16 that still gives at least
+    ``_STEP_MIN_PROGRAMS`` column blocks (16 when none does); BLOCK_K 256 (the next power of two
+    >= K, at least 16, for a smaller K), 4 warps, 3 stages. fp32 inputs: ``_linear_config``'s
+    (exact products on the FMA units). AMD: BLOCK_K at most 64 and 2 stages (64 KiB of shared
+    memory per program)."""
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"linear supports float16, bfloat16 and float32, got {dtype}")
+    if dtype == torch.float32:
+        return _linear_config(n, k, dtype, hip)
+    block_n = next((b for b in (64, 32) if -(-n // b) >= _STEP_MIN_PROGRAMS), 16)
+    block_k = 256 if k >= 256 else max(16, triton.next_power_of_2(max(k, 1)))
+    cfg = dict(block_m=_STEP_BLOCK_M, block_n=block_n, block_k=block_k, group_m=1, num_warps=4, num_stages=3)
+    if hip:
+        cfg.update(block_k=min(block_k, 64), num_stages=2)
+    return cfg
+
+
 def _rows_view(x: torch.Tensor) -> tuple[int, int, int] | None:
     """x's leading dims as rows m = (outer, inner): (M_INNER, stride_outer, stride_inner), or None
     when they cannot be described by two strides (then x is copied).
@@ -224,7 +253,33 @@ def linear(
     x may have any strides (leading dims that two strides cannot describe are copied first);
     weight any strides. No host synchronisation, no autotuning: CUDA-graph safe.
     """
-    require_triton("linear")
+    return _linear(x, weight, bias, _linear_config, "linear")
+
+
+def linear_step(
+    x: torch.Tensor,  # [..., K], few rows
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:
+    """``linear`` with tiles for few rows (the products of a decoding step, ``_step_config``):
+    the same contract, each row bitwise independent of the other rows and of their number, so a
+    sequence decodes to the same bits at batch 1 and at batch 64. (Not the same bits as
+    ``linear``: another BLOCK_K cuts the sum over K differently.)"""
+    return _linear(x, weight, bias, _step_config, "linear_step")
+
+
+def linear_step_ref(
+    x: torch.Tensor,  # [..., K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, the reference of ``linear_step``."""
+    return F.linear(x, weight, bias)
+
+
+def _linear(x, weight, bias, config, op: str) -> torch.Tensor:
+    """``linear`` / ``linear_step`` with the launch configuration ``config(n, k, dtype, hip)``."""
+    require_triton(op)
     if x.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"x must be [..., K] and weight [N, K], got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     n, k = weight.shape
@@ -239,7 +294,7 @@ def linear(
             raise ValueError(f"{name} is {t.dtype}, x is {x.dtype}: linear needs one dtype")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    cfg = _linear_config(n, k, x.dtype, hip=x.is_cuda and torch.version.hip is not None)
+    cfg = config(n, k, x.dtype, hip=x.is_cuda and torch.version.hip is not None)
     y = _new_output((*x.shape[:-1], n), x.dtype, x.device)
     m = y.numel() // n if n else 0
     if m == 0 or n == 0:

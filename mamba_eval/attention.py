@@ -266,7 +266,7 @@ class Attention(nn.Module):
         """h [B, D] -> out [B, D]: writes the position ``state.length`` of the cache and advances
         ``state.length``, IN PLACE; attends over the filled positions by a mask over the whole
         cache (fixed shapes, no host synchronisation)."""
-        qkv, mlp = self._project(h, F.linear)  # decoding: cuBLAS's small-row kernels
+        qkv, mlp = self._project(h, self.ops.step_linear)
         if self.conv1d is not None:
             qkv = self.ops.causal_conv1d_update(qkv, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                                 None)
@@ -281,4 +281,4 @@ class Attention(nn.Module):
         seen = torch.arange(state.capacity, device=h.device) <= pos  # [T]: the filled positions and this one
         ctx = self._attend(q, state.k, state.v, seen.view(1, 1, 1, -1))
         state.length.add_(1)
-        return self._out(ctx.flatten(1), mlp, F.linear)
+        return self._out(ctx.flatten(1), mlp, self.ops.step_linear)

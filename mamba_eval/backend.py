@@ -15,15 +15,17 @@ of the ``*_ref`` references in ``mamba_eval.kernels``:
 ``gated_rmsnorm``          ``kernels.norm.gated_rmsnorm_ref``
 ``mamba1_decode``          ``kernels.mamba1_step.mamba1_decode_ref``
 ``linear``                 ``kernels.matmul.linear_ref`` (``F.linear``)
+``step_linear``            ``kernels.matmul.linear_step_ref`` (``F.linear``)
 =========================  =====================================================
 
-``linear`` is the matrix product of the sequence forwards and the LM head (decoding steps call
-``F.linear`` directly: cuBLAS's small-row kernels are the fastest there). It is cuBLAS in both
-backends, except in *batch-invariant* ops (``get_ops(name, batch_invariant=True)``): there the
-Triton backend uses ``kernels.matmul.linear``, whose tiling never depends on the number of rows,
+``linear`` is the matrix product of the sequence forwards and the LM head, ``step_linear`` that
+of decoding steps (a few rows). Both are cuBLAS in both backends, except in *batch-invariant*
+ops (``get_ops(name, batch_invariant=True)``): there the Triton backend uses
+``kernels.matmul.linear`` and ``linear_step``, whose tilings never depend on the number of rows,
 and passes ``batch_invariant=True`` to the kernels whose launch configuration would otherwise
 follow the batch size (the scans and the norms). A row's result then does not depend on the
-other rows of its batch, bit for bit (cuBLAS picks its algorithm, split-K included, per shape).
+other rows of its batch, bit for bit (cuBLAS picks its algorithm, split-K included, per shape),
+in a forward and in a decoding step: a sequence decodes to the same tokens at every batch size.
 On the CPU the references have no such dependence to remove; the scoring engine handles the
 CPU libraries' own (``mamba_eval.engine``, point 5).
 """
@@ -54,6 +56,7 @@ class Ops:
     gated_rmsnorm: Callable
     mamba1_decode: Callable
     linear: Callable
+    step_linear: Callable
     batch_invariant: bool = False
 
 
@@ -70,6 +73,7 @@ _FUNCTIONS = {
     "gated_rmsnorm": ("norm", "gated_rmsnorm"),
     "mamba1_decode": ("mamba1_step", "mamba1_decode"),
     "linear": ("matmul", "linear"),
+    "step_linear": ("matmul", "linear_step"),
 }
 # Kernels that take ``batch_invariant`` (their references accept and ignore it).
 _INVARIANT_FIELDS = ("selective_scan", "ssd_scan", "add_norm", "gated_rmsnorm")
@@ -79,7 +83,7 @@ def _build(name: str, suffix: str, batch_invariant: bool) -> Ops:
     functions = {}
     for field, (module, function) in _FUNCTIONS.items():
         mod = importlib.import_module(f"mamba_eval.kernels.{module}")
-        if field == "linear" and not batch_invariant:
+        if field in ("linear", "step_linear") and not batch_invariant:
             suffix_ = "_ref"  # cuBLAS: fastest when invariance is not asked for
         else:
             suffix_ = suffix

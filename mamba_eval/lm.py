@@ -224,7 +224,9 @@ class MambaLM(TemplateLM):
     - ``batch_invariant`` (default true): keep a request's score independent of the batch it
       runs in, bit for bit. On the CPU every forward gets shapes that make the libraries'
       arithmetic the same for every row (filler rows: more work, the more threads); on CUDA the
-      model runs the batch-invariant kernels and GEMM (``mamba_eval.backend``). False is faster.
+      model runs the batch-invariant kernels and GEMMs (``mamba_eval.backend``), decoding steps
+      included, so ``generate_until`` gives a prompt the same tokens at every batch size. False is
+      faster (cuBLAS; Mamba-1 decoding at small batches through the fused step).
     - ``context_chunk`` (default 16384): a sequence longer than this many tokens (a long-context
       probe's context or prompt, with ``max_length`` raised to fit it) runs in chunks of it that
       carry the recurrent state, so memory stays flat in the sequence's length.

@@ -18,7 +18,7 @@ whatever the model dtype, as the scans consume them in fp32. Falcon-Mamba's extr
 and C (``config.bcdt_rmsnorm``) are weightless RMSNorms in plain PyTorch.
 
 Operators come from a backend chosen once at construction (``mamba_eval.backend.get_ops``),
-batch-invariant or not; decoding steps use ``F.linear`` for their matrix products.
+batch-invariant or not; decoding steps use ``ops.step_linear`` for their matrix products.
 Sequence state is explicit: ``forward`` takes an optional initial ``ModelState`` (not modified)
 and can return the final one; ``step`` advances a ``ModelState`` by one token IN PLACE. A Mamba
 layer's state is a ``LayerState`` (conv window, SSM state); an attention layer's is an
@@ -241,22 +241,24 @@ class Mamba1Mixer(_CachedA, nn.Module):
     def step(self, h: torch.Tensor, state: LayerState) -> torch.Tensor:
         """h [B, D] -> out [B, D]; advances ``state`` IN PLACE. Between the projections: for few
         rows one fused op (conv update, x_proj, Falcon-Mamba's norms, dt_proj, state update in two
-        launches), else the four ops with cuBLAS's products (module constant
-        :data:`FUSED_DECODE_MAX_ELEMENTS`)."""
-        x, z = F.linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
-        if x.shape[0] * x.shape[1] <= FUSED_DECODE_MAX_ELEMENTS:
+        launches), else the four ops (module constant :data:`FUSED_DECODE_MAX_ELEMENTS`). With
+        batch-invariant ops always the four ops, whose arithmetic per row is the same at every
+        batch size (the fused op's is too, but it is not the four ops' arithmetic)."""
+        linear = self.ops.step_linear
+        x, z = linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
+        if not self.ops.batch_invariant and x.shape[0] * x.shape[1] <= FUSED_DECODE_MAX_ELEMENTS:
             y = self.ops.mamba1_decode(
                 x, z, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight,
                 self.dt_proj.weight, self.dt_proj.bias, self._neg_A(), self.D, bcdt_eps=self.bcdt_eps,
             )
         else:
             x = self.ops.causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
-            dt, B, C = self._ssm_inputs(x, F.linear)
+            dt, B, C = self._ssm_inputs(x, linear)
             y = self.ops.selective_state_update(
                 state.ssm, x, dt, self._neg_A(), B, C, self.D, z,
                 dt_bias=self.dt_proj.bias, dt_softplus=True,
             )
-        return F.linear(y, self.out_proj.weight, self.out_proj.bias)
+        return linear(y, self.out_proj.weight, self.out_proj.bias)
 
 
 class Mamba2Mixer(_CachedA, nn.Module):
@@ -323,13 +325,13 @@ class Mamba2Mixer(_CachedA, nn.Module):
 
     def step(self, h: torch.Tensor, state: LayerState) -> torch.Tensor:
         """h [B, D] -> out [B, D]; advances ``state`` IN PLACE."""
-        z, xbc, dt = self._split(F.linear(h, self.in_proj.weight, self.in_proj.bias))
+        z, xbc, dt = self._split(self.ops.step_linear(h, self.in_proj.weight, self.in_proj.bias))
         xbc = self.ops.causal_conv1d_update(xbc, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         x, B, C = self._split_xbc(xbc)
         y = self.ops.ssd_state_update(
             state.ssm, x, dt, self._neg_A(), B, C, self.D, dt_bias=self.dt_bias, dt_softplus=True,
         )  # [B, H, P]
-        return self._gated_norm_out(y.flatten(-2), z, F.linear)
+        return self._gated_norm_out(y.flatten(-2), z, self.ops.step_linear)
 
 
 class Block(nn.Module):
@@ -367,7 +369,7 @@ class Block(nn.Module):
 
     def step(self, x, residual, state: LayerState | AttnState):
         x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
-        return self._mlp(self.mixer.step(x, state), residual, F.linear)
+        return self._mlp(self.mixer.step(x, state), residual, self.ops.step_linear)
 
 
 class Backbone(nn.Module):
@@ -562,4 +564,4 @@ class MambaLMHeadModel(nn.Module):
         for layer, layer_state in zip(self.backbone.layers, state):
             x, residual = layer.step(x, residual, layer_state)
         hidden, _ = self.backbone.norm_f.add_norm(self.ops, x, residual, self.config.residual_in_fp32)
-        return self.lm_logits(hidden, F.linear)
+        return self.lm_logits(hidden, self.ops.step_linear)

@@ -70,6 +70,9 @@ def main() -> int:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--no-eager", action="store_true", help="skip the (slow) eager runs")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="the batch-invariant model (as --model mamba builds it): decoding steps through "
+                         "kernels.matmul.linear_step, never the fused Mamba-1 step")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_generate.py needs a CUDA GPU (none found)", file=sys.stderr)
@@ -89,7 +92,7 @@ def main() -> int:
     for shape in shapes:
         torch.manual_seed(0)
         model = MambaLMHeadModel(make_config(**SHAPES[shape]), backend="triton", device="cuda",
-                                 dtype=torch.bfloat16).eval()
+                                 dtype=torch.bfloat16, batch_invariant=args.batch_invariant).eval()
         for batch in batches:
             eager = None if args.no_eager else bench(model, batch, False, 1, repeats=1)
             single = bench(model, batch, True, 1)
@@ -112,7 +115,8 @@ def main() -> int:
         del model
         torch.cuda.empty_cache()
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                               "batch_invariant": args.batch_invariant, "results": rows}, indent=1))
     return 0
 
 

@@ -70,6 +70,7 @@ class Case:
     note: str = ""
     kernel: Callable | None = None  # runs instead of module.op (a sequence of ops); module.op_ref checks it
     cycled: tuple[int, ...] = ()  # decode: further arguments copied per graph step like the state (weights)
+    in_place: bool = True  # decode: the state_arg is written (False: only cycled, e.g. a weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +330,17 @@ def build_cases() -> list[Case]:
                               note="linear: Triton, tiles fixed per (N, K), rows bitwise independent of M"))
             cases.append(Case("matmul", "linear", f"{shape}, torch", make, flops=flops, kernel=_torch_linear,
                               note="torch: F.linear (cuBLAS, algorithm chosen per shape, M included)"))
+    # The decoding steps' products (batch 1 and 64) in a CUDA graph, each call reading another
+    # copy of the weight (as each layer reads its own from memory): linear_step against F.linear.
+    for m in (1, 64):
+        for layer, k, n, _ in LINEAR_SHAPES:
+            shape = f"{layer} M={m} K={k} N={n}"
+            make, flops = _linear_case(m, k, n), 2 * m * n * k
+            cases.append(Case("matmul", "linear_step", shape, make, flops=flops, state_arg=1, in_place=False,
+                              note="linear_step: Triton, 64-row tiles fixed per (N, K), rows bitwise "
+                                   "independent of the batch"))
+            cases.append(Case("matmul", "linear_step", f"{shape}, torch", make, flops=flops, state_arg=1,
+                              in_place=False, kernel=_torch_linear, note="torch: F.linear (cuBLAS)"))
     return cases
 
 
@@ -418,7 +430,7 @@ def moved_bytes(case: Case, args, kwargs, outputs: list[torch.Tensor]) -> int:
     """Every input read once, every output written once, the in-place state read and written."""
     read = sum(_nbytes(t) for t in _tensors(args) + _tensors(kwargs))
     written = sum(_nbytes(t) for t in outputs)
-    if case.state_arg is not None:
+    if case.state_arg is not None and case.in_place:
         written += _nbytes(args[case.state_arg])
     return read + written
 

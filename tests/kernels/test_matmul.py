@@ -1,4 +1,5 @@
-"""The Triton ``linear`` against ``linear_ref`` (F.linear), and its row invariance.
+"""The Triton ``linear`` and ``linear_step`` (few-row tiles, for decoding steps) against
+``linear_ref`` (F.linear), and their row invariance.
 
 Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1) at small sizes, with the
 configurations it uses on a GPU: there the row-invariance tests check the tiling and masking (rows
@@ -28,6 +29,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 # Relative max error against F.linear in fp32 on the same (rounded) inputs: fp32 only differs in
 # summation order; 16-bit outputs are rounded once (bf16 step 2^-8, fp16 2^-11).
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+FUNCTIONS = {"linear": (mm.linear, mm._linear_config), "linear_step": (mm.linear_step, mm._step_config)}
 
 
 @pytest.fixture(autouse=True)
@@ -76,13 +78,26 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0])) or 'vec'}-K{c[1]}-N{c[2]}-{c[4]}")
 def test_linear_matches_reference(case, dtype):
+    _matches_reference(mm.linear, case, dtype)
+
+
+# linear_step's tiles (64 x {16, 32, 64} x up to 256) on a few of the cases, 16-bit (fp32 takes
+# linear's configuration).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[6]],
+                         ids=lambda c: f"{'x'.join(map(str, c[0])) or 'vec'}-K{c[1]}-N{c[2]}-{c[4]}")
+def test_linear_step_matches_reference(case, dtype):
+    _matches_reference(mm.linear_step, case, dtype)
+
+
+def _matches_reference(fn, case, dtype):
     lead, k, n, with_bias, layout = case
     x = _randn(*lead, k, dtype=dtype, seed=0)
     if layout != "contiguous":
         x = _layout(x, layout)
     w = _randn(n, k, dtype=dtype, seed=1, scale=k ** -0.5)
     b = _randn(n, dtype=dtype, seed=2) if with_bias else None
-    y = mm.linear(x, w, b)
+    y = fn(x, w, b)
     expected = mm.linear_ref(x.float(), w.float(), None if b is None else b.float())
     assert y.dtype == dtype and y.is_contiguous()
     assert_close(y, expected, RTOL[dtype], "y")
@@ -108,28 +123,31 @@ def test_linear_rejects_bad_inputs():
         mm.linear(x.double(), w.double())
 
 
-def _rows_are_independent(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, subsets) -> None:
+def _rows_are_independent(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, subsets,
+                          fn=mm.linear) -> None:
     """Rows computed among all of x, within subsets of rows, and in shuffled order: the same bits."""
-    full = mm.linear(x, w, b)
+    full = fn(x, w, b)
     gen = torch.Generator().manual_seed(0)
     for size in subsets:
         rows = torch.randperm(x.shape[0], generator=gen)[:size].to(x.device)
-        part = mm.linear(x[rows], w, b)
+        part = fn(x[rows], w, b)
         assert torch.equal(part, full[rows]), f"{size} rows differ from the same rows among {x.shape[0]}"
     perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
-    assert torch.equal(mm.linear(x[perm], w, b), full[perm]), "shuffled rows differ"
+    assert torch.equal(fn(x[perm], w, b), full[perm]), "shuffled rows differ"
 
 
+@pytest.mark.parametrize("function", list(FUNCTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kn", [(100, 300), (48, 80)], ids=["wide", "narrow"])
-def test_rows_do_not_depend_on_the_other_rows(kn, dtype):
-    """M = 1, 5, 64 out of 200 rows (two row blocks, the second partial), and all rows shuffled."""
+def test_rows_do_not_depend_on_the_other_rows(kn, dtype, function):
+    """M = 1, 5, 64 out of 200 rows (several row blocks, the last partial), and all rows shuffled."""
+    fn = FUNCTIONS[function][0]
     k, n = kn
     x = _randn(200, k, dtype=dtype, seed=3)
     w = _randn(n, k, dtype=dtype, seed=4, scale=k ** -0.5)
-    _rows_are_independent(x, w, _randn(n, dtype=dtype, seed=5), subsets=(1, 5, 64))
+    _rows_are_independent(x, w, _randn(n, dtype=dtype, seed=5), subsets=(1, 5, 64), fn=fn)
     # The same rows read through a strided view (a column slice of a wider tensor) give the same bits.
-    assert torch.equal(mm.linear(_layout(x, "column slice"), w), mm.linear(x, w))
+    assert torch.equal(fn(_layout(x, "column slice"), w), fn(x, w))
 
 
 class _LaunchSpy:
@@ -146,13 +164,14 @@ class _LaunchSpy:
         return launch
 
 
-def test_launch_configuration_does_not_depend_on_m(monkeypatch):
+@pytest.mark.parametrize("function", list(FUNCTIONS))
+def test_launch_configuration_does_not_depend_on_m(function, monkeypatch):
     """What the wrapper launches (tiles, warps, stages, masks) is the same for M = 1, 7, 64, 256."""
     spy = _LaunchSpy(mm._linear_fwd_kernel)
     monkeypatch.setattr(mm, "_linear_fwd_kernel", spy)
     w = _randn(40, 70, dtype=torch.bfloat16, seed=0)
     for m in (1, 7, 64, 256):
-        mm.linear(_randn(m, 70, dtype=torch.bfloat16, seed=m), w)
+        FUNCTIONS[function][0](_randn(m, 70, dtype=torch.bfloat16, seed=m), w)
     assert len(spy.launches) == 4 and all(kw == spy.launches[0] for kw in spy.launches)
 
 
@@ -165,19 +184,26 @@ REAL_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("function", list(FUNCTIONS))
 @pytest.mark.parametrize("hip", [False, True], ids=["cuda", "rocm"])
-def test_configurations_of_the_real_shapes(hip):
+def test_configurations_of_the_real_shapes(hip, function):
     """Powers of two, no K split, the narrow class for x_proj, and shared memory within the GPU's
     (227 KiB a program on an H200, 64 KiB on AMD)."""
+    config = FUNCTIONS[function][1]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for name, k, n in REAL_SHAPES:
-            cfg = mm._linear_config(n, k, dtype, hip=hip)
+            cfg = config(n, k, dtype, hip=hip)
             assert set(cfg) == {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages"}, name
             for key in ("block_m", "block_n", "block_k"):
                 assert cfg[key] >= 16 and cfg[key] & (cfg[key] - 1) == 0, (name, cfg)
             elem = torch.finfo(dtype).bits // 8
             smem = cfg["num_stages"] * (cfg["block_m"] + cfg["block_n"]) * cfg["block_k"] * elem
             assert smem <= (64 if hip else 227) * 1024, (name, dtype, cfg)
+    if function == "linear_step":  # enough column blocks to keep the SMs reading W
+        assert mm._step_config(10240, 2560, torch.bfloat16)["block_n"] == 32  # 320 blocks
+        assert mm._step_config(2560, 5120, torch.bfloat16)["block_n"] == 16  # 160 blocks
+        assert mm._step_config(50280, 2560, torch.bfloat16)["block_n"] == 64
+        return
     assert mm._linear_config(80, 1536, torch.bfloat16)["block_n"] == 32  # 3 x 32 = 96 columns for 80
     assert mm._linear_config(192, 5120, torch.bfloat16)["block_n"] == 64  # 3 x 64, no waste
     assert mm._linear_config(50280, 2560, torch.bfloat16)["block_n"] == 256
@@ -196,3 +222,17 @@ def test_real_shapes_on_gpu(shape):
     expected = torch.matmul(x.float(), w.float().t()) + b.float()
     assert_close(y, expected, RTOL[torch.bfloat16], "y")
     _rows_are_independent(x, w, b, subsets=(1, 5, 64, 1000))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: s[0])
+def test_real_shapes_on_gpu_linear_step(shape):
+    """linear_step at a decoding batch of 64 rows: close to torch's matmul, and each row's bits
+    the same alone, among 5, among 64 and among 100."""
+    _, k, n = shape
+    x = _randn(100, k, dtype=torch.bfloat16, seed=0)
+    w = _randn(n, k, dtype=torch.bfloat16, seed=1, scale=k ** -0.5)
+    b = _randn(n, dtype=torch.bfloat16, seed=2)
+    expected = torch.matmul(x[:64].float(), w.float().t()) + b.float()
+    assert_close(mm.linear_step(x[:64], w, b), expected, RTOL[torch.bfloat16], "y")
+    _rows_are_independent(x, w, b, subsets=(1, 5, 64), fn=mm.linear_step)
