@@ -1,9 +1,10 @@
-"""On a GPU: lm-eval on real HellaSwag documents gives the same accuracy with our Triton kernels
-as with the reference ops, on the same bf16 weights at the published 130m shapes.
+"""On a GPU: lm-eval on real documents of hellaswag, piqa, arc_easy, winogrande and
+lambada_openai gives the same accuracies with our Triton kernels as with the reference ops, on
+the same bf16 weights at the published 130m shapes.
 
 Skipped without CUDA (CI has no GPU); run on the GPU machine with
-``python -m pytest -q tests/test_gpu_lm_eval.py``. ``MAMBA_EVAL_GPU_DOCS`` sets the number of
-documents (default 300).
+``python -m pytest -q -s tests/test_gpu_lm_eval.py``. ``MAMBA_EVAL_GPU_DOCS`` sets the number of
+documents per task (default 300; ``full`` for the whole sets).
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def _checkpoint(folder, name):
     return folder
 
 
+TASKS = ["hellaswag", "piqa", "arc_easy", "winogrande", "lambada_openai"]
+
+
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_triton_and_ref_score_hellaswag_alike(tmp_path, name):
+def test_triton_and_ref_score_alike(tmp_path, name):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -48,23 +52,25 @@ def test_triton_and_ref_score_hellaswag_alike(tmp_path, name):
     data = require_data_dir()
     ckpt = _checkpoint(tmp_path / name, name)
     tasks = TaskManager(include_path=str(prepare_offline_tasks(data)))
-    limit = int(os.environ.get("MAMBA_EVAL_GPU_DOCS", "300"))
+    docs = os.environ.get("MAMBA_EVAL_GPU_DOCS", "300")
+    limit = None if docs == "full" else int(docs)
     out = {}
     for backend in ("ref", "triton"):
         out[backend] = simple_evaluate(
-            model="mamba", tasks=["hellaswag"], limit=limit, device="cuda", batch_size=64,
+            model="mamba", tasks=TASKS, limit=limit, device="cuda", batch_size=64,
             model_args=f"pretrained={ckpt},tokenizer={data / 'tokenizers' / 'gpt-neox-20b'},"
                        f"dtype=bfloat16,backend={backend}",
             task_manager=tasks, log_samples=True, bootstrap_iters=0,
         )
-    ref, tri = (out[b]["results"]["hellaswag"] for b in ("ref", "triton"))
-    lls = [(float(a["resps"][i][0][0]), float(b["resps"][i][0][0]))
-           for a, b in zip(out["ref"]["samples"]["hellaswag"], out["triton"]["samples"]["hellaswag"])
-           for i in range(len(a["resps"]))]
-    worst = max(abs(x - y) / max(1.0, abs(x)) for x, y in lls)
-    print(f"{name}: acc ref {ref['acc,none']} triton {tri['acc,none']}; acc_norm ref "
-          f"{ref['acc_norm,none']} triton {tri['acc_norm,none']}; worst relative loglikelihood "
-          f"difference {worst:.2e} over {len(lls)} requests")
-    assert tri["acc,none"] == ref["acc,none"]
-    assert tri["acc_norm,none"] == ref["acc_norm,none"]
-    assert worst < 2e-2
+    for task in TASKS:
+        ref, tri = (out[b]["results"][task] for b in ("ref", "triton"))
+        lls = [(float(a["resps"][i][0][0]), float(b["resps"][i][0][0]))
+               for a, b in zip(out["ref"]["samples"][task], out["triton"]["samples"][task])
+               for i in range(len(a["resps"]))]
+        worst = max(abs(x - y) / max(1.0, abs(x)) for x, y in lls)
+        accs = {k: (ref[k], tri[k]) for k in ("acc,none", "acc_norm,none") if k in ref}
+        print(f"{name} {task}: ref / triton {accs}; worst relative loglikelihood difference {worst:.2e} "
+              f"over {len(lls)} requests")
+        for key, (a, b) in accs.items():
+            assert a == b, (task, key, a, b)
+        assert worst < 2e-2, task
