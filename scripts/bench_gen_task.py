@@ -63,6 +63,8 @@ def main() -> int:
     ap.add_argument("--batch-size", default="64")
     ap.add_argument("--limit", type=int, default=None, help="documents per task")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each task this many times in the process (the first compiles the kernels)")
     args = ap.parse_args()
     tokenizer = Path(args.data_dir) / "tokenizers" / "gpt-neox-20b"
     if not args.pretrained and not (tokenizer / "tokenizer.json").is_file():
@@ -72,11 +74,11 @@ def main() -> int:
         models = ([(args.pretrained, args.pretrained)] if args.pretrained else
                   [(s, str(write_checkpoint(Path(work) / s, s, args.device))) for s in args.shapes.split(",") if s])
         for name, path in models:
-            for length in args.lengths.split(","):
-                row = {"model": name, **run(args, path, str(tokenizer), length)}
+            for length, rep in ((n, r) for n in args.lengths.split(",") for r in range(max(1, args.repeat))):
+                row = {"model": name, "repeat": rep, **run(args, path, str(tokenizer), length)}
                 rows.append(row)
                 per, dec = row["ms_per_generated_token"], row["decode_ms_per_generated_token"]
-                print(f"{name:<12} {row['task']:<24} requests {row['requests']:>4}  prompt tokens "
+                print(f"{name:<12} {row['task']:<24} run {rep + 1}  requests {row['requests']:>4}  prompt tokens "
                       f"{row['prompt_tokens']:>8}  generated {row['generated_tokens']:>5}  generation "
                       f"{row['generation_s']:7.2f} s (prefill {row['prefill_s']:7.2f} s, decode "
                       f"{row['decode_s']:7.2f} s)  {per if per is None else round(per, 3)} ms/token  "
