@@ -637,6 +637,32 @@ def test_bench_eval_smoke(data_dir, tmp_path):
     assert inv["requests"] == 12 and len(checks) == 8 and all(c["bitwise_equal_to_bs1"] for c in checks)
 
 
+def test_prof_eval_smoke(data_dir, tmp_path):
+    """scripts/prof_eval.py on the CPU: tiny shape, 4 HellaSwag documents; every phase sampled,
+    the loglikelihood phase's samples inside MambaLM.loglikelihood."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "prof_eval.py"
+    out = tmp_path / "prof.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--limit", "4",
+         "--batch-size", "8", "--data-dir", str(data_dir), "--interval", "0.001", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    phases = {ph["phase"]: ph for ph in result["report"]}
+    assert list(phases) == ["imports_and_task_index_s", "model_load_s", "task_building_s", "loglikelihood_s",
+                            "metrics_and_output_s"]
+    assert sum(ph["samples"] for ph in phases.values()) > 20
+    ll = phases["loglikelihood_s"]
+    assert ll["samples"] > 0 and ll["within"].endswith(("lm.py:loglikelihood", "lm.py:_loglikelihood_tokens",
+                                                         "engine.py:score_continuations"))
+    assert "== loglikelihood_s" in proc.stdout
+
+
 def test_bench_host_smoke(data_dir, tmp_path):
     """scripts/bench_host.py on 3 HellaSwag documents: the table, the JSON, one final read of the
     scores, and the operation counts."""
