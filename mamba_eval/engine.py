@@ -124,6 +124,8 @@ class EngineStats:
     forward_calls: int = 0
     tokens: int = 0  # tokens run through the model, padding excluded
     padded_tokens: int = 0  # positions run through the model, padding and filler rows included
+    fork_tokens: int = 0  # of ``tokens``: those of forwards from forked context states (continuations)
+    fork_padded_tokens: int = 0  # of ``padded_tokens``: the positions of those forwards
     budget: int = 0  # the token budget at the end (smaller than at the start after an OOM)
     ooms: int = 0  # out-of-memory errors recovered from
     max_rows: int = 0  # the largest forward, rows x length
@@ -461,7 +463,7 @@ class _Executor:
                                                         return_state=return_state, **kwargs)
             picked = hidden.flatten(0, 1).index_select(0, dev[1])
             del hidden
-            self._count(int(lengths.sum()), total, width)
+            self._count(int(lengths.sum()), total, width, forked=state is not None)
             return picked, final, dev[len(dev) - len(extra):]
         # Chunks are all context_chunk wide (the last padded on the right), so a position's
         # computation does not depend on the batch's longest row; except where the final state
@@ -491,7 +493,7 @@ class _Executor:
             if len(sel):
                 picked.index_copy_(0, dev[1], hidden.flatten(0, 1).index_select(0, dev[2]))
             del hidden
-            self._count(int(lengths.sum()) if lo == 0 else 0, total, hi - lo)
+            self._count(int(lengths.sum()) if lo == 0 else 0, total, hi - lo, forked=owners is not None)
         return picked, (state if return_state else None), extra_dev
 
     @staticmethod
@@ -499,11 +501,14 @@ class _Executor:
         """The state row each of ``total`` rows starts from: its owner; filler rows the first's."""
         return [np.concatenate([owners, np.full(total - len(owners), owners[0], np.int64)])]
 
-    def _count(self, tokens: int, total_rows: int, length: int) -> None:
+    def _count(self, tokens: int, total_rows: int, length: int, forked: bool = False) -> None:
         st = self.stats
         st.forward_calls += 1
         st.tokens += tokens
         st.padded_tokens += total_rows * length
+        if forked:
+            st.fork_tokens += tokens
+            st.fork_padded_tokens += total_rows * length
         if total_rows * length > st.max_rows * max(st.max_length, 1):
             st.max_rows, st.max_length = total_rows, length
 

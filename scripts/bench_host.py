@@ -345,6 +345,10 @@ def print_table(r: dict) -> None:
     print(f"engine: {e['forward_calls']} forwards, {e['tokens']} tokens ({e['padded_tokens']} with padding), "
           f"{e['unique']} distinct requests, {e['shared_contexts']} shared contexts, "
           f"{e['tokens'] / max(1, e['forward_calls']):.0f} tokens/forward; final reads {r['final_reads']}")
+    ctx_tokens, ctx_padded = e["tokens"] - e["fork_tokens"], e["padded_tokens"] - e["fork_padded_tokens"]
+    print(f"padding: context passes {ctx_tokens} tokens in {ctx_padded} positions "
+          f"({100 * (1 - ctx_tokens / max(1, ctx_padded)):.1f}% padding), continuations from forked states "
+          f"{e['fork_tokens']} in {e['fork_padded_tokens']} ({100 * (1 - e['fork_tokens'] / max(1, e['fork_padded_tokens'])):.1f}%)")
     if r.get("device_ops"):
         d = r["device_ops"]
         print(f"tensor operations issued outside the model (timings above include the counting): {d['ops']} "

@@ -299,6 +299,8 @@ def test_scores_equal_naive_and_are_batch_invariant(models, hellaswag_pairs, arc
     score_continuations(model, pairs, max_length=2048, batch_size=7, device=CPU, stats=slow)
     _assert_scores_close(plain, naive)
     assert fast.padded_tokens < slow.padded_tokens and fast.tokens == slow.tokens
+    # Continuations from forked context states are counted apart (all of them here: shared contexts).
+    assert 0 < fast.fork_tokens < fast.tokens and fast.fork_tokens <= fast.fork_padded_tokens < fast.padded_tokens
 
 
 def _greedy_continuation(model, ctx, n):
