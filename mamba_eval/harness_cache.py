@@ -224,16 +224,12 @@ def _cached_build(index_module, loader_module, original, paths: list, resolve_in
     file = index_cache_dir() / f"{key}.json"
     yamls = [str(p) for root in paths for p in task_index._iter_yaml_files(Path(root))]
 
-    stored = None
-    try:
-        stored = json.loads(file.read_text(encoding="utf-8"), object_hook=_decode_object)
-    except (OSError, ValueError):
-        pass
-    if (isinstance(stored, dict) and stored.get("format") == FORMAT and stored.get("yamls") == yamls
-            and all(_stat(p) == s for p, s in stored["files"].items())):
-        for level, message in stored["log"]:
+    hit = _read_stored(file, yamls, index_module)
+    if hit is not None:
+        index, records = hit
+        for level, message in records:
             index_module.log.log(level, "%s", message)
-        return _decode_index(stored["index"], index_module.Entry, index_module.Kind)
+        return index
 
     # Build with lm-eval's own code, recording the files it reads and the warnings it logs.
     read: list[str] = []
@@ -268,6 +264,21 @@ def _cached_build(index_module, loader_module, original, paths: list, resolve_in
     except (_Unencodable, OSError) as exc:
         log.debug("task index not cached: %s", exc)
     return index
+
+
+def _read_stored(file: Path, yamls: list[str], index_module):
+    """(index, logged records) from ``file`` when it is valid for ``yamls`` and every file it
+    was built from is unchanged; None otherwise (missing, stale, unreadable or malformed: the
+    index is then built again and the file replaced)."""
+    try:
+        stored = json.loads(file.read_text(encoding="utf-8"), object_hook=_decode_object)
+        if not (isinstance(stored, dict) and stored.get("format") == FORMAT and stored.get("yamls") == yamls
+                and all(_stat(p) == s for p, s in stored["files"].items())):
+            return None
+        records = [(int(level), str(message)) for level, message in stored["log"]]
+        return _decode_index(stored["index"], index_module.Entry, index_module.Kind), records
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _store(file: Path, text: str) -> None:

@@ -146,6 +146,20 @@ def test_warnings_of_the_build_are_logged_again_from_the_cache(tmp_path, cache_h
     assert len(list(cache_home.glob("*.json"))) == 2  # one per folder
 
 
+def test_a_malformed_cache_file_is_rebuilt(tmp_path, cache_home):
+    root = tmp_path / "tasks"
+    _tree(root)
+    want = _uncached([root])
+    TaskIndex.build([root])
+    (stored,) = cache_home.glob("*.json")
+    for text in ("{not json", json.dumps({"format": harness_cache.FORMAT, "yamls": [], "files": 3}),
+                 stored.read_text().replace('"TASK"', '"NO_SUCH_KIND"')):
+        stored.write_text(text)
+        assert _same(TaskIndex.build([root]), want)
+        assert json.loads(stored.read_text())["format"] == harness_cache.FORMAT  # written again
+        assert _same(TaskIndex.build([root]), want)
+
+
 def test_values_json_cannot_carry_leave_the_index_uncached(tmp_path, cache_home):
     root = tmp_path / "tasks"
     _write(root / "alias.yaml", """
