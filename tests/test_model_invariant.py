@@ -46,18 +46,25 @@ def _config(arch):
                        chunk_size=16 if mamba2 else 0)
 
 
-@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
-@torch.inference_mode()
-def test_rows_do_not_depend_on_the_batch_and_equal_the_reference(arch):
+def _models(arch):
+    """The batch-invariant Triton model, the reference model on the same weights, and the
+    tolerance between them (bf16 on a GPU, fp32 in the interpreter)."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     model = MambaLMHeadModel(_config(arch), backend="triton", device=DEVICE, dtype=dtype, batch_invariant=True)
     ref = MambaLMHeadModel(_config(arch), backend="ref", device=DEVICE, dtype=dtype)
     ref.load_state_dict(model.state_dict())
+    return model, ref, 2e-2 if dtype == torch.bfloat16 else 1e-4
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+@torch.inference_mode()
+def test_rows_do_not_depend_on_the_batch_and_equal_the_reference(arch):
+    model, ref, tol = _models(arch)
     ids = torch.randint(0, 96, (5, 21), device=DEVICE)
     logits, states = model(ids, return_state=True)
     ref_logits, _ = ref(ids)
-    assert_close(logits, ref_logits, 2e-2 if dtype == torch.bfloat16 else 1e-4)
+    assert_close(logits, ref_logits, tol)
     for i in (0, 3):
         alone, alone_states = model(ids[i:i + 1], return_state=True)
         assert torch.equal(alone[0], logits[i])
@@ -74,11 +81,7 @@ def test_decoding_steps_do_not_depend_on_the_batch(arch):
     """Decoding steps with batch-invariant ops: a sequence's logits after each step are the same
     bits at batch 1, 3 and 7 (with ``F.linear`` for the products they are not), and close to the
     reference model's, states included."""
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    model = MambaLMHeadModel(_config(arch), backend="triton", device=DEVICE, dtype=dtype, batch_invariant=True)
-    ref = MambaLMHeadModel(_config(arch), backend="ref", device=DEVICE, dtype=dtype)
-    ref.load_state_dict(model.state_dict())
+    model, ref, tol = _models(arch)
     ids = torch.randint(0, 96, (7, 9), device=DEVICE)
     steps = {}
     for batch in (7, 3, 1):
@@ -91,6 +94,6 @@ def test_decoding_steps_do_not_depend_on_the_batch(arch):
     _, ref_state = ref(ids[:1, :6], return_state=True)
     for t in range(6, 9):
         want = ref.step(ids[:1, t], ref_state)
-    assert_close(steps[1][-1], want, 2e-2 if dtype == torch.bfloat16 else 1e-4)
+    assert_close(steps[1][-1], want, tol)
     for a, b in zip(last_state, ref_state):
-        assert_close(a.ssm.float(), b.ssm.float(), 2e-2 if dtype == torch.bfloat16 else 1e-4)
+        assert_close(a.ssm.float(), b.ssm.float(), tol)
