@@ -23,9 +23,11 @@ keep prefills of one exact length instead:
   1-3 positions rounds differently from one over more, so such a prompt in a wider pass would
   not continue exactly as it does alone.
 
-As for prompts of equal length before, a batch's matrix products on the CPU may round their
-last bits differently from a batch of one (the engine's filler rows are not used here), so a
-greedy token can depend on the batch only at a near-tie of two candidates.
+With the batch-invariant ops (``mamba_eval.backend``; what ``--model mamba`` builds on a GPU)
+neither the prefill nor a decoding step depends on the other rows, so a prompt's tokens are the
+same at every batch size. Otherwise a batch's matrix products (cuBLAS; on the CPU, the BLAS
+without the engine's filler rows) may round their last bits differently from a batch of one,
+so a greedy token can depend on the batch at a near-tie of two candidates.
 
 Decoding runs through a :class:`DecodeRunner`, which owns a fixed set of state tensors for the
 largest batch, the step's input ids and (with CUDA graphs) its output logits. Live sequences are
