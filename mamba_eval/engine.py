@@ -105,6 +105,14 @@ ProgressFn = Callable[[int, int], None]
 AUTO_MEMORY_FRACTION = 0.25
 #: Sequences longer than this many tokens run in chunks of it that carry the recurrent state.
 DEFAULT_CONTEXT_CHUNK = 16384
+#: A batch is cut in two where that saves more padded positions than a forward costs
+#: (:meth:`_Executor.pack`): the cost of a position is estimated as 2 flops per weight at
+#: ``ASSUMED_FLOPS`` (about half an H200's bf16 peak), the cost of a forward as
+#: ``FORWARD_OVERHEAD_S`` of host work (the engine's bookkeeping and some 10 kernel launches
+#: per layer). For mamba-130m a cut would have to save ~33k positions, more than a forward
+#: holds, so its batches are as before; for mamba-2.8b ~1.1k.
+ASSUMED_FLOPS = 4e14
+FORWARD_OVERHEAD_S = 0.015
 #: Shared contexts shorter than this run in passes of their own length, not in the passes of
 #: contexts of different lengths (module docstring, point 2): on the CPU, a product over a
 #: strided [rows, L, K] activation (Mamba-1's out_proj reads the scan output transposed) gives
@@ -184,6 +192,15 @@ class CostModel:
             logit_row_bytes=3 * 4 * cfg.vocab_size,
             kv_bytes=kv_bytes,
         )
+
+
+def split_positions(model) -> int:
+    """Padded positions a cut must save to pay for the extra forward (:data:`ASSUMED_FLOPS`,
+    :data:`FORWARD_OVERHEAD_S`): the forward's overhead over the cost of one position, 2 flops
+    per weight of the layers (the embedding and the LM head do not run per position)."""
+    skip = {id(model.backbone.embedding.weight), id(model.lm_head.weight)}
+    weights = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    return max(1, int(FORWARD_OVERHEAD_S * ASSUMED_FLOPS / (2 * max(weights, 1))))
 
 
 def min_rows(device: torch.device) -> int:
@@ -360,16 +377,27 @@ class _Executor:
         self.align = cpu_alignment(device) if batch_invariant else 1
         self.scores = _Scores()
         stats.budget = budget
+        self.split_positions = split_positions(model)
 
     # -- budget ------------------------------------------------------------------------------
     def pack(self, lengths: np.ndarray, start: int, extra: int, same_length: bool = False) -> int:
         """End of the batch that starts at item ``start`` (``lengths`` non-increasing): as many
         items as fit ``rows x (longest + extra) <= budget``, at least one; with ``same_length``,
-        only items as long as the first."""
+        only items as long as the first. Otherwise the batch ends early at the item ``j`` where
+        that saves the most padding, if it saves at least ``split_positions`` positions: items
+        ``j ..`` then pad to ``lengths[j]`` instead of the first's length."""
         first = int(lengths[start])
         end = min(len(lengths), start + max(1, self.budget // (first + extra)))
         if same_length:
-            end = start + int(np.searchsorted(-lengths[start:end], -first, side="right"))
+            return start + int(np.searchsorted(-lengths[start:end], -first, side="right"))
+        if end - start > 1 and self.split_positions:
+            # saved[k] for a cut before item start + 1 + k: the items from there on, each padded
+            # to that item's length instead of the first's
+            tail = lengths[start + 1:end]
+            saved = (first - tail) * (end - start - 1 - np.arange(len(tail)))
+            k = int(np.argmax(saved))
+            if saved[k] >= self.split_positions:
+                return start + 1 + k
         return end
 
     def drain(self, lengths: np.ndarray, extra: int, process: Callable[[int, int], None],

@@ -270,6 +270,45 @@ def test_forward_shape():
 
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_batches_cut_where_padding_costs_more_than_a_forward(models, hellaswag_pairs, arch, monkeypatch):
+    """With a forward priced low enough (as for a large model), batches end where that saves the
+    most padding: more forwards, fewer positions, the same scores bit for bit."""
+    from mamba_eval import engine
+
+    model, pairs = models[arch], hellaswag_pairs
+    assert engine.split_positions(model) > 10 ** 6  # the tiny test model: never worth a forward
+    runs, stats = {}, {}
+    for split in (False, True):
+        if split:
+            monkeypatch.setattr(engine, "split_positions", lambda m: 8)
+        stats[split] = EngineStats()
+        runs[split] = score_continuations(model, pairs, max_length=2048, batch_size=64, device=CPU,
+                                          stats=stats[split])
+    assert runs[True] == runs[False]
+    cut, whole = stats[True], stats[False]
+    assert cut.forward_calls > whole.forward_calls and cut.tokens == whole.tokens
+    assert cut.fork_padded_tokens < whole.fork_padded_tokens
+
+
+def test_pack_cuts_where_it_saves_the_most_padding():
+    import numpy as np
+
+    from mamba_eval import engine
+
+    ex = engine._Executor.__new__(engine._Executor)
+    ex.budget, ex.split_positions = 1000, 10
+    lengths = np.array([20, 19, 18, 6, 5, 5, 4], np.int64)
+    # one batch pads all to 20; cutting before the 6 saves (20 - 6) x 4 = 56 positions, the most
+    assert ex.pack(lengths, 0, 0) == 3
+    assert ex.pack(lengths, 3, 0) == 7  # 6, 5, 5, 4: cutting saves at most 2
+    ex.split_positions = 57
+    assert ex.pack(lengths, 0, 0) == 7
+    ex.budget = 40  # the budget still comes first: two rows of 20
+    assert ex.pack(lengths, 0, 0) == 2
+    assert ex.pack(lengths, 0, 0, same_length=True) == 1
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 def test_scores_equal_naive_and_are_batch_invariant(models, hellaswag_pairs, arch):
     """Real hellaswag requests: batch sizes 1, 7, 64 and auto, and a shuffled order, give the
     same bits; shared and unshared contexts agree with a naive per-request forward."""
