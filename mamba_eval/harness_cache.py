@@ -210,6 +210,7 @@ def _merge(parts: list[dict], index_log) -> dict:
     return index
 
 
+@functools.lru_cache(maxsize=1)
 def _lm_eval_version() -> str:
     from importlib.metadata import version
 
