@@ -680,7 +680,7 @@ def test_bench_eval_smoke(data_dir, tmp_path):
 
 def test_prof_eval_smoke(data_dir, tmp_path):
     """scripts/prof_eval.py on the CPU: tiny shape, 4 HellaSwag documents; every phase sampled,
-    the loglikelihood phase's samples inside MambaLM.loglikelihood."""
+    the loglikelihood phase's samples inside the project's scoring code."""
     import subprocess
     import sys
     from pathlib import Path
@@ -699,8 +699,9 @@ def test_prof_eval_smoke(data_dir, tmp_path):
                             "metrics_and_output_s"]
     assert sum(ph["samples"] for ph in phases.values()) > 20
     ll = phases["loglikelihood_s"]
-    assert ll["samples"] > 0 and ll["within"].endswith(("lm.py:loglikelihood", "lm.py:_loglikelihood_tokens",
-                                                         "engine.py:score_continuations"))
+    # Nearly every sample of the phase is inside the project's scoring code (a sample at the
+    # phase's edge may fall outside it).
+    assert ll["samples"] > 0 and ll["within"].startswith("mamba_eval/"), ll
     assert "== loglikelihood_s" in proc.stdout
 
 
