@@ -268,13 +268,8 @@ def linear_step(
     return _linear(x, weight, bias, _step_config, "linear_step")
 
 
-def linear_step_ref(
-    x: torch.Tensor,  # [..., K]
-    weight: torch.Tensor,  # [N, K]
-    bias: torch.Tensor | None = None,  # [N]
-) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, the reference of ``linear_step``."""
-    return F.linear(x, weight, bias)
+# The reference of ``linear_step`` is that of ``linear``: ``F.linear``.
+linear_step_ref = linear_ref
 
 
 def _linear(x, weight, bias, config, op: str) -> torch.Tensor:
