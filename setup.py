@@ -2,8 +2,8 @@
 
 lm-eval 0.4.13 finds models only through its registry, so the wheel installs
 ``mamba_eval_hook.pth`` at the top of site-packages: its one ``import`` line runs
-``mamba_eval._hook.install()`` at every interpreter start-up, which registers ``mamba``
-lazily once lm-eval's registry exists (see ``mamba_eval/_hook.py``).
+``mamba_eval.harness.registration.install()`` at every interpreter start-up, which registers ``mamba``
+lazily once lm-eval's registry exists (see ``mamba_eval/harness/registration.py``).
 
 setuptools has no option for a file at the top of site-packages, hence two commands:
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from mamba_eval.cli import main
+from mamba_eval.commands.cli import main
 
 sys.exit(main())

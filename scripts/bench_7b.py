@@ -6,7 +6,7 @@ and the hybrid mamba2attn-2.7b. For each: the parameter count (built on the meta
 weights' memory and the peak memory of the runs; the Triton model checked against the reference
 backend on the same weights; forward with all-position logits (bf16, as ``scripts/bench_model.py``
 times it) at B=1, L=2048 and B=8, L=2048 in tokens/s with the share of the bf16 matmul roofline
-(2 FLOP per weight per token); cached greedy decoding through ``mamba_eval.generation.generate``
+(2 FLOP per weight per token); cached greedy decoding through ``mamba_eval.harness.generation.generate``
 (prompt 128, 256 new tokens, no EOS) at batch 1 and 64, eagerly and with CUDA graphs, in ms per
 generated token (whole ``generate`` call after a first call that compiles and captures). Prints a
 table and writes JSON (``--json``).
@@ -92,7 +92,7 @@ class Clock:
 
 
 def read_shape(name: str, tiny: bool):
-    from mamba_eval.loader import read_config
+    from mamba_eval.models.checkpoint import read_config
 
     raw = {**CONFIGS[name], **(TINY[name] if tiny else {})}
     with tempfile.TemporaryDirectory() as folder:
@@ -116,7 +116,7 @@ def logits_forward(model, ids):
 @torch.inference_mode()
 def check_against_reference(model, device, vocab) -> float:
     """Relative max error of the model's logits against the reference backend on the same weights."""
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.model import MambaLMHeadModel
 
     ref = MambaLMHeadModel(model.config, backend="ref", device="meta", dtype=model.dtype)
     ref.load_state_dict(model.state_dict(), assign=True)  # the same tensors, no copy
@@ -129,7 +129,7 @@ def check_against_reference(model, device, vocab) -> float:
 
 def bench_decode(model, batch: int, cuda_graphs: bool, device, vocab: int, prompt: int, new: int,
                  clock: Clock) -> dict:
-    from mamba_eval.generation import generate
+    from mamba_eval.harness.generation import generate
 
     prompts = torch.randint(2, vocab, (batch, prompt)).tolist()
     kw = dict(batch_size=batch, device=device, cuda_graphs=cuda_graphs)
@@ -151,7 +151,7 @@ def bench_decode(model, batch: int, cuda_graphs: bool, device, vocab: int, promp
 
 
 def bench_shape(name: str, args, device: torch.device, clock: Clock) -> dict:
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.model import MambaLMHeadModel
 
     cfg = read_shape(name, args.tiny)
     n_params = sum(p.numel() for p in MambaLMHeadModel(cfg, device="meta").parameters())

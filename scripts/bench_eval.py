@@ -4,7 +4,7 @@ The setup of the anchors' end-to-end table (reference/anchors.md): random-init c
 published mamba-130m and mamba-2.8b shapes, written in mamba_ssm's format (``config.json`` +
 fp32 ``pytorch_model.bin``), the real GPT-NeoX-20B tokenizer, bf16, ``--batch_size 256``, and
 HellaSwag's 10,042 validation documents (40,168 loglikelihood requests) read from a local data
-folder through ``mamba_eval.offline.prepare_offline_tasks``. Each run is one fresh
+folder through ``mamba_eval.harness.offline.prepare_offline_tasks``. Each run is one fresh
 ``lm_eval`` process; the script reports
 
 - whole process: the wall time of that process, start-up, model load and task building included;
@@ -53,8 +53,8 @@ def write_checkpoint(folder: Path, shape: str, device: str) -> Path:
     """A random-init Mamba-1 checkpoint in mamba_ssm's format (reused when already written)."""
     import torch
 
-    from mamba_eval.loader import read_config
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.checkpoint import read_config
+    from mamba_eval.models.model import MambaLMHeadModel
 
     config = {
         **SHAPES[shape], "d_intermediate": 0, "vocab_size": 50277, "ssm_cfg": {}, "attn_layer_idx": [],
@@ -97,8 +97,8 @@ def child(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
-    import mamba_eval.lm as lm_mod
-    from mamba_eval.engine import EngineStats
+    import mamba_eval.harness.lm as lm_mod
+    from mamba_eval.harness.engine import EngineStats
 
     timing = {"loglikelihood_s": 0.0, "loglikelihood_calls": 0}
     marks: dict[str, float] = {}
@@ -192,9 +192,9 @@ def check_invariance(args, shape: str, checkpoint: Path, tokenizer_dir: Path, da
     from lm_eval.tasks.hellaswag.utils import preprocess
     from transformers import AutoTokenizer
 
-    from mamba_eval.backend import default_backend
-    from mamba_eval.engine import score_continuations
-    from mamba_eval.loader import load_model
+    from mamba_eval.models.ops import default_backend
+    from mamba_eval.harness.engine import score_continuations
+    from mamba_eval.models.checkpoint import load_model
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     pairs = []
@@ -292,7 +292,7 @@ def main() -> int:
     if not (tokenizer / "tokenizer.json").is_file():
         print(f"bench_eval.py: no tokenizer at {tokenizer} (set --data-dir)", file=sys.stderr)
         return 2
-    from mamba_eval.offline import prepare_offline_tasks
+    from mamba_eval.harness.offline import prepare_offline_tasks
 
     include = prepare_offline_tasks(data)
     tmp = None

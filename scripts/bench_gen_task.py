@@ -31,8 +31,8 @@ def run(args, pretrained: str, tokenizer: str, length: str) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from mamba_eval.lm import MambaLM
-    from mamba_eval.probe_data import parse_length, required_max_length, task_name
+    from mamba_eval.harness.lm import MambaLM
+    from mamba_eval.harness.probe_data import parse_length, required_max_length, task_name
 
     task = task_name("passkey_gen", parse_length(length))
     model_args = {"pretrained": pretrained, "tokenizer": tokenizer, "dtype": args.dtype, "device": args.device,

@@ -1,4 +1,4 @@
-"""GPU benchmark of cached generation (``mamba_eval.generation.generate``), ms per generated token.
+"""GPU benchmark of cached generation (``mamba_eval.harness.generation.generate``), ms per generated token.
 
 Prompt 128 tokens, 256 new tokens (no EOS, no stop strings, greedy), batch 1 and 64, random-init
 bf16 models of the published shapes on the triton backend, beside mamba_ssm's ``generate(cg=True)``
@@ -39,7 +39,7 @@ PROMPT, NEW = 128, 256
 
 def bench(model, batch: int, cuda_graphs: bool, greedy_steps: int, repeats: int = 3,
           state_dtype: torch.dtype = torch.float32) -> dict:
-    from mamba_eval.generation import DecodeRunner, generate
+    from mamba_eval.harness.generation import DecodeRunner, generate
 
     prompts = torch.randint(2, 50000, (batch, PROMPT)).tolist()
     dev = torch.device("cuda")
@@ -77,7 +77,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_generate.py needs a CUDA GPU (none found)", file=sys.stderr)
         return 2
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.model import MambaLMHeadModel
 
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in ANCHORS or s not in SHAPES]
@@ -85,7 +85,7 @@ def main() -> int:
         ap.error(f"unknown shapes {unknown}; known: {', '.join(ANCHORS)}")
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
-    from mamba_eval.generation import GREEDY_STEPS
+    from mamba_eval.harness.generation import GREEDY_STEPS
 
     print(f"{'shape':<12} {'batch':>5} {'eager':>7} {'graphs,1':>8} {f'graphs,{GREEDY_STEPS}':>8} "
           f"{'bf16 state':>10} {'capture s':>9} {'mamba_ssm':>9}   (ms per token; same tokens)")

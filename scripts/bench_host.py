@@ -5,7 +5,7 @@ phase is host work: tokenising, planning, building rows, uploads, the Python aro
 scoring bookkeeping, gathering the results. This script runs that host path alone, on the CPU:
 
 - real requests: HellaSwag's validation documents as lm-eval builds them (the offline task
-  mirror of ``mamba_eval.offline``, ``Task.build_all_requests``, each request repeated as the
+  mirror of ``mamba_eval.harness.offline``, ``Task.build_all_requests``, each request repeated as the
   evaluator repeats it), handed to ``MambaLM.loglikelihood`` as lm-eval's evaluator does;
 - the real adapter and engine (tokenisation with the real GPT-NeoX-20B tokenizer, context
   sharing, budgets, padding, picks, scoring, results);
@@ -56,7 +56,7 @@ TASK = "hellaswag"
 
 
 def make_config(arch: str, d_model: int, n_layer: int):
-    from mamba_eval.config import MambaConfig
+    from mamba_eval.models.config import MambaConfig
 
     mamba2 = arch == "mamba2"
     return MambaConfig(
@@ -72,7 +72,7 @@ def build_requests(data: Path, limit: int | None, cache: Path | None):
         return pickle.loads(cache.read_bytes())
     from lm_eval.tasks import TaskManager
 
-    from mamba_eval.offline import prepare_offline_tasks
+    from mamba_eval.harness.offline import prepare_offline_tasks
 
     manager = TaskManager(include_path=str(prepare_offline_tasks(data)))
     task = manager.load([TASK])["tasks"][TASK]
@@ -87,8 +87,8 @@ def write_tiny_checkpoint(folder: Path) -> Path:
     """A 1-layer d_model=16 checkpoint (mamba_ssm format, real vocabulary rows) for MambaLM to load."""
     import torch
 
-    from mamba_eval.loader import read_config
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.checkpoint import read_config
+    from mamba_eval.models.model import MambaLMHeadModel
 
     config = {"d_model": 16, "n_layer": 1, "d_intermediate": 0, "vocab_size": 50277, "ssm_cfg": {},
               "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
@@ -174,8 +174,8 @@ def install_meta_model(lm, shape: str, reads: dict, counter=None):
     """Replace ``lm``'s model by one of ``shape`` on the meta device whose layers are a stand-in."""
     import torch
 
-    from mamba_eval import engine
-    from mamba_eval.model import LayerState, MambaLMHeadModel
+    from mamba_eval.harness import engine
+    from mamba_eval.models.model import LayerState, MambaLMHeadModel
 
     cfg = make_config(**SHAPES[shape])
     meta = torch.device("meta")
@@ -229,10 +229,10 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     import torch
 
-    import mamba_eval.lm as lm_mod
-    from mamba_eval import engine
-    from mamba_eval.engine import EngineStats
-    from mamba_eval.model import LayerState
+    import mamba_eval.harness.lm as lm_mod
+    from mamba_eval.harness import engine
+    from mamba_eval.harness.engine import EngineStats
+    from mamba_eval.models.model import LayerState
 
     torch.set_num_threads(max(1, args.threads))
     data = Path(args.data_dir).expanduser().resolve()

@@ -43,7 +43,7 @@ MATMUL_PEAK = 805e12  # bf16 matmul, measured on the same GPU kind (anchors.md)
 
 
 def make_config(arch: str, d_model: int, n_layer: int):
-    from mamba_eval.config import MambaConfig
+    from mamba_eval.models.config import MambaConfig
 
     mamba2 = arch == "mamba2"
     return MambaConfig(
@@ -114,7 +114,7 @@ def cold_start(shape: str) -> dict:
 
 
 def first_forward(shape: str) -> None:
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.model import MambaLMHeadModel
 
     model = MambaLMHeadModel(make_config(**SHAPES[shape]), backend="triton", device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
@@ -138,7 +138,7 @@ def main() -> int:
     if args.first_forward:
         first_forward(args.first_forward)
         return 0
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.model import MambaLMHeadModel
 
     rows, results = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
     for shape in args.shapes.split(","):

@@ -1,7 +1,7 @@
 """Passkey probe at 16K and 1M tokens on one GPU: peak memory and time per length.
 
 For each shape (random-init weights at a published size, written once as a mamba_ssm-format
-checkpoint into --workdir), runs ``mamba-eval probe --family passkey`` (``mamba_eval.probe``)
+checkpoint into --workdir), runs ``mamba-eval probe --family passkey`` (``mamba_eval.commands.probe``)
 with ``batch_size=1`` over --lengths and prints a table of the measured peak GPU memory
 (``torch.cuda.max_memory_allocated`` during each length's evaluation, weights included) and the
 time per length; writes JSON (--json) and each shape's full probe report under --out.
@@ -40,8 +40,8 @@ def write_random_checkpoint(shape: str, folder: Path, dtype: str) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from mamba_eval.loader import read_config
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.checkpoint import read_config
+    from mamba_eval.models.model import MambaLMHeadModel
 
     if (folder / "model.safetensors").is_file():
         return folder
@@ -71,7 +71,7 @@ def default_tokenizer(workdir: Path) -> str:
     neox = Path(data) / "tokenizers" / "gpt-neox-20b"
     if (neox / "tokenizer.json").is_file():
         return str(neox)
-    from mamba_eval.demo import build_tokenizer
+    from mamba_eval.commands.demo import build_tokenizer
 
     folder = workdir / "demo_tokenizer"
     if not (folder / "tokenizer.json").is_file():
@@ -97,7 +97,7 @@ def main() -> int:
 
     import torch
 
-    from mamba_eval.probe import run_probe
+    from mamba_eval.commands.probe import run_probe
 
     if not torch.cuda.is_available():
         print("probe_memory.py measures GPU memory and needs a CUDA GPU", file=sys.stderr)

@@ -67,7 +67,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("prof_decode.py needs a CUDA GPU (none found)", file=sys.stderr)
         return 2
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.model import MambaLMHeadModel
 
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]

@@ -133,7 +133,7 @@ def main() -> int:
     if not (tokenizer / "tokenizer.json").is_file():
         ap.error(f"no tokenizer at {tokenizer} (set --data-dir or MAMBA_EVAL_DATA_DIR)")
 
-    from mamba_eval.offline import prepare_offline_tasks
+    from mamba_eval.harness.offline import prepare_offline_tasks
 
     include = prepare_offline_tasks(data)
     with tempfile.TemporaryDirectory(prefix="prof_eval.") as work:
@@ -183,7 +183,7 @@ def _profile_loglikelihood() -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import mamba_eval.lm as lm_mod
+    import mamba_eval.harness.lm as lm_mod
 
     table = {"total_s": 0.0, "rows": []}
     original = lm_mod.MambaLM.loglikelihood

@@ -1,7 +1,7 @@
 """Train the probe model (a tiny Mamba-2 on multi-query associative recall) on the CPU.
 
 The default settings are those of the model ``mamba-eval probe`` trains into its cache on first
-use (``mamba_eval.probe_model.default_probe_model``); this script writes one into a folder of your
+use (``mamba_eval.commands.probe_model.default_probe_model``); this script writes one into a folder of your
 choice and prints the training time and the held-out accuracy at the training length, then
 (``--lengths``) at longer lengths, computed directly on token ids.
 
@@ -18,7 +18,7 @@ import time
 
 
 def main() -> int:
-    from mamba_eval.probe_model import TRAIN_VERSION, TrainConfig
+    from mamba_eval.commands.probe_model import TRAIN_VERSION, TrainConfig
 
     defaults = TrainConfig()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,8 +37,8 @@ def main() -> int:
 
     import os
 
-    from mamba_eval.loader import load_model
-    from mamba_eval.probe_model import evaluate_recall, train_probe_model
+    from mamba_eval.models.checkpoint import load_model
+    from mamba_eval.commands.probe_model import evaluate_recall, train_probe_model
 
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, length=args.length, max_pairs=args.max_pairs,

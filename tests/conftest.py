@@ -5,7 +5,7 @@ implementation written independently of ours), saved with ``save_pretrained`` (t
 format), and converted to the mamba_ssm format (``config.json`` with ``d_model, n_layer, ssm_cfg,
 pad_vocab_size_multiple, ...`` and a ``pytorch_model.bin`` with ``backbone.embedding.*`` keys and a
 stored ``lm_head.weight``). The conversion below is written from the mamba_ssm format itself and
-does not use ``mamba_eval.loader``.
+does not use ``mamba_eval.models.checkpoint``.
 
 ``checkpoint(name)`` returns a ``Checkpoint`` with both folders and the transformers model, built
 once per test session; the ``ckpt_name`` fixture runs a test once per checkpoint of ``SPECS``.

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from mamba_eval import cli
-from mamba_eval.demo import DEMO_TASK, build_demo
+from mamba_eval.commands import cli
+from mamba_eval.commands.demo import DEMO_TASK, build_demo
 
 
 @pytest.fixture(autouse=True)

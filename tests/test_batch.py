@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers_data import require_data_dir
-from mamba_eval import batch
+from mamba_eval.commands import batch
 from mamba_eval.errors import MambaEvalError
 
 SCRIPT = Path(sys.executable).parent / "mamba-eval"
@@ -130,7 +130,7 @@ def test_kill_9_then_resume(tmp_path, ckpts):
     assert status["counts"] == {"total": 4, "done": 4} and status["previously_done"] == len(before)
     assert sorted(c["name"] for c in status["checkpoints"]) == ["run1/model", "run2/model"]
 
-    from mamba_eval.table import make_table
+    from mamba_eval.commands.table import make_table
 
     table = make_table([out])
     assert sorted(r.label for r in table.rows) == ["run1/model", "run2/model"]
@@ -289,9 +289,9 @@ def test_gpu_slots(monkeypatch):
     import dataclasses
 
     command = batch._worker_command(dataclasses.replace(job, processes=4, port=29503), Path("/tmp/x/spec.json"))
-    assert command[1:4] == ["-m", "mamba_eval.batch", "--exec"]
+    assert command[1:4] == ["-m", "mamba_eval.commands.batch", "--exec"]
     assert command[5:7] == ["-m", "accelerate.commands.launch"] and "29503" in command
-    assert command[-4:] == ["-m", "mamba_eval.batch", "--worker", "/tmp/x/spec.json"]
+    assert command[-4:] == ["-m", "mamba_eval.commands.batch", "--worker", "/tmp/x/spec.json"]
 
 
 def test_slurm_job_array_submission(tmp_path, monkeypatch):

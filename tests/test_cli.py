@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import mamba_eval
-from mamba_eval import cli
+from mamba_eval.commands import cli
 
 SCRIPT = Path(sys.executable).parent / "mamba-eval"
 
@@ -113,7 +113,7 @@ def lm_eval_argv(monkeypatch):
 
 @pytest.fixture
 def offline_calls(monkeypatch, tmp_path):
-    import mamba_eval.offline
+    import mamba_eval.harness.offline
 
     calls: list[str] = []
     include = tmp_path / "offline-tasks"
@@ -122,7 +122,7 @@ def offline_calls(monkeypatch, tmp_path):
         calls.append(str(data_dir))
         return include
 
-    monkeypatch.setattr(mamba_eval.offline, "prepare_offline_tasks", fake_prepare)
+    monkeypatch.setattr(mamba_eval.harness.offline, "prepare_offline_tasks", fake_prepare)
     return calls, str(include)
 
 

@@ -1,4 +1,4 @@
-"""The self-contained offline demo (mamba_eval.demo): tokenizer, random checkpoint, task.
+"""The self-contained offline demo (mamba_eval.commands.demo): tokenizer, random checkpoint, task.
 
 The checkpoint is checked against transformers' own Mamba implementation, an independent
 reference: after the single key rename that separates the two formats
@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from mamba_eval.demo import DEMO_NUM_DOCS, DEMO_TASK, build_demo, demo_lm_eval_args
+from mamba_eval.commands.demo import DEMO_NUM_DOCS, DEMO_TASK, build_demo, demo_lm_eval_args
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The scoring engine (mamba_eval/engine.py) and the adapter's request paths (mamba_eval/lm.py).
+"""The scoring engine (mamba_eval/harness/engine.py) and the adapter's request paths (mamba_eval/harness/lm.py).
 
 On real data and the real GPT-NeoX-20B tokenizer, with tiny random-init checkpoints written by
 transformers at the real vocabulary size (50280 rows):
@@ -29,8 +29,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.tasks.hellaswag.utils import preprocess  # noqa: E402
 
-from mamba_eval import engine  # noqa: E402
-from mamba_eval.engine import (  # noqa: E402
+from mamba_eval.harness import engine  # noqa: E402
+from mamba_eval.harness.engine import (  # noqa: E402
     EngineStats,
     forward_shape,
     score_continuations,
@@ -84,7 +84,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(checkpoints):
-    from mamba_eval.loader import load_model
+    from mamba_eval.models.checkpoint import load_model
 
     return {arch: load_model(path, dtype="float32", device="cpu", backend="ref") for arch, path in checkpoints.items()}
 
@@ -158,7 +158,7 @@ def _assert_scores_close(got, want, rel=1e-5):
 
 
 def _lm(checkpoint, tok_dir, **model_args):
-    from mamba_eval.lm import MambaLM
+    from mamba_eval.harness.lm import MambaLM
 
     return MambaLM(pretrained=str(checkpoint), tokenizer=str(tok_dir), dtype="float32", device="cpu", **model_args)
 
@@ -196,7 +196,7 @@ def test_batched_tokenisation_equals_lm_eval_per_request_path(checkpoints, tok_d
     """MambaLM.loglikelihood tokenises all requests in two tokenizer calls; the token ids it
     hands on equal those of lm-eval's own TemplateLM.loglikelihood (two encode calls per
     request) on real requests of five tasks and on edge cases."""
-    from mamba_eval.lm import MambaLM
+    from mamba_eval.harness.lm import MambaLM
 
     lm = _lm(checkpoints["mamba1"], tok_dir)
     pairs = _real_request_strings(data_dir)
@@ -212,13 +212,13 @@ def test_batched_tokenisation_equals_lm_eval_per_request_path(checkpoints, tok_d
         assert a == b, (i, pairs[i], a, b)
 
     # loglikelihood_rolling's documents: one batched call equals tok_encode per document.
-    from mamba_eval.offline import rebuild_wikitext_raw, wikitext_pages
+    from mamba_eval.harness.offline import rebuild_wikitext_raw, wikitext_pages
 
     rows = [r["text"] for r in _read_jsonl(data_dir / "wikitext" / "wikitext-2-raw-v1_test.jsonl")]
     pages = wikitext_pages(rebuild_wikitext_raw(rows))[:20] + ["", " "]
     assert lm.tok_encode_many(pages) == [lm.tok_encode(p) for p in pages]
     # Encoded in threads over slices of 3 strings (slices of 2,048 above): the same ids, in order.
-    import mamba_eval.lm as lm_module
+    import mamba_eval.harness.lm as lm_module
 
     monkeypatch.setattr(lm_module, "_ENCODE_CHUNK", 3)
     monkeypatch.setattr(lm_module.os, "cpu_count", lambda: 4)
@@ -230,7 +230,7 @@ def test_continuations_tokenised_apart_only_where_exact(checkpoints, tok_dir, tm
     own (the test above checks the ids on real requests). A tokenizer whose added token absorbs
     the space after it does not split there: it is recognised and the whole string is tokenised,
     still giving lm-eval's ids."""
-    from mamba_eval.lm import MambaLM
+    from mamba_eval.harness.lm import MambaLM
 
     assert _lm(checkpoints["mamba1"], tok_dir)._splits_before_space()
     spec = json.loads((tok_dir / "tokenizer.json").read_text())
@@ -273,7 +273,7 @@ def test_forward_shape():
 def test_batches_cut_where_padding_costs_more_than_a_forward(models, hellaswag_pairs, arch, monkeypatch):
     """With a forward priced low enough (as for a large model), batches end where that saves the
     most padding: more forwards, fewer positions, the same scores bit for bit."""
-    from mamba_eval import engine
+    from mamba_eval.harness import engine
 
     model, pairs = models[arch], hellaswag_pairs
     assert engine.split_positions(model) > 10 ** 6  # the tiny test model: never worth a forward
@@ -293,7 +293,7 @@ def test_batches_cut_where_padding_costs_more_than_a_forward(models, hellaswag_p
 def test_pack_cuts_where_it_saves_the_most_padding():
     import numpy as np
 
-    from mamba_eval import engine
+    from mamba_eval.harness import engine
 
     ex = engine._Executor.__new__(engine._Executor)
     ex.budget, ex.split_positions = 1000, 10
@@ -472,7 +472,7 @@ def _meta_model(config):
     """A model of ``config`` on PyTorch's meta device with a stand-in for its layers: every tensor
     operation is shape-only, so a host read of device values (``.item()``, ``.tolist()``, a
     Python ``if`` on a tensor) raises."""
-    from mamba_eval.model import LayerState, MambaLMHeadModel
+    from mamba_eval.models.model import LayerState, MambaLMHeadModel
 
     meta = torch.device("meta")
     model = MambaLMHeadModel(config, backend="ref", device=meta, dtype=torch.float32)
@@ -536,7 +536,7 @@ def test_token_budget(models, monkeypatch):
 
 
 def test_progress_reports_requests_and_tokens(models, hellaswag_pairs):
-    from mamba_eval.lm import _ProgressBar
+    from mamba_eval.harness.lm import _ProgressBar
 
     seen = []
     stats = EngineStats()
@@ -564,7 +564,7 @@ def _full_forward_logprob(model, prefix, doc):
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 def test_stateful_rolling_equals_one_forward_with_flat_memory(models, tokenizer, data_dir, arch, monkeypatch):
     model = models[arch]
-    from mamba_eval.offline import rebuild_wikitext_raw, wikitext_pages
+    from mamba_eval.harness.offline import rebuild_wikitext_raw, wikitext_pages
 
     rows = [r["text"] for r in _read_jsonl(data_dir / "wikitext" / "wikitext-2-raw-v1_test.jsonl")]
     text = tokenizer.encode(wikitext_pages(rebuild_wikitext_raw(rows))[0])
@@ -623,7 +623,7 @@ def test_model_args_share_context_and_rolling(checkpoints, tok_dir, data_dir, to
     assert any(x != y for x, y in zip(a, b))  # different computations, equal up to rounding
 
     # rolling: windows of max_length (lm-eval) vs stateful (the whole document as context).
-    from mamba_eval.offline import rebuild_wikitext_raw, wikitext_pages
+    from mamba_eval.harness.offline import rebuild_wikitext_raw, wikitext_pages
 
     rows = [r["text"] for r in _read_jsonl(data_dir / "wikitext" / "wikitext-2-raw-v1_test.jsonl")]
     page = wikitext_pages(rebuild_wikitext_raw(rows))[1]

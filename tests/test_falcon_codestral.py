@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import assert_close, rel_max_error
-from mamba_eval.config import MambaConfig
-from mamba_eval.loader import CheckpointError, load_model, read_config
-from mamba_eval.model import MambaLMHeadModel
+from mamba_eval.models.config import MambaConfig
+from mamba_eval.models.checkpoint import CheckpointError, load_model, read_config
+from mamba_eval.models.model import MambaLMHeadModel
 
 transformers = pytest.importorskip("transformers")
 
@@ -189,7 +189,7 @@ def test_codestral_uses_its_own_tokenizer(built):
     pytest.importorskip("lm_eval")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from mamba_eval.lm import MambaLM
+    from mamba_eval.harness.lm import MambaLM
 
     words = ["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

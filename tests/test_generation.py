@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers_data import require_data_dir
-from mamba_eval.generation import SamplingParams, generate
-from mamba_eval.loader import load_model
+from mamba_eval.harness.generation import SamplingParams, generate
+from mamba_eval.models.checkpoint import load_model
 
 
 @pytest.fixture(params=["mamba1-tiny", "mamba2-small"])
@@ -175,7 +175,7 @@ def test_decode_runner_equals_reallocating_generation(model):
 
 @torch.inference_mode()
 def test_decode_runner_compaction_keeps_the_right_states(model):
-    from mamba_eval.generation import DecodeRunner
+    from mamba_eval.harness.generation import DecodeRunner
 
     runner = DecodeRunner(model, 6)
     ids = torch.randint(2, model.config.vocab_size, (4, 5), generator=torch.Generator().manual_seed(2))
@@ -203,7 +203,7 @@ def test_tail_stop_check_equals_full_decode_check():
     same answer, on real GPT-NeoX tokens of text with multi-byte characters and on random token
     ids (whose bytes split characters anywhere)."""
     import transformers
-    from mamba_eval.generation import tail_stop_checker
+    from mamba_eval.harness.generation import tail_stop_checker
 
     tok = transformers.AutoTokenizer.from_pretrained(str(require_data_dir() / "tokenizers" / "gpt-neox-20b"))
 
@@ -253,7 +253,7 @@ def test_several_greedy_steps_per_look_give_the_same_tokens(model):
 
 
 def test_decode_runner_is_reused(model):
-    from mamba_eval.generation import decode_runner
+    from mamba_eval.harness.generation import decode_runner
 
     a = decode_runner(model, 3, cuda_graphs=False, greedy_steps=2)
     assert decode_runner(model, 3, cuda_graphs=False, greedy_steps=2) is a
@@ -273,7 +273,7 @@ def test_bfloat16_decode_state(model):
     """States stored in bf16 between steps (mamba_ssm's cache dtype): the buffers are bf16, each
     step's logits stay within bf16 rounding of the fp32-state step, and rows still do not
     depend on their batch (bf16 storage rounds each element on its own)."""
-    from mamba_eval.generation import DecodeRunner
+    from mamba_eval.harness.generation import DecodeRunner
 
     runner = DecodeRunner(model, 3, state_dtype=torch.bfloat16)
     ssm = [layer.ssm for layer in runner.state]
@@ -303,7 +303,7 @@ def test_decode_state_dtype_model_arg_reaches_generation(arg, dtype, expected, t
     import transformers
     from lm_eval.api.instance import Instance
 
-    import mamba_eval.lm as lm_mod
+    import mamba_eval.harness.lm as lm_mod
 
     data = require_data_dir()
     cfg = transformers.MambaConfig(vocab_size=50280, hidden_size=16, num_hidden_layers=1, state_size=4)
@@ -362,8 +362,8 @@ def test_prompts_of_mixed_lengths_share_a_prefill(model, monkeypatch, one_torch_
     token taken at its own end): the greedy tokens equal each prompt alone, equal-length
     prefills only (as before) and the full forward; fewer forwards run; prompts shorter than
     RAGGED_MIN_LENGTH or longer than prefill_chunk keep prefills of their own length."""
-    from mamba_eval.engine import RAGGED_MIN_LENGTH
-    from mamba_eval.generation import GenerateTimes
+    from mamba_eval.harness.engine import RAGGED_MIN_LENGTH
+    from mamba_eval.harness.generation import GenerateTimes
 
     gen = torch.Generator().manual_seed(6)
     vocab = model.config.vocab_size
@@ -402,7 +402,7 @@ def test_prompts_of_mixed_lengths_share_a_prefill(model, monkeypatch, one_torch_
 
 
 def test_prefill_groups_bound_padding_and_keep_batch_size():
-    from mamba_eval.generation import MAX_PADDING_RATIO, prefill_groups
+    from mamba_eval.harness.generation import MAX_PADDING_RATIO, prefill_groups
 
     lengths = [5, 9, 9, 17, 4, 12, 2, 40, 9]
     groups = prefill_groups(lengths, 3, ragged=True, prefill_chunk=20)
@@ -420,8 +420,8 @@ def test_prefill_groups_bound_padding_and_keep_batch_size():
 def test_hybrid_models_keep_prefills_of_one_length(monkeypatch, one_torch_thread):
     """An attention layer's key/value cache would hold the padding: a hybrid model prefills only
     prompts of equal length together, and its greedy tokens equal each prompt alone."""
-    from mamba_eval.config import AttnConfig, MambaConfig
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.config import AttnConfig, MambaConfig
+    from mamba_eval.models.model import MambaLMHeadModel
 
     torch.manual_seed(0)
     config = MambaConfig(arch="mamba2", d_model=32, n_layer=2, vocab_size=64, d_state=8, d_conv=4, expand=2,

@@ -30,7 +30,7 @@ def _model(name):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from bench_model import SHAPES as BENCH_SHAPES, make_config
 
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.model import MambaLMHeadModel
 
     torch.manual_seed(0)
     config = make_config(**BENCH_SHAPES[name])
@@ -55,7 +55,7 @@ def _pairs(limit):
 
 @pytest.mark.parametrize("name", SHAPES)
 def test_scores_do_not_depend_on_the_batch(name):
-    from mamba_eval.engine import score_continuations
+    from mamba_eval.harness.engine import score_continuations
 
     model = _model(name)
     pairs = _pairs(int(os.environ.get("MAMBA_EVAL_GPU_DOCS", "150")))

@@ -1,4 +1,4 @@
-"""On a GPU: the CUDA-graph decoding path of ``mamba_eval.generation`` against eager decoding and
+"""On a GPU: the CUDA-graph decoding path of ``mamba_eval.harness.generation`` against eager decoding and
 the full forward, on the triton backend.
 
 Skipped without CUDA (CI has no GPU); run on the GPU machine with
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from helpers import assert_close
-from mamba_eval.config import MambaConfig
-from mamba_eval.generation import DecodeRunner, SamplingParams, generate
-from mamba_eval.model import MambaLMHeadModel
+from mamba_eval.models.config import MambaConfig
+from mamba_eval.harness.generation import DecodeRunner, SamplingParams, generate
+from mamba_eval.models.model import MambaLMHeadModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -24,8 +24,8 @@ SHAPES = {"mamba-130m": {"ssm_cfg": {}, "pad_vocab_size_multiple": 8},
 
 
 def _checkpoint(folder, name):
-    from mamba_eval.loader import read_config
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.checkpoint import read_config
+    from mamba_eval.models.model import MambaLMHeadModel
 
     folder.mkdir(parents=True)
     config = {"d_model": 768, "n_layer": 24, "vocab_size": 50277, "rms_norm": True,
@@ -47,7 +47,7 @@ def test_triton_and_ref_score_alike(tmp_path, name):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from mamba_eval.offline import prepare_offline_tasks
+    from mamba_eval.harness.offline import prepare_offline_tasks
 
     data = require_data_dir()
     ckpt = _checkpoint(tmp_path / name, name)

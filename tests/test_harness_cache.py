@@ -1,4 +1,4 @@
-"""lm-eval's task index and prompt templates, cached by ``mamba_eval.harness_cache``: the same
+"""lm-eval's task index and prompt templates, cached by ``mamba_eval.harness.task_cache``: the same
 index and the same rendered text as lm-eval's own code, rebuilt whenever a file it read changes."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import lm_eval.tasks._index as index_module
 import lm_eval.tasks._yaml_loader as loader_module
 import lm_eval.utils as lm_utils
-from mamba_eval import harness_cache
+from mamba_eval.harness import task_cache
 
 TaskIndex = index_module.TaskIndex
 

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close, rel_max_error
-from mamba_eval.attention import AttnState
-from mamba_eval.loader import CheckpointError, load_model, read_config
-from mamba_eval.model import LayerState, MambaLMHeadModel
+from mamba_eval.models.attention import AttnState
+from mamba_eval.models.checkpoint import CheckpointError, load_model, read_config
+from mamba_eval.models.model import LayerState, MambaLMHeadModel
 
 transformers = pytest.importorskip("transformers")
 
@@ -380,7 +380,7 @@ def test_state_errors(hybrid):
 def test_engine_scores_equal_whole_forwards(hybrid):
     """The scoring engine forks attention caches with the SSM states: shared contexts and the
     stateful rolling mode give the scores of whole-sequence forwards."""
-    from mamba_eval.engine import score_continuations, score_documents
+    from mamba_eval.harness.engine import score_continuations, score_documents
 
     vocab = hybrid.config.vocab_size
     gen = torch.Generator().manual_seed(10)
@@ -423,7 +423,7 @@ def test_triton_backend_matches_reference(hybrids):
 
 
 def test_greedy_generation_equals_full_forward(hybrid):
-    from mamba_eval.generation import generate
+    from mamba_eval.harness.generation import generate
 
     prompts = _ids(hybrid.config.vocab_size, batch=3, length=6, seed=12).tolist()
     prompts[1] = prompts[1][:4]

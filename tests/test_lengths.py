@@ -5,7 +5,7 @@ The reference for row b is the same batch cut at row b's length (``input_ids[:, 
 without ``lengths``: the operators are the same, only the padding after row b differs. On the
 reference backend the batch is repeated to 64 rows, so that with one intra-op thread every
 forward holds a multiple of 64 positions and every matrix product 64 rows or more: the CPU
-libraries' own dependence on the batch's size (``mamba_eval.engine``, point 5) stays out of the
+libraries' own dependence on the batch's size (``mamba_eval.harness.engine``, point 5) stays out of the
 comparison. The Triton kernels compute each row on its own and need no such care.
 """
 
@@ -16,8 +16,8 @@ import os
 import pytest
 import torch
 
-from mamba_eval.config import AttnConfig, MambaConfig
-from mamba_eval.model import MambaLMHeadModel
+from mamba_eval.models.config import AttnConfig, MambaConfig
+from mamba_eval.models.model import MambaLMHeadModel
 
 COMMON = dict(n_layer=2, vocab_size=64, d_conv=4, expand=2, conv_bias=True, proj_bias=False, rms_norm=True,
               norm_eps=1e-5, residual_in_fp32=True, tie_embeddings=True)

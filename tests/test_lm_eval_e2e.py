@@ -48,7 +48,7 @@ def _write_checkpoint(out_dir, arch: str):
 @pytest.fixture(scope="module")
 def offline_tasks():
     data_dir = require_data_dir()
-    from mamba_eval.offline import prepare_offline_tasks
+    from mamba_eval.harness.offline import prepare_offline_tasks
 
     return prepare_offline_tasks(data_dir)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mamba_eval.loader import (
+from mamba_eval.models.checkpoint import (
     CheckpointError,
     has_tokenizer_files,
     load_model,
@@ -310,7 +310,7 @@ def test_every_published_size_builds_with_transformers_parameter_count(tmp_path,
     parameter count of transformers' own class at the same shape."""
     import transformers
 
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.model import MambaLMHeadModel
 
     d_model, n_layer = PUBLISHED[name]
     mamba2 = name.startswith("mamba2")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import assert_close, rel_max_error
 
-from mamba_eval.loader import load_model
-from mamba_eval.model import MambaLMHeadModel
+from mamba_eval.models.checkpoint import load_model
+from mamba_eval.models.model import MambaLMHeadModel
 
 LENGTH = 37  # not a multiple of the Mamba-2 test chunk size (16); three chunks
 PIECES = (11, 5, 21)  # an uneven split of LENGTH
@@ -74,7 +74,7 @@ def test_state_passing_equals_one_pass(ours, checkpoint, ckpt_name):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "four-op-step"])
 def test_step_equals_forward(ours, checkpoint, ckpt_name, fused, monkeypatch):
     """Both Mamba-1 decoding paths (the fused op for few rows, the four ops for many)."""
-    import mamba_eval.model as model_mod
+    import mamba_eval.models.model as model_mod
 
     monkeypatch.setattr(model_mod, "FUSED_DECODE_MAX_ELEMENTS", 1 << 30 if fused else 0)
     name = ckpt_name
@@ -126,7 +126,7 @@ def test_half_precision_keeps_ssm_parameters_fp32(checkpoint, ours, name):
 
 
 def test_random_init_model_runs_and_rejects_bad_input():
-    from mamba_eval.config import MambaConfig
+    from mamba_eval.models.config import MambaConfig
 
     config = MambaConfig(arch="mamba2", d_model=32, n_layer=1, vocab_size=40, d_state=4, d_conv=4, expand=2,
                          dt_rank=0, headdim=8, ngroups=2, chunk_size=4)
@@ -145,7 +145,7 @@ def test_random_init_model_runs_and_rejects_bad_input():
 
 def test_layernorm_variant_has_norm_biases():
     """mamba_ssm's rms_norm=False builds LayerNorms (weight and bias) for the blocks and norm_f."""
-    from mamba_eval.config import MambaConfig
+    from mamba_eval.models.config import MambaConfig
 
     config = MambaConfig(arch="mamba1", d_model=16, n_layer=2, vocab_size=24, d_state=4, d_conv=3, expand=2,
                          dt_rank=2, headdim=0, ngroups=1, chunk_size=0, rms_norm=False)
@@ -164,7 +164,7 @@ def test_layernorm_variant_has_norm_biases():
 def test_cached_A_follows_the_parameter(checkpoint, name):
     """A = -exp(A_log) is cached per mixer, recomputed when A_log is written, and differentiable
     when gradients flow to A_log (training)."""
-    from mamba_eval.loader import load_model
+    from mamba_eval.models.checkpoint import load_model
 
     model = load_model(checkpoint(name).ssm_dir, dtype="float32")
     mixer = model.backbone.layers[0].mixer

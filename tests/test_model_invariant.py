@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from helpers import assert_close
-from mamba_eval.backend import get_ops
-from mamba_eval.config import MambaConfig
-from mamba_eval.model import MambaLMHeadModel
+from mamba_eval.models.ops import get_ops
+from mamba_eval.models.config import MambaConfig
+from mamba_eval.models.model import MambaLMHeadModel
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

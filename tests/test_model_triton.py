@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from mamba_eval.loader import load_model
+from mamba_eval.models.checkpoint import load_model
 
 
 @pytest.fixture(params=["mamba1-small", "mamba2-small"])

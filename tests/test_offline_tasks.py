@@ -1,4 +1,4 @@
-"""Offline mirrors of the stock lm-eval tasks (mamba_eval.offline), on the real data folder.
+"""Offline mirrors of the stock lm-eval tasks (mamba_eval.harness.offline), on the real data folder.
 
 The reference for "same task logic" is the stock task itself: its YAML, loaded by lm-eval
 from the installed package, with ``datasets.load_dataset`` answering its hub dataset with rows
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mamba_eval import offline
-from mamba_eval.offline import offline_task_names, prepare_offline_tasks
+from mamba_eval.harness import offline
+from mamba_eval.harness.offline import offline_task_names, prepare_offline_tasks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

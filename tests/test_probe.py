@@ -1,4 +1,4 @@
-"""``mamba-eval probe`` (mamba_eval/probe.py): bad input, complete reports, OOM recording."""
+"""``mamba-eval probe`` (mamba_eval/commands/probe.py): bad input, complete reports, OOM recording."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 from helpers_data import require_data_dir
 
-from mamba_eval.cli import main as cli_main
+from mamba_eval.commands.cli import main as cli_main
 from mamba_eval.errors import MambaEvalError
-from mamba_eval.probe import ProbeSpec, run_probe
+from mamba_eval.commands.probe import ProbeSpec, run_probe
 
 
 # Many small forwards: one intra-op thread (fixture in conftest.py).
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def word_model(checkpoint, tmp_path_factory):
     """The conftest's tiny random Mamba-1 (256 embedding rows) with the probe's word tokenizer."""
-    from mamba_eval.probe_model import build_tokenizer
+    from mamba_eval.commands.probe_model import build_tokenizer
 
     folder = tmp_path_factory.mktemp("word_tok")
     build_tokenizer(folder)
@@ -32,7 +32,7 @@ def word_model(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def neox_model(tmp_path_factory):
-    from mamba_eval.demo import write_random_checkpoint
+    from mamba_eval.commands.demo import write_random_checkpoint
 
     ckpt = write_random_checkpoint(tmp_path_factory.mktemp("neox_ckpt"), 50277)
     return f"pretrained={ckpt},tokenizer={require_data_dir() / 'tokenizers' / 'gpt-neox-20b'}"

@@ -1,4 +1,4 @@
-"""Long-context probe tasks (mamba_eval.probe_data, tasks/probes/): data and lm-eval integration.
+"""Long-context probe tasks (mamba_eval.harness.probe_data, tasks/probes/): data and lm-eval integration.
 
 Data: deterministic by seed and version, sized in tokens of the real GPT-NeoX-20B tokenizer,
 the passkey at the requested depth, MQAR's structure, and per-position buckets that re-tokenise
@@ -20,7 +20,7 @@ import torch
 
 from helpers_data import require_data_dir
 
-from mamba_eval import probe_data as pd
+from mamba_eval.harness import probe_data as pd
 from mamba_eval.errors import MambaEvalError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ def neox_dir():
 def word_tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from mamba_eval.probe_model import build_tokenizer
+    from mamba_eval.commands.probe_model import build_tokenizer
 
     folder = tmp_path_factory.mktemp("probe_tokenizer")
     build_tokenizer(folder)
@@ -97,7 +97,7 @@ def test_shipped_configs_are_the_generators_output():
     expected = pd.shipped_task_configs()
     assert sorted(shipped) == sorted(expected)
     for name, text in expected.items():
-        assert shipped[name] == text, f"tasks/probes/{name} is stale: rerun python -m mamba_eval.probe_data --write tasks/probes"
+        assert shipped[name] == text, f"tasks/probes/{name} is stale: rerun python -m mamba_eval.harness.probe_data --write tasks/probes"
     assert pd.include_path().resolve() == (REPO / "tasks" / "probes").resolve()
 
 
@@ -341,7 +341,7 @@ def test_end_to_end_mqar_with_tiny_checkpoint(checkpoint, word_tokenizer):
 @pytest.fixture(scope="module")
 def neox_checkpoint(tmp_path_factory):
     """A tiny random Mamba-1 with GPT-NeoX's vocabulary (the demo's model shape)."""
-    from mamba_eval.demo import write_random_checkpoint
+    from mamba_eval.commands.demo import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("neox_ckpt"), 50277)
 
@@ -368,7 +368,7 @@ def test_end_to_end_ppl_buckets_equal_a_direct_forward(neox_checkpoint, neox_dir
     forward over the whole window (so every bucket is conditioned on the whole window before it)."""
     import lm_eval
 
-    from mamba_eval.loader import load_model
+    from mamba_eval.models.checkpoint import load_model
 
     cfg = pd.task_config("ppl", 1024, samples=1, text_file=str(essay))
     folder = pd.write_task_configs(tmp_path / "tasks", {f"{cfg['task']}.yaml": pd.render_yaml(cfg)})

@@ -22,7 +22,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PTH_NAME = "mamba_eval_hook.pth"
-TARGET = "mamba_eval.lm:MambaLM"
+TARGET = "mamba_eval.harness.lm:MambaLM"
 
 
 _CLEARED_ENV = ("MAMBA_EVAL_DISABLE_HOOK", "MAMBA_EVAL_HOOK_DEBUG", "PYTHONPATH")
@@ -88,7 +88,7 @@ IMPORT_ORDERS = {
             assert type(mod.__loader__).__name__ == "SourceFileLoader", mod.__loader__
             assert mod.__spec__.loader is mod.__loader__
         assert not [f for f in sys.meta_path
-                    if type(f).__module__ == "mamba_eval._hook" or "MambaEval" in type(f).__name__]
+                    if type(f).__module__ == "mamba_eval.harness.registration" or "MambaEval" in type(f).__name__]
     """,
 }
 
@@ -268,7 +268,7 @@ def test_fresh_install(editable, tmp_path_factory):
 
     lines = dict(line.split(" ", 1) for line in _python(CHECK_INSTALLED, python, cwd=work).stdout.splitlines())
     assert lines["startup"] == "1 False False"
-    assert lines["class"] == "mamba_eval.lm MambaLM"
+    assert lines["class"] == "mamba_eval.harness.lm MambaLM"
     assert lines["hf"] == "HFLM"
     expected_home = src if editable else purelib
     assert Path(lines["file"]).resolve().is_relative_to(expected_home.resolve()), lines["file"]

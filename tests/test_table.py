@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from mamba_eval import published
+from mamba_eval.commands import published
 from mamba_eval.errors import MambaEvalError
-from mamba_eval.table import COLUMNS, make_table, render_chart, to_csv, to_latex, to_markdown
+from mamba_eval.commands.table import COLUMNS, make_table, render_chart, to_csv, to_latex, to_markdown
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 INPUT = FIXTURES / "input"

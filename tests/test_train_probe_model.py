@@ -1,4 +1,4 @@
-"""The probe model (mamba_eval/probe_model.py): autograd through the reference ops, the word
+"""The probe model (mamba_eval/commands/probe_model.py): autograd through the reference ops, the word
 tokenizer, and a short training run that clearly beats chance, checked through lm-eval's own
 MQAR task at the training length."""
 
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from mamba_eval.probe_model import TrainConfig, default_probe_model, evaluate_recall, train_probe_model
+from mamba_eval.commands.probe_model import TrainConfig, default_probe_model, evaluate_recall, train_probe_model
 
 
 # Many small forwards: one intra-op thread (fixture in conftest.py).
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(arch: str):
-    from mamba_eval.config import MambaConfig
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.config import MambaConfig
+    from mamba_eval.models.model import MambaLMHeadModel
 
     if arch == "mamba1":
         cfg = MambaConfig(arch="mamba1", d_model=32, n_layer=2, vocab_size=64, d_state=8, d_conv=4, expand=2,
@@ -76,8 +76,8 @@ def test_short_training_beats_chance_clearly(trained):
 def test_trained_checkpoint_scores_through_lm_eval(trained, tmp_path):
     """The saved folder is a normal checkpoint: --model mamba loads it with its own tokenizer, and
     the mamba_mqar task at the training length gives what the direct evaluation gives."""
-    from mamba_eval.loader import load_model
-    from mamba_eval.probe import run_probe
+    from mamba_eval.models.checkpoint import load_model
+    from mamba_eval.commands.probe import run_probe
 
     out, record = trained
     model = load_model(out)
@@ -93,7 +93,7 @@ def test_trained_checkpoint_scores_through_lm_eval(trained, tmp_path):
 
 def test_default_model_is_cached(tmp_path, monkeypatch):
     """default_probe_model trains once into <cache>/v<version>-seed<seed> and reuses the folder."""
-    import mamba_eval.probe_model as pm
+    import mamba_eval.commands.probe_model as pm
 
     calls = []
 

@@ -29,7 +29,7 @@ if not torch.cuda.is_available():
 from helpers import assert_close  # noqa: E402
 
 import mamba_eval.kernels.mamba1_step as ms  # noqa: E402
-from mamba_eval.backend import get_ops  # noqa: E402
+from mamba_eval.models.ops import get_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REAL = os.environ.get("MAMBA_EVAL_TEST_SIZES") == "real"

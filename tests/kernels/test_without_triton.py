@@ -16,7 +16,7 @@ builtins.__import__ = no_triton
 import inspect
 
 import torch
-from mamba_eval.backend import get_ops
+from mamba_eval.models.ops import get_ops
 from mamba_eval.kernels import conv1d, norm, selective_scan, ssd
 
 ops = get_ops("ref")

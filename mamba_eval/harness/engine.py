@@ -62,7 +62,7 @@ How the work is cut:
    requests are batched then changes last bits). On CUDA nothing is filled:
    the element-wise kernels have no tails, and cuBLAS picks its algorithm per shape, which a
    floor would not make invariant; instead the model is built with the batch-invariant ops of
-   ``mamba_eval.backend`` (kernels whose launch configuration ignores the batch, and a GEMM
+   ``mamba_eval.models.ops`` (kernels whose launch configuration ignores the batch, and a GEMM
    whose tiling ignores the row count), which ``--model mamba`` does when ``batch_invariant``.
 6. *Long sequences*: a sequence longer than ``context_chunk`` tokens (default
    :data:`DEFAULT_CONTEXT_CHUNK`) runs in chunks of that many positions, at fixed offsets, that

@@ -2,7 +2,7 @@
 
 Three probe families, each an lm-eval task per context length (configs in ``tasks/probes/``,
 written by :func:`shipped_task_configs`); lm-eval calls the ``*_dataset`` functions below
-through ``custom_dataset: !function mamba_eval.probe_data.<fn>`` with the task's ``metadata``
+through ``custom_dataset: !function mamba_eval.harness.probe_data.<fn>`` with the task's ``metadata``
 merged with the run's ``--model_args`` (and ``--metadata``), so the data is built with the
 tokenizer of the model under test. Nothing is downloaded and no data file is shipped.
 
@@ -175,7 +175,7 @@ def _tokenizer_source(meta: Mapping[str, Any]) -> tuple[str, str | None]:
         return tokenizer, None
     pretrained = meta.get("pretrained") or _DEFAULT_PRETRAINED
     revision = meta.get("revision") or None
-    from mamba_eval.loader import has_tokenizer_files, resolve_checkpoint
+    from mamba_eval.models.checkpoint import has_tokenizer_files, resolve_checkpoint
 
     path = resolve_checkpoint(str(pretrained), revision)
     if has_tokenizer_files(path):
@@ -224,7 +224,7 @@ class _Counter:
 
 def _rng(*parts) -> random.Random:
     """A generator seeded by a string naming the data version and everything given."""
-    return random.Random(":".join(["mamba_eval.probe_data", f"v{PROBE_DATA_VERSION}", *map(str, parts)]))
+    return random.Random(":".join(["mamba_eval.harness.probe_data", f"v{PROBE_DATA_VERSION}", *map(str, parts)]))
 
 
 def _meta_int(meta: Mapping, key: str, default: int, minimum: int = 1) -> int:
@@ -600,7 +600,7 @@ def bucket_name(lo: int, hi: int) -> str:
 def read_text(text_file: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None) -> tuple[str, str]:
     """(text, description of its source): ``text_file`` (UTF-8) if given, else ``wiki.test.raw``
     of WikiText-2 rebuilt from ``data_dir`` (default ``$MAMBA_EVAL_DATA_DIR``) as in
-    :mod:`mamba_eval.offline`, MD5-checked."""
+    :mod:`mamba_eval.harness.offline`, MD5-checked."""
     if text_file:
         path = Path(text_file).expanduser()
         try:
@@ -612,7 +612,7 @@ def read_text(text_file: str | os.PathLike | None = None, data_dir: str | os.Pat
         if not text.strip():
             raise MambaEvalError(f"text file {path} is empty")
         return text, str(path)
-    from mamba_eval.offline import DATA_DIR_ENV, WIKITEXT2_TEST_RAW_MD5, rebuild_wikitext_raw
+    from mamba_eval.harness.offline import DATA_DIR_ENV, WIKITEXT2_TEST_RAW_MD5, rebuild_wikitext_raw
 
     folder = data_dir or os.environ.get(DATA_DIR_ENV, "").strip()
     if not folder:
@@ -764,7 +764,7 @@ def _str_representer(dumper, value):
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
-_MODULE = "mamba_eval.probe_data"  # not __name__: the configs must name it under python -m too
+_MODULE = "mamba_eval.harness.probe_data"  # not __name__: the configs must name it under python -m too
 
 
 def _fn(name: str) -> _Function:
@@ -884,7 +884,7 @@ def render_yaml(config: Mapping, header: str = "") -> str:
 
 
 _HEADER = (
-    "# Written by mamba_eval.probe_data (python -m mamba_eval.probe_data --write DIR); do not edit.\n"
+    "# Written by mamba_eval.harness.probe_data (python -m mamba_eval.harness.probe_data --write DIR); do not edit.\n"
     "# The documents are generated when lm-eval loads the task; see that module's docstring.\n"
 )
 
@@ -906,7 +906,7 @@ def shipped_task_configs() -> dict[str, str]:
 
 def write_task_configs(folder: str | os.PathLike, configs: Mapping[str, str]) -> Path:
     """Write ``{file name: YAML text}`` into ``folder`` (each file atomically); return the folder."""
-    from mamba_eval.atomic import atomic_write
+    from mamba_eval.utils import atomic_write
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -928,11 +928,11 @@ def required_max_length(lengths: Sequence[int]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mamba_eval.probe_data``: print the include path of the probe tasks, or
+    """``python -m mamba_eval.harness.probe_data``: print the include path of the probe tasks, or
     ``--write DIR``: write the shipped task configs into DIR."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m mamba_eval.probe_data", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mamba_eval.harness.probe_data", description=main.__doc__)
     parser.add_argument("--write", metavar="DIR", help="write the shipped task configs into DIR")
     args = parser.parse_args(argv)
     if args.write:

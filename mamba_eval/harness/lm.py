@@ -1,8 +1,8 @@
 """The lm-eval model class ``mamba``: a thin adapter.
 
 It parses ``--model_args`` (the same names as lm-eval's ``hf`` model where they mean the same
-thing), loads the checkpoint through ``mamba_eval.loader``, tokenises as lm-eval's HF models do,
-and hands token-level work to ``mamba_eval.engine`` (scoring) and ``mamba_eval.generation``.
+thing), loads the checkpoint through ``mamba_eval.models.checkpoint``, tokenises as lm-eval's HF models do,
+and hands token-level work to ``mamba_eval.harness.engine`` (scoring) and ``mamba_eval.harness.generation``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from mamba_eval.errors import MambaEvalError, ModelArgsError, install_excepthook
-from mamba_eval.generation import GenerateTimes, SamplingParams, generate, tail_stop_checker
-from mamba_eval.engine import DEFAULT_CONTEXT_CHUNK, gc_paused, score_continuations, score_documents
+from mamba_eval.harness.generation import GenerateTimes, SamplingParams, generate, tail_stop_checker
+from mamba_eval.harness.engine import DEFAULT_CONTEXT_CHUNK, gc_paused, score_continuations, score_documents
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class GenerationStats:
     """What one ``generate_until`` call did: requests, prompt tokens, generated tokens (EOS and
     what follows a stop string excluded) and the wall time of the generation itself (prefill and
     decoding; tokenising and detokenising excluded), with its prefill and decoding parts
-    (``mamba_eval.generation.GenerateTimes``: the prefill includes picking each sequence's first
+    (``mamba_eval.harness.generation.GenerateTimes``: the prefill includes picking each sequence's first
     token; setting up the decode buffers and graphs is in neither part)."""
 
     requests: int = 0
@@ -213,7 +213,7 @@ class MambaLM(TemplateLM):
     ``add_bos_token``, ``prefix_token_id``, and four of our own:
 
     - ``share_context`` (default true): requests with the same context tokens run the context
-      once and fork its recurrent state for each continuation (``mamba_eval.engine``); false runs
+      once and fork its recurrent state for each continuation (``mamba_eval.harness.engine``); false runs
       every request as one sequence, as lm-eval's HF models do. Both give the same scores up to
       floating-point rounding.
     - ``rolling`` (``windows`` or ``stateful``): how ``loglikelihood_rolling`` (perplexity tasks)
@@ -224,7 +224,7 @@ class MambaLM(TemplateLM):
     - ``batch_invariant`` (default true): keep a request's score independent of the batch it
       runs in, bit for bit. On the CPU every forward gets shapes that make the libraries'
       arithmetic the same for every row (filler rows: more work, the more threads); on CUDA the
-      model runs the batch-invariant kernels and GEMMs (``mamba_eval.backend``), decoding steps
+      model runs the batch-invariant kernels and GEMMs (``mamba_eval.models.ops``), decoding steps
       included, so ``generate_until`` gives a prompt the same tokens at every batch size. False is
       faster (cuBLAS; Mamba-1 decoding at small batches through the fused step).
     - ``context_chunk`` (default 16384): a sequence longer than this many tokens (a long-context
@@ -238,7 +238,7 @@ class MambaLM(TemplateLM):
     ``batch_size=N`` sets a token budget of N times the longest request; ``auto`` takes a share
     of the free memory (capped at ``max_batch_size`` rows of the longest request when
     ``max_batch_size`` is given). With ``batch_invariant`` a request's score does not depend on
-    the batch size or the request order, bit for bit (``mamba_eval.engine``, point 5).
+    the batch size or the request order, bit for bit (``mamba_eval.harness.engine``, point 5).
     """
 
     def __init__(
@@ -285,7 +285,7 @@ class MambaLM(TemplateLM):
         self.share_context = _parse_bool("share_context", share_context)
         self.batch_invariant = _parse_bool("batch_invariant", batch_invariant)
 
-        from mamba_eval import loader  # heavy imports stay out of lm-eval's registry scan
+        from mamba_eval.models import checkpoint  # heavy imports stay out of lm-eval's registry scan
 
         self._rank, self._world_size, self.accelerator = 0, 1, None
         device_obj = self._setup_distributed(_parse_device(device))
@@ -307,11 +307,11 @@ class MambaLM(TemplateLM):
         self.pretrained = str(pretrained)
         self.revision = revision
         path = loader.resolve_checkpoint(self.pretrained, revision=revision)
-        from mamba_eval.backend import default_backend
+        from mamba_eval.models.ops import default_backend
 
         backend_name = backend or default_backend(device_obj)
         # Batch invariance on a GPU: the kernels' batch-invariant variants and a GEMM whose tiling
-        # ignores the row count (mamba_eval.backend); on the CPU the engine's shapes do it.
+        # ignores the row count (mamba_eval.models.ops); on the CPU the engine's shapes do it.
         self.model = loader.load_model(
             path, dtype=str(dtype), device=device_obj, backend=backend_name,
             batch_invariant=self.batch_invariant and device_obj.type == "cuda",
@@ -347,7 +347,7 @@ class MambaLM(TemplateLM):
     def _load_tokenizer(name: str | None, checkpoint_dir, revision):
         from transformers import AutoTokenizer
 
-        from mamba_eval.loader import has_tokenizer_files
+        from mamba_eval.models.checkpoint import has_tokenizer_files
 
         if name is None:
             name = str(checkpoint_dir) if has_tokenizer_files(checkpoint_dir) else DEFAULT_TOKENIZER

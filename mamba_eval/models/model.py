@@ -1,7 +1,7 @@
 """Mamba (Gu & Dao 2023) and Mamba-2 (Dao & Gu 2024) language models, forward only.
 
 The network is mamba_ssm's ``MambaLMHeadModel``, with its parameter names and layouts, so its
-checkpoints load without renaming (``mamba_eval.loader`` maps the other formats onto these names)::
+checkpoints load without renaming (``mamba_eval.models.checkpoint`` maps the other formats onto these names)::
 
     backbone.embedding                                        token embedding        [V, D]
     backbone.layers.i.norm       pre-norm (fused with the residual add)
@@ -17,7 +17,7 @@ A block computes ``residual = x + residual; x = mixer(norm(residual))`` and then
 whatever the model dtype, as the scans consume them in fp32. Falcon-Mamba's extra norms of Δ, B
 and C (``config.bcdt_rmsnorm``) are weightless RMSNorms in plain PyTorch.
 
-Operators come from a backend chosen once at construction (``mamba_eval.backend.get_ops``),
+Operators come from a backend chosen once at construction (``mamba_eval.models.ops.get_ops``),
 batch-invariant or not; decoding steps use ``ops.step_linear`` for their matrix products.
 Sequence state is explicit: ``forward`` takes an optional initial ``ModelState`` (not modified)
 and can return the final one; ``step`` advances a ``ModelState`` by one token IN PLACE. A Mamba
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mamba_eval.attention import Attention, AttnState, GatedMLP
-from mamba_eval.backend import Ops, get_ops
-from mamba_eval.config import MambaConfig
+from mamba_eval.models.attention import Attention, AttnState, GatedMLP
+from mamba_eval.models.ops import Ops, get_ops
+from mamba_eval.models.config import MambaConfig
 from mamba_eval.kernels.norm import weightless_rmsnorm_ref
 
 
@@ -386,10 +386,10 @@ class MambaLMHeadModel(nn.Module):
     """A Mamba or Mamba-2 language model, possibly with attention layers and MLPs; forward only
     (parameters do not require grad).
 
-    ``backend`` names the operator implementations (``mamba_eval.backend``); ``dtype`` is the
+    ``backend`` names the operator implementations (``mamba_eval.models.ops``); ``dtype`` is the
     dtype of the weights and activations (the SSM parameters stay fp32). On a real device the
     weights get mamba_ssm-style random values; on the ``meta`` device they are left unallocated
-    (``mamba_eval.loader`` materialises and fills them).
+    (``mamba_eval.models.checkpoint`` materialises and fills them).
     """
 
     def __init__(self, config: MambaConfig, *, backend: str = "ref", device=None, dtype=None,

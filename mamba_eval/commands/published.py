@@ -25,7 +25,7 @@ exact parameter count of the released architecture (tied embeddings counted once
 24/48/48/48/64 layers; Mamba d_state 16, expand 2, d_conv 4, dt_rank ceil(d_model/16); Mamba-2
 d_state 128, headdim 64, one group. It orders rows and places the points of the chart.
 
-Column keys are those of ``mamba_eval.table.COLUMNS``: ``lambada_ppl``, ``lambada_acc``,
+Column keys are those of ``mamba_eval.commands.table.COLUMNS``: ``lambada_ppl``, ``lambada_acc``,
 ``hellaswag``, ``piqa``, ``arc_easy``, ``arc_challenge``, ``winogrande``, ``openbookqa``.
 """
 

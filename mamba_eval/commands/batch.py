@@ -24,7 +24,7 @@ the model name, the resolved path or hub id and the per-checkpoint model_args (d
 size excluded): stable across runs and unique (two folders named ``model`` do not collide).
 
 How the work runs: each checkpoint's pending tasks go to one child process
-(``python -m mamba_eval.batch --worker``) that parses the lm-eval flags with lm-eval's own
+(``python -m mamba_eval.commands.batch --worker``) that parses the lm-eval flags with lm-eval's own
 ``run`` parser, loads the model once, and runs ``lm_eval.simple_evaluate`` task by task, writing
 each result as soon as it is complete. A checkpoint that fails (no config, bad weights, a task
 that errors) does not stop the others; failures are reported at the end with their one-line
@@ -48,7 +48,7 @@ Progress: a line per finished or failed unit on stderr (counts, elapsed time), a
 
 Library use::
 
-    from mamba_eval.batch import expand_checkpoints, run_batch
+    from mamba_eval.commands.batch import expand_checkpoints, run_batch
     result = run_batch(expand_checkpoints(["ckpts/*/"]), ["hellaswag", "piqa"], "runs/b1",
                        lm_eval_args=["--batch_size", "64"])
     assert result.ok
@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mamba_eval.atomic import atomic_write
+from mamba_eval.utils import atomic_write
 
 __all__ = [
     "Checkpoint",
@@ -138,7 +138,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`mamba_eval.atomic.atomic_write`)."""
+    """Write ``text`` to ``path`` atomically (:func:`mamba_eval.utils.atomic_write`)."""
     atomic_write(path, text)
 
 
@@ -545,13 +545,13 @@ def _note_lock(fd: int, text: str) -> None:
 
 
 def _worker_command(job: CheckpointJob, spec: Path) -> list[str]:
-    worker = ["-m", "mamba_eval.batch", "--worker", str(spec)]
+    worker = ["-m", "mamba_eval.commands.batch", "--worker", str(spec)]
     if job.processes <= 1:
         return [sys.executable, *worker]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(job.processes),
               "--num_machines", "1", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(job.port), *worker]
-    return [sys.executable, "-m", "mamba_eval.batch", "--exec", *launch]
+    return [sys.executable, "-m", "mamba_eval.commands.batch", "--exec", *launch]
 
 
 def run_checkpoint(job: CheckpointJob) -> dict:
@@ -1000,7 +1000,7 @@ def run_batch(checkpoints, tasks, output, *, model: str = "mamba", model_args=No
 
     ``lm_eval_args``: flags of ``lm-eval run`` applied to every unit (``--batch_size 64``,
     ``--limit 4``, ``--num_fewshot 0``, ...). ``data_dir``: a local data folder for the offline
-    tasks (``mamba_eval.offline``). See the module docstring for executors and resuming.
+    tasks (``mamba_eval.harness.offline``). See the module docstring for executors and resuming.
     Returns a ``BatchResult``; bad input raises ``MambaEvalError`` before anything runs.
     """
     stream = stream or sys.stderr
@@ -1010,7 +1010,7 @@ def run_batch(checkpoints, tasks, output, *, model: str = "mamba", model_args=No
         raise _error("--gpus-per-checkpoint must be at least 1")
     include_path = None
     if data_dir:
-        from mamba_eval.offline import prepare_offline_tasks
+        from mamba_eval.harness.offline import prepare_offline_tasks
 
         try:
             include_path = str(prepare_offline_tasks(data_dir))
@@ -1323,7 +1323,7 @@ def _module_main(argv: list[str]) -> int:
         return _worker(argv[1])
     if argv[:1] == ["--exec"] and len(argv) > 1:
         return _exec_with_parent(argv[1:])
-    from mamba_eval.cli import main
+    from mamba_eval.commands.cli import main
 
     return main(["batch", *argv])
 

@@ -2,7 +2,7 @@
 
 Checkpoint dialects (mamba_ssm's ``config.json``, transformers' ``MambaConfig`` /
 ``Mamba2Config`` / ``FalconMambaConfig``) are translated into this one dataclass by
-``mamba_eval.loader``; nothing else reads them.
+``mamba_eval.models.checkpoint``; nothing else reads them.
 
 Beyond the plain stack of Mamba blocks it describes the variants that were released:
 

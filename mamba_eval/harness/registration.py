@@ -12,7 +12,7 @@ module. From then on the finder below watches three modules:
 
 ``lm_eval.models``
     lm-eval's built-in model table. When it has finished executing, ``mamba`` is added to
-    the registry as the lazy placeholder ``"mamba_eval.lm:MambaLM"`` (nothing heavy is
+    the registry as the lazy placeholder ``"mamba_eval.harness.lm:MambaLM"`` (nothing heavy is
     imported until lm-eval asks for the class).
 
 ``lm_eval.api.registry``
@@ -30,7 +30,7 @@ module. From then on the finder below watches three modules:
     ``include_path`` of the caller, so the caller's configs of the same name still win. Thus
     ``lm_eval --model mamba --tasks mamba_passkey_16k`` works without ``--include_path``. The
     instance's ``include_path`` attribute keeps the caller's value. lm-eval's task index and
-    its compiled prompt templates are cached from then on (:mod:`mamba_eval.harness_cache`:
+    its compiled prompt templates are cached from then on (:mod:`mamba_eval.harness.task_cache`:
     exact, and switched off by ``MAMBA_EVAL_NO_HARNESS_CACHE=1``).
 
 After both are done the finder removes itself. The real loader is restored on
@@ -46,7 +46,7 @@ import os
 import sys
 
 MODEL_NAME = "mamba"
-MODEL_TARGET = "mamba_eval.lm:MambaLM"
+MODEL_TARGET = "mamba_eval.harness.lm:MambaLM"
 
 _REGISTRY_MODULE = "lm_eval.api.registry"
 _MODELS_MODULE = "lm_eval.models"
@@ -59,14 +59,14 @@ def _report(exc):
     if os.environ.get("MAMBA_EVAL_HOOK_DEBUG"):
         import traceback
 
-        sys.stderr.write("mamba_eval._hook: ignored error:\n")
+        sys.stderr.write("mamba_eval.harness.registration: ignored error:\n")
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
 def register():
     """Add ``mamba`` to lm-eval's model registry as a lazy placeholder.
 
-    An existing ``mamba`` entry (for example the concrete class, once ``mamba_eval.lm`` has
+    An existing ``mamba`` entry (for example the concrete class, once ``mamba_eval.harness.lm`` has
     been imported and registered itself) is left alone. Called only once ``lm_eval.models``
     has run, so the built-in models are already in the registry.
     """
@@ -136,9 +136,9 @@ def wrap_task_manager(cls):
 
 
 def install_harness_caches():
-    """lm-eval's task index and compiled prompt templates cached (:mod:`mamba_eval.harness_cache`),
+    """lm-eval's task index and compiled prompt templates cached (:mod:`mamba_eval.harness.task_cache`),
     once ``lm_eval.tasks.manager`` has been imported (and with it the modules they live in)."""
-    from mamba_eval import harness_cache
+    from mamba_eval.harness import task_cache
 
     modules = sys.modules
     if "lm_eval.tasks._index" in modules and "lm_eval.tasks._yaml_loader" in modules:

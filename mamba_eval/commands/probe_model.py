@@ -6,7 +6,7 @@ report shows how its accuracy holds as the distance to the recalled pair grows f
 (the Mamba paper's induction-heads experiment, Gu & Dao 2023, section 4.1.2, trained at 256
 and tested up to 1M tokens).
 
-- Data: :func:`mamba_eval.probe_data.mqar_words`, the very generator of the ``mamba_mqar_*``
+- Data: :func:`mamba_eval.harness.probe_data.mqar_words`, the very generator of the ``mamba_mqar_*``
   tasks, at 256 tokens with 1 to :data:`TRAIN_MAX_PAIRS` pairs; the loss is the cross-entropy
   of every queried value (all P of them, the ``P - 1`` scattered queries and the final one).
   Training samples use seeds of their own, never those of the evaluation documents.
@@ -81,7 +81,7 @@ MODEL_CONFIG: dict = {
 
 def vocabulary() -> list[str]:
     """The probe tokenizer's tokens in id order: specials, keys, values, noise words."""
-    from mamba_eval.probe_data import KEY_WORDS, NOISE_WORDS, VALUE_WORDS
+    from mamba_eval.harness.probe_data import KEY_WORDS, NOISE_WORDS, VALUE_WORDS
 
     words = [*SPECIAL_TOKENS, *KEY_WORDS, *VALUE_WORDS, *NOISE_WORDS]
     if len(set(words)) != len(words):
@@ -141,7 +141,7 @@ def _batch(rng: random.Random, ids: dict[str, int], n: int, length: int, max_pai
     (-100 except where the next token is a queried value)."""
     import torch
 
-    from mamba_eval.probe_data import mqar_words
+    from mamba_eval.harness.probe_data import mqar_words
 
     inputs, targets = [], []
     for _ in range(n):
@@ -187,8 +187,8 @@ def train_probe_model(out_dir: str | os.PathLike, config: TrainConfig = TrainCon
     import torch.nn.functional as F
     from safetensors.torch import save_file
 
-    from mamba_eval.loader import read_config
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.checkpoint import read_config
+    from mamba_eval.models.model import MambaLMHeadModel
 
     log = log or (lambda _msg: None)
     out = Path(out_dir)

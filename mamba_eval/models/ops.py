@@ -27,7 +27,7 @@ follow the batch size (the scans and the norms). A row's result then does not de
 other rows of its batch, bit for bit (cuBLAS picks its algorithm, split-K included, per shape),
 in a forward and in a decoding step: a sequence decodes to the same tokens at every batch size.
 On the CPU the references have no such dependence to remove; the scoring engine handles the
-CPU libraries' own (``mamba_eval.engine``, point 5).
+CPU libraries' own (``mamba_eval.harness.engine``, point 5).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Two formats are read, each as a folder with a ``config.json`` and weights:
   Falcon-Mamba is Mamba-1 with weightless RMSNorms of Δ, B and C (eps ``mixer_rms_eps``, 1e-6).
 
 Weight keys are mamba_ssm's (``backbone.embedding.weight``, ``backbone.layers.N.mixer.in_proj``,
-...), which are the names of ``mamba_eval.model``; transformers differs only by
+...), which are the names of ``mamba_eval.models.model``; transformers differs only by
 ``backbone.embeddings``. Weights may be ``model.safetensors``, ``pytorch_model.bin`` or either
 sharded with an ``*.index.json``. Every problem with a checkpoint raises ``CheckpointError`` with a
 one-line message naming the path and the field, key or shapes at fault; a bad ``dtype``, ``device``
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from mamba_eval.config import AttnConfig, MambaConfig
+from mamba_eval.models.config import AttnConfig, MambaConfig
 from mamba_eval.errors import MambaEvalError
 
 CONFIG_FILE = "config.json"
@@ -475,7 +475,7 @@ def _list(keys, limit=4) -> str:
 
 def expected_shapes(config: MambaConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter names and shapes for ``config`` (``lm_head.weight`` only when untied)."""
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.model import MambaLMHeadModel
 
     model = MambaLMHeadModel(config, device="meta")
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -563,10 +563,10 @@ def load_model(pretrained, *, revision: str | None = None, dtype="auto", device=
 
     ``dtype``: "auto" (see the module docstring), a name ("float32", "bfloat16", "float16", ...) or
     a torch.dtype. ``device``: where the weights go. ``backend``: "ref" or another name known to
-    ``mamba_eval.backend``; ``batch_invariant``: its batch-invariant variant (see that module).
+    ``mamba_eval.models.ops``; ``batch_invariant``: its batch-invariant variant (see that module).
     """
-    from mamba_eval.backend import get_ops
-    from mamba_eval.model import MambaLMHeadModel
+    from mamba_eval.models.ops import get_ops
+    from mamba_eval.models.model import MambaLMHeadModel
 
     torch_dtype = parse_dtype(dtype)  # fail on a typo before any I/O
     get_ops(backend)

@@ -6,14 +6,14 @@
 
     ``--data-dir DIR`` (default: ``$MAMBA_EVAL_DATA_DIR``)
         a local data folder; the task configs that read it instead of the Hugging Face Hub
-        are built by ``mamba_eval.offline.prepare_offline_tasks`` and handed to lm-eval as
+        are built by ``mamba_eval.harness.offline.prepare_offline_tasks`` and handed to lm-eval as
         ``--include_path``.
 
     ``--model`` defaults to ``mamba`` (lm-eval's own default is ``hf``) unless a
     ``--config`` file is given, which then decides.
 
 ``mamba-eval demo [--out DIR]``
-    builds the offline demo (``mamba_eval.demo``) and evaluates it with lm-eval.
+    builds the offline demo (``mamba_eval.commands.demo``) and evaluates it with lm-eval.
 
 ``mamba-eval --version`` prints the versions of mamba-eval and lm-eval.
 
@@ -124,7 +124,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
                 file=sys.stderr,
             )
         else:
-            from mamba_eval.offline import prepare_offline_tasks
+            from mamba_eval.harness.offline import prepare_offline_tasks
 
             try:
                 include_path = str(prepare_offline_tasks(data_dir))
@@ -171,7 +171,7 @@ def _add_demo(subparsers) -> None:
 def _demo(args: argparse.Namespace, extra: list[str]) -> int:
     from pathlib import Path
 
-    from mamba_eval.demo import build_demo, demo_lm_eval_args
+    from mamba_eval.commands.demo import build_demo, demo_lm_eval_args
 
     out = Path(args.out)
     paths = build_demo(out)
@@ -185,7 +185,7 @@ def _demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 _SUBCOMMANDS = (_add_run, _add_demo)
-_MODULE_SUBCOMMANDS = ("mamba_eval.batch", "mamba_eval.table", "mamba_eval.probe")
+_MODULE_SUBCOMMANDS = ("mamba_eval.commands.batch", "mamba_eval.commands.table", "mamba_eval.commands.probe")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ Rules (the same in every format):
   task's column headers and a note naming the versions and rows. Subsets (``--limit``) and
   few-shot results are noted too; notes follow the Markdown table, are ``%`` comments after the
   LaTeX tabular, fill the CSV column ``notes``, and are printed on stderr by the command.
-- **Published rows** (``published=("mamba", "mamba2")``, from ``mamba_eval.published``) carry
+- **Published rows** (``published=("mamba", "mamba2")``, from ``mamba_eval.commands.published``) carry
   ``published [n]`` in the Source column (Markdown, LaTeX; ``source``/``reference`` in the CSV)
   with the paper and table of every number; their average is computed like any other row's.
 - **Deterministic.** The same inputs give byte-identical output: inputs are read in sorted
@@ -41,7 +41,7 @@ Rules (the same in every format):
 
 Library use::
 
-    from mamba_eval.table import make_table, to_markdown, to_csv, to_latex, render_chart
+    from mamba_eval.commands.table import make_table, to_markdown, to_csv, to_latex, render_chart
     table = make_table(["runs/batch1"], published=("mamba", "mamba2"), stderr=True)
     print(to_markdown(table))
     render_chart(table, "chart.png")
@@ -60,7 +60,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mamba_eval.atomic import atomic_write
+from mamba_eval.utils import atomic_write
 
 __all__ = [
     "Column",
@@ -87,7 +87,7 @@ _RUNTIME_MODEL_ARGS = frozenset({"device", "batch_size", "max_batch_size"})
 
 @dataclass(frozen=True)
 class Column:
-    key: str  # stable name used by --columns, the CSV header and mamba_eval.published
+    key: str  # stable name used by --columns, the CSV header and mamba_eval.commands.published
     task: str  # lm-eval task
     metric: str  # lm-eval metric (filter "none")
     header: str
@@ -211,7 +211,7 @@ def _label_for(pretrained) -> str:
 def _count_from_config(folder: Path) -> int | None:
     """Parameter count of a reachable checkpoint folder, from its config alone (no weights read)."""
     try:
-        from mamba_eval.loader import expected_shapes, read_config
+        from mamba_eval.models.checkpoint import expected_shapes, read_config
 
         shapes = expected_shapes(read_config(folder))
     except Exception:  # noqa: BLE001 - any unreadable config just leaves the count unknown
@@ -322,7 +322,7 @@ def _parameters(group: _Group, row: Row) -> int | None:
 
 def published_rows(families) -> list[Row]:
     """Reference rows for the published releases of ``families`` ("mamba", "mamba2")."""
-    from mamba_eval.published import rows as published
+    from mamba_eval.commands.published import rows as published
 
     out = []
     for pub in published(tuple(families)):
@@ -343,7 +343,7 @@ class Table:
     averages: list[tuple[float, int] | None]  # per row: (mean, number of accuracy cells averaged)
     best: dict[str, set[int]]  # column key (or "average") -> indices of rows holding the best value
     version_mismatch: dict[str, dict[str, list[str]]]  # task -> version -> labels
-    references: list  # mamba_eval.published.Source in numbering order
+    references: list  # mamba_eval.commands.published.Source in numbering order
     stderr: bool
     partial_average: bool
     warnings: list[str] = field(default_factory=list)  # unreadable input files
@@ -409,7 +409,7 @@ def build_table(rows: list[Row], columns=COLUMNS, *, stderr: bool = False, parti
         if len(versions) > 1:
             mismatch[task] = dict(sorted(versions.items()))
 
-    from mamba_eval.published import SOURCES
+    from mamba_eval.commands.published import SOURCES
 
     order = {s.key: i for i, s in enumerate(SOURCES)}
     references: dict = {}
@@ -652,7 +652,7 @@ def render_chart(table: Table, path, metric: str = AVERAGE_KEY) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    from mamba_eval.published import FAMILIES
+    from mamba_eval.commands.published import FAMILIES
 
     points = [(i, row, _chart_value(table, i, metric)) for i, row in enumerate(table.rows)]
     points = [(i, row, y) for i, row, y in points if y is not None and row.n_parameters]
@@ -768,7 +768,7 @@ def _families(text: str) -> tuple[str, ...]:
         return ()
     if items == ["all"]:
         return ("mamba", "mamba2")
-    from mamba_eval.published import FAMILIES
+    from mamba_eval.commands.published import FAMILIES
 
     unknown = [t for t in items if t not in FAMILIES]
     if unknown:

@@ -21,7 +21,7 @@ flash-attn tables mamba_ssm uses, the angles are fp32 and cos/sin are rounded to
 before the rotation, which is computed in fp32.
 
 The state of an attention layer is its key/value cache, :class:`AttnState`. It has the methods of
-``mamba_eval.model.LayerState`` (``index_select``, ``clone``, ``copy_``, ``rows``, ``zero_``), so
+``mamba_eval.models.model.LayerState`` (``index_select``, ``clone``, ``copy_``, ``rows``, ``zero_``), so
 the scoring engine forks it like a recurrent state and the decoder keeps it in preallocated
 buffers. Unlike a recurrent state it grows: a forward returns a cache holding every position seen
 so far; :meth:`Attention.step` writes one position into a preallocated cache and reads the fill
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from mamba_eval.backend import Ops
-from mamba_eval.config import AttnConfig, MambaConfig
+from mamba_eval.models.ops import Ops
+from mamba_eval.models.config import AttnConfig, MambaConfig
 
 
 @dataclass

@@ -5,7 +5,7 @@
                      [--text FILE] [--data-dir DIR] [--device cuda] [--batch_size 1] [--out DIR]
 
 For every length (and, for MQAR, every number of pairs) it runs one lm-eval task of
-``mamba_eval.probe_data`` through lm-eval's own ``simple_evaluate`` on one model instance,
+``mamba_eval.harness.probe_data`` through lm-eval's own ``simple_evaluate`` on one model instance,
 and records the metrics, the documents' measured token counts, the time spent building the
 data and evaluating, and the peak memory of the evaluation: ``torch.cuda.max_memory_allocated``
 on a GPU; on the CPU the process's resident set size, sampled every 10 ms (labelled as such).
@@ -18,7 +18,7 @@ run keeps what it measured):
 - ``lm_eval/<task>.json``: lm-eval's own output per task;
 - ``accuracy_vs_length.png`` (or ``loss_vs_position.png``) and ``memory_time_vs_length.png``.
 
-Without ``--model_args`` the MQAR family runs on the probe model (``mamba_eval.probe_model``),
+Without ``--model_args`` the MQAR family runs on the probe model (``mamba_eval.commands.probe_model``),
 trained on first use into a cache folder. ``max_length`` is set from the longest length unless
 given; for ``--model mamba``, ``batch_invariant`` defaults to false (see ``run_probe``). An out-of-memory error at one length is recorded as that length's result and the run
 goes on. Bad input raises :class:`~mamba_eval.errors.MambaEvalError`.
@@ -61,7 +61,7 @@ class ProbeSpec:
     def __init__(self, family: str, lengths: str | Sequence[int] | None = None, *, depths=None,
                  pairs=None, samples: int | None = None, seed: int | None = None,
                  text: str | None = None, data_dir: str | None = None):
-        from mamba_eval import probe_data as pd
+        from mamba_eval.harness import probe_data as pd
         from mamba_eval.errors import MambaEvalError
 
         if family not in FAMILY_NAMES:
@@ -96,7 +96,7 @@ class ProbeSpec:
 
     def tasks(self) -> list[dict]:
         """One entry per task: name, length, pairs, config (dict)."""
-        from mamba_eval import probe_data as pd
+        from mamba_eval.harness import probe_data as pd
 
         out = []
         for length in self.lengths:
@@ -195,7 +195,7 @@ def _rss_bytes() -> int | None:
 
 
 def _write_atomic(path: Path, data: str | bytes) -> None:
-    from mamba_eval.atomic import atomic_write
+    from mamba_eval.utils import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
@@ -289,7 +289,7 @@ def run_probe(
                 f"give --model_args pretrained=... for the {family} family (the offline default model, "
                 f"trained on MQAR's word vocabulary, runs the mqar family only)"
             )
-        from mamba_eval.probe_model import default_probe_model
+        from mamba_eval.commands.probe_model import default_probe_model
 
         args["pretrained"] = str(default_probe_model(log=log))
         trained = json.loads((Path(args["pretrained"]) / "probe_model.json").read_text())
@@ -307,10 +307,10 @@ def run_probe(
         args["batch_size"] = 1 if wanted.startswith("cuda") else "auto"
     if model == "mamba":
         # The CPU's batch-invariance filler gives a lone long context up to 64 x threads rows
-        # (mamba_eval.engine.forward_shape): 10x the memory and 17x the time at 16K tokens on
+        # (mamba_eval.harness.engine.forward_shape): 10x the memory and 17x the time at 16K tokens on
         # 2 threads. A probe compares lengths, not batch sizes; batch_invariant=true keeps it.
         args.setdefault("batch_invariant", False)
-    from mamba_eval import probe_data as pd
+    from mamba_eval.harness import probe_data as pd
 
     needed = pd.required_max_length(spec.lengths)
     if "max_length" not in args:
@@ -460,7 +460,7 @@ def _result_table(results: dict) -> list[str]:
                      "(" + ", ".join(f"{1 / p:.3f}" for p in pairs) + ").")
     elif family in ("passkey", "passkey_gen"):
         depths = results["spec"]["depths"] or []
-        from mamba_eval.probe_data import depth_label
+        from mamba_eval.harness.probe_data import depth_label
 
         cols = [(metric, "all depths")] + [(f"{metric}_depth_{depth_label(d)}", f"depth {d:g}") for d in depths]
         lines.append("| length | " + " | ".join(label for _, label in cols) + " |")
@@ -468,7 +468,7 @@ def _result_table(results: dict) -> list[str]:
         for t in tasks:
             lines.append(f"| {_length_label(t['length'])} | " + " | ".join(_cell(t, m) for m, _ in cols) + " |")
         if family == "passkey":
-            from mamba_eval.probe_data import PASSKEY_CANDIDATES
+            from mamba_eval.harness.probe_data import PASSKEY_CANDIDATES
 
             lines.append("")
             lines.append("Metric: the key has the highest log-likelihood among the candidates "
@@ -495,7 +495,7 @@ def _result_table(results: dict) -> list[str]:
 
 
 def _bucket_start(metric: str) -> int:
-    from mamba_eval.probe_data import parse_length
+    from mamba_eval.harness.probe_data import parse_length
 
     lo = metric[len("loss_"):].split("-")[0]
     return parse_length(lo) if lo != "0" else 0
@@ -511,7 +511,7 @@ def _cell(task: dict | None, metric: str) -> str:
 
 
 def _length_label(length: int) -> str:
-    from mamba_eval.probe_data import length_name
+    from mamba_eval.harness.probe_data import length_name
 
     name = length_name(length)
     return name if name == str(length) else f"{name} ({length})"
@@ -556,7 +556,7 @@ def _report(results: dict, plot_files: list[str]) -> str:
     if trained:
         acc = trained.get("heldout_accuracy_at_train_length", {})
         lines += [
-            f"The model is the offline probe model (`mamba_eval.probe_model`, training version "
+            f"The model is the offline probe model (`mamba_eval.commands.probe_model`, training version "
             f"{trained.get('train_version')}): trained on MQAR at {trained['config']['length']} tokens with "
             f"1-{trained['config']['max_pairs']} pairs, {trained['config']['steps']} steps in "
             f"{trained['train_seconds']} s; held-out accuracy at the training length: "
@@ -664,7 +664,7 @@ def _plots(out: Path, results: dict) -> list[str]:
                 for p in sorted({t["pairs"] for t in ok}):
                     ax.axhline(1 / p, linestyle=":", linewidth=0.8, color="gray")
             else:
-                from mamba_eval.probe_data import depth_label
+                from mamba_eval.harness.probe_data import depth_label
 
                 for t in ok:
                     series.setdefault("all depths", []).append((t["length"], t["metrics"].get(metric)))
@@ -716,7 +716,7 @@ def _plots(out: Path, results: dict) -> list[str]:
 
 
 def _bucket_mid(metric: str) -> float:
-    from mamba_eval.probe_data import parse_length
+    from mamba_eval.harness.probe_data import parse_length
 
     lo, hi = metric[len("loss_"):].split("-")
     lo_n = parse_length(lo) if lo != "0" else 0
@@ -805,6 +805,6 @@ def _handle(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from mamba_eval.cli import main
+    from mamba_eval.commands.cli import main
 
     sys.exit(main(["probe", *sys.argv[1:]]))

@@ -283,7 +283,7 @@ def _read_stored(file: Path, yamls: list[str], index_module):
 
 
 def _store(file: Path, text: str) -> None:
-    from mamba_eval.atomic import atomic_write
+    from mamba_eval.utils import atomic_write
 
     file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(file, text)

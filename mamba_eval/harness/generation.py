@@ -13,17 +13,17 @@ length (Δ is ``-inf`` at padded positions, so the scan carries the state throug
 unchanged; the conv window is gathered before the row's end), and its first generated token
 comes from the hidden state at its own last position. A group is cut before its padding grows
 past :data:`MAX_PADDING_RATIO` times its real tokens (:func:`prefill_groups`). Prompts of the
-same kinds as the engine's shared contexts (``mamba_eval.engine``, module docstring point 2)
+same kinds as the engine's shared contexts (``mamba_eval.harness.engine``, module docstring point 2)
 keep prefills of one exact length instead:
 
 - every prompt of a hybrid model: an attention layer's key/value cache would hold the padding;
 - prompts longer than ``prefill_chunk``: they run in chunks that carry the state, and rows of
   different lengths would end in different chunks;
-- prompts shorter than :data:`~mamba_eval.engine.RAGGED_MIN_LENGTH`: on the CPU a product over
+- prompts shorter than :data:`~mamba_eval.harness.engine.RAGGED_MIN_LENGTH`: on the CPU a product over
   1-3 positions rounds differently from one over more, so such a prompt in a wider pass would
   not continue exactly as it does alone.
 
-With the batch-invariant ops (``mamba_eval.backend``; what ``--model mamba`` builds on a GPU)
+With the batch-invariant ops (``mamba_eval.models.ops``; what ``--model mamba`` builds on a GPU)
 neither the prefill nor a decoding step depends on the other rows, so a prompt's tokens are the
 same at every batch size. Otherwise a batch's matrix products (cuBLAS; on the CPU, the BLAS
 without the engine's filler rows) may round their last bits differently from a batch of one,
@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from mamba_eval.engine import RAGGED_MIN_LENGTH
+from mamba_eval.harness.engine import RAGGED_MIN_LENGTH
 
 #: A prefill group of prompts of different lengths is cut before its padded area (rows x the
 #: longest prompt) exceeds this many times its real prompt tokens: padding then costs at most a

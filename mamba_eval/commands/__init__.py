@@ -1,0 +1,1 @@
+"""The ``mamba-eval`` command and its subcommands."""

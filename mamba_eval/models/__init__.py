@@ -1,0 +1,1 @@
+"""The model core: configuration, checkpoint formats, blocks, the language model, op backends."""
