@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a part.
+"""Small helpers shared by every layer: atomic file writes (a reader sees the old file or the
+whole new one, never a part), JSON reading, one-line error text, the cache and data folders.
 
 Standard library only (imported by command modules at start-up).
 """
@@ -33,3 +34,55 @@ def atomic_write(path: Path, data: str | bytes) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def atomic_write_json(path: Path, data) -> None:
+    """``data`` as indented, key-sorted JSON (non-JSON values as ``str``), written atomically."""
+    import json
+
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path):
+    """The JSON value in ``path``, or None when the file is missing, unreadable or not JSON."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error report. A
+    ``MambaEvalError`` is already written for the user and keeps its text alone; any other
+    exception is prefixed by its type name."""
+    from mamba_eval.errors import MambaEvalError
+
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if isinstance(exc, MambaEvalError) else f"{type(exc).__name__}: {text}"
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a checkpoint or tokenizer name is a local path rather than a Hub id: Hub ids are
+    ``name`` or ``owner/name``; anything else with a slash, or a leading ``/ . ~``, is a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+#: The environment variable that names the offline data folder (``mamba-eval --data-dir``).
+DATA_DIR_ENV = "MAMBA_EVAL_DATA_DIR"
+
+
+def data_dir_from_env() -> Path | None:
+    """The data folder named by ``$MAMBA_EVAL_DATA_DIR`` (``~`` expanded), or None when unset or
+    empty. The folder itself is not checked here."""
+    value = os.environ.get(DATA_DIR_ENV, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder under the package's cache root, ``$XDG_CACHE_HOME/mamba_eval`` (``~/.cache``
+    when XDG_CACHE_HOME is unset or empty): ``cache_dir("offline")``, ``cache_dir("task_index")``."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(base) if base else Path.home() / ".cache").joinpath("mamba_eval", *parts)
