@@ -1,10 +1,11 @@
-"""``mamba-eval table``: tables from fixture result files against hand-written expected outputs,
-determinism, the chart, the published reference rows, and the command line.
+"""``mamba-eval table``: tables from fixture result files against expected outputs, determinism,
+escaping, the chart, the published reference rows, and the command line.
 
 The fixtures (tests/fixtures/results/input) hold three models: ``alpha`` and ``beta`` as batch
 checkpoint folders, ``org/gamma`` as plain lm-eval output. Their metric values are chosen so that
-every displayed number is exact, and the expected files (tests/fixtures/results/expected) were
-written by hand from them: ordering by parameter count (beta 1.0M from its results, alpha 2.0M
+every displayed number is exact. The expected files (tests/fixtures/results/expected) are
+pytablewriter's layout of cells written by hand from them (the files were first written by hand
+whole; the cells of pytablewriter's output were checked equal to those): ordering by parameter count (beta 1.0M from its results, alpha 2.0M
 from its checkpoint.json although its results report 1999999, gamma 3.0M), averages (alpha
 315/7 = 45.0, gamma 365/7 = 52.1, beta lacks OpenBookQA: empty, or 295/6 = 49.2 (6/7) with
 partial averages), best values (a tie on WinoGrande), beta's HellaSwag task version 2.0 against
@@ -14,8 +15,11 @@ hidden temporary file and a truncated JSON that must both be ignored.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -26,7 +30,7 @@ import pytest
 
 from mamba_eval.commands import published
 from mamba_eval.errors import MambaEvalError
-from mamba_eval.commands.table import COLUMNS, make_table, render_chart, to_csv, to_latex, to_markdown
+from mamba_eval.commands.table import COLUMNS, Cell, Row, build_table, make_table, render_chart, to_csv, to_latex, to_markdown
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 INPUT = FIXTURES / "input"
@@ -63,6 +67,51 @@ def test_same_inputs_give_identical_bytes_wherever_they_live(tmp_path):
 
     assert render([INPUT]) == render([INPUT]) == render([copy])
     assert render([copy / "batch", copy / "plain"]) == render([copy / "plain", copy / "batch"])
+
+
+def _read_csv(text: str) -> list[list[str]]:
+    """The CSV dialect pytablewriter writes (mamba_eval.commands.table_writers): quotes and
+    backslashes inside a quoted cell are escaped with a backslash."""
+    return list(csv.reader(io.StringIO(text), escapechar="\\", doublequote=False))
+
+
+def test_expected_csv_holds_the_values():
+    """The CSV file read back: the columns, the fixed-digit values, the marks and the notes."""
+    rows = _read_csv((EXPECTED / "table.csv").read_text(encoding="utf-8"))
+    header, by_model = rows[0], {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
+    assert header[:4] == ["model", "source", "reference", "n_parameters"] and header[-4:] == [
+        "average", "average_cells", "best", "notes"]
+    assert list(by_model) == ["beta", "alpha", "org/gamma"]
+    gamma = by_model["org/gamma"]
+    assert (gamma["lambada_ppl"], gamma["average"], gamma["average_cells"]) == ("8.25", "52.1", "7/7")
+    assert gamma["best"].split(";") == ["lambada_ppl", "lambada_acc", "arc_easy", "arc_challenge", "winogrande",
+                                        "openbookqa", "average"]
+    assert by_model["beta"]["openbookqa"] == "" and by_model["beta"]["average"] == ""
+    assert "piqa 100 of 1838" in by_model["beta"]["notes"]
+
+
+def test_special_characters_are_escaped_in_every_format():
+    """A label with the characters each format treats specially: the Markdown table keeps its
+    columns, LaTeX gets escapes (no \verb, no unescaped specials), the CSV gives the label back."""
+    label = 'a|b_c&d%e$f#g{h}i~j^k\\l "m", n'
+    rows = [Row(label, "x", "measured", 10 ** 6, {"piqa": Cell(50.0)}),
+            Row("plain", "y", "measured", 2 * 10 ** 6, {"piqa": Cell(60.0)})]
+    table = build_table(rows, [c for c in COLUMNS if c.key == "piqa"])
+
+    md_rows = [line for line in to_markdown(table).splitlines() if line.startswith("|")]
+    assert len({len(re.findall(r"(?<!\\)\|", line)) for line in md_rows}) == 1  # same column count
+    assert r"a\|b_c" in md_rows[2] and "**60.0**" in md_rows[3]
+
+    tex = to_latex(table)
+    assert r"\verb" not in tex and "\\begin{tabular}{lrrr}\n\\toprule\n" in tex and tex.count(r"\midrule") == 1
+    assert (r"a|b\_c\&d\%e\$f\#g\{h\}i\textasciitilde{}j\textasciicircum{}k\textbackslash{}l "
+            '"m", n') in tex
+    body = [line for line in tex.splitlines() if line.endswith(r"\\")]
+    assert [line.count(" & ") for line in body] == [3, 3, 3]  # header and both rows: 4 cells each
+    assert r"\textbf{60.0}" in body[2]
+
+    parsed = _read_csv(to_csv(table))
+    assert [r[0] for r in parsed[1:]] == [label, "plain"] and parsed[2][parsed[0].index("best")] == "piqa;average"
 
 
 def test_chart_is_a_deterministic_png(tmp_path):
@@ -184,6 +233,12 @@ def test_command_line(tmp_path):
 
     proc = _script(INPUT, "--format", "csv")
     assert proc.returncode == 0 and proc.stdout == (EXPECTED / "table.csv").read_text(encoding="utf-8")
+
+    # One bad -o: an error before anything is written, not a part of the outputs.
+    proc = _script(INPUT, "-o", tmp_path / "new.md", "-o", tmp_path / "new.txt")
+    assert proc.returncode == 1 and "cannot tell the format" in proc.stderr
+    assert not (tmp_path / "new.md").exists() and not (tmp_path / "new.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temporary file left behind
 
     proc = _script(INPUT, "--columns", "piqa,mmlu")
     assert proc.returncode == 1 and proc.stdout == ""
