@@ -22,6 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# `python -m pytest` puts the repository folder on sys.path, where the top-level kernels/ folder
+# would shadow PyPI's `kernels` package (transformers imports it); the project is importable
+# through its installation (kernels/ as mamba_eval.kernels).
+_REPO = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO]
 sys.path.insert(0, str(Path(__file__).parent))  # `from helpers import ...` from any test folder
 
 # Without a GPU, Triton kernels run in Triton's interpreter. The variable is read when a kernel is

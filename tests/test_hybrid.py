@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close, rel_max_error
-from mamba_eval.models.attention import AttnState
+from mamba_eval.models.mixers.attention import AttnState
 from mamba_eval.models.checkpoint import CheckpointError, load_model, read_config
-from mamba_eval.models.model import LayerState, MambaLMHeadModel
+from mamba_eval.models.model import LanguageModel
+from mamba_eval.models.state import SSMState
 
 transformers = pytest.importorskip("transformers")
 
@@ -244,14 +245,17 @@ def _mlp_ref(w: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
 
 def test_reads_the_hybrid_configs(hybrids):
     cfg = hybrids["mha"][1].config
-    a = cfg.attn
-    assert (cfg.arch, cfg.attn_layer_idx, cfg.d_intermediate, cfg.rms_norm) == ("mamba1", (0, 2), MLP_HIDDEN, False)
+    a = cfg.mixers("attention")[0]
+    assert (cfg.kinds, cfg.layer_indices("attention"), cfg.layers[0].mlp.d_intermediate, cfg.rms_norm) == (
+        ("attention", "mamba1"), (0, 2), MLP_HIDDEN, False)
     assert (a.num_heads, a.num_heads_kv, a.head_dim, a.d_conv, a.mlp_dim) == (H, HKV, P, 3, MHA_MLP)
     assert (a.rotary_emb_dim, a.rotary_emb_base, a.rotary_emb_interleaved, a.scale) == (8, 500.0, True, 0.2)
     assert a.qkv_proj_bias and a.out_proj_bias  # MHA's defaults
     cfg = hybrids["bamba"][1].config
-    assert (cfg.arch, cfg.attn_layer_idx, cfg.d_intermediate, cfg.vocab_size) == ("mamba2", (1, 3), 128, 112)
-    assert (cfg.attn.num_heads_kv, cfg.attn.rotary_emb_dim, cfg.attn.scale) == (2, 8, 16 ** -0.5)
+    a = cfg.mixers("attention")[0]
+    assert (cfg.kinds, cfg.layer_indices("attention"), cfg.layers[0].mlp.d_intermediate, cfg.vocab_size) == (
+        ("mamba2", "attention"), (1, 3), 128, 112)
+    assert (a.num_heads_kv, a.rotary_emb_dim, a.scale) == (2, 8, 16 ** -0.5)
 
 
 def test_bamba_logits_match_transformers(hybrids):
@@ -308,7 +312,7 @@ def test_state_passing_equals_one_forward(hybrid):
         pieces.append(logits)
         stateless.append(hybrid(chunk)[0])
     assert_close(torch.cat(pieces, dim=1), full, rtol_max=1e-5, name="chained logits")
-    for i in hybrid.config.attn_layer_idx:
+    for i in hybrid.config.layer_indices("attention"):
         assert state[i].filled() == LENGTH
         assert_close(state[i].k, final[i].k, rtol_max=1e-5, name=f"layer {i} keys")
         assert_close(state[i].v, final[i].v, rtol_max=1e-5, name=f"layer {i} values")
@@ -365,14 +369,14 @@ def test_decoder_buffers_prefill_and_compaction(hybrid):
 
 
 def test_state_errors(hybrid):
-    with pytest.raises(ValueError, match="allocate_state needs max_length"):
+    with pytest.raises(ValueError, match="needs the number of positions"):
         hybrid.allocate_state(2)
-    plain = [LayerState(torch.zeros(2, 1, 1), torch.zeros(2, 1, 1)) for _ in range(hybrid.config.n_layer)]
-    with pytest.raises(ValueError, match=r"state of layer \d is a LayerState, the layer needs a AttnState"):
+    plain = [SSMState(torch.zeros(2, 1, 1), torch.zeros(2, 1, 1)) for _ in range(hybrid.config.n_layer)]
+    with pytest.raises(ValueError, match=r"state of layer \d is a SSMState, the layer needs a AttnState"):
         hybrid(_ids(hybrid.config.vocab_size, length=3), state=plain)
     small = hybrid.allocate_state(2, max_length=4)
     _, big = hybrid(_ids(hybrid.config.vocab_size, length=6), return_state=True)
-    attn = hybrid.config.attn_layer_idx[0]
+    attn = hybrid.config.layer_indices("attention")[0]
     with pytest.raises(ValueError, match="6 cached positions do not fit a cache of 4"):
         small[attn].copy_(big[attn])
 
@@ -388,14 +392,13 @@ def test_engine_scores_equal_whole_forwards(hybrid):
     requests = [(contexts[c], torch.randint(1, vocab, (n,), generator=gen).tolist())
                 for c, n in ((0, 3), (0, 1), (0, 5), (1, 2), (1, 4), (2, 3), (2, 3))]
     cpu = torch.device("cpu")
-    kwargs = dict(max_length=64, batch_size=4, device=cpu, batch_invariant=False)
+    kwargs = dict(max_length=64, batch_size=4, device=cpu)
     shared = score_continuations(hybrid, requests, share_context=True, **kwargs)
     whole = score_continuations(hybrid, requests, share_context=False, **kwargs)
     for (a, ga), (b, gb) in zip(shared, whole):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5) and ga == gb
     docs = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in (23, 9, 16)]
-    rolled = score_documents(hybrid, docs, prefix_token=0, chunk_length=5, batch_size=2, device=cpu,
-                             batch_invariant=False)
+    rolled = score_documents(hybrid, docs, prefix_token=0, chunk_length=5, batch_size=2, device=cpu)
     for doc, score in zip(docs, rolled):
         logprobs = torch.log_softmax(hybrid(torch.tensor([[0] + doc[:-1]]))[0][0], dim=-1)
         assert math.isclose(score, logprobs[torch.arange(len(doc)), doc].sum().item(), rel_tol=1e-5)
@@ -458,7 +461,7 @@ def test_published_hybrid_parameter_count(tmp_path):
     qkv = 128 * 90
     mha = d * qkv + qkv * 5 + 3840 * d + d
     expected = 50288 * d + 58 * mamba2 + 6 * mha + d
-    model = MambaLMHeadModel(cfg, device="meta")
+    model = LanguageModel(cfg, device="meta")
     assert sum(p.numel() for p in model.parameters()) == expected
     assert 2.6e9 < expected < 2.8e9
 

@@ -70,17 +70,19 @@ def test_published_mamba_ssm_configs(tmp_path):
         "d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {}, "rms_norm": True,
         "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
     }))
-    assert (mamba.arch, mamba.vocab_size, mamba.d_state, mamba.d_conv, mamba.dt_rank, mamba.d_inner) == (
-        "mamba1", 50280, 16, 4, 48, 1536)
-    assert mamba.tie_embeddings and mamba.rms_norm and mamba.residual_in_fp32 and not mamba.proj_bias
+    m = mamba.layers[0].mixer
+    assert mamba.kinds == ("mamba1",) and mamba.n_layer == 24
+    assert (mamba.vocab_size, m.d_state, m.d_conv, m.dt_rank, m.d_inner) == (50280, 16, 4, 48, 1536)
+    assert mamba.tie_embeddings and mamba.rms_norm and mamba.residual_in_fp32 and not m.proj_bias
     mamba2 = read_config(_write_config(tmp_path / "m2", {
         "d_model": 768, "d_intermediate": 0, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {"layer": "Mamba2"},
         "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
         "pad_vocab_size_multiple": 16, "tie_embeddings": True,
     }))
-    assert (mamba2.arch, mamba2.vocab_size, mamba2.d_state, mamba2.headdim, mamba2.nheads, mamba2.ngroups,
-            mamba2.chunk_size) == ("mamba2", 50288, 128, 64, 24, 1, 256)
-    assert mamba2.conv_dim == 1536 + 2 * 128 and mamba2.d_in_proj == 2 * 1536 + 2 * 128 + 24
+    m2 = mamba2.layers[0].mixer
+    assert (mamba2.kinds, mamba2.vocab_size, m2.d_state, m2.headdim, m2.nheads, m2.ngroups, m2.chunk_size) == (
+        ("mamba2",), 50288, 128, 64, 24, 1, 256)
+    assert m2.conv_dim == 1536 + 2 * 128 and m2.d_in_proj == 2 * 1536 + 2 * 128 + 24
 
 
 @pytest.mark.parametrize("arch", ["mamba", "mamba2"])
@@ -91,10 +93,11 @@ def test_transformers_defaults_match_transformers(tmp_path, arch):
     minimal = {"model_type": arch, "hidden_size": 256, "num_hidden_layers": 2, "vocab_size": 96}
     if arch == "mamba2":
         minimal.update(num_heads=8)  # 8 * head_dim 64 = expand 2 * 256
-    ours = read_config(_write_config(tmp_path, minimal))
+    config = read_config(_write_config(tmp_path, minimal))
+    ours = config.layers[0].mixer
     theirs = (transformers.MambaConfig if arch == "mamba" else transformers.Mamba2Config)(**minimal)
-    assert (ours.d_state, ours.d_conv, ours.expand, ours.norm_eps, ours.conv_bias, ours.proj_bias,
-            ours.residual_in_fp32, ours.tie_embeddings) == (
+    assert (ours.d_state, ours.d_conv, ours.d_inner // config.d_model, config.norm_eps, ours.conv_bias,
+            ours.proj_bias, config.residual_in_fp32, config.tie_embeddings) == (
         theirs.state_size, theirs.conv_kernel, theirs.expand, theirs.layer_norm_epsilon, theirs.use_conv_bias,
         theirs.use_bias, theirs.residual_in_fp32, theirs.tie_word_embeddings)
     if arch == "mamba":
@@ -107,7 +110,7 @@ def test_transformers_defaults_match_transformers(tmp_path, arch):
 def test_architecture_from_architectures_field(checkpoint, tmp_path):
     folder = _copy(checkpoint("mamba2-tiny").hf_dir, tmp_path / "ckpt")
     _edit_config(folder, model_type=None)
-    assert read_config(folder).arch == "mamba2"
+    assert read_config(folder).kinds == ("mamba2",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +313,7 @@ def test_every_published_size_builds_with_transformers_parameter_count(tmp_path,
     parameter count of transformers' own class at the same shape."""
     import transformers
 
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     d_model, n_layer = PUBLISHED[name]
     mamba2 = name.startswith("mamba2")
@@ -318,7 +321,7 @@ def test_every_published_size_builds_with_transformers_parameter_count(tmp_path,
         "d_model": d_model, "n_layer": n_layer, "vocab_size": 50277, "rms_norm": True, "residual_in_fp32": True,
         "ssm_cfg": {"layer": "Mamba2"} if mamba2 else {}, "pad_vocab_size_multiple": 16 if mamba2 else 8,
     }))
-    ours = MambaLMHeadModel(cfg, device="meta")
+    ours = LanguageModel(cfg, device="meta")
     n_ours = sum(p.numel() for p in ours.parameters())
     with torch.device("meta"):
         if mamba2:
@@ -326,7 +329,7 @@ def test_every_published_size_builds_with_transformers_parameter_count(tmp_path,
                 hidden_size=d_model, num_hidden_layers=n_layer, vocab_size=cfg.vocab_size, state_size=128,
                 head_dim=64, num_heads=2 * d_model // 64, n_groups=1, tie_word_embeddings=True))
         else:
-            theirs = transformers.MambaForCausalLM(transformers.MambaConfig(
+            theirs = transformers.MambaForCausalLM(transformers.mamba_stack(
                 hidden_size=d_model, num_hidden_layers=n_layer, vocab_size=cfg.vocab_size, state_size=16,
                 tie_word_embeddings=True))
     assert n_ours == sum(p.numel() for p in theirs.parameters())

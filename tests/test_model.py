@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close, rel_max_error
 
 from mamba_eval.models.checkpoint import load_model
-from mamba_eval.models.model import MambaLMHeadModel
+from mamba_eval.models.model import LanguageModel
 
 LENGTH = 37  # not a multiple of the Mamba-2 test chunk size (16); three chunks
 PIECES = (11, 5, 21)  # an uneven split of LENGTH
@@ -74,7 +74,7 @@ def test_state_passing_equals_one_pass(ours, checkpoint, ckpt_name):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "four-op-step"])
 def test_step_equals_forward(ours, checkpoint, ckpt_name, fused, monkeypatch):
     """Both Mamba-1 decoding paths (the fused op for few rows, the four ops for many)."""
-    import mamba_eval.models.model as model_mod
+    import mamba_eval.models.mixers.mamba1 as model_mod
 
     monkeypatch.setattr(model_mod, "FUSED_DECODE_MAX_ELEMENTS", 1 << 30 if fused else 0)
     name = ckpt_name
@@ -126,12 +126,12 @@ def test_half_precision_keeps_ssm_parameters_fp32(checkpoint, ours, name):
 
 
 def test_random_init_model_runs_and_rejects_bad_input():
-    from mamba_eval.models.config import MambaConfig
+    from mamba_eval.models.config import mamba_stack
 
-    config = MambaConfig(arch="mamba2", d_model=32, n_layer=1, vocab_size=40, d_state=4, d_conv=4, expand=2,
+    config = mamba_stack(arch="mamba2", d_model=32, n_layer=1, vocab_size=40, d_state=4, d_conv=4, expand=2,
                          dt_rank=0, headdim=8, ngroups=2, chunk_size=4)
     torch.manual_seed(0)
-    model = MambaLMHeadModel(config)
+    model = LanguageModel(config)
     assert not any(p.requires_grad for p in model.parameters())
     logits, _ = model(torch.randint(0, 40, (1, 7)))
     assert torch.isfinite(logits).all() and logits.shape == (1, 7, 40)
@@ -140,17 +140,17 @@ def test_random_init_model_runs_and_rejects_bad_input():
     with pytest.raises(ValueError, match="state is for batch size 2"):
         model(torch.zeros(1, 3, dtype=torch.long), state=model.allocate_state(2))
     with pytest.raises(ValueError, match="unknown kernel backend 'tritonn'"):
-        MambaLMHeadModel(config, backend="tritonn")
+        LanguageModel(config, backend="tritonn")
 
 
 def test_layernorm_variant_has_norm_biases():
     """mamba_ssm's rms_norm=False builds LayerNorms (weight and bias) for the blocks and norm_f."""
-    from mamba_eval.models.config import MambaConfig
+    from mamba_eval.models.config import mamba_stack
 
-    config = MambaConfig(arch="mamba1", d_model=16, n_layer=2, vocab_size=24, d_state=4, d_conv=3, expand=2,
+    config = mamba_stack(arch="mamba1", d_model=16, n_layer=2, vocab_size=24, d_state=4, d_conv=3, expand=2,
                          dt_rank=2, headdim=0, ngroups=1, chunk_size=0, rms_norm=False)
     torch.manual_seed(0)
-    model = MambaLMHeadModel(config)
+    model = LanguageModel(config)
     names = set(model.state_dict())
     assert {"backbone.norm_f.bias", "backbone.layers.1.norm.bias"} <= names
     ids = torch.randint(0, 24, (2, 9))
@@ -168,16 +168,16 @@ def test_cached_A_follows_the_parameter(checkpoint, name):
 
     model = load_model(checkpoint(name).ssm_dir, dtype="float32")
     mixer = model.backbone.layers[0].mixer
-    a = mixer._neg_A()
+    a = mixer.neg_A()
     assert torch.equal(a, -torch.exp(mixer.A_log.float()))
-    assert mixer._neg_A() is a
+    assert mixer.neg_A() is a
     ids = torch.tensor([[3, 4, 5, 6]])
     before, _ = model(ids)
     with torch.no_grad():
         mixer.A_log.add_(0.5)
-    assert torch.equal(mixer._neg_A(), -torch.exp(mixer.A_log.float()))
+    assert torch.equal(mixer.neg_A(), -torch.exp(mixer.A_log.float()))
     after, _ = model(ids)
     assert not torch.equal(before, after)
     mixer.A_log.requires_grad_(True)
-    mixer._neg_A().sum().backward()
+    mixer.neg_A().sum().backward()
     assert mixer.A_log.grad is not None

@@ -12,22 +12,17 @@ returned state is its state after its own last token, the same bits as in a pref
 length (Δ is ``-inf`` at padded positions, so the scan carries the state through them
 unchanged; the conv window is gathered before the row's end), and its first generated token
 comes from the hidden state at its own last position. A group is cut before its padding grows
-past :data:`MAX_PADDING_RATIO` times its real tokens (:func:`prefill_groups`). Prompts of the
-same kinds as the engine's shared contexts (``mamba_eval.harness.engine``, module docstring point 2)
-keep prefills of one exact length instead:
+past :data:`MAX_PADDING_RATIO` times its real tokens (:func:`prefill_groups`). Prompts that may
+not share such a pass (``mamba_eval.models.rows.can_share_padded_pass``: every prompt of a
+hybrid model, prompts longer than ``prefill_chunk`` or very short) keep prefills of one exact
+length. Every prefill runs through the model's ``run_rows``, as the scoring engine's forwards do.
 
-- every prompt of a hybrid model: an attention layer's key/value cache would hold the padding;
-- prompts longer than ``prefill_chunk``: they run in chunks that carry the state, and rows of
-  different lengths would end in different chunks;
-- prompts shorter than :data:`~mamba_eval.harness.engine.RAGGED_MIN_LENGTH`: on the CPU a product over
-  1-3 positions rounds differently from one over more, so such a prompt in a wider pass would
-  not continue exactly as it does alone.
-
-With the batch-invariant ops (``mamba_eval.models.ops``; what ``--model mamba`` builds on a GPU)
-neither the prefill nor a decoding step depends on the other rows, so a prompt's tokens are the
-same at every batch size. Otherwise a batch's matrix products (cuBLAS; on the CPU, the BLAS
-without the engine's filler rows) may round their last bits differently from a batch of one,
-so a greedy token can depend on the batch at a near-tie of two candidates.
+Under the model's batch-invariance policy (``mamba_eval.models.invariance``; ``--model mamba``'s
+default) neither the prefill nor a decoding step depends on the other rows, so a prompt's tokens
+are the same at every batch size: on CUDA through the invariant kernels, on the CPU through
+filler rows in prefills and steps (:meth:`Invariance.step_rows`). Otherwise a batch's matrix
+products may round their last bits differently from a batch of one, so a greedy token can depend
+on the batch at a near-tie of two candidates.
 
 Decoding runs through a :class:`DecodeRunner`, which owns a fixed set of state tensors for the
 largest batch, the step's input ids and (with CUDA graphs) its output logits. Live sequences are
@@ -48,9 +43,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from mamba_eval.harness.engine import RAGGED_MIN_LENGTH
+from mamba_eval.models.rows import can_share_padded_pass, padded_shape
 
 #: A prefill group of prompts of different lengths is cut before its padded area (rows x the
 #: longest prompt) exceeds this many times its real prompt tokens: padding then costs at most a
@@ -162,9 +158,12 @@ class DecodeRunner:
         # tokens); recurrent layers ignore it.
         self.max_length = max_length
         self.state_dtype = state_dtype
-        self.state = model.allocate_state(max_batch, max_length=max_length, state_dtype=state_dtype)
-        self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.chosen = torch.zeros(max_batch, max(greedy_steps, 1), dtype=torch.long, device=device)
+        # Rows of the buffers: a step of n sequences runs on invariance.step_rows(n) rows (filler
+        # rows on the CPU under a batch-invariance policy).
+        rows = model.invariance.step_rows(max_batch)
+        self.state = model.allocate_state(rows, max_length=max_length, state_dtype=state_dtype)
+        self.ids = torch.zeros(rows, dtype=torch.long, device=device)
+        self.chosen = torch.zeros(rows, max(greedy_steps, 1), dtype=torch.long, device=device)
         sizes, m = [], 1
         while m < max_batch:
             sizes.append(m)
@@ -195,7 +194,9 @@ class DecodeRunner:
             layer.rows(n).copy_(layer.index_select(idx))
 
     def _size_for(self, n: int) -> int:
-        return next(m for m in self.sizes if m >= n) if self.cuda_graphs else n
+        if self.cuda_graphs:
+            return next(m for m in self.sizes if m >= n)
+        return self.model.invariance.step_rows(n)
 
     def _steps(self, m: int) -> torch.Tensor:
         """The work one replay does for the ``m`` leading rows (captured as is)."""
@@ -262,12 +263,6 @@ _MAX_RUNNERS = 4
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _weights_key(model) -> tuple:
-    """Changes when the model's tensors move (``.to``, reloading), which a graph would not see."""
-    return tuple(p.data_ptr() for p in (model.backbone.embedding.weight, model.lm_head.weight)) + (
-        model.device, model.dtype)
-
-
 def _cache_length(need: int) -> int:
     """Key/value cache positions for ``need``: the next power of two, at least 256, so that
     runners (and their graphs) are reused across calls with similar lengths."""
@@ -280,13 +275,13 @@ def decode_runner(model, max_batch: int, *, cuda_graphs: bool, greedy_steps: int
     they are (a few per model, the most recently used kept). ``max_length``: positions a sequence
     may reach, for models with attention layers (ignored otherwise); a runner whose key/value
     caches are shorter is replaced. ``state_dtype``: storage of the SSM states (see
-    ``MambaLMHeadModel.allocate_state``)."""
-    has_attention = getattr(model, "has_attention", False)
-    length = _cache_length(max_length) if has_attention and max_length else None
-    key = (max_batch, cuda_graphs, greedy_steps, state_dtype, _weights_key(model))
+    ``LanguageModel.allocate_state``)."""
+    grows = model.state_grows
+    length = _cache_length(max_length) if grows and max_length else None
+    key = (max_batch, cuda_graphs, greedy_steps, state_dtype, model.weights_key())
     table = _runners.setdefault(model, {})
     runner = table.pop(key, None)
-    if runner is not None and has_attention and (runner.max_length or 0) < (length or 0):
+    if runner is not None and grows and (runner.max_length or 0) < (length or 0):
         runner = None
     if runner is None:
         runner = DecodeRunner(model, max_batch, cuda_graphs=cuda_graphs, greedy_steps=greedy_steps,
@@ -355,30 +350,29 @@ def generate(
     need = max(len(s.prompt) for s in seqs) + max_new_tokens + max(1, greedy_steps)
     runner = decode_runner(model, min(batch_size, len(seqs)), cuda_graphs=cuda_graphs,
                            greedy_steps=max(0, greedy_steps), max_length=need, state_dtype=state_dtype)
-    ragged = mixed_lengths and not getattr(model, "has_attention", False)
-    for group in prefill_groups([len(s.prompt) for s in seqs], batch_size, ragged=ragged,
-                                prefill_chunk=prefill_chunk):
+    lengths = [len(s.prompt) for s in seqs]
+    mixable = [mixed_lengths and can_share_padded_pass(model, n, prefill_chunk) for n in lengths]
+    for group in prefill_groups(lengths, batch_size, mixable=mixable):
         _generate_group(model, runner, [seqs[i] for i in group], max_new_tokens, params, eos_id, is_stopped, generator,
                         torch.device(device), prefill_chunk, times)
     return [s.out for s in seqs]
 
 
-def prefill_groups(lengths: Sequence[int], batch_size: int, *, ragged: bool, prefill_chunk: int) -> list[list[int]]:
+def prefill_groups(lengths: Sequence[int], batch_size: int, *, mixable: Sequence[bool]) -> list[list[int]]:
     """The prefill groups of prompts of these ``lengths``: lists of at most ``batch_size``
     indices into ``lengths``, the groups in order of decreasing length and each group's indices
     too (equal lengths in their given order).
 
-    Without ``ragged`` a group holds one length. With it, the prompts of
-    ``RAGGED_MIN_LENGTH <= length <= prefill_chunk`` tokens fill groups of mixed lengths in order
-    of decreasing length, a new group starting when the next prompt would take the group's padded
-    area (rows x its first, longest, length) past :data:`MAX_PADDING_RATIO` times its real
-    tokens; the other prompts keep groups of one length (module docstring).
+    The prompts marked ``mixable`` (those that ``can_share_padded_pass``) fill groups of mixed
+    lengths in order of decreasing length, a new group starting when the next prompt would take
+    the group's padded area (rows x its first, longest, length) past :data:`MAX_PADDING_RATIO`
+    times its real tokens; the other prompts keep groups of one length (module docstring).
     """
     exact: dict[int, list[int]] = {}
     mixed: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep their order
         n = lengths[i]
-        if ragged and RAGGED_MIN_LENGTH <= n <= prefill_chunk:
+        if mixable[i]:
             mixed.append(i)
         else:
             exact.setdefault(n, []).append(i)
@@ -410,47 +404,42 @@ def _accept(s: _Seq, tok: int, max_new_tokens: int, eos_id, is_stopped) -> bool:
     return not s.done
 
 
-def _prefill(model, prompts: list[list[int]], chunk: int, device: torch.device, times: GenerateTimes | None):
+def _prefill(model, prompts: list[list[int]], chunk: int, times: GenerateTimes | None):
     """The hidden state at each prompt's last position [B, D] and the state after each prompt.
 
     Prompts of one length run as they are, in chunks of ``chunk`` positions that carry the
     state. Prompts of different lengths (each at most ``chunk``) run in one forward padded on
     the right, with their lengths: the state of each row is taken after its own last token, and
-    its hidden state at its own last position.
+    its hidden state at its own last position. Under a CPU batch-invariance policy the forward
+    gets filler rows (``padded_shape``); their states are dropped.
     """
-    lengths = [len(p) for p in prompts]
-    width = max(lengths)
-    if min(lengths) == width:
-        ids = torch.tensor(prompts, dtype=torch.long, device=device)
-        state = None
-        for lo in range(0, width, chunk):
-            hidden, state = model.backbone_forward(ids[:, lo:lo + chunk], state=state, return_state=True)
-            last = hidden[:, -1]
-            del hidden
-            if times is not None:
-                times.prefill_forwards += 1
-                times.padded_prefill_tokens += len(prompts) * min(chunk, width - lo)
-    else:
-        if width > chunk:
-            raise ValueError(f"_prefill: prompts of different lengths up to {width} exceed the chunk of {chunk}")
-        pad = 0  # any token id: padded positions change no state and their outputs are not read
-        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-        ends = torch.tensor(lengths, dtype=torch.long, device=device)
-        hidden, state = model.backbone_forward(ids, return_state=True, lengths=ends)
-        last = hidden[torch.arange(len(prompts), device=device), ends - 1]
-        del hidden
-        if times is not None:
-            times.prefill_forwards += 1
-            times.padded_prefill_tokens += len(prompts) * width
+    n = len(prompts)
+    lengths = np.fromiter(map(len, prompts), np.int64, n)
+    width = int(lengths.max())
+    ragged = int(lengths.min()) != width
+    if ragged and width > chunk:
+        raise ValueError(f"_prefill: prompts of different lengths up to {width} exceed the chunk of {chunk}")
+    policy = model.invariance
+    total, cols = padded_shape(n, width, chunk, policy.min_rows(), policy.alignment(), fixed_length=not ragged)
+    pad = 0  # any token id: padded positions change no state and their outputs are not read
+    ids = np.full((total, cols), pad, np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)] = p
+    row_lengths = np.concatenate([lengths, np.full(total - n, cols, np.int64)]) if ragged else None
+    out = model.run_rows(ids, keep=(np.arange(n, dtype=np.int64), lengths - 1), lengths=row_lengths,
+                         return_state=True, chunk=max(chunk, cols) if ragged else chunk)
+    state = out.state if total == n else [layer.rows(n) for layer in out.state]
     if times is not None:
-        times.prefill_tokens += sum(lengths)
-    return last, state
+        times.prefill_forwards += len(out.widths)
+        times.padded_prefill_tokens += total * sum(out.widths)
+        times.prefill_tokens += int(lengths.sum())
+    return out.hidden, state
 
 
 def _generate_group(model, runner, group, max_new_tokens, params, eos_id, is_stopped, generator, device,
                     prefill_chunk, times):
     start = time.perf_counter()
-    last, state = _prefill(model, [s.prompt for s in group], prefill_chunk, device, times)
+    last, state = _prefill(model, [s.prompt for s in group], prefill_chunk, times)
     runner.load(state)
     del state
     logits = model.lm_logits(last).float()

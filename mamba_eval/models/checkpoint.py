@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from mamba_eval.models.config import AttnConfig, MambaConfig
+from mamba_eval.models.config import AttnConfig, ModelConfig, mamba_stack
 from mamba_eval.errors import MambaEvalError
 
 CONFIG_FILE = "config.json"
@@ -276,7 +276,7 @@ def _attn_layers(f: _Fields, d_model: int, n_layer: int) -> tuple[tuple[int, ...
     return tuple(sorted(set(idx))), attn
 
 
-def _from_mamba_ssm(raw: dict, where: Path) -> MambaConfig:
+def _from_mamba_ssm(raw: dict, where: Path) -> ModelConfig:
     f = _Fields(raw, where)
     d_model = f.int("d_model", required=True)
     n_layer = f.int("n_layer", required=True)
@@ -316,8 +316,8 @@ def _from_mamba_ssm(raw: dict, where: Path) -> MambaConfig:
     )
     if layer == "Mamba1":
         dt_rank = s.get("dt_rank", "auto")
-        return MambaConfig(
-            arch="mamba1", d_state=s.int("d_state", 16), headdim=0, ngroups=1, chunk_size=0,
+        return mamba_stack(
+            arch="mamba1", d_state=s.int("d_state", 16),
             dt_rank=math.ceil(d_model / 16) if dt_rank == "auto" else s.int("dt_rank"), **common,
         )
     d_inner = common["expand"] * d_model
@@ -326,13 +326,13 @@ def _from_mamba_ssm(raw: dict, where: Path) -> MambaConfig:
     s.unsupported_unless("rmsnorm", lambda v: v is True, "no gated norm")
     s.unsupported_unless("norm_before_gate", lambda v: v is False, "norm before gate")
     s.unsupported_unless("dt_limit", _is_default_dt_limit, "clamped Δ")
-    return MambaConfig(
+    return mamba_stack(
         arch="mamba2", d_state=s.int("d_state", 128), headdim=s.int("headdim", 64), ngroups=s.int("ngroups", 1),
-        chunk_size=s.int("chunk_size", 256), dt_rank=0, **common,
+        chunk_size=s.int("chunk_size", 256), **common,
     )
 
 
-def _from_transformers(raw: dict, arch: str, where: Path, falcon: bool = False) -> MambaConfig:
+def _from_transformers(raw: dict, arch: str, where: Path, falcon: bool = False) -> ModelConfig:
     f = _Fields(raw, where)
     hidden = f.int("hidden_size", required=True)
     expand = f.int("expand", 2)
@@ -359,8 +359,8 @@ def _from_transformers(raw: dict, arch: str, where: Path, falcon: bool = False) 
     )
     if arch == "mamba1":
         dt_rank = f.get("time_step_rank", "auto")
-        return MambaConfig(
-            arch="mamba1", d_state=f.int("state_size", 16), headdim=0, ngroups=1, chunk_size=0,
+        return mamba_stack(
+            arch="mamba1", d_state=f.int("state_size", 16),
             dt_rank=math.ceil(hidden / 16) if dt_rank == "auto" else f.int("time_step_rank"),
             tie_embeddings=f.bool("tie_word_embeddings", True), bcdt_rmsnorm=falcon,
             bcdt_rmsnorm_eps=f.float("mixer_rms_eps", 1e-6) if falcon else 1e-6, **common,
@@ -372,9 +372,9 @@ def _from_transformers(raw: dict, arch: str, where: Path, falcon: bool = False) 
             f"{where}: num_heads * head_dim = {num_heads} * {head_dim} does not equal "
             f"expand * hidden_size = {expand} * {hidden}"
         )
-    return MambaConfig(
+    return mamba_stack(
         arch="mamba2", d_state=f.int("state_size", 128), headdim=head_dim, ngroups=f.int("n_groups", 8),
-        chunk_size=f.int("chunk_size", 256), dt_rank=0, tie_embeddings=f.bool("tie_word_embeddings", False),
+        chunk_size=f.int("chunk_size", 256), tie_embeddings=f.bool("tie_word_embeddings", False),
         **common,
     )
 
@@ -384,8 +384,8 @@ _TRANSFORMERS_CLASSES = {"MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamb
                          "FalconMambaForCausalLM": "falcon_mamba"}  # -> model_type
 
 
-def read_config(path) -> MambaConfig:
-    """The ``MambaConfig`` of a checkpoint folder, from either config dialect."""
+def read_config(path) -> ModelConfig:
+    """The ``ModelConfig`` of a checkpoint folder, from either config dialect."""
     file = _config_file(path)
     raw = _read_json(file)
     model_type = raw.get("model_type")
@@ -407,7 +407,7 @@ def read_config(path) -> MambaConfig:
         raise CheckpointError(f"{file}: unknown config format (no model_type, architectures or d_model field)")
     except CheckpointError:
         raise
-    except ValueError as e:  # MambaConfig's own consistency checks
+    except ValueError as e:  # the config classes' own consistency checks
         raise CheckpointError(f"{file}: {e}") from e
 
 
@@ -473,18 +473,18 @@ def _list(keys, limit=4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def expected_shapes(config: MambaConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter names and shapes for ``config`` (``lm_head.weight`` only when untied)."""
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
-    model = MambaLMHeadModel(config, device="meta")
+    model = LanguageModel(config, device="meta")
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_embeddings:
         del shapes["lm_head.weight"]
     return shapes
 
 
-def load_state_dict(path, config: MambaConfig) -> dict[str, torch.Tensor]:
+def load_state_dict(path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under our names, checked against ``config`` (names and shapes).
 
     When the embeddings are tied, a stored ``lm_head.weight`` is dropped (the embedding is used).
@@ -501,7 +501,7 @@ def load_state_dict(path, config: MambaConfig) -> dict[str, torch.Tensor]:
     expected = expected_shapes(config)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    if config.bcdt_rmsnorm:
+    if any(getattr(layer.mixer, "bcdt_rmsnorm", False) for layer in config.layers):
         for key in [k for k in state if _FALCON_PLACEHOLDERS.match(k)]:
             if not bool((state[key] == 1).all()):
                 raise CheckpointError(
@@ -558,15 +558,17 @@ def _auto_dtype(path: Path, state: dict[str, torch.Tensor]) -> torch.dtype:
 
 def load_model(pretrained, *, revision: str | None = None, dtype="auto", device="cpu", backend: str = "ref",
                batch_invariant: bool = False):
-    """Build a ``MambaLMHeadModel`` from a checkpoint folder (str or Path) or Hub id, in eval mode,
+    """Build a ``LanguageModel`` from a checkpoint folder (str or Path) or Hub id, in eval mode,
     with no parameter requiring grad.
 
     ``dtype``: "auto" (see the module docstring), a name ("float32", "bfloat16", "float16", ...) or
     a torch.dtype. ``device``: where the weights go. ``backend``: "ref" or another name known to
-    ``mamba_eval.models.ops``; ``batch_invariant``: its batch-invariant variant (see that module).
+    ``mamba_eval.models.ops``; ``batch_invariant``: the model's batch-invariance policy on
+    ``device`` (``mamba_eval.models.invariance``).
     """
+    from mamba_eval.models.invariance import Invariance
+    from mamba_eval.models.model import LanguageModel
     from mamba_eval.models.ops import get_ops
-    from mamba_eval.models.model import MambaLMHeadModel
 
     torch_dtype = parse_dtype(dtype)  # fail on a typo before any I/O
     get_ops(backend)
@@ -581,8 +583,8 @@ def load_model(pretrained, *, revision: str | None = None, dtype="auto", device=
         torch_dtype = _auto_dtype(path, state)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["backbone.embedding.weight"]
-    model = MambaLMHeadModel(config, backend=backend, device="meta", dtype=torch_dtype,
-                             batch_invariant=batch_invariant)
+    model = LanguageModel(config, backend=backend, device="meta", dtype=torch_dtype,
+                          invariance=Invariance.for_device(device, batch_invariant))
     model.to_empty(device=device)  # allocates (per-parameter dtypes kept) but un-ties
     model.tie_weights()
     model.load_state_dict(state, strict=True)  # copies, casting to each parameter's dtype

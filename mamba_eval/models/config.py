@@ -1,35 +1,133 @@
-"""The architecture of a Mamba / Mamba-2 language model, independent of any checkpoint format.
+"""The architecture of a language model of the Mamba family, independent of any checkpoint format.
 
-Checkpoint dialects (mamba_ssm's ``config.json``, transformers' ``MambaConfig`` /
-``Mamba2Config`` / ``FalconMambaConfig``) are translated into this one dataclass by
-``mamba_eval.models.checkpoint``; nothing else reads them.
+A model is an embedding, a list of layers and an LM head. Each layer is a block: a pre-norm and
+a *mixer* (a Mamba-1 SSM, a Mamba-2 SSM, causal attention; ``mamba_eval.models.mixers`` has one
+module per kind and the registry that builds them), optionally followed by a pre-norm and a gated
+MLP. :class:`ModelConfig` holds the list (:class:`LayerConfig`) and what the whole stack shares
+(width, vocabulary, norm kind, residual precision, tied embeddings). A new family is a new way of
+filling that list (in ``mamba_eval.models.formats``, the one place that reads checkpoint
+configs); a new kind of mixer is a config class here plus a module in ``mixers/``.
 
-Beyond the plain stack of Mamba blocks it describes the variants that were released:
+The released variants, as configurations:
 
-- Falcon-Mamba: Mamba-1 with a weightless RMSNorm on Δ (before its up-projection), B and C
-  (``bcdt_rmsnorm``).
-- mamba_ssm hybrids (e.g. ``mamba2attn-2.7b``): the layers listed in ``attn_layer_idx`` are causal
-  multi-head attention (``AttnConfig``) instead of Mamba mixers, and ``d_intermediate > 0`` adds a
-  gated MLP with its own pre-norm after every mixer.
+- Mamba-1 / Mamba-2 (``state-spaces/mamba-*``, ``mamba2-*``): every layer the same mixer, no MLP.
+- Falcon-Mamba: Mamba-1 with weightless RMSNorms of Δ, B and C (``Mamba1Config.bcdt_rmsnorm``).
+- Codestral-like Mamba-2 (``n_groups`` 8, untied embeddings): ``Mamba2Config.ngroups``.
+- mamba_ssm hybrids (``mamba2attn-2.7b``): some layers attention (:class:`AttnConfig`), a gated MLP
+  after every mixer (:class:`MLPConfig`) when ``d_intermediate > 0``.
+
+:func:`mamba_stack` builds the uniform stack of mamba_ssm's ``MixerModel`` (the shape of all of
+the above) from its familiar arguments. Sizes that follow from others are properties.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import ClassVar, Union
 
-ARCHS = ("mamba1", "mamba2")
 
-
-def _check_positive(owner: object, names) -> None:
+def _check_ints(owner: object, names, minimum: int = 1) -> None:
     for name in names:
         value = getattr(owner, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            what = "a positive" if minimum == 1 else "a non-negative"
+            raise ValueError(f"{name} must be {what} integer, got {value!r}")
+
+
+def _check_positive_float(owner: object, names) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Mamba1Config:
+    """The Mamba-1 mixer (Gu & Dao 2023, Sec. 3): in_proj -> [x; z] of ``d_inner`` each; a causal
+    conv of width ``d_conv`` over x; Δ, B, C from x (Δ through a rank-``dt_rank`` projection);
+    a selective scan with a diagonal A ``[d_inner, d_state]``; gate silu(z); out_proj."""
+
+    kind: ClassVar[str] = "mamba1"
+    d_inner: int
+    dt_rank: int
+    d_state: int = 16
+    d_conv: int = 4
+    conv_bias: bool = True
+    proj_bias: bool = False  # bias of in_proj / out_proj
+    bcdt_rmsnorm: bool = False  # Falcon-Mamba: weightless RMSNorm of Δ (low rank), B and C
+    bcdt_rmsnorm_eps: float = 1e-6
+
+    def __post_init__(self):
+        _check_ints(self, ["d_inner", "dt_rank", "d_state", "d_conv"])
+        _check_positive_float(self, ["bcdt_rmsnorm_eps"])
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal conv (x)."""
+        return self.d_inner
+
+    @property
+    def d_in_proj(self) -> int:
+        """Rows of in_proj: [x; z]."""
+        return 2 * self.d_inner
+
+    @property
+    def ssm_state_shape(self) -> tuple[int, ...]:
+        """One sequence's SSM state h: ``[d_inner, d_state]``."""
+        return (self.d_inner, self.d_state)
+
+
+@dataclass(frozen=True)
+class Mamba2Config:
+    """The Mamba-2 mixer (Dao & Gu 2024, Sec. 7): in_proj -> [z; x; B; C; Δ]; a causal conv over
+    [x; B; C]; the SSD scan with one scalar A per head (``nheads = d_inner / headdim`` heads of
+    ``headdim`` channels, B and C shared by the heads of each of ``ngroups`` groups), computed in
+    chunks of ``chunk_size``; a gated RMSNorm per group; out_proj."""
+
+    kind: ClassVar[str] = "mamba2"
+    d_inner: int
+    d_state: int = 128
+    d_conv: int = 4
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    conv_bias: bool = True
+    proj_bias: bool = False
+    norm_eps: float = 1e-5  # of the gated RMSNorm
+
+    def __post_init__(self):
+        _check_ints(self, ["d_inner", "d_state", "d_conv", "headdim", "ngroups", "chunk_size"])
+        _check_positive_float(self, ["norm_eps"])
+        if self.d_inner % self.headdim != 0:
+            raise ValueError(f"d_inner = {self.d_inner} is not a multiple of headdim = {self.headdim}")
+        if self.nheads % self.ngroups != 0:
+            raise ValueError(f"nheads = {self.nheads} is not a multiple of ngroups = {self.ngroups}")
+
+    @property
+    def nheads(self) -> int:
+        """Heads H = d_inner / headdim."""
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal conv: [x; B; C]."""
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    @property
+    def d_in_proj(self) -> int:
+        """Rows of in_proj: [z; x; B; C; Δ]."""
+        return self.d_inner + self.conv_dim + self.nheads
+
+    @property
+    def ssm_state_shape(self) -> tuple[int, ...]:
+        """One sequence's SSM state h: ``[nheads, headdim, d_state]``."""
+        return (self.nheads, self.headdim, self.d_state)
 
 
 @dataclass(frozen=True)
 class AttnConfig:
-    """A causal multi-head attention mixer as mamba_ssm's ``MHA`` builds it.
+    """Causal multi-head attention as mamba_ssm's ``MHA`` builds it.
 
     ``in_proj`` maps D to [q (num_heads x head_dim); k; v (num_heads_kv x head_dim each)] and,
     when ``mlp_dim > 0``, a parallel gated MLP's [up; gate] (``mlp_dim`` rows, split in halves);
@@ -40,6 +138,7 @@ class AttnConfig:
     ``num_heads / num_heads_kv`` query heads (grouped-query attention).
     """
 
+    kind: ClassVar[str] = "attention"
     num_heads: int
     num_heads_kv: int
     head_dim: int
@@ -53,23 +152,19 @@ class AttnConfig:
     mlp_dim: int = 0  # rows of in_proj for the parallel gated MLP, as built (a multiple of 256 in mamba_ssm)
 
     def __post_init__(self):
-        _check_positive(self, ["num_heads", "num_heads_kv", "head_dim"])
+        _check_ints(self, ["num_heads", "num_heads_kv", "head_dim"])
+        _check_ints(self, ["rotary_emb_dim", "d_conv", "mlp_dim"], minimum=0)
         if self.num_heads % self.num_heads_kv != 0:
             raise ValueError(f"num_heads = {self.num_heads} is not a multiple of num_heads_kv = {self.num_heads_kv}")
-        for name in ("rotary_emb_dim", "d_conv", "mlp_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.rotary_emb_dim % 2 or self.rotary_emb_dim > self.head_dim:
             raise ValueError(
                 f"rotary_emb_dim must be even and at most head_dim = {self.head_dim}, got {self.rotary_emb_dim}"
             )
         if self.mlp_dim % 2:
             raise ValueError(f"mlp_dim must be even (it is split into up and gate halves), got {self.mlp_dim}")
-        if not self.rotary_emb_base > 0:
-            raise ValueError(f"rotary_emb_base must be positive, got {self.rotary_emb_base!r}")
-        if self.softmax_scale is not None and not self.softmax_scale > 0:
-            raise ValueError(f"softmax_scale must be positive or None, got {self.softmax_scale!r}")
+        _check_positive_float(self, ["rotary_emb_base"])
+        if self.softmax_scale is not None:
+            _check_positive_float(self, ["softmax_scale"])
 
     @property
     def qkv_dim(self) -> int:
@@ -86,97 +181,119 @@ class AttnConfig:
         return self.softmax_scale if self.softmax_scale is not None else self.head_dim ** -0.5
 
 
-@dataclass(frozen=True)
-class MambaConfig:
-    """Architecture of a stack of ``n_layer`` Mamba blocks between an embedding and an LM head.
+MixerConfig = Union[Mamba1Config, Mamba2Config, AttnConfig]
+MIXER_CONFIGS: tuple[type, ...] = (Mamba1Config, Mamba2Config, AttnConfig)
 
-    Sizes that follow from the others are properties: ``d_inner``, ``nheads``, ``conv_dim``,
-    ``d_in_proj``. Runtime choices (dtype, device, kernel backend) are not part of it. The fields
-    after ``tie_embeddings`` describe the released variants (module docstring); their defaults
-    give the plain model.
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """mamba_ssm's ``GatedMLP`` after a mixer: ``fc2(y * silu(gate))``, ``[y; gate] = fc1(x)``,
+    hidden width ``d_intermediate`` as built, no biases."""
+
+    d_intermediate: int
+
+    def __post_init__(self):
+        _check_ints(self, ["d_intermediate"])
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """One block: ``residual += x; x = mixer(norm(residual))``, then with an MLP
+    ``residual += x; x = mlp(norm2(residual))``."""
+
+    mixer: MixerConfig
+    mlp: MLPConfig | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.mixer, MIXER_CONFIGS):
+            raise ValueError(f"mixer must be one of {[c.__name__ for c in MIXER_CONFIGS]}, got {self.mixer!r}")
+        if self.mlp is not None and not isinstance(self.mlp, MLPConfig):
+            raise ValueError(f"mlp must be an MLPConfig or None, got {self.mlp!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A stack of layers between a token embedding ``[vocab_size, d_model]`` and an LM head.
+
+    ``vocab_size`` is the rows as stored (padded, e.g. 50280). The block norms and the final norm
+    are RMSNorm (``rms_norm``) or LayerNorm with ``norm_eps``; the residual stream is fp32 when
+    ``residual_in_fp32``; the LM head is the embedding when ``tie_embeddings``. Runtime choices
+    (dtype, device, kernels, batch invariance) are not part of it.
     """
 
-    arch: str  # "mamba1" | "mamba2"
     d_model: int
-    n_layer: int
-    vocab_size: int  # rows of the embedding / LM head as stored (padded), e.g. 50280
-    d_state: int
-    d_conv: int
-    expand: int
-    dt_rank: int  # Mamba-1: rank of the Δ projection; 0 for Mamba-2
-    headdim: int  # Mamba-2 head dimension P; 0 for Mamba-1
-    ngroups: int  # Mamba-2 number of B/C groups G; 1 for Mamba-1
-    chunk_size: int  # Mamba-2 SSD chunk length; 0 for Mamba-1
-    conv_bias: bool = True
-    proj_bias: bool = False  # bias of in_proj / out_proj
-    rms_norm: bool = True  # RMSNorm (True) or LayerNorm (False) for the block norms and norm_f
+    vocab_size: int
+    layers: tuple[LayerConfig, ...]
+    rms_norm: bool = True
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
-    bcdt_rmsnorm: bool = False  # Falcon-Mamba: weightless RMSNorm of Δ (low rank), B and C; Mamba-1 only
-    bcdt_rmsnorm_eps: float = 1e-6
-    d_intermediate: int = 0  # hidden width of the gated MLP after every mixer, as built (0: no MLP)
-    attn_layer_idx: tuple[int, ...] = ()  # layers that are attention instead of Mamba mixers
-    attn: AttnConfig | None = None  # their shape (required when attn_layer_idx is not empty)
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        positive = ["d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand"]
-        positive += ["dt_rank"] if self.arch == "mamba1" else ["headdim", "ngroups", "chunk_size"]
-        _check_positive(self, positive)
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
-        if self.bcdt_rmsnorm and self.arch != "mamba1":
+        _check_ints(self, ["d_model", "vocab_size"])
+        _check_positive_float(self, ["norm_eps"])
+        if not isinstance(self.layers, tuple) or not self.layers:
+            raise ValueError(f"layers must be a non-empty tuple of LayerConfig, got {self.layers!r}")
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, LayerConfig):
+                raise ValueError(f"layer {i} must be a LayerConfig, got {type(layer).__name__}")
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layers)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The distinct mixer kinds, in order of first appearance."""
+        return tuple(dict.fromkeys(layer.mixer.kind for layer in self.layers))
+
+    def mixers(self, kind: str) -> list:
+        """The mixer configs of the layers of one kind."""
+        return [layer.mixer for layer in self.layers if layer.mixer.kind == kind]
+
+    def layer_indices(self, kind: str) -> tuple[int, ...]:
+        """The indices of the layers whose mixer is of one kind."""
+        return tuple(i for i, layer in enumerate(self.layers) if layer.mixer.kind == kind)
+
+
+def mamba_stack(
+    *, arch: str, d_model: int, n_layer: int, vocab_size: int, d_state: int | None = None, d_conv: int = 4,
+    expand: int = 2, dt_rank: int | str = "auto", headdim: int = 64, ngroups: int = 1, chunk_size: int = 256,
+    conv_bias: bool = True, proj_bias: bool = False, rms_norm: bool = True, norm_eps: float = 1e-5,
+    residual_in_fp32: bool = True, tie_embeddings: bool = True, bcdt_rmsnorm: bool = False,
+    bcdt_rmsnorm_eps: float = 1e-6, d_intermediate: int = 0, attn_layer_idx=(), attn: AttnConfig | None = None,
+) -> ModelConfig:
+    """The uniform stack of mamba_ssm's ``MixerModel``: ``n_layer`` Mamba-1 (``arch="mamba1"``) or
+    Mamba-2 (``"mamba2"``) mixers of width ``d_inner = expand * d_model``, the layers of
+    ``attn_layer_idx`` attention (``attn``) instead, and a gated MLP of width ``d_intermediate``
+    after every mixer when it is positive. Defaults are mamba_ssm's (``d_state`` 16 for Mamba-1,
+    128 for Mamba-2; ``dt_rank`` ``ceil(d_model / 16)``)."""
+    if arch not in ("mamba1", "mamba2"):
+        raise ValueError(f"arch must be 'mamba1' or 'mamba2', got {arch!r}")
+    _check_ints(type("args", (), {"d_model": d_model, "n_layer": n_layer, "expand": expand})(),
+                ["d_model", "n_layer", "expand"])
+    d_inner = expand * d_model
+    if arch == "mamba1":
+        mixer = Mamba1Config(
+            d_inner=d_inner, dt_rank=math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank,
+            d_state=16 if d_state is None else d_state, d_conv=d_conv, conv_bias=conv_bias, proj_bias=proj_bias,
+            bcdt_rmsnorm=bcdt_rmsnorm, bcdt_rmsnorm_eps=bcdt_rmsnorm_eps)
+    else:
+        if bcdt_rmsnorm:
             raise ValueError("bcdt_rmsnorm (Falcon-Mamba's norms of B, C and Δ) exists for Mamba-1 only")
-        if not self.bcdt_rmsnorm_eps > 0:
-            raise ValueError(f"bcdt_rmsnorm_eps must be positive, got {self.bcdt_rmsnorm_eps!r}")
-        if not isinstance(self.d_intermediate, int) or isinstance(self.d_intermediate, bool) or self.d_intermediate < 0:
-            raise ValueError(f"d_intermediate must be a non-negative integer, got {self.d_intermediate!r}")
-        if not isinstance(self.attn_layer_idx, tuple):
-            raise ValueError(f"attn_layer_idx must be a tuple of layer indices, got {self.attn_layer_idx!r}")
-        idx = self.attn_layer_idx
-        if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.n_layer for i in idx):
-            raise ValueError(f"attn_layer_idx must hold layer indices in [0, {self.n_layer}), got {list(idx)}")
-        if len(set(idx)) != len(idx) or list(idx) != sorted(idx):
-            raise ValueError(f"attn_layer_idx must be increasing without repeats, got {list(idx)}")
-        if idx and self.attn is None:
-            raise ValueError("attn_layer_idx lists attention layers but attn (their AttnConfig) is None")
-        if self.attn is not None and not isinstance(self.attn, AttnConfig):
-            raise ValueError(f"attn must be an AttnConfig or None, got {type(self.attn).__name__}")
-        if self.arch == "mamba2":
-            if self.d_inner % self.headdim != 0:
-                raise ValueError(
-                    f"d_inner = expand * d_model = {self.d_inner} is not a multiple of headdim = {self.headdim}"
-                )
-            if self.nheads % self.ngroups != 0:
-                raise ValueError(f"nheads = {self.nheads} is not a multiple of ngroups = {self.ngroups}")
-
-    @property
-    def d_inner(self) -> int:
-        """Width of the expanded branch that is convolved and scanned, ``expand * d_model``."""
-        return self.expand * self.d_model
-
-    @property
-    def nheads(self) -> int:
-        """Mamba-2 heads H = d_inner / headdim (0 for Mamba-1)."""
-        return self.d_inner // self.headdim if self.arch == "mamba2" else 0
-
-    @property
-    def conv_dim(self) -> int:
-        """Channels of the causal conv: x (Mamba-1); [x; B; C] (Mamba-2)."""
-        if self.arch == "mamba1":
-            return self.d_inner
-        return self.d_inner + 2 * self.ngroups * self.d_state
-
-    @property
-    def d_in_proj(self) -> int:
-        """Rows of in_proj: [x; z] (Mamba-1); [z; x; B; C; dt] (Mamba-2)."""
-        if self.arch == "mamba1":
-            return 2 * self.d_inner
-        return self.d_inner + self.conv_dim + self.nheads
-
-    @property
-    def has_attention(self) -> bool:
-        """Whether some layers are attention (their state is a growing key/value cache)."""
-        return bool(self.attn_layer_idx)
+        mixer = Mamba2Config(
+            d_inner=d_inner, d_state=128 if d_state is None else d_state, d_conv=d_conv, headdim=headdim,
+            ngroups=ngroups, chunk_size=chunk_size, conv_bias=conv_bias, proj_bias=proj_bias, norm_eps=norm_eps)
+    idx = tuple(attn_layer_idx)
+    if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_layer for i in idx):
+        raise ValueError(f"attn_layer_idx must hold layer indices in [0, {n_layer}), got {list(idx)}")
+    if len(set(idx)) != len(idx) or list(idx) != sorted(idx):
+        raise ValueError(f"attn_layer_idx must be increasing without repeats, got {list(idx)}")
+    if idx and not isinstance(attn, AttnConfig):
+        raise ValueError("attn_layer_idx lists attention layers but attn (their AttnConfig) is missing")
+    if not isinstance(d_intermediate, int) or isinstance(d_intermediate, bool) or d_intermediate < 0:
+        raise ValueError(f"d_intermediate must be a non-negative integer, got {d_intermediate!r}")
+    mlp = MLPConfig(d_intermediate) if d_intermediate > 0 else None
+    layers = tuple(LayerConfig(attn if i in idx else mixer, mlp) for i in range(n_layer))
+    return ModelConfig(d_model=d_model, vocab_size=vocab_size, layers=layers, rms_norm=rms_norm, norm_eps=norm_eps,
+                       residual_in_fp32=residual_in_fp32, tie_embeddings=tie_embeddings)

@@ -19,15 +19,12 @@ of the ``*_ref`` references in ``mamba_eval.kernels``:
 =========================  =====================================================
 
 ``linear`` is the matrix product of the sequence forwards and the LM head, ``step_linear`` that
-of decoding steps (a few rows). Both are cuBLAS in both backends, except in *batch-invariant*
-ops (``get_ops(name, batch_invariant=True)``): there the Triton backend uses
-``kernels.matmul.linear`` and ``linear_step``, whose tilings never depend on the number of rows,
-and passes ``batch_invariant=True`` to the kernels whose launch configuration would otherwise
-follow the batch size (the scans and the norms). A row's result then does not depend on the
-other rows of its batch, bit for bit (cuBLAS picks its algorithm, split-K included, per shape),
-in a forward and in a decoding step: a sequence decodes to the same tokens at every batch size.
-On the CPU the references have no such dependence to remove; the scoring engine handles the
-CPU libraries' own (``mamba_eval.harness.engine``, point 5).
+of decoding steps (a few rows). Both are cuBLAS in both backends, except under an enabled
+batch-invariance policy (``mamba_eval.models.invariance``, which says what that means per
+device): there the Triton backend uses ``kernels.matmul.linear`` and ``linear_step``, whose
+tilings never depend on the number of rows, and passes ``batch_invariant=True`` to the kernels
+whose launch configuration would otherwise follow the batch size (the scans and the norms). The
+references have no such dependence to remove.
 """
 
 from __future__ import annotations
@@ -39,6 +36,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mamba_eval.errors import MambaEvalError
+from mamba_eval.models.invariance import Invariance
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,11 @@ class Ops:
     mamba1_decode: Callable
     linear: Callable
     step_linear: Callable
-    batch_invariant: bool = False
+    invariance: Invariance = Invariance()
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self.invariance.enabled
 
 
 # Ops field -> (module of mamba_eval.kernels, name of the Triton wrapper); the reference of each
@@ -79,7 +81,8 @@ _FUNCTIONS = {
 _INVARIANT_FIELDS = ("selective_scan", "ssd_scan", "add_norm", "gated_rmsnorm")
 
 
-def _build(name: str, suffix: str, batch_invariant: bool) -> Ops:
+def _build(name: str, suffix: str, invariance: Invariance) -> Ops:
+    batch_invariant = invariance.enabled
     functions = {}
     for field, (module, function) in _FUNCTIONS.items():
         mod = importlib.import_module(f"mamba_eval.kernels.{module}")
@@ -91,11 +94,11 @@ def _build(name: str, suffix: str, batch_invariant: bool) -> Ops:
     if batch_invariant:
         for field in _INVARIANT_FIELDS:
             functions[field] = functools.partial(functions[field], batch_invariant=True)
-    return Ops(name=name, batch_invariant=batch_invariant, **functions)
+    return Ops(name=name, invariance=invariance, **functions)
 
 
 # name -> builder; builders import lazily (the kernels modules are only imported when used).
-_BACKENDS: dict[str, Callable[[bool], Ops]] = {
+_BACKENDS: dict[str, Callable[[Invariance], Ops]] = {
     "ref": lambda invariant: _build("ref", "_ref", invariant),
     "triton": lambda invariant: _build("triton", "", invariant),
 }
@@ -110,10 +113,12 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def get_ops(name: str, batch_invariant: bool = False) -> Ops:
+def get_ops(name: str, invariance: Invariance | bool = False) -> Ops:
     """The ``Ops`` of backend ``name`` ("ref": plain PyTorch, any device; "triton": our Triton
-    kernels, for GPUs, or the CPU under ``TRITON_INTERPRET=1``); ``batch_invariant``: the
-    variant whose results for a row do not depend on the rest of the batch (module docstring)."""
+    kernels, for GPUs, or the CPU under ``TRITON_INTERPRET=1``) under the batch-invariance
+    policy ``invariance`` (a bool: enabled or not, the device left open)."""
     if name not in _BACKENDS:
         raise MambaEvalError(f"unknown kernel backend {name!r}; available: {', '.join(_BACKENDS)}")
-    return _BACKENDS[name](bool(batch_invariant))
+    if not isinstance(invariance, Invariance):
+        invariance = Invariance(enabled=bool(invariance))
+    return _BACKENDS[name](invariance)

@@ -1,15 +1,11 @@
-"""The non-SSM blocks of mamba_ssm's hybrid models: causal multi-head attention and the gated MLP.
+"""Causal multi-head attention as mamba_ssm's ``MHA`` builds it, forward and one-token step.
 
 mamba_ssm's ``MixerModel`` builds the layers listed in ``attn_layer_idx`` with its ``MHA`` module
-instead of a Mamba mixer, and puts a ``GatedMLP`` (with its own pre-norm ``norm2``) after every
-mixer when ``d_intermediate > 0``. Parameter names are mamba_ssm's, so its checkpoints load as
-they are::
+instead of a Mamba mixer. Parameter names are mamba_ssm's, so its checkpoints load as they are::
 
     mixer.in_proj    [qkv_dim + mlp_dim, D]   rows [q (H x P); k (Hkv x P); v (Hkv x P); up; gate]
     mixer.conv1d     [qkv_dim, 1, K], bias     optional depthwise causal conv over q/k/v (no activation)
     mixer.out_proj   [D, H x P + mlp_dim / 2]  over [attention output; up * silu(gate)]
-    mlp.fc1          [2 x d_intermediate, D]   rows [y; gate]
-    mlp.fc2          [D, d_intermediate]       applied to y * silu(gate)
 
 Attention (H query heads, Hkv key/value heads, head size P; query head h reads key/value head
 ``h // (H / Hkv)``) is ``softmax(q k^T * scale + causal mask) v`` by PyTorch's
@@ -20,13 +16,12 @@ of those channels (GPT-NeoX) or even/odd neighbours (``rotary_emb_interleaved``,
 flash-attn tables mamba_ssm uses, the angles are fp32 and cos/sin are rounded to the model dtype
 before the rotation, which is computed in fp32.
 
-The state of an attention layer is its key/value cache, :class:`AttnState`. It has the methods of
-``mamba_eval.models.model.LayerState`` (``index_select``, ``clone``, ``copy_``, ``rows``, ``zero_``), so
-the scoring engine forks it like a recurrent state and the decoder keeps it in preallocated
-buffers. Unlike a recurrent state it grows: a forward returns a cache holding every position seen
-so far; :meth:`Attention.step` writes one position into a preallocated cache and reads the fill
-level from a device tensor, so a decoding step has no host synchronisation and fixed shapes (it
-can be captured in a CUDA graph).
+The state of an attention layer is its key/value cache, :class:`AttnState`, with the methods of
+every layer state (``mamba_eval.models.state``), so the scoring engine forks it like a recurrent
+state and the decoder keeps it in preallocated buffers. Unlike a recurrent state it grows: a
+forward returns a cache holding every position seen so far; :meth:`Attention.step` writes one
+position into a preallocated cache and reads the fill level from a device tensor, so a decoding
+step has no host synchronisation and fixed shapes (it can be captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -38,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from mamba_eval.models.config import AttnConfig
 from mamba_eval.models.ops import Ops
-from mamba_eval.models.config import AttnConfig, MambaConfig
 
 
 @dataclass
@@ -161,19 +156,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 # Modules
 
 
-class GatedMLP(nn.Module):
-    """mamba_ssm's ``GatedMLP``: ``fc2(y * silu(gate))`` with ``[y; gate] = fc1(x)``, no biases."""
-
-    def __init__(self, d_model: int, hidden: int, **factory):
-        super().__init__()
-        self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False, **factory)
-        self.fc2 = nn.Linear(hidden, d_model, bias=False, **factory)
-
-    def forward(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
-        y, gate = linear(x, self.fc1.weight).chunk(2, dim=-1)
-        return linear(y * F.silu(gate), self.fc2.weight)
-
-
 class Attention(nn.Module):
     """Causal multi-head attention as mamba_ssm's ``MHA`` (module docstring); forward only.
 
@@ -182,19 +164,47 @@ class Attention(nn.Module):
     preallocated cache IN PLACE.
     """
 
-    def __init__(self, config: MambaConfig, ops: Ops, **factory):
+    #: Rows of different lengths cannot share a forward: the cache would hold the padding.
+    supports_lengths = False
+    #: The key/value cache grows with the sequence: a decode cache is allocated for a capacity.
+    state_grows = True
+    state_type = AttnState
+
+    def __init__(self, cfg: AttnConfig, d_model: int, ops: Ops, **factory):
         super().__init__()
-        a = config.attn
-        if a is None:
-            raise ValueError("an attention layer needs config.attn")
-        self.cfg = a
+        a = self.cfg = cfg
         self.ops = ops
-        self.in_proj = nn.Linear(config.d_model, a.qkv_dim + a.mlp_dim, bias=a.qkv_proj_bias, **factory)
+        self.in_proj = nn.Linear(d_model, a.qkv_dim + a.mlp_dim, bias=a.qkv_proj_bias, **factory)
         self.conv1d = None
         if a.d_conv > 0:
             self.conv1d = nn.Conv1d(a.qkv_dim, a.qkv_dim, a.d_conv, groups=a.qkv_dim, padding=a.d_conv - 1,
                                     bias=True, **factory)
-        self.out_proj = nn.Linear(a.out_dim + a.mlp_dim // 2, config.d_model, bias=a.out_proj_bias, **factory)
+        self.out_proj = nn.Linear(a.out_dim + a.mlp_dim // 2, d_model, bias=a.out_proj_bias, **factory)
+
+    def init_parameters(self):
+        """Nothing beyond the linear layers' defaults."""
+
+    def zero_state(self, batch_size: int, *, capacity: int | None, dtype, state_dtype, device) -> AttnState:
+        """An empty cache for ``capacity`` positions (required)."""
+        if capacity is None or capacity < 1:
+            raise ValueError(
+                f"this model has attention layers: a state for decoding needs the number of positions their "
+                f"key/value caches must hold (got {capacity!r})"
+            )
+        return AttnState.zeros(batch_size, self.cfg, capacity, dtype=dtype, device=device)
+
+    def state_bytes(self, elem: int) -> int:
+        """One sequence's state apart from its keys and values: the q/k/v conv window."""
+        return self.cfg.qkv_dim * max(self.cfg.d_conv - 1, 0) * elem
+
+    def kv_bytes(self, elem: int) -> int:
+        """Bytes the cache grows by per position of a sequence."""
+        return 2 * self.cfg.num_heads_kv * self.cfg.head_dim * elem
+
+    def activation_bytes(self) -> int:
+        """Temporaries per token of a forward: projections and attention output at fp32 width."""
+        a = self.cfg
+        return 4 * (2 * (a.qkv_dim + a.mlp_dim) + 2 * a.out_dim)
 
     def _project(self, h: torch.Tensor, linear):
         """in_proj, split into q/k/v channels and the parallel MLP's output (or None)."""
@@ -236,8 +246,13 @@ class Attention(nn.Module):
             ctx = torch.cat([ctx, mlp], dim=-1)
         return linear(ctx, self.out_proj.weight, self.out_proj.bias)
 
-    def forward(self, h: torch.Tensor, state: AttnState | None = None) -> tuple[torch.Tensor, AttnState]:
-        """h [B, L, D] -> (out [B, L, D], cache of the ``state``'s positions and these L)."""
+    def forward(self, h: torch.Tensor, state: AttnState | None = None, lengths=None, padded=None
+                ) -> tuple[torch.Tensor, AttnState]:
+        """h [B, L, D] -> (out [B, L, D], cache of the ``state``'s positions and these L). Rows of
+        one length only (``lengths`` must be None: :attr:`supports_lengths`)."""
+        if lengths is not None:
+            raise ValueError("an attention layer cannot take rows of different lengths: its cache would hold "
+                             "the padding")
         batch, length, _ = h.shape
         qkv, mlp = self._project(h, self.ops.linear)
         conv_state = None

@@ -1,0 +1,102 @@
+"""The Mamba-2 mixer (Dao & Gu 2024, Fig. 6), forward and one-token step.
+
+Parameters (mamba_ssm's names and layouts)::
+
+    in_proj   [d_in_proj, D]           rows [z (d_inner); x (d_inner); B (G N); C (G N); Δ (H)]
+    conv1d    [conv_dim, 1, K], bias   depthwise causal conv over [x; B; C]
+    dt_bias   [H] fp32                 A_log [H] fp32 (A = -exp(A_log)), D [H] fp32
+    norm      [d_inner]                gated RMSNorm, per group of d_inner / G channels
+    out_proj  [D, d_inner]
+
+``[x; B; C] -> conv -> SiLU``; the SSD scan with one scalar A per head, in chunks of C
+positions; ``y = RMSNorm(y * silu(z))``; out_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mamba_eval.models.config import Mamba2Config
+from mamba_eval.models.layers import Norm
+from mamba_eval.models.mixers.ssm import (
+    SSMMixer, conv_params, conv_state_at, inverse_softplus_dt, mask_padded_dt, padding_mask,
+)
+from mamba_eval.models.ops import Ops
+from mamba_eval.models.state import SSMState
+
+
+class Mamba2Mixer(SSMMixer):
+    def __init__(self, cfg: Mamba2Config, d_model: int, ops: Ops, **factory):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        fp32 = {**factory, "dtype": torch.float32}
+        self.in_proj = nn.Linear(d_model, cfg.d_in_proj, bias=cfg.proj_bias, **factory)
+        self.conv1d = conv_params(cfg.conv_dim, cfg.d_conv, cfg.conv_bias, **factory)
+        self.dt_bias = nn.Parameter(torch.empty(cfg.nheads, **fp32))
+        self.A_log = nn.Parameter(torch.empty(cfg.nheads, **fp32))
+        self.D = nn.Parameter(torch.empty(cfg.nheads, **fp32))
+        self.norm = Norm(cfg.d_inner, is_rms=True, eps=cfg.norm_eps, **factory)  # gated, per group
+        self.out_proj = nn.Linear(cfg.d_inner, d_model, bias=cfg.proj_bias, **factory)
+
+    @torch.no_grad()
+    def init_parameters(self):
+        """The SSM parameters as mamba_ssm initialises them (A uniform in [1, 16], D = 1, log-uniform Δ)."""
+        self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1, 16)))
+        self.D.fill_(1.0)
+        self.dt_bias.copy_(inverse_softplus_dt(self.D.shape[0], self.D.device))
+
+    def activation_bytes(self) -> int:
+        """As the Mamba-1 mixer's, plus the reference scan's decay and score blocks of a chunk."""
+        extra = 4 * 3 * self.cfg.nheads * self.cfg.chunk_size if self.ops.name == "ref" else 0
+        return super().activation_bytes() + extra
+
+    def _split(self, zxbcdt: torch.Tensor):
+        c = self.cfg
+        return zxbcdt.split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        """[..., conv_dim] -> x [..., H, P], B [..., G, N], C [..., G, N]."""
+        c = self.cfg
+        x, B, C = xbc.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        groups = (c.ngroups, c.d_state)
+        return x.unflatten(-1, (c.nheads, c.headdim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
+
+    def _gated_norm_out(self, y: torch.Tensor, z: torch.Tensor, linear) -> torch.Tensor:
+        c = self.cfg
+        y = self.ops.gated_rmsnorm(y, z, self.norm.weight, c.norm_eps, c.d_inner // c.ngroups)
+        return linear(y, self.out_proj.weight, self.out_proj.bias)
+
+    def forward(self, h: torch.Tensor, state: SSMState | None = None, lengths: torch.Tensor | None = None,
+                padded: torch.Tensor | None = None) -> tuple[torch.Tensor, SSMState]:
+        """h [B, L, D] -> (out [B, L, D], final SSMState); ``state`` (if given) is read, not written.
+        ``lengths`` and ``padded`` as in :meth:`Mamba1Mixer.forward`."""
+        if lengths is not None and padded is None:
+            padded = padding_mask(lengths, h.shape[1])
+        ops = self.ops
+        z, xbc_in, dt = self._split(ops.linear(h, self.in_proj.weight, self.in_proj.bias))
+        xbc, conv_state = ops.causal_conv1d(
+            xbc_in.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+            initial_state=None if state is None else state.conv, activation="silu",
+        )  # [B, conv_dim, L]
+        if lengths is not None:
+            conv_state = conv_state_at(xbc_in.transpose(1, 2), None if state is None else state.conv, lengths,
+                                       self.cfg.d_conv)
+        dt = mask_padded_dt(dt, padded)
+        x, B, C = self._split_xbc(xbc.transpose(1, 2))
+        y, ssm_state = ops.ssd_scan(
+            x, dt, self.neg_A(), B, C, self.cfg.chunk_size, self.D,
+            dt_bias=self.dt_bias, dt_softplus=True, initial_state=None if state is None else state.ssm,
+        )  # [B, L, H, P]
+        return self._gated_norm_out(y.flatten(-2), z, ops.linear), SSMState(conv_state, ssm_state)
+
+    def step(self, h: torch.Tensor, state: SSMState) -> torch.Tensor:
+        """h [B, D] -> out [B, D]; advances ``state`` IN PLACE."""
+        ops = self.ops
+        z, xbc, dt = self._split(ops.step_linear(h, self.in_proj.weight, self.in_proj.bias))
+        xbc = ops.causal_conv1d_update(xbc, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        x, B, C = self._split_xbc(xbc)
+        y = ops.ssd_state_update(
+            state.ssm, x, dt, self.neg_A(), B, C, self.D, dt_bias=self.dt_bias, dt_softplus=True,
+        )  # [B, H, P]
+        return self._gated_norm_out(y.flatten(-2), z, ops.step_linear)
