@@ -1,5 +1,22 @@
 """mamba-eval: Mamba-family language models for lm-evaluation-harness.
 
+The package map (``docs/architecture.md`` has one request's path through it); each layer imports
+only the layers below it:
+
+- ``commands/``: the ``mamba-eval`` command and its subcommands (run, demo, batch, table, probe).
+- ``harness/``: the lm-eval integration: ``lm.MambaLM`` (the model class), tokenisation, the
+  scoring engine and its executor, generation, the start-up registration hook, task caches,
+  offline and probe task data.
+- ``models/``: the model core, free of lm-eval: ``config.ModelConfig`` (a list of layers, each a
+  mixer and an optional MLP), checkpoint formats, ``mixers/`` (one module per mixer kind and their
+  registry), ``model.LanguageModel`` and its narrow interface, ``rows.run_rows``, layer states,
+  the batch-invariance policy, op backends.
+- ``kernels`` (the repository's top-level ``kernels/``: Triton kernels and their references) and
+  ``tasks`` (top-level ``tasks/``: lm-eval task configs) are installed inside this package by
+  setup.cfg's ``package_dir``, so the wheel installs one import name; in a source checkout the
+  finder below maps them to the top-level folders.
+- ``utils``, ``errors``: shared helpers and one-line errors.
+
 This module is imported by a ``.pth`` hook at every Python start-up (see
 ``harness/registration.py``), so it must stay cheap: no torch, no lm_eval, nothing heavier than
 the standard library.
