@@ -1,7 +1,7 @@
 """``mamba-eval batch``: real runs over tiny random checkpoints on the CPU with the offline task
 data (interrupted with ``kill -9`` and resumed; submitit's LocalExecutor with a failing
-checkpoint), and the pieces that need no model: slugs, manifests, lm-eval flags, stale results,
-half-written files, GPU slots, and a SLURM submission through a stand-in ``sbatch``."""
+checkpoint), and the worker's use of lm-eval's result writer. The pieces that need no model are
+in ``test_batch_plan.py``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import pytest
 
 from helpers_data import require_data_dir
 from mamba_eval.commands import batch
-from mamba_eval.errors import MambaEvalError
 
 SCRIPT = Path(sys.executable).parent / "mamba-eval"
 VOCAB_ROWS = 50280  # GPT-NeoX-20B's 50277 tokens padded to a multiple of 8
@@ -174,150 +173,35 @@ def test_submitit_local_executor_with_a_failing_checkpoint(tmp_path, ckpts):
     assert sorted(plan.states.values()) == ["done", "pending"]
 
 
-# ------------------------------------------------------------------------- no model needed
+def test_worker_saves_with_lm_eval_tracker(tmp_path):
+    """The evaluation process (lm-eval's ``dummy`` model, no checkpoint) saves each task through
+    lm-eval's EvaluationTracker into the documented layout: ``<task>.json`` with batch's record
+    and the tracker's fields, ``<task>.samples.jsonl`` with ``--log_samples``, nothing staged
+    left behind; a task that fails gets its ``.error`` and does not stop the others."""
+    from mamba_eval.harness.offline import prepare_offline_tasks
 
+    folder = tmp_path / "dummy-00000000"
+    folder.mkdir()
+    spec = {"folder": str(folder), "slug": folder.name, "name": "dummy", "model": "dummy", "model_args": {},
+            "tasks": ["no_such_task", "piqa"], "settings": {"limit": 3.0},
+            "fingerprints": {"no_such_task": "f" * 16, "piqa": "0123456789abcdef"},
+            "lm_eval_args": ["--limit", "3", "--log_samples"],
+            "include_path": str(prepare_offline_tasks(require_data_dir()))}
+    (folder / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "mamba_eval.commands.batch", "--worker", str(folder / "spec.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stdout[-3000:] + proc.stderr[-3000:]  # one task failed, one done
+    assert "unknown task 'no_such_task'" in (folder / "no_such_task.error").read_text()
 
-def test_slugs_are_unique_stable_and_independent_of_labels(tmp_path):
-    (tmp_path / "a" / "model").mkdir(parents=True)
-    (tmp_path / "b" / "model").mkdir(parents=True)
-    ckpts = batch.expand_checkpoints([tmp_path / "a" / "model", tmp_path / "b" / "model", "state-spaces/mamba-130m"])
-    jobs = batch.plan_jobs(ckpts, ["piqa"], tmp_path / "out")
-    slugs = [j.slug for j in jobs]
-    assert len(set(slugs)) == 3 and slugs[0].startswith("model-") and slugs[2].startswith("mamba-130m-")
-    assert [j.name for j in jobs] == ["a/model", "b/model", "state-spaces/mamba-130m"]
-    again = batch.plan_jobs(list(reversed(ckpts)) + ckpts, ["piqa"], tmp_path / "out")  # duplicates dropped
-    assert sorted(j.slug for j in again) == sorted(slugs)
-    renamed = batch.plan_jobs([batch.Checkpoint(ckpts[0].pretrained, name="nice")], ["piqa"], tmp_path / "out")
-    assert renamed[0].slug == slugs[0] and renamed[0].name == "nice"
-    other_args = batch.plan_jobs(ckpts[:1], ["piqa"], tmp_path / "out", model_args="dtype=bfloat16")
-    runtime_args = batch.plan_jobs(ckpts[:1], ["piqa"], tmp_path / "out", model_args="batch_size=8,device=cuda")
-    assert other_args[0].slug != slugs[0] and runtime_args[0].slug == slugs[0]
-
-
-def test_manifest(tmp_path):
-    for name in ("s1", "s2", "final"):
-        (tmp_path / "ckpts" / name).mkdir(parents=True)
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text(
-        "model_args: dtype=bfloat16,max_length=4096\n"
-        "checkpoints:\n"
-        "  - ckpts/s*\n"
-        "  - pretrained: ckpts/final\n"
-        "    name: the-final-one\n"
-        "    model_args: {dtype: float32}\n"
-        "    n_parameters: 1234\n"
-        "  - state-spaces/mamba2-130m\n")
-    ckpts = batch.read_manifest(manifest, model_args={"max_length": 1024})
-    assert [c.pretrained for c in ckpts] == [str(tmp_path / "ckpts" / "s1"), str(tmp_path / "ckpts" / "s2"),
-                                             str(tmp_path / "ckpts" / "final"), "state-spaces/mamba2-130m"]
-    assert ckpts[0].model_args == {"dtype": "bfloat16", "max_length": 1024}  # command line over manifest
-    assert ckpts[2].model_args == {"dtype": "float32", "max_length": 1024}  # the entry over both
-    assert (ckpts[2].name, ckpts[2].n_parameters) == ("the-final-one", 1234)
-
-    text = tmp_path / "list.txt"
-    text.write_text("# checkpoints\nckpts/final  # the last one\n\nstate-spaces/mamba-130m\n")
-    assert [c.label for c in batch.read_manifest(text)] == ["final", "state-spaces/mamba-130m"]
-
-    for body, message in [
-        ("checkpoints:\n  - {name: x}\n", "'pretrained' .* is required"),
-        ("checkpoints:\n  - {pretrained: a, n_parameters: -3}\n", "n_parameters must be a positive integer"),
-        ("checkpoints:\n  - {pretrained: a, revision: main}\n", r"unknown key\(s\) \['revision'\]"),
-        ("checkpoints:\n  - {pretrained: a, model_args: 'pretrained=b'}\n", "not inside model_args"),
-        ("checkpoints: []\n", "non-empty list"),
-        ("checkpoints:\n  - ckpts/nothing*\n", "no checkpoint folder matches"),
-    ]:
-        manifest.write_text(body)
-        with pytest.raises(MambaEvalError, match=message):
-            batch.read_manifest(manifest)
-
-
-def test_lm_eval_flags_are_checked_and_recorded(tmp_path):
-    ckpts = [batch.Checkpoint("state-spaces/mamba-130m")]
-    job = batch.plan_jobs(ckpts, ["piqa"], tmp_path, lm_eval_args=["--limit", "4", "--batch_size", "8"])[0]
-    assert job.settings == {"limit": 4.0}  # the batch size does not change results
-    for args, message in [(["--frobnicate"], "unrecognized arguments"), (["--output_path", "x"], "use --output"),
-                          (["--limit", "many"], "lm-eval argument")]:
-        with pytest.raises(MambaEvalError, match=message):
-            batch.plan_jobs(ckpts, ["piqa"], tmp_path, lm_eval_args=args)
-    with pytest.raises(MambaEvalError, match="batch takes task names"):
-        batch.plan_jobs(ckpts, ["my/task.yaml"], tmp_path)
-    with pytest.raises(MambaEvalError, match="must not set 'pretrained'"):
-        batch.plan_jobs(ckpts, ["piqa"], tmp_path, model_args="pretrained=x")
-
-
-def _write_result(folder: Path, task: str, fingerprint: str, settings: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{task}.json").write_text(json.dumps({
-        "results": {task: {"acc,none": 0.5}},
-        batch.RESULT_KEY: {"task": task, "fingerprint": fingerprint, "settings": settings}}))
-
-
-def test_stale_and_half_written_results(tmp_path):
-    ckpts = [batch.Checkpoint("state-spaces/mamba-130m")]
-    flags = ["--limit", "4"]
-    job = batch.plan_jobs(ckpts, ["piqa", "arc_easy", "winogrande"], tmp_path, lm_eval_args=flags)[0]
-    folder = Path(job.folder)
-    _write_result(folder, "piqa", job.fingerprints["piqa"], job.settings)  # done
-    (folder / "arc_easy.json").write_text('{"results": {"arc_easy": {"acc,none": 0.')  # cut short
-    assert batch.unit_state(folder, "piqa", job.fingerprints["piqa"]) == "done"
-    assert batch.unit_state(folder, "arc_easy", job.fingerprints["arc_easy"]) == "missing"
-
-    quiet = open(os.devnull, "w")
-    run = dict(lm_eval_args=flags, dry_run=True, stream=quiet)
-    plan = batch.run_batch(ckpts, ["piqa", "arc_easy", "winogrande"], tmp_path, **run)
-    assert [plan.states[(job.slug, t)] for t in ("piqa", "arc_easy", "winogrande")] == ["done", "pending", "pending"]
-
-    _write_result(folder, "winogrande", "0" * 16, {"limit": 8.0})  # made with --limit 8
-    with pytest.raises(MambaEvalError, match=r"winogrande.json \(limit: 8.0 -> 4.0\).*--redo-stale"):
-        batch.run_batch(ckpts, ["piqa", "arc_easy", "winogrande"], tmp_path, **run)
-    plan = batch.run_batch(ckpts, ["piqa", "arc_easy", "winogrande"], tmp_path, redo_stale=True, **run)
-    assert plan.states[(job.slug, "winogrande")] == "pending"
-
-
-def test_gpu_slots(monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
-    assert batch.detect_gpus("auto") == ["2", "5"]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert batch.detect_gpus("auto") == [] and batch.detect_gpus("none") == []
-    assert batch._local_slots("0,1,2,3", 1, None) == [("0",), ("1",), ("2",), ("3",)]
-    assert batch._local_slots("0,1,2,3,4", 2, None) == [("0", "1"), ("2", "3")]
-    assert batch._local_slots("0,1,2,3", 1, 2) == [("0",), ("1",)]
-    assert batch._local_slots("none", 1, 3) == [None, None, None]
-    with pytest.raises(MambaEvalError, match="needs GPUs"):
-        batch._local_slots("none", 2, None)
-    job = batch.plan_jobs([batch.Checkpoint("state-spaces/mamba-130m")], ["piqa"], "/tmp/x")[0]
-    import dataclasses
-
-    command = batch._worker_command(dataclasses.replace(job, processes=4, port=29503), Path("/tmp/x/spec.json"))
-    assert command[1:4] == ["-m", "mamba_eval.commands.batch", "--exec"]
-    assert command[5:7] == ["-m", "accelerate.commands.launch"] and "29503" in command
-    assert command[-4:] == ["-m", "mamba_eval.commands.batch", "--worker", "/tmp/x/spec.json"]
-
-
-def test_slurm_job_array_submission(tmp_path, monkeypatch):
-    """With stand-ins for srun and sbatch on PATH, the slurm executor submits one job array with
-    one task per checkpoint and the requested resources, and returns without waiting."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n')
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    for name in ("a", "b", "c"):
-        (tmp_path / "ckpts" / name).mkdir(parents=True)
-    options = batch.SlurmOptions(partition="gpu", time_min=batch._parse_minutes("4:30:00"), array_parallelism=2,
-                                 setup=("source /venv/bin/activate",), additional={"reservation": "eval"})
-    result = batch.run_batch(batch.expand_checkpoints([f"{tmp_path}/ckpts/*"]), ["piqa", "hellaswag"],
-                             tmp_path / "out", executor="slurm", gpus_per_checkpoint=2, slurm=options, wait=False,
-                             stream=open(os.devnull, "w"))
-    assert result.jobs == ["4242_0", "4242_1", "4242_2"]
-    assert set(result.states.values()) == {"submitted"}
-    script = (tmp_path / "submitted.sh").read_text()
-    for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=gpu", "#SBATCH --time=270", "#SBATCH --gpus-per-node=2",
-                 "#SBATCH --reservation=eval", "source /venv/bin/activate"):
-        assert line in script, script
-    status = json.loads((tmp_path / "out" / batch.STATUS_FILE).read_text())
-    assert [c["job_id"] for c in status["checkpoints"]] == result.jobs
-    with pytest.raises(MambaEvalError, match="--slurm-time"):
-        batch._parse_minutes("soon")
+    result = json.loads((folder / "piqa.json").read_text())
+    assert result[batch.RESULT_KEY] == {"format": 1, "task": "piqa", "fingerprint": "0123456789abcdef",
+                                        "settings": {"limit": 3.0}, "slug": folder.name, "name": "dummy"}
+    assert result["n-samples"]["piqa"]["effective"] == 3 and "acc,none" in result["results"]["piqa"]
+    assert result["config"]["model"] == result["model_source"] == "dummy"
+    assert float(result["total_evaluation_time_seconds"]) > 0 and result["task_hashes"]["piqa"]
+    assert "samples" not in result
+    rows = [json.loads(line) for line in (folder / "piqa.samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["doc_hash"] for r in rows)
+    assert batch.unit_state(folder, "piqa", "0123456789abcdef") == "done"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "no_such_task.error", "piqa.json", "piqa.samples.jsonl", "spec.json"]  # no staging folder left
