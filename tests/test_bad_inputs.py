@@ -1,5 +1,7 @@
 """Bad input ends an evaluation with one line that names the problem and a non-zero exit,
-through `mamba-eval run` (in process) and through lm-eval's own `lm_eval` command."""
+through `mamba-eval run` (in process) and through lm-eval's own command line (`python -m lm_eval`
+and the `lm_eval` console script); a program that calls lm-eval as a library gets the exception
+and Python's ordinary report."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import logging
 import shutil
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -73,10 +77,17 @@ def test_mamba_eval_run_reports_one_line(case, demo, tmp_path, capsys, monkeypat
     assert "Traceback (most recent call last)" not in err
 
 
-def test_plain_lm_eval_reports_one_line(demo, tmp_path):
+LM_EVAL_COMMANDS = {
+    "python -m lm_eval": [sys.executable, "-m", "lm_eval"],
+    "console script": [str(Path(sys.executable).parent / "lm_eval")],
+}
+
+
+@pytest.mark.parametrize("command", list(LM_EVAL_COMMANDS))
+def test_plain_lm_eval_reports_one_line(command, demo, tmp_path):
     """`lm_eval` itself (not our CLI): the error still ends the process as one line, no traceback."""
     res = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "mamba", "--model_args",
+        [*LM_EVAL_COMMANDS[command], "--model", "mamba", "--model_args",
          f"pretrained={demo['model']},dtype=float33", "--tasks", DEMO_TASK,
          "--include_path", str(demo["tasks"]), "--device", "cpu"],
         capture_output=True, text=True, timeout=300,
@@ -86,3 +97,39 @@ def test_plain_lm_eval_reports_one_line(demo, tmp_path):
     assert res.stderr.strip().splitlines()[-1] == (
         "mamba-eval: error: dtype='float33' is not one of auto, float32, bfloat16, float16"
     )
+
+
+LIBRARY_CALL = """
+    import sys
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from mamba_eval.errors import MambaEvalError
+
+    def evaluate():
+        simple_evaluate(model="mamba", model_args=sys.argv[1], tasks=[sys.argv[2]],
+                        task_manager=TaskManager(include_path=sys.argv[3]), device="cpu")
+
+    try:
+        evaluate()
+    except MambaEvalError as exc:
+        print("caught:", type(exc).__name__, exc)
+    assert "mamba_eval.harness.lm" in sys.modules
+    print("excepthook untouched:", sys.excepthook is sys.__excepthook__)
+    evaluate()  # uncaught: Python's own report
+"""
+
+
+def test_library_call_raises_an_ordinary_exception(demo, tmp_path):
+    missing = tmp_path / "no-such-model"
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(LIBRARY_CALL), f"pretrained={missing}", DEMO_TASK, str(demo["tasks"])],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    caught, untouched = res.stdout.splitlines()[-2:]
+    assert caught.startswith("caught: ") and "does not exist" in caught, res.stderr
+    assert untouched == "excepthook untouched: True"
+    assert res.returncode == 1
+    assert "Traceback (most recent call last)" in res.stderr
+    assert "mamba-eval: error:" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert f"{caught.split()[1]}: " in last and "does not exist" in last, last  # Python's own last line

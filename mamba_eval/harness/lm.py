@@ -23,14 +23,14 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from mamba_eval.errors import MambaEvalError, ModelArgsError, install_excepthook
+from mamba_eval.errors import MambaEvalError, ModelArgsError, install_cli_excepthook
 from mamba_eval.harness.generation import GenerateTimes, SamplingParams, generate, tail_stop_checker
 from mamba_eval.harness.engine import DEFAULT_CONTEXT_CHUNK, gc_paused, score_continuations, score_documents
 
 log = logging.getLogger(__name__)
 
 # Bad model_args or checkpoints end `lm_eval` with one line, not a traceback.
-install_excepthook()
+install_cli_excepthook()
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 DEFAULT_MAX_LENGTH = 2048  # the published Mamba evaluations used lm-eval's mamba default
