@@ -9,6 +9,8 @@ inside, and the functions found most often below it (inclusive: anywhere on the 
 innermost: the frame running), then the number of compiled variants of each
 Triton kernel the run used. ``--torch-profile`` also runs the loglikelihood phase under
 ``torch.profiler`` and prints the device time per kernel (the phase itself is then slower).
+``--harness-cache`` profiles the run as ``mamba-eval`` makes it, with lm-eval's task index and
+prompt templates cached (``MAMBA_EVAL_HARNESS_CACHE=1``); without it, a plain ``lm_eval`` run.
 
     python scripts/prof_eval.py --shape mamba-130m --json prof.json        # GPU
     python scripts/prof_eval.py --shape tiny --device cpu --dtype float32 --limit 4   # smoke test
@@ -35,6 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 import bench_eval  # noqa: E402  (the checkpoint, the lm_eval arguments and the timed child)
+
+from mamba_eval.harness.registration import HARNESS_CACHE_ENV  # noqa: E402
+from mamba_eval.utils import data_dir_from_env  # noqa: E402
 
 PHASES = ["imports_and_task_index_s", "model_load_s", "task_building_s", "loglikelihood_s", "metrics_and_output_s"]
 KERNEL_MODULES = ("matmul", "selective_scan", "conv1d", "norm", "ssd", "mamba1_step")
@@ -118,7 +123,7 @@ def triton_variants() -> dict[str, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="mamba-130m", choices=list(bench_eval.SHAPES))
-    ap.add_argument("--data-dir", default=os.environ.get("MAMBA_EVAL_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--data-dir", default=str(data_dir_from_env() or REPO.parent / "shared" / "data"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch-size", default="256")
@@ -126,8 +131,12 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=0.005, help="seconds between samples")
     ap.add_argument("--top", type=int, default=15, help="functions listed per phase")
     ap.add_argument("--torch-profile", action="store_true", help="device time per kernel of the loglikelihood phase")
+    ap.add_argument("--harness-cache", action="store_true",
+                    help=f"cache lm-eval's task index and templates, as mamba-eval does (sets {HARNESS_CACHE_ENV}=1)")
     ap.add_argument("--json", help="write the report (and every sample) here")
     args = ap.parse_args()
+    # Read by the start-up hook when lm-eval's task manager is first imported, inside the run below.
+    os.environ[HARNESS_CACHE_ENV] = "1" if args.harness_cache else "0"
     data = Path(args.data_dir).expanduser().resolve()
     tokenizer = data / "tokenizers" / "gpt-neox-20b"
     if not (tokenizer / "tokenizer.json").is_file():
@@ -172,7 +181,8 @@ def main() -> int:
         for name, seconds, calls in torch_table["rows"]:
             print(f"   {seconds:8.3f} s  {100 * seconds / torch_table['total_s']:5.1f}%  {calls:7d}  {name[:90]}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"shape": args.shape, "device": args.device, "phases": result["phases"],
+        Path(args.json).write_text(json.dumps({"shape": args.shape, "device": args.device,
+                                               "harness_cache": args.harness_cache, "phases": result["phases"],
                                                "report": report, "triton_variants": variants,
                                                "torch_profile": torch_table, "samples": sampler.samples}))
     return 0

@@ -218,6 +218,28 @@ def test_options_are_not_passed_to_subcommands_that_take_none(monkeypatch):
     assert cli.main(["fake-subcommand", "--unknown"]) == 2
 
 
+@pytest.mark.parametrize("given, seen", [(None, "1"), ("0", "0"), ("1", "1")])
+def test_commands_run_with_the_harness_caches_unless_switched_off(monkeypatch, given, seen):
+    """Every command (and the workers it starts, which inherit the environment) runs with
+    ``MAMBA_EVAL_HARNESS_CACHE=1`` unless the user set it; the caller's environment is restored."""
+    from mamba_eval.harness.registration import HARNESS_CACHE_ENV
+
+    if given is None:
+        monkeypatch.delenv(HARNESS_CACHE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(HARNESS_CACHE_ENV, given)
+    values = []
+
+    def add_fake(subparsers):
+        parser = subparsers.add_parser("fake-subcommand")
+        parser.set_defaults(handler=lambda args, extra: values.append(os.environ.get(HARNESS_CACHE_ENV)) or 0)
+
+    monkeypatch.setattr(cli, "_SUBCOMMANDS", (*cli._SUBCOMMANDS, add_fake))
+    assert cli.main(["fake-subcommand"]) == 0
+    assert values == [seen]
+    assert os.environ.get(HARNESS_CACHE_ENV) == given
+
+
 def test_demo_builds_and_evaluates_offline(tmp_path, monkeypatch):
     """The README's offline main job: the demo builds and lm-eval scores its task with `mamba`."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,5 +1,7 @@
 """lm-eval's task index and prompt templates, cached by ``mamba_eval.harness.task_cache``: the same
-index and the same rendered text as lm-eval's own code, rebuilt whenever a file it read changes."""
+index and the same rendered text as lm-eval's own code, rebuilt whenever a file it read changes;
+installed by the start-up hook only when ``MAMBA_EVAL_HARNESS_CACHE`` opts in (``mamba-eval``
+does), so that a plain lm-eval run of any model executes lm-eval's own code."""
 
 from __future__ import annotations
 
@@ -18,19 +20,22 @@ import lm_eval.tasks._index as index_module
 import lm_eval.tasks._yaml_loader as loader_module
 import lm_eval.utils as lm_utils
 from mamba_eval.harness import task_cache
+from mamba_eval.harness.registration import HARNESS_CACHE_ENV
 
 TaskIndex = index_module.TaskIndex
 
 
 @pytest.fixture
 def cache_home(tmp_path, monkeypatch):
-    """An empty cache folder, files old enough to be trusted, and the wrapper installed."""
+    """An empty cache folder, files old enough to be trusted, and the wrapper installed (for
+    this test only: this process's lm-eval gets its own ``build`` back afterwards)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(harness_cache.DISABLE_ENV, raising=False)
-    monkeypatch.setattr(harness_cache, "RACY_SECONDS", -3600.0)  # files written by the test count as old
-    harness_cache.install_index_cache(index_module, loader_module)
+    monkeypatch.setattr(task_cache, "RACY_SECONDS", -3600.0)  # files written by the test count as old
+    own = TaskIndex.__dict__["build"]
+    task_cache.install_index_cache(index_module, loader_module)
     assert getattr(TaskIndex.build, "_mamba_eval_cached", False)
-    return tmp_path / "cache" / "mamba_eval" / "task_index"
+    yield tmp_path / "cache" / "mamba_eval" / "task_index"
+    TaskIndex.build = own
 
 
 def _uncached(paths):
@@ -152,11 +157,11 @@ def test_a_malformed_cache_file_is_rebuilt(tmp_path, cache_home):
     want = _uncached([root])
     TaskIndex.build([root])
     (stored,) = cache_home.glob("*.json")
-    for text in ("{not json", json.dumps({"format": harness_cache.FORMAT, "yamls": [], "files": 3}),
+    for text in ("{not json", json.dumps({"format": task_cache.FORMAT, "yamls": [], "files": 3}),
                  stored.read_text().replace('"TASK"', '"NO_SUCH_KIND"')):
         stored.write_text(text)
         assert _same(TaskIndex.build([root]), want)
-        assert json.loads(stored.read_text())["format"] == harness_cache.FORMAT  # written again
+        assert json.loads(stored.read_text())["format"] == task_cache.FORMAT  # written again
         assert _same(TaskIndex.build([root]), want)
 
 
@@ -175,7 +180,7 @@ def test_values_json_cannot_carry_leave_the_index_uncached(tmp_path, cache_home)
 
 
 def test_recently_modified_files_are_not_trusted(tmp_path, cache_home, monkeypatch):
-    monkeypatch.setattr(harness_cache, "RACY_SECONDS", 2.0)
+    monkeypatch.setattr(task_cache, "RACY_SECONDS", 2.0)
     root = tmp_path / "tasks"
     _tree(root)  # written just now
     assert _same(TaskIndex.build([root]), _uncached([root]))
@@ -188,14 +193,28 @@ def test_real_task_index_from_the_cache_equals_lm_eval(cache_home):
     want = _uncached(roots)
     TaskIndex.build(roots)
     stored = list(cache_home.glob("*.json"))
-    assert len(stored) == 1 and json.loads(stored[0].read_text())["format"] == harness_cache.FORMAT
+    assert len(stored) == 1 and json.loads(stored[0].read_text())["format"] == task_cache.FORMAT
     assert _same(TaskIndex.build(roots), want)
 
 
-def test_template_cache_renders_the_same_text():
+@pytest.fixture
+def template_cache():
+    """The template cache on lm-eval's Jinja environment, for this test only."""
     env = lm_utils.env
-    from_string = env.from_string
-    assert getattr(from_string, "_mamba_eval_cached", False), "the start-up hook did not install it"
+    had_own = "from_string" in vars(env)
+    own = env.from_string
+    task_cache.install_template_cache(env)
+    yield env.from_string
+    if had_own:
+        env.from_string = own
+    else:
+        del env.from_string
+
+
+def test_template_cache_renders_the_same_text(template_cache):
+    env = lm_utils.env
+    from_string = template_cache
+    assert getattr(from_string, "_mamba_eval_cached", False)
     template = "{{ ctx | trim }}: {{ endings[label] }}{% if x %} x{% endif %}"
     doc = {"ctx": " a b ", "endings": ["p", "q"], "label": 1, "x": True}
     before = from_string.cache_info().hits
@@ -209,17 +228,83 @@ def test_template_cache_renders_the_same_text():
     assert uncached.render(**doc) == env.from_string(template).render(**doc)
 
 
-def test_hook_installs_the_caches_and_the_switch_turns_them_off(tmp_path):
-    code = textwrap.dedent("""
-        import lm_eval.tasks._index as ix, lm_eval.utils as u
-        import lm_eval.tasks
-        print(getattr(ix.TaskIndex.build, "_mamba_eval_cached", False),
-              getattr(u.env.from_string, "_mamba_eval_cached", False))
+PATCHED = """
+    import sys
+    import lm_eval.tasks._index as ix, lm_eval.utils as u
+    import lm_eval.tasks
+    print(getattr(ix.TaskIndex.build, "_mamba_eval_cached", False),
+          getattr(u.env.from_string, "_mamba_eval_cached", False))
+"""
+
+
+def _run(args, tmp_path, **env_overrides):
+    env = {k: v for k, v in os.environ.items() if k not in ("MAMBA_EVAL_DISABLE_HOOK", HARNESS_CACHE_ENV)}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **env_overrides)
+    return subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("value, installed", [(None, False), ("0", False), ("1", True), ("true", True)])
+def test_the_hook_installs_the_caches_only_when_asked(value, installed, tmp_path):
+    env = {} if value is None else {HARNESS_CACHE_ENV: value}
+    proc = _run([sys.executable, "-c", textwrap.dedent(PATCHED)], tmp_path, **env)
+    assert proc.stdout.split() == [str(installed)] * 2, proc.stderr
+
+
+# Runs lm-eval's command line as its console script does, then looks at what ran: lm-eval's own
+# functions, and nothing of mamba-eval beyond the start-up hook.
+CLI_THEN_INSPECT = """
+    import sys
+    from lm_eval.__main__ import cli_evaluate
+    sys.argv = ["lm_eval", "run", *sys.argv[1:]]
+    try:
+        cli_evaluate()
+    except SystemExit as exc:
+        assert not exc.code, exc.code
+    import jinja2, lm_eval.tasks._index as ix, lm_eval.tasks._yaml_loader as yl, lm_eval.utils as u
+    assert ix.TaskIndex.__dict__["build"].__func__.__module__ == "lm_eval.tasks._index"
+    assert "from_string" not in vars(u.env) and type(u.env).from_string is jinja2.Environment.from_string
+    assert ix.load_yaml is yl.load_yaml and yl.load_yaml.__module__ == "lm_eval.tasks._yaml_loader"
+    assert sys.excepthook is sys.__excepthook__
+    ours = sorted(m for m in sys.modules if m == "mamba_eval" or m.startswith("mamba_eval."))
+    print("imported:", *ours)
+"""
+
+
+def _yes_no_task(folder: Path) -> Path:
+    data = folder / "data.jsonl"
+    data.write_text(json.dumps({"q": "Is ice cold?", "choices": ["yes", "no"], "label": 0}) + "\n")
+    tasks = folder / "tasks"
+    _write(tasks / "yes_no.yaml", f"""
+        task: cache_test_yes_no
+        dataset_path: json
+        dataset_kwargs: {{data_files: {{test: {data}}}}}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "Question: {{{{q}}}}\\nAnswer:"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: label
+        metric_list: [{{metric: acc}}]
     """)
-    env = {k: v for k, v in os.environ.items() if k not in ("MAMBA_EVAL_DISABLE_HOOK", harness_cache.DISABLE_ENV)}
-    env["XDG_CACHE_HOME"] = str(tmp_path)
-    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    off = subprocess.run([sys.executable, "-c", code], env={**env, harness_cache.DISABLE_ENV: "1"},
-                         capture_output=True, text=True, timeout=120)
-    assert on.stdout.split() == ["True", "True"], on.stderr
-    assert off.stdout.split() == ["False", "False"], off.stderr
+    return tasks
+
+
+def test_plain_lm_eval_of_another_model_runs_lm_evals_own_code(tmp_path):
+    """``lm_eval run --model dummy``: nothing of lm-eval replaced, no cache written, and of
+    mamba-eval only the hook that registers ``mamba`` and the probe tasks is imported."""
+    tasks = _yes_no_task(tmp_path)
+    args = ["--model", "dummy", "--tasks", "cache_test_yes_no", "--include_path", str(tasks)]
+    proc = _run([sys.executable, "-c", textwrap.dedent(CLI_THEN_INSPECT), *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (imported,) = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("imported:")]
+    assert imported == ["mamba_eval", "mamba_eval.harness", "mamba_eval.harness.registration"]
+    assert not (tmp_path / "xdg" / "mamba_eval").exists()
+
+
+def test_mamba_eval_run_caches_the_task_index(tmp_path):
+    """``mamba-eval run`` opts in: the same evaluation stores lm-eval's task index."""
+    tasks = _yes_no_task(tmp_path)
+    script = Path(sys.executable).parent / "mamba-eval"
+    proc = _run([str(script), "run", "--model", "dummy", "--tasks", "cache_test_yes_no", "--include_path",
+                 str(tasks), "--data-dir", ""], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "xdg" / "mamba_eval" / "task_index").glob("*.json"))  # lm-eval's own folder

@@ -17,6 +17,12 @@
 
 ``mamba-eval --version`` prints the versions of mamba-eval and lm-eval.
 
+Every command runs with lm-eval's task-index and template caches switched on
+(``MAMBA_EVAL_HARNESS_CACHE=1``, see :mod:`mamba_eval.harness.registration`; the variable
+reaches worker processes too) unless the variable is set already: ``0`` keeps them off. A
+``MambaEvalError`` ends a command with one line, ``mamba-eval: error: <message>``, and exit
+status 1 (:mod:`mamba_eval.errors`).
+
 A subcommand is one ``_add_<name>(subparsers)`` function that adds its parser and sets
 ``handler=(args, extra) -> int``; list it in ``_SUBCOMMANDS``. A subcommand that lives in a
 module of its own (``batch``, ``table``, ``probe``) is listed in ``_MODULE_SUBCOMMANDS``; the
@@ -36,9 +42,11 @@ import sys
 import textwrap
 
 from mamba_eval import __version__
+from mamba_eval.errors import MambaEvalError, error_line, traceback_wanted
+from mamba_eval.harness.registration import HARNESS_CACHE_ENV
+from mamba_eval.utils import DATA_DIR_ENV, data_dir_from_env
 
 PROG = "mamba-eval"
-DATA_DIR_ENV = "MAMBA_EVAL_DATA_DIR"
 DEFAULT_MODEL = "mamba"
 
 
@@ -111,7 +119,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         forwarded += ["--model", model]
 
     include_path = args.include_path
-    data_dir = args.data_dir if args.data_dir is not None else os.environ.get(DATA_DIR_ENV, "")
+    data_dir = args.data_dir if args.data_dir is not None else (data_dir_from_env() or "")
     if data_dir:
         if include_path is not None:
             if args.data_dir is not None:
@@ -214,9 +222,21 @@ def _exit_code(exc: SystemExit) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mamba-eval`` console script; returns the exit status."""
-    from mamba_eval.errors import MambaEvalError
+    """Entry point of the ``mamba-eval`` console script; returns the exit status.
 
+    The harness caches are switched on for the command's duration only, so that a caller that
+    runs ``main`` in its own process (tests, scripts) keeps its environment."""
+    opted = HARNESS_CACHE_ENV in os.environ
+    if not opted:
+        os.environ[HARNESS_CACHE_ENV] = "1"
+    try:
+        return _main(argv)
+    finally:
+        if not opted:
+            os.environ.pop(HARNESS_CACHE_ENV, None)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -229,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return _exit_code(exc)
     except MambaEvalError as exc:
-        if os.environ.get("MAMBA_EVAL_TRACEBACK", "0") not in ("", "0"):
+        if traceback_wanted():
             raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 1
 
 

@@ -1,5 +1,5 @@
 """Start-up hook that registers ``mamba`` as an lm-eval model, and the package's long-context probe
-tasks as lm-eval tasks, without any user import.
+tasks as lm-eval tasks, without any user import. By default it does nothing else.
 
 lm-eval 0.4.13 discovers models only through its registry (``lm_eval.api.registry``); it
 scans no entry points. The wheel therefore installs ``mamba_eval_hook.pth`` into
@@ -29,9 +29,13 @@ module. From then on the finder below watches three modules:
     probe tasks (``tasks/probes``: ``mamba_passkey``, ``mamba_mqar``, ...) *before* any
     ``include_path`` of the caller, so the caller's configs of the same name still win. Thus
     ``lm_eval --model mamba --tasks mamba_passkey_16k`` works without ``--include_path``. The
-    instance's ``include_path`` attribute keeps the caller's value. lm-eval's task index and
-    its compiled prompt templates are cached from then on (:mod:`mamba_eval.harness.task_cache`:
-    exact, and switched off by ``MAMBA_EVAL_NO_HARNESS_CACHE=1``).
+    instance's ``include_path`` attribute keeps the caller's value.
+
+Opt-in: with ``MAMBA_EVAL_HARNESS_CACHE=1`` (:data:`HARNESS_CACHE_ENV`) lm-eval's task index
+and its compiled prompt templates are also cached once the task manager is imported
+(:mod:`mamba_eval.harness.task_cache`: exact, but they replace parts of lm-eval's own code).
+``mamba-eval`` sets the variable for its commands and their workers unless it is set already
+(``0`` keeps them off there too); a plain ``lm_eval`` run leaves lm-eval's code untouched.
 
 After both are done the finder removes itself. The real loader is restored on
 the module objects, so the hook leaves no trace in ``__loader__`` or ``__spec__``.
@@ -52,6 +56,14 @@ _REGISTRY_MODULE = "lm_eval.api.registry"
 _MODELS_MODULE = "lm_eval.models"
 _TASKS_MODULE = "lm_eval.tasks.manager"
 _WRAPPED_MARK = "_mamba_eval_probe_tasks"
+
+#: Opt-in switch for the task-index and template caches (``1``/``true``/``yes``/``on``).
+HARNESS_CACHE_ENV = "MAMBA_EVAL_HARNESS_CACHE"
+
+
+def harness_caches_wanted() -> bool:
+    """Whether ``$MAMBA_EVAL_HARNESS_CACHE`` opts in to :func:`install_harness_caches`."""
+    return os.environ.get(HARNESS_CACHE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _report(exc):
@@ -142,10 +154,10 @@ def install_harness_caches():
 
     modules = sys.modules
     if "lm_eval.tasks._index" in modules and "lm_eval.tasks._yaml_loader" in modules:
-        harness_cache.install_index_cache(modules["lm_eval.tasks._index"], modules["lm_eval.tasks._yaml_loader"])
+        task_cache.install_index_cache(modules["lm_eval.tasks._index"], modules["lm_eval.tasks._yaml_loader"])
     env = getattr(modules.get("lm_eval.utils"), "env", None)
     if env is not None and callable(getattr(env, "from_string", None)):
-        harness_cache.install_template_cache(env)
+        task_cache.install_template_cache(env)
 
 
 def _on_tasks_loaded():
@@ -154,7 +166,8 @@ def _on_tasks_loaded():
     except Exception as exc:
         _report(exc)
     try:
-        install_harness_caches()
+        if harness_caches_wanted():
+            install_harness_caches()
     except Exception as exc:
         _report(exc)
     finally:

@@ -1,4 +1,6 @@
-"""Exact caches for lm-eval's own start-up and task building, installed by the start-up hook.
+"""Exact caches for lm-eval's own start-up and task building, installed by the start-up hook
+only on request (``MAMBA_EVAL_HARNESS_CACHE=1``, which ``mamba-eval`` sets for its commands:
+see :mod:`mamba_eval.harness.registration`).
 
 A sampling profile of ``lm_eval --model mamba --tasks hellaswag`` (mamba-130m shape, H200
 host) found most of the process outside the model, in two places that redo the same work at
@@ -27,8 +29,9 @@ Both caches hand lm-eval exactly what it would have computed:
   the cache. Values that JSON cannot carry exactly (anything but ``None``, booleans, numbers,
   strings, lists and dicts, or one list or dict reached twice) leave that index uncached.
 
-``MAMBA_EVAL_NO_HARNESS_CACHE=1`` switches both off (``MAMBA_EVAL_DISABLE_HOOK=1`` switches
-off the whole start-up hook). Every failure of a cache falls back to lm-eval's own code.
+Both replace parts of lm-eval's own code (``TaskIndex.build``, the Jinja environment's
+``from_string``) for the whole process, hence opt-in. Every failure of a cache falls back to
+lm-eval's own code.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ import sys
 import time
 from pathlib import Path
 
-DISABLE_ENV = "MAMBA_EVAL_NO_HARNESS_CACHE"
+from mamba_eval.utils import atomic_write, cache_dir
+
 FORMAT = 1
 MAX_INDEX_FILES = 32  # cached folder indexes kept (one per lm-eval version and task folder)
 RACY_SECONDS = 2.0
@@ -53,15 +57,11 @@ _ENTRY_FIELDS = ("name", "kind", "yaml_path", "cfg", "tags")
 log = logging.getLogger(__name__)
 
 
-def enabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("", "0", "false", "no")
-
-
 # -- templates -------------------------------------------------------------------------------
 def install_template_cache(env, maxsize: int = 1024) -> bool:
     """Memoise ``env.from_string(source)`` per source string (calls with ``globals`` or
     ``template_class`` go straight through). Returns whether the cache was installed."""
-    if not enabled() or getattr(env.from_string, _MARK, False):
+    if getattr(env.from_string, _MARK, False):
         return False
     original = env.from_string
 
@@ -140,11 +140,6 @@ def _decode_index(rows: list, entry_cls, kind_cls) -> dict:
             for key, name, kind, path, cfg, tags in rows}
 
 
-def index_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(base) if base else Path.home() / ".cache") / "mamba_eval" / "task_index"
-
-
 def _stat(path: str):
     try:
         st = os.stat(path)
@@ -170,7 +165,7 @@ def install_index_cache(index_module, loader_module) -> bool:
     are recorded while an index is built). Returns whether the wrapper was installed."""
     task_index = index_module.TaskIndex
     build = task_index.__dict__.get("build")
-    if not enabled() or not isinstance(build, staticmethod) or getattr(build.__func__, _MARK, False):
+    if not isinstance(build, staticmethod) or getattr(build.__func__, _MARK, False):
         return False
     if not callable(getattr(task_index, "_iter_yaml_files", None)) or not callable(
             getattr(loader_module, "load_yaml", None)):
@@ -222,7 +217,7 @@ def _cached_build(index_module, loader_module, original, paths: list, resolve_in
     roots = [os.path.abspath(os.path.expanduser(str(p))) for p in paths]
     key = hashlib.sha256(json.dumps([FORMAT, _lm_eval_version(), sys.version_info[:2], roots,
                                      bool(resolve_includes)]).encode()).hexdigest()[:24]
-    file = index_cache_dir() / f"{key}.json"
+    file = cache_dir("task_index") / f"{key}.json"
     yamls = [str(p) for root in paths for p in task_index._iter_yaml_files(Path(root))]
 
     hit = _read_stored(file, yamls, index_module)
@@ -283,8 +278,6 @@ def _read_stored(file: Path, yamls: list[str], index_module):
 
 
 def _store(file: Path, text: str) -> None:
-    from mamba_eval.utils import atomic_write
-
     file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(file, text)
     kept = sorted(file.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
