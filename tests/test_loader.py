@@ -329,7 +329,7 @@ def test_every_published_size_builds_with_transformers_parameter_count(tmp_path,
                 hidden_size=d_model, num_hidden_layers=n_layer, vocab_size=cfg.vocab_size, state_size=128,
                 head_dim=64, num_heads=2 * d_model // 64, n_groups=1, tie_word_embeddings=True))
         else:
-            theirs = transformers.MambaForCausalLM(transformers.mamba_stack(
+            theirs = transformers.MambaForCausalLM(transformers.MambaConfig(
                 hidden_size=d_model, num_hidden_layers=n_layer, vocab_size=cfg.vocab_size, state_size=16,
                 tie_word_embeddings=True))
     assert n_ours == sum(p.numel() for p in theirs.parameters())
