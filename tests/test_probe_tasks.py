@@ -1,4 +1,4 @@
-"""Long-context probe tasks (mamba_eval.harness.probe_data, tasks/probes/): data and lm-eval integration.
+"""Long-context probe tasks (mamba_eval.harness.probe_*, tasks/probes/): data and lm-eval integration.
 
 Data: deterministic by seed and version, sized in tokens of the real GPT-NeoX-20B tokenizer,
 the passkey at the requested depth, MQAR's structure, and per-position buckets that re-tokenise
@@ -9,8 +9,6 @@ perplexity task equal a direct forward over the whole window.
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import re
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 
 from helpers_data import require_data_dir
 
-from mamba_eval.harness import probe_data as pd
+from mamba_eval.harness import probe_common, probe_data, probe_mqar, probe_passkey, probe_ppl
 from mamba_eval.errors import MambaEvalError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,25 +64,25 @@ def essay() -> Path:
 
 
 def test_parse_length_and_names():
-    assert pd.parse_length("4096") == 4096
-    assert pd.parse_length("4k") == 4096 and pd.parse_length("16K") == 16384
-    assert pd.parse_length("1m") == 1 << 20
-    assert pd.parse_lengths("1k, 4k,16k") == [1024, 4096, 16384]
-    assert [pd.length_name(n) for n in (256, 1024, 65536, 1 << 20, 1000, 3 << 19)] == [
+    assert probe_common.parse_length("4096") == 4096
+    assert probe_common.parse_length("4k") == 4096 and probe_common.parse_length("16K") == 16384
+    assert probe_common.parse_length("1m") == 1 << 20
+    assert probe_common.parse_lengths("1k, 4k,16k") == [1024, 4096, 16384]
+    assert [probe_common.length_name(n) for n in (256, 1024, 65536, 1 << 20, 1000, 3 << 19)] == [
         "256", "1k", "64k", "1m", "1000", "1536k"]
     for bad in ("4q", "", "-1", "0", "1.5k", "k"):
         with pytest.raises(MambaEvalError, match="length"):
-            pd.parse_length(bad) if bad else pd.parse_lengths(bad)
+            probe_common.parse_length(bad) if bad else probe_common.parse_lengths(bad)
     with pytest.raises(MambaEvalError, match="repeated"):
-        pd.parse_lengths("1k,1024")
+        probe_common.parse_lengths("1k,1024")
 
 
 def test_position_buckets_cover_the_window():
     for length in (100, 256, 1000, 1024, 5000, 1 << 20):
-        buckets = pd.position_buckets(length)
+        buckets = probe_ppl.position_buckets(length)
         assert buckets[0][0] == 0 and buckets[-1][1] == length
         assert all(a[1] == b[0] for a, b in zip(buckets, buckets[1:]))
-    assert [pd.bucket_name(*b) for b in pd.position_buckets(4096)] == [
+    assert [probe_ppl.bucket_name(*b) for b in probe_ppl.position_buckets(4096)] == [
         "0-256", "256-512", "512-1k", "1k-2k", "2k-4k"]
 
 
@@ -94,50 +92,50 @@ def test_position_buckets_cover_the_window():
 def test_shipped_configs_are_the_generators_output():
     """tasks/probes/ holds exactly what shipped_task_configs() writes (one source of truth)."""
     shipped = {p.name: p.read_text(encoding="utf-8") for p in (REPO / "tasks" / "probes").glob("*.yaml")}
-    expected = pd.shipped_task_configs()
+    expected = probe_data.shipped_task_configs()
     assert sorted(shipped) == sorted(expected)
     for name, text in expected.items():
         assert shipped[name] == text, f"tasks/probes/{name} is stale: rerun python -m mamba_eval.harness.probe_data --write tasks/probes"
-    assert pd.include_path().resolve() == (REPO / "tasks" / "probes").resolve()
+    assert probe_data.include_path().resolve() == (REPO / "tasks" / "probes").resolve()
 
 
 def test_task_names_and_versions():
-    cfg = pd.task_config("mqar", 4096, pairs=8)
+    cfg = probe_data.task_config("mqar", 4096, pairs=8)
     assert cfg["task"] == "mamba_mqar_4k_p8"
-    assert cfg["metadata"]["version"] == pd.PROBE_DATA_VERSION
-    assert pd.task_config("passkey", 1 << 20)["task"] == "mamba_passkey_1m"
-    assert pd.task_config("passkey_gen", 1024)["task"] == "mamba_passkey_gen_1k"
-    assert pd.task_config("ppl", 16384)["task"] == "mamba_ppl_position_16k"
+    assert cfg["metadata"]["version"] == probe_common.PROBE_DATA_VERSION
+    assert probe_data.task_config("passkey", 1 << 20)["task"] == "mamba_passkey_1m"
+    assert probe_data.task_config("passkey_gen", 1024)["task"] == "mamba_passkey_gen_1k"
+    assert probe_data.task_config("ppl", 16384)["task"] == "mamba_ppl_position_16k"
     with pytest.raises(MambaEvalError, match="unknown probe family"):
-        pd.task_name("needle", 1024)
+        probe_data.task_name("needle", 1024)
 
 
 # --------------------------------------------------------------------------- passkey
 
 
 def test_passkey_deterministic_by_seed_and_version(neox):
-    a = pd.passkey_docs(neox, 1024, depths=[0.0, 0.5], samples_per_depth=3)
-    b = pd.passkey_docs(neox, 1024, depths=[0.0, 0.5], samples_per_depth=3)
-    c = pd.passkey_docs(neox, 1024, depths=[0.0, 0.5], samples_per_depth=3, seed=7)
-    assert pd.docs_digest(a) == pd.docs_digest(b)
+    a = probe_passkey.passkey_docs(neox, 1024, depths=[0.0, 0.5], samples_per_depth=3)
+    b = probe_passkey.passkey_docs(neox, 1024, depths=[0.0, 0.5], samples_per_depth=3)
+    c = probe_passkey.passkey_docs(neox, 1024, depths=[0.0, 0.5], samples_per_depth=3, seed=7)
+    assert probe_common.docs_digest(a) == probe_common.docs_digest(b)
     assert [d["answer"] for d in a] != [d["answer"] for d in c]
-    assert all(d["version"] == pd.PROBE_DATA_VERSION for d in a)
+    assert all(d["version"] == probe_common.PROBE_DATA_VERSION for d in a)
     # Documents are drawn per (seed, length, depth, index): a depth's documents do not depend on
     # which other depths are asked for.
-    only_half = pd.passkey_docs(neox, 1024, depths=[0.5], samples_per_depth=3)
-    assert pd.docs_digest(only_half) == pd.docs_digest(a[3:])
+    only_half = probe_passkey.passkey_docs(neox, 1024, depths=[0.5], samples_per_depth=3)
+    assert probe_common.docs_digest(only_half) == probe_common.docs_digest(a[3:])
 
 
 @pytest.mark.parametrize("length", [1024, 4096, 16384])
 def test_passkey_length_in_real_tokens(neox, length):
-    docs = pd.passkey_docs(neox, length, depths=[0.0, 0.5, 1.0], samples_per_depth=2)
-    unit = max(len(neox.encode(s)) for s in pd.PASSKEY_FILLER)
+    docs = probe_passkey.passkey_docs(neox, length, depths=[0.0, 0.5, 1.0], samples_per_depth=2)
+    unit = max(len(neox.encode(s)) for s in probe_passkey.PASSKEY_FILLER)
     for d in docs:
         n = len(neox.encode(d["context"]))  # counted here independently of the generator's bookkeeping
         assert n == d["context_tokens"]
         assert length - unit < n <= length, (length, n)
-        assert d["context"].endswith(pd.PASSKEY_QUESTION)
-        assert d["choices"][d["label"]] == d["answer"] and len(set(d["choices"])) == pd.PASSKEY_CANDIDATES
+        assert d["context"].endswith(probe_passkey.PASSKEY_QUESTION)
+        assert d["choices"][d["label"]] == d["answer"] and len(set(d["choices"])) == probe_passkey.PASSKEY_CANDIDATES
         assert all(re.fullmatch(r"[1-9]\d{4}", c) for c in d["choices"])
         assert d["context"].count(d["answer"]) == 2  # stated twice by the needle, nowhere else
 
@@ -145,29 +143,29 @@ def test_passkey_length_in_real_tokens(neox, length):
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
 def test_passkey_key_is_at_the_requested_depth(neox, depth):
     length = 4096
-    (doc,) = pd.passkey_docs(neox, length, depths=[depth], samples_per_depth=1)
+    (doc,) = probe_passkey.passkey_docs(neox, length, depths=[depth], samples_per_depth=1)
     context = doc["context"]
     needle_at = context.index(" The pass key is")
-    intro = len(neox.encode(pd.PASSKEY_INTRO))
+    intro = len(neox.encode(probe_passkey.PASSKEY_INTRO))
     before = len(neox.encode(context[:needle_at])) - intro  # filler tokens before the key
-    needle = len(neox.encode(pd.PASSKEY_NEEDLE.format(key=doc["answer"])))
-    filler = doc["context_tokens"] - intro - needle - len(neox.encode(pd.PASSKEY_QUESTION))
-    unit = max(len(neox.encode(s)) for s in pd.PASSKEY_FILLER)
+    needle = len(neox.encode(probe_passkey.PASSKEY_NEEDLE.format(key=doc["answer"])))
+    filler = doc["context_tokens"] - intro - needle - len(neox.encode(probe_passkey.PASSKEY_QUESTION))
+    unit = max(len(neox.encode(s)) for s in probe_passkey.PASSKEY_FILLER)
     assert abs(before / filler - depth) <= unit / filler, (before, filler, depth)
     if depth == 0.0:
-        assert context[:needle_at] == pd.PASSKEY_INTRO
+        assert context[:needle_at] == probe_passkey.PASSKEY_INTRO
     if depth == 1.0:
-        assert context.endswith(pd.PASSKEY_NEEDLE.format(key=doc["answer"]) + pd.PASSKEY_QUESTION)
+        assert context.endswith(probe_passkey.PASSKEY_NEEDLE.format(key=doc["answer"]) + probe_passkey.PASSKEY_QUESTION)
 
 
 def test_passkey_scoring_functions():
     doc = {"label": 2, "answer": "12345", "depth": 0.5}
-    assert pd.passkey_mc_results(doc, [(-3.0, False), (-2.0, False), (-1.0, True)]) == {"acc": 1.0, "acc_depth_50": 1.0}
-    assert pd.passkey_mc_results(doc, [(-0.5, True), (-2.0, False), (-1.0, False)])["acc"] == 0.0
-    assert pd.passkey_gen_results(doc, [" 12345"]) == {"exact_match": 1.0, "exact_match_depth_50": 1.0}
-    assert pd.passkey_gen_results(doc, ["123456"])["exact_match"] == 0.0
-    assert pd.passkey_gen_results(doc, ["The key"])["exact_match"] == 0.0
-    assert pd.depth_label(0.125) == "12.5" and pd.depth_label(1.0) == "100"
+    assert probe_passkey.passkey_mc_results(doc, [(-3.0, False), (-2.0, False), (-1.0, True)]) == {"acc": 1.0, "acc_depth_50": 1.0}
+    assert probe_passkey.passkey_mc_results(doc, [(-0.5, True), (-2.0, False), (-1.0, False)])["acc"] == 0.0
+    assert probe_passkey.passkey_gen_results(doc, [" 12345"]) == {"exact_match": 1.0, "exact_match_depth_50": 1.0}
+    assert probe_passkey.passkey_gen_results(doc, ["123456"])["exact_match"] == 0.0
+    assert probe_passkey.passkey_gen_results(doc, ["The key"])["exact_match"] == 0.0
+    assert probe_passkey.depth_label(0.125) == "12.5" and probe_passkey.depth_label(1.0) == "100"
 
 
 # --------------------------------------------------------------------------- MQAR
@@ -176,11 +174,11 @@ def test_passkey_scoring_functions():
 def test_mqar_words_structure():
     rng = random.Random(3)
     for pairs in (1, 4, 16):
-        words, answers = pd.mqar_words(rng, pairs, 255)
+        words, answers = probe_mqar.mqar_words(rng, pairs, 255)
         assert len(words) == 256  # 255 context words + the final value, one token each by default
         keys = [w for w in words[: 2 * pairs : 2]]
         value_of = dict(zip(keys, words[1 : 2 * pairs : 2]))
-        assert set(keys) <= set(pd.KEY_WORDS) and len(set(keys)) == pairs
+        assert set(keys) <= set(probe_mqar.KEY_WORDS) and len(set(keys)) == pairs
         assert len(answers) == pairs and answers[-1] == len(words) - 1
         for a in answers:  # every scored position: a key's value, right after that key
             assert words[a - 1] in value_of and words[a] == value_of[words[a - 1]]
@@ -188,33 +186,33 @@ def test_mqar_words_structure():
         assert sorted(queried) == sorted(keys)  # each key queried once, the last one at the end
         assert words[:-2].count(words[-2]) == 1  # the final key appears only in its pair before
         middle = [w for i, w in enumerate(words[2 * pairs :], 2 * pairs) if i not in answers and i + 1 not in answers]
-        assert set(middle) <= set(pd.NOISE_WORDS)
-    assert not set(pd.KEY_WORDS) & set(pd.VALUE_WORDS) and not set(pd.NOISE_WORDS) & (set(pd.KEY_WORDS) | set(pd.VALUE_WORDS))
+        assert set(middle) <= set(probe_mqar.NOISE_WORDS)
+    assert not set(probe_mqar.KEY_WORDS) & set(probe_mqar.VALUE_WORDS) and not set(probe_mqar.NOISE_WORDS) & (set(probe_mqar.KEY_WORDS) | set(probe_mqar.VALUE_WORDS))
     with pytest.raises(MambaEvalError, match="too short"):
-        pd.mqar_words(rng, 16, 40)
+        probe_mqar.mqar_words(rng, 16, 40)
 
 
 @pytest.mark.parametrize("length", [256, 4096])
 def test_mqar_length_in_real_tokens(neox, word_tokenizer, length):
     word_tok, _ = word_tokenizer
     for tok in (neox, word_tok):
-        docs = pd.mqar_docs(tok, length, pairs=8, num_samples=4)
-        again = pd.mqar_docs(tok, length, pairs=8, num_samples=4)
-        assert pd.docs_digest(docs) == pd.docs_digest(again)
+        docs = probe_mqar.mqar_docs(tok, length, pairs=8, num_samples=4)
+        again = probe_mqar.mqar_docs(tok, length, pairs=8, num_samples=4)
+        assert probe_common.docs_digest(docs) == probe_common.docs_digest(again)
         for d in docs:
             assert len(tok.encode(d["context"])) == d["context_tokens"] == length  # noise words cost 1 token
             key = d["context"].split()[-1]
             words = d["context"].split()
             assert words[words.index(key) + 1] == d["target"].strip()
     # The drawn content does not depend on the tokenizer, only the amount of noise does.
-    a = pd.mqar_docs(neox, length, pairs=8, num_samples=2)
-    b = pd.mqar_docs(word_tok, length, pairs=8, num_samples=2)
+    a = probe_mqar.mqar_docs(neox, length, pairs=8, num_samples=2)
+    b = probe_mqar.mqar_docs(word_tok, length, pairs=8, num_samples=2)
     assert [d["target"] for d in a] == [d["target"] for d in b]
 
 
 def test_word_tokenizer_one_token_per_word(word_tokenizer):
     tok, _ = word_tokenizer
-    words = [*pd.KEY_WORDS, *pd.VALUE_WORDS, *pd.NOISE_WORDS]
+    words = [*probe_mqar.KEY_WORDS, *probe_mqar.VALUE_WORDS, *probe_mqar.NOISE_WORDS]
     ids = tok.encode(" ".join(words))
     assert len(ids) == len(words) and len(set(ids)) == len(words)
     assert tok.decode(ids) == " ".join(words)
@@ -226,28 +224,28 @@ def test_word_tokenizer_one_token_per_word(word_tokenizer):
 
 
 def test_read_text_wikitext_and_errors(tmp_path, monkeypatch):
-    raw, source = pd.read_text(None, require_data_dir())
+    raw, source = probe_ppl.read_text(None, require_data_dir())
     assert raw.startswith(" \n = Robert Boulter = \n") and "WikiText-2" in source
     with pytest.raises(MambaEvalError, match="not found"):
-        pd.read_text(tmp_path / "missing.txt")
+        probe_ppl.read_text(tmp_path / "missing.txt")
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(MambaEvalError, match="empty"):
-        pd.read_text(empty)
+        probe_ppl.read_text(empty)
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00abc")
     with pytest.raises(MambaEvalError, match="cannot read"):
-        pd.read_text(binary)
+        probe_ppl.read_text(binary)
     with pytest.raises(MambaEvalError, match="WikiText-2 test rows not found"):
-        pd.read_text(None, tmp_path)
+        probe_ppl.read_text(None, tmp_path)
     monkeypatch.delenv("MAMBA_EVAL_DATA_DIR", raising=False)
     with pytest.raises(MambaEvalError, match="needs a text"):
-        pd.read_text(None, None)
+        probe_ppl.read_text(None, None)
 
 
 def test_ppl_docs_reproduce_the_window_tokens(neox, essay):
     text = essay.read_text(encoding="utf-8")
-    docs = pd.ppl_docs(neox, text, 1024, num_windows=2)
+    docs = probe_ppl.ppl_docs(neox, text, 1024, num_windows=2)
     windows = sorted({d["window"] for d in docs})
     assert windows == [0, 1]
     for w in windows:
@@ -260,21 +258,21 @@ def test_ppl_docs_reproduce_the_window_tokens(neox, essay):
         for a, b in zip(parts, parts[1:]):
             assert a["bucket_end"] == b["bucket_start"] and a["context"] + a["continuation"] == b["context"]
         for d in parts:  # lm-eval's context/continuation split gives back the window's tokens
-            ctx, cont = pd._pair_tokens(neox, d["context"], d["continuation"])
+            ctx, cont = probe_ppl.pair_tokens(neox, d["context"], d["continuation"])
             assert ctx == ids[: d["bucket_start"]] and cont == ids[d["bucket_start"] : d["bucket_end"]]
             assert d["n_tokens"] == len(cont)
-    assert pd.token_loss([(-10.0, 5), (-2.0, 1)]) == pytest.approx(2.0)
+    assert probe_ppl.token_loss([(-10.0, 5), (-2.0, 1)]) == pytest.approx(2.0)
     with pytest.raises(MambaEvalError, match="fewer than one window"):
-        pd.ppl_docs(neox, "A short text.", 1024)
+        probe_ppl.ppl_docs(neox, "A short text.", 1024)
 
 
 def test_max_length_guard(neox_dir):
     meta = {"tokenizer": neox_dir, "context_length": 4096, "samples_per_depth": 1, "depths": [0.5]}
     with pytest.raises(MambaEvalError, match="max_length=2048"):
-        pd.passkey_dataset(**meta, max_length=2048)
+        probe_passkey.passkey_dataset(**meta, max_length=2048)
     with pytest.raises(MambaEvalError, match="no max_length"):
-        pd.passkey_dataset(**meta)
-    ds = pd.passkey_dataset(**meta, max_length=4096 + 16)
+        probe_passkey.passkey_dataset(**meta)
+    ds = probe_passkey.passkey_dataset(**meta, max_length=4096 + 16)
     assert len(ds["test"]) == 1
 
 
@@ -284,7 +282,7 @@ def test_max_length_guard(neox_dir):
 def _manager(**meta):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(pd.include_path()), metadata=meta)
+    return TaskManager(include_path=str(probe_data.include_path()), metadata=meta)
 
 
 def _default_manager(**meta):
@@ -303,7 +301,7 @@ def test_tasks_load_through_the_task_manager(neox_dir):
     assert {"mamba_passkey_1m", "mamba_mqar_64k_p16", "mamba_passkey_gen_4k"} <= set(manager.all_subtasks)
     loaded = manager.load(["mamba_passkey_1k", "mamba_passkey_gen_1k", "mamba_mqar_1k_p8"])["tasks"]
     mc, gen, mqar = (loaded[n] for n in ("mamba_passkey_1k", "mamba_passkey_gen_1k", "mamba_mqar_1k_p8"))
-    assert mc.VERSION == gen.VERSION == mqar.VERSION == pd.PROBE_DATA_VERSION
+    assert mc.VERSION == gen.VERSION == mqar.VERSION == probe_common.PROBE_DATA_VERSION
     assert len(mc.test_docs()) == 50 and len(mqar.test_docs()) == 100
     for task in (mc, gen, mqar):
         task.build_all_requests(limit=2, rank=0, world_size=1)
@@ -335,7 +333,7 @@ def test_end_to_end_mqar_with_tiny_checkpoint(checkpoint, word_tokenizer):
     res = out["results"]["mamba_mqar_256_p4"]
     _assert_close_metric(res["acc,none"])
     assert res["perplexity,none"] > 1.0
-    assert out["versions"]["mamba_mqar_256_p4"] == pd.PROBE_DATA_VERSION
+    assert out["versions"]["mamba_mqar_256_p4"] == probe_common.PROBE_DATA_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -370,8 +368,8 @@ def test_end_to_end_ppl_buckets_equal_a_direct_forward(neox_checkpoint, neox_dir
 
     from mamba_eval.models.checkpoint import load_model
 
-    cfg = pd.task_config("ppl", 1024, samples=1, text_file=str(essay))
-    folder = pd.write_task_configs(tmp_path / "tasks", {f"{cfg['task']}.yaml": pd.render_yaml(cfg)})
+    cfg = probe_data.task_config("ppl", 1024, samples=1, text_file=str(essay))
+    folder = probe_data.write_task_configs(tmp_path / "tasks", {f"{cfg['task']}.yaml": probe_data.render_yaml(cfg)})
     from lm_eval.tasks import TaskManager
 
     model_args = {"pretrained": str(neox_checkpoint), "tokenizer": neox_dir, "device": "cpu", "max_length": 1100}

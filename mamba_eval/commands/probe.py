@@ -10,7 +10,7 @@ and records the metrics, the documents' measured token counts, the time spent bu
 data and evaluating, and the peak memory of the evaluation: ``torch.cuda.max_memory_allocated``
 on a GPU; on the CPU the process's resident set size, sampled every 10 ms (labelled as such).
 Then it writes into ``--out`` (each file atomically, also after every length, so an interrupted
-run keeps what it measured):
+run keeps what it measured; the report is :mod:`mamba_eval.commands.probe_report`):
 
 - ``report.md``: accuracy (or loss) vs length tables, peak memory and time per length, plots;
 - ``results.json`` (everything) and ``results.csv`` (one row per task and metric);
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -61,33 +60,36 @@ class ProbeSpec:
     def __init__(self, family: str, lengths: str | Sequence[int] | None = None, *, depths=None,
                  pairs=None, samples: int | None = None, seed: int | None = None,
                  text: str | None = None, data_dir: str | None = None):
-        from mamba_eval.harness import probe_data as pd
         from mamba_eval.errors import MambaEvalError
+        from mamba_eval.harness.probe_common import DEFAULT_SEED, parse_length, parse_lengths
+        from mamba_eval.harness.probe_passkey import PASSKEY_DEPTHS, parse_depths
+        from mamba_eval.harness.probe_ppl import read_text
+        from mamba_eval.utils import data_dir_from_env
 
         if family not in FAMILY_NAMES:
             raise MambaEvalError(f"unknown probe family {family!r}; choose one of {', '.join(FAMILY_NAMES)}")
         self.family = family
         if lengths is None:
             lengths = DEFAULT_LENGTHS[family]
-        self.lengths = pd.parse_lengths(lengths) if isinstance(lengths, str) else [pd.parse_length(n) for n in lengths]
+        self.lengths = parse_lengths(lengths) if isinstance(lengths, str) else [parse_length(n) for n in lengths]
         passkey = family in ("passkey", "passkey_gen")
         if depths is not None and not passkey:
             raise MambaEvalError(f"--depths applies to the passkey families, not {family}")
-        self.depths = pd._parse_depths(depths if depths is not None else pd.PASSKEY_DEPTHS) if passkey else None
+        self.depths = parse_depths(depths if depths is not None else PASSKEY_DEPTHS) if passkey else None
         if pairs is not None and family != "mqar":
             raise MambaEvalError(f"--pairs applies to the mqar family, not {family}")
         self.pairs = _parse_ints("--pairs", pairs if pairs is not None else DEFAULT_PAIRS) if family == "mqar" else [None]
         if samples is not None and int(samples) < 1:
             raise MambaEvalError(f"--samples {samples}: must be at least 1")
         self.samples = None if samples is None else int(samples)
-        self.seed = pd.DEFAULT_SEED if seed is None else int(seed)
+        self.seed = DEFAULT_SEED if seed is None else int(seed)
         if (text or data_dir) and family != "ppl":
             raise MambaEvalError(f"--text and --data-dir apply to the ppl family, not {family}")
         self.text = str(Path(text).expanduser().resolve()) if text else None
         self.data_dir = str(Path(data_dir).expanduser().resolve()) if data_dir else None
         if family == "ppl":
             # Read it now: a missing or unreadable file fails before any model is loaded.
-            pd.read_text(self.text, self.data_dir or os.environ.get("MAMBA_EVAL_DATA_DIR") or None)
+            read_text(self.text, self.data_dir or data_dir_from_env())
         if family == "mqar":
             for length in self.lengths:
                 for p in self.pairs:
@@ -96,14 +98,15 @@ class ProbeSpec:
 
     def tasks(self) -> list[dict]:
         """One entry per task: name, length, pairs, config (dict)."""
-        from mamba_eval.harness import probe_data as pd
+        from mamba_eval.harness.probe_data import task_config
+        from mamba_eval.harness.probe_passkey import PASSKEY_DEPTHS
 
         out = []
         for length in self.lengths:
             for pairs in self.pairs:
-                cfg = pd.task_config(
+                cfg = task_config(
                     self.family, length, pairs=pairs, samples=self.samples, seed=self.seed,
-                    depths=self.depths or pd.PASSKEY_DEPTHS, text_file=self.text, data_dir=self.data_dir,
+                    depths=self.depths or PASSKEY_DEPTHS, text_file=self.text, data_dir=self.data_dir,
                 )
                 out.append({"task": cfg["task"], "length": length, "pairs": pairs, "config": cfg})
         return out
@@ -189,30 +192,6 @@ def _rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
-
-
-# ------------------------------------------------------------------------------ files
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    from mamba_eval.utils import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data)
-
-
-def _json_text(obj) -> str:
-    def default(o):
-        try:
-            return str(o)
-        except Exception:  # pragma: no cover
-            return repr(o)
-
-    return json.dumps(obj, indent=2, default=default, allow_nan=True) + "\n"
-
-
-def _gib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2 ** 30:.2f} GiB"
 
 
 # ------------------------------------------------------------------------------ running
@@ -310,7 +289,10 @@ def run_probe(
         # (mamba_eval.harness.engine.forward_shape): 10x the memory and 17x the time at 16K tokens on
         # 2 threads. A probe compares lengths, not batch sizes; batch_invariant=true keeps it.
         args.setdefault("batch_invariant", False)
+    from mamba_eval.commands.probe_report import gib, write_outputs
     from mamba_eval.harness import probe_data as pd
+    from mamba_eval.harness.probe_common import PROBE_DATA_VERSION, length_name
+    from mamba_eval.utils import atomic_write_json
 
     needed = pd.required_max_length(spec.lengths)
     if "max_length" not in args:
@@ -320,7 +302,7 @@ def run_probe(
     out.mkdir(parents=True, exist_ok=True)
     tasks = spec.tasks()
     task_dir = pd.write_task_configs(
-        out / "tasks", {f"{t['task']}.yaml": pd.render_yaml(t["config"], pd._HEADER) for t in tasks}
+        out / "tasks", {f"{t['task']}.yaml": pd.render_yaml(t["config"], pd.HEADER) for t in tasks}
     )
 
     import lm_eval
@@ -352,14 +334,14 @@ def run_probe(
         "environment": _environment(torch, lm_eval, device_type),
         "spec": {"lengths": spec.lengths, "pairs": spec.pairs, "depths": spec.depths,
                  "samples": spec.samples, "seed": spec.seed, "text": spec.text, "data_dir": spec.data_dir},
-        "data_version": pd.PROBE_DATA_VERSION,
+        "data_version": PROBE_DATA_VERSION,
         "tasks": [],
     }
     for entry in tasks:
         name = entry["task"]
         log(f"{name}: building data")
         record: dict[str, Any] = {"task": name, "length": entry["length"], "pairs": entry["pairs"],
-                                  "length_name": pd.length_name(entry["length"])}
+                                  "length_name": length_name(entry["length"])}
         t0 = time.perf_counter()
         task_obj = manager.load([name])["tasks"][name]
         record["data_seconds"] = round(time.perf_counter() - t0, 2)
@@ -387,16 +369,17 @@ def run_probe(
             record["status"] = "ok"
             record["metrics"] = _metrics_of(result, name)
             keep = {k: v for k, v in result.items() if k != "samples"}
-            _write_atomic(out / "lm_eval" / f"{name}.json", _json_text(keep))
+            (out / "lm_eval").mkdir(exist_ok=True)
+            atomic_write_json(out / "lm_eval" / f"{name}.json", keep)
         record["eval_seconds"] = round(time.perf_counter() - t1, 2)
         record["tokens_per_second"] = (
             round(record["context_tokens_total"] / record["eval_seconds"]) if record["eval_seconds"] > 0 else None
         )
         record["peak_memory"] = peak.as_dict()
         results["tasks"].append(record)
-        log(f"{name}: {record['status']}, {record['eval_seconds']} s, peak {_gib(record['peak_memory']['peak_bytes'])}")
-        _write_outputs(out, results, plots=False)
-    _write_outputs(out, results, plots=plots)
+        log(f"{name}: {record['status']}, {record['eval_seconds']} s, peak {gib(record['peak_memory']['peak_bytes'])}")
+        write_outputs(out, results, plots=False)
+    write_outputs(out, results, plots=plots)
     return results
 
 
@@ -417,327 +400,6 @@ def _environment(torch, lm_eval, device_type: str) -> dict:
     except OSError:  # pragma: no cover
         pass
     return env
-
-
-# ------------------------------------------------------------------------------ report
-
-
-def _main_metric(family: str) -> str:
-    return {"passkey": "acc", "passkey_gen": "exact_match", "mqar": "acc", "ppl": "loss"}[family]
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.3f}"
-    return str(value)
-
-
-def _ok(tasks: list[dict]) -> list[dict]:
-    return [t for t in tasks if t.get("status") == "ok"]
-
-
-def _result_table(results: dict) -> list[str]:
-    """The accuracy-vs-length (or loss-vs-position) table, as markdown lines."""
-    family, tasks = results["family"], results["tasks"]
-    metric = _main_metric(family)
-    lines = []
-    if family == "mqar":
-        pairs = sorted({t["pairs"] for t in tasks})
-        lines.append("| length | " + " | ".join(f"acc, {p} pairs" for p in pairs) + " |")
-        lines.append("|---|" + "---|" * len(pairs))
-        for length in sorted({t["length"] for t in tasks}):
-            row = []
-            for p in pairs:
-                t = next((t for t in tasks if t["length"] == length and t["pairs"] == p), None)
-                row.append(_cell(t, metric))
-            lines.append(f"| {_length_label(length)} | " + " | ".join(row) + " |")
-        lines.append("")
-        lines.append("Chance for a model that only knows the answer is one of the values seen: about 1/pairs "
-                     "(" + ", ".join(f"{1 / p:.3f}" for p in pairs) + ").")
-    elif family in ("passkey", "passkey_gen"):
-        depths = results["spec"]["depths"] or []
-        from mamba_eval.harness.probe_data import depth_label
-
-        cols = [(metric, "all depths")] + [(f"{metric}_depth_{depth_label(d)}", f"depth {d:g}") for d in depths]
-        lines.append("| length | " + " | ".join(label for _, label in cols) + " |")
-        lines.append("|---|" + "---|" * len(cols))
-        for t in tasks:
-            lines.append(f"| {_length_label(t['length'])} | " + " | ".join(_cell(t, m) for m, _ in cols) + " |")
-        if family == "passkey":
-            from mamba_eval.harness.probe_data import PASSKEY_CANDIDATES
-
-            lines.append("")
-            lines.append("Metric: the key has the highest log-likelihood among the candidates "
-                         f"(chance 1/{PASSKEY_CANDIDATES}).")
-        else:
-            lines.append("")
-            lines.append("Metric: greedy generation's leading digits equal the key.")
-    else:  # ppl
-        buckets = []
-        for t in tasks:
-            for m in (t.get("metrics") or {}):
-                if m.startswith("loss_") and not m.endswith("_stderr") and m not in buckets:
-                    buckets.append(m)
-        buckets.sort(key=_bucket_start)
-        lines.append("| window | loss (all) | " + " | ".join(b[len("loss_"):] for b in buckets) + " |")
-        lines.append("|---|---|" + "---|" * len(buckets))
-        for t in tasks:
-            lines.append(f"| {_length_label(t['length'])} | {_cell(t, 'loss')} | "
-                         + " | ".join(_cell(t, b) for b in buckets) + " |")
-        lines.append("")
-        lines.append("Loss in nats per token (token-weighted over windows) of the tokens at those positions "
-                     "from the window start, each conditioned on the whole window before it.")
-    return lines
-
-
-def _bucket_start(metric: str) -> int:
-    from mamba_eval.harness.probe_data import parse_length
-
-    lo = metric[len("loss_"):].split("-")[0]
-    return parse_length(lo) if lo != "0" else 0
-
-
-def _cell(task: dict | None, metric: str) -> str:
-    if task is None:
-        return "-"
-    if task.get("status") != "ok":
-        return task.get("status", "-")
-    value = (task.get("metrics") or {}).get(metric)
-    return _fmt(value)
-
-
-def _length_label(length: int) -> str:
-    from mamba_eval.harness.probe_data import length_name
-
-    name = length_name(length)
-    return name if name == str(length) else f"{name} ({length})"
-
-
-def _resource_table(results: dict) -> list[str]:
-    tasks = results["tasks"]
-    kind = next((t["peak_memory"]["kind"] for t in tasks), "n/a")
-    lines = [
-        f"| task | length | docs | context tokens | peak memory ({kind}) | data s | eval s | tokens/s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for t in tasks:
-        if "context_tokens_min" in t:
-            tokens = (f"{t['context_tokens_min']}" if t["context_tokens_min"] == t["context_tokens_max"]
-                      else f"{t['context_tokens_min']}-{t['context_tokens_max']}")
-        else:
-            tokens = f"{t.get('scored_tokens', '-')} scored"
-        lines.append(
-            f"| {t['task']} | {_length_label(t['length'])} | {t['n_docs']} | {tokens} | "
-            f"{_gib(t['peak_memory']['peak_bytes'])} | {t['data_seconds']} | {t['eval_seconds']} | "
-            f"{t.get('tokens_per_second') or '-'} |"
-        )
-    return lines
-
-
-def _report(results: dict, plot_files: list[str]) -> str:
-    family = results["family"]
-    title = {"mqar": "Multi-query associative recall", "passkey": "Passkey retrieval (likelihood)",
-             "passkey_gen": "Passkey retrieval (generation)", "ppl": "Perplexity by position"}[family]
-    env = results["environment"]
-    lines = [
-        f"# {title} vs context length",
-        "",
-        f"Model `{results['model']}` with model_args `{_args_string(results['model_args'])}` on "
-        f"{results['device']} ({env.get('gpu') or str(env.get('cpus')) + ' CPUs, ' + str(env.get('torch_threads')) + ' torch threads'}); "
-        f"created {results['created']}; mamba-eval {env['mamba_eval']}, lm-eval {env['lm_eval']}, torch {env['torch']}; "
-        f"probe data version {results['data_version']}, seed {results['spec']['seed']}.",
-        "",
-    ]
-    trained = results.get("trained_probe_model")
-    if trained:
-        acc = trained.get("heldout_accuracy_at_train_length", {})
-        lines += [
-            f"The model is the offline probe model (`mamba_eval.commands.probe_model`, training version "
-            f"{trained.get('train_version')}): trained on MQAR at {trained['config']['length']} tokens with "
-            f"1-{trained['config']['max_pairs']} pairs, {trained['config']['steps']} steps in "
-            f"{trained['train_seconds']} s; held-out accuracy at the training length: "
-            + ", ".join(f"{v:.3f} ({p} pairs)" for p, v in acc.items()) + ".",
-            "",
-        ]
-    if results.get("status") == "running" or len(results["tasks"]) < _expected_tasks(results):
-        lines += [f"*Partial: {len(results['tasks'])} of {_expected_tasks(results)} tasks done.*", ""]
-    lines += ["## Results", ""] + _result_table(results) + [""]
-    lines += ["## Peak memory and time per length", ""] + _resource_table(results) + [""]
-    lines += [
-        "Peak memory is that of the evaluation of each task alone (on a GPU the allocator's peak "
-        "after a reset, weights included; on the CPU the whole process's resident set, sampled). "
-        "`data s` is lm-eval building the task (documents generated and tokenised); `eval s` is "
-        "`simple_evaluate` (requests, tokenisation, scoring); tokens/s counts context tokens.",
-        "",
-    ]
-    if str(results["model_args"].get("batch_size")) != "1":
-        lines += [
-            f"With batch_size={results['model_args'].get('batch_size')} several sequences share a forward, so "
-            "the memory figures follow the batch budget, not one sequence; `--batch_size 1` measures one "
-            "sequence at a time.",
-            "",
-        ]
-    for f in plot_files:
-        lines += [f"![{f}]({f})", ""]
-    # lm_eval passes --device and --batch_size to the model itself; model_args must not repeat them.
-    lm_eval_args = {k: v for k, v in results["model_args"].items() if k not in ("device", "batch_size")}
-    lines += [
-        "## Reproduce one task with plain lm-eval",
-        "",
-        "```sh",
-        f"lm_eval --model {results['model']} --model_args {_args_string(lm_eval_args)} "
-        f"--device {results['model_args'].get('device') or results['device']} "
-        f"--batch_size {results['model_args'].get('batch_size', 1)} "
-        f"--include_path tasks --tasks {results['tasks'][0]['task'] if results['tasks'] else '<task>'}",
-        "```",
-        "",
-        "(run in this folder: `tasks/` holds the configs of this run, `lm_eval/<task>.json` lm-eval's own "
-        "output per task.)",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _expected_tasks(results: dict) -> int:
-    spec = results["spec"]
-    return len(spec["lengths"]) * len(spec["pairs"] or [None])
-
-
-def _args_string(args: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in args.items())
-
-
-def _csv(results: dict) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["family", "task", "length", "pairs", "metric", "value", "status", "n_docs",
-                     "peak_memory_bytes", "peak_memory_kind", "data_seconds", "eval_seconds"])
-    for t in results["tasks"]:
-        base = [results["family"], t["task"], t["length"], t["pairs"] if t["pairs"] is not None else ""]
-        tail = [t["status"], t["n_docs"], t["peak_memory"]["peak_bytes"], t["peak_memory"]["kind"],
-                t["data_seconds"], t["eval_seconds"]]
-        metrics = t.get("metrics") or {}
-        if not metrics:
-            writer.writerow(base + ["", ""] + tail)
-        for name, value in metrics.items():
-            writer.writerow(base + [name, value] + tail)
-    return buf.getvalue()
-
-
-def _plots(out: Path, results: dict) -> list[str]:
-    """Write the PNG plots; returns their file names (relative to ``out``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    family, tasks = results["family"], results["tasks"]
-    ok = _ok(tasks)
-    files = []
-    if ok:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        if family == "ppl":
-            for t in ok:
-                points = sorted(
-                    (_bucket_mid(m), v) for m, v in t["metrics"].items()
-                    if m.startswith("loss_") and not m.endswith("_stderr") and isinstance(v, (int, float))
-                )
-                ax.plot([p for p, _ in points], [v for _, v in points], marker="o", label=f"window {_length_label(t['length'])}")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("position in the window (tokens, bucket middle)")
-            ax.set_ylabel("loss (nats/token)")
-            ax.set_title("Loss by position")
-            name = "loss_vs_position.png"
-        else:
-            metric = _main_metric(family)
-            series: dict[str, list[tuple[int, float]]] = {}
-            if family == "mqar":
-                for t in ok:
-                    series.setdefault(f"{t['pairs']} pairs", []).append((t["length"], t["metrics"].get(metric)))
-                for p in sorted({t["pairs"] for t in ok}):
-                    ax.axhline(1 / p, linestyle=":", linewidth=0.8, color="gray")
-            else:
-                from mamba_eval.harness.probe_data import depth_label
-
-                for t in ok:
-                    series.setdefault("all depths", []).append((t["length"], t["metrics"].get(metric)))
-                    for d in results["spec"]["depths"] or []:
-                        series.setdefault(f"depth {d:g}", []).append(
-                            (t["length"], t["metrics"].get(f"{metric}_depth_{depth_label(d)}")))
-            for label, points in series.items():
-                points = [(x, y) for x, y in points if isinstance(y, (int, float))]
-                ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label,
-                        linewidth=2.5 if label == "all depths" else 1.2)
-            ax.set_xscale("log", base=2)
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_xlabel("context length (tokens)")
-            ax.set_ylabel(metric)
-            ax.set_title(f"{family}: {metric} vs context length")
-            name = "accuracy_vs_length.png"
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        _save_fig(fig, out / name)
-        plt.close(fig)
-        files.append(name)
-    if tasks:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        by_length: dict[int, dict] = {}
-        for t in tasks:  # the largest figure per length (several MQAR pair counts share a length)
-            cur = by_length.setdefault(t["length"], {"mem": 0, "time": 0.0})
-            cur["mem"] = max(cur["mem"], t["peak_memory"]["peak_bytes"] or 0)
-            cur["time"] = max(cur["time"], t["eval_seconds"])
-        xs = sorted(by_length)
-        ax1.plot(xs, [by_length[x]["mem"] / 2 ** 30 for x in xs], marker="o")
-        ax1.set_xscale("log", base=2)
-        ax1.set_ylim(bottom=0)
-        ax1.set_xlabel("context length (tokens)")
-        ax1.set_ylabel("peak memory (GiB)")
-        ax1.set_title(tasks[0]["peak_memory"]["kind"], fontsize=9)
-        ax2.plot(xs, [by_length[x]["time"] for x in xs], marker="o")
-        ax2.set_xscale("log", base=2)
-        ax2.set_yscale("log")
-        ax2.set_xlabel("context length (tokens)")
-        ax2.set_ylabel("evaluation time per task (s)")
-        for a in (ax1, ax2):
-            a.grid(True, alpha=0.3)
-        fig.tight_layout()
-        _save_fig(fig, out / "memory_time_vs_length.png")
-        plt.close(fig)
-        files.append("memory_time_vs_length.png")
-    return files
-
-
-def _bucket_mid(metric: str) -> float:
-    from mamba_eval.harness.probe_data import parse_length
-
-    lo, hi = metric[len("loss_"):].split("-")
-    lo_n = parse_length(lo) if lo != "0" else 0
-    return max(1.0, (lo_n + parse_length(hi)) / 2)
-
-
-def _save_fig(fig, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    _write_atomic(path, buf.getvalue())
-
-
-def _write_outputs(out: Path, results: dict, plots: bool) -> None:
-    plot_files = _plots(out, results) if plots else [
-        f for f in ("accuracy_vs_length.png", "loss_vs_position.png", "memory_time_vs_length.png") if (out / f).exists()
-    ]
-    _write_atomic(out / "results.json", _json_text(results))
-    _write_atomic(out / "results.csv", _csv(results))
-    _write_atomic(out / "report.md", _report(results, plot_files))
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -796,12 +458,14 @@ def _handle(args: argparse.Namespace, extra: list[str]) -> int:
         device=args.device, batch_size=args.batch_size, out=args.out or f"runs/probe-{args.family}",
         plots=not args.no_plots,
     )
+    from mamba_eval.commands.probe_report import ok_tasks, resource_table, result_table
+
     out = Path(args.out or f"runs/probe-{args.family}")
-    print("\n".join(_result_table(results)))
+    print("\n".join(result_table(results)))
     print()
-    print("\n".join(_resource_table(results)))
+    print("\n".join(resource_table(results)))
     print(f"\nreport: {out / 'report.md'}")
-    return 0 if _ok(results["tasks"]) else 1
+    return 0 if ok_tasks(results["tasks"]) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,7 @@ report shows how its accuracy holds as the distance to the recalled pair grows f
 (the Mamba paper's induction-heads experiment, Gu & Dao 2023, section 4.1.2, trained at 256
 and tested up to 1M tokens).
 
-- Data: :func:`mamba_eval.harness.probe_data.mqar_words`, the very generator of the ``mamba_mqar_*``
+- Data: :func:`mamba_eval.harness.probe_mqar.mqar_words`, the very generator of the ``mamba_mqar_*``
   tasks, at 256 tokens with 1 to :data:`TRAIN_MAX_PAIRS` pairs; the loss is the cross-entropy
   of every queried value (all P of them, the ``P - 1`` scattered queries and the final one).
   Training samples use seeds of their own, never those of the evaluation documents.
@@ -27,7 +27,6 @@ use (a few minutes on 2 cores; written under a temporary name and renamed into p
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mamba_eval.errors import MambaEvalError
+from mamba_eval.utils import atomic_write_json, cache_dir
 
 __all__ = [
     "MODEL_CONFIG",
@@ -81,7 +80,7 @@ MODEL_CONFIG: dict = {
 
 def vocabulary() -> list[str]:
     """The probe tokenizer's tokens in id order: specials, keys, values, noise words."""
-    from mamba_eval.harness.probe_data import KEY_WORDS, NOISE_WORDS, VALUE_WORDS
+    from mamba_eval.harness.probe_mqar import KEY_WORDS, NOISE_WORDS, VALUE_WORDS
 
     words = [*SPECIAL_TOKENS, *KEY_WORDS, *VALUE_WORDS, *NOISE_WORDS]
     if len(set(words)) != len(words):
@@ -104,11 +103,11 @@ def build_tokenizer(out_dir: str | os.PathLike):
     tok.save(str(out / "tokenizer.json"))
     special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|unk|>",
                "pad_token": "<|padding|>"}
-    _write_json(out / "tokenizer_config.json", {
+    atomic_write_json(out / "tokenizer_config.json", {
         **special, "model_max_length": 1 << 30, "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,
     })
-    _write_json(out / "special_tokens_map.json", special)
+    atomic_write_json(out / "special_tokens_map.json", special)
     return tok
 
 
@@ -141,7 +140,7 @@ def _batch(rng: random.Random, ids: dict[str, int], n: int, length: int, max_pai
     (-100 except where the next token is a queried value)."""
     import torch
 
-    from mamba_eval.harness.probe_data import mqar_words
+    from mamba_eval.harness.probe_mqar import mqar_words
 
     inputs, targets = [], []
     for _ in range(n):
@@ -188,13 +187,13 @@ def train_probe_model(out_dir: str | os.PathLike, config: TrainConfig = TrainCon
     from safetensors.torch import save_file
 
     from mamba_eval.models.checkpoint import read_config
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     log = log or (lambda _msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
-    _write_json(out / "config.json", {**MODEL_CONFIG, "vocab_size": tokenizer.get_vocab_size()})
+    atomic_write_json(out / "config.json", {**MODEL_CONFIG, "vocab_size": tokenizer.get_vocab_size()})
     ids = {w: i for i, w in enumerate(vocabulary())}
 
     threads = torch.get_num_threads()
@@ -203,7 +202,7 @@ def train_probe_model(out_dir: str | os.PathLike, config: TrainConfig = TrainCon
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            model = MambaLMHeadModel(read_config(out), backend="ref", device="cpu", dtype=torch.float32)
+            model = LanguageModel(read_config(out), backend="ref", device="cpu", dtype=torch.float32)
             model.requires_grad_(True)
             model.train()
             params = list(model.parameters())
@@ -260,15 +259,14 @@ def train_probe_model(out_dir: str | os.PathLike, config: TrainConfig = TrainCon
         "heldout_accuracy_at_train_length": accuracy,
         "heldout_samples": config.eval_samples,
     }
-    _write_json(out / "probe_model.json", record)
+    atomic_write_json(out / "probe_model.json", record)
     log(f"trained in {train_seconds:.0f} s; held-out accuracy at {config.length} tokens by pairs: {accuracy}")
     return record
 
 
 def probe_cache_root() -> Path:
     """``$XDG_CACHE_HOME/mamba_eval/probe_model`` (``~/.cache`` when XDG_CACHE_HOME is unset)."""
-    base = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(base) if base else Path.home() / ".cache") / "mamba_eval" / "probe_model"
+    return cache_dir("probe_model")
 
 
 def default_probe_model(cache_root: str | os.PathLike | None = None, seed: int = DEFAULT_TRAIN_SEED,
@@ -295,10 +293,6 @@ def default_probe_model(cache_root: str | os.PathLike | None = None, seed: int =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,320 @@
+"""The report of ``mamba-eval probe`` (:mod:`mamba_eval.commands.probe`): ``report.md`` with its
+tables of accuracy (or loss) vs length and of peak memory and time per length, ``results.json``,
+``results.csv`` and the PNG plots, from the results ``run_probe`` collects. Tables are written
+through pytablewriter (:mod:`mamba_eval.commands.table_writers`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mamba_eval.harness.probe_common import length_name, parse_length
+from mamba_eval.harness.probe_passkey import PASSKEY_CANDIDATES, depth_label
+from mamba_eval.utils import atomic_write, atomic_write_json
+
+__all__ = ["gib", "ok_tasks", "resource_table", "result_table", "write_outputs"]
+
+
+def gib(n: int | None) -> str:
+    """Bytes as GiB with two decimals ("n/a" for None)."""
+    return "n/a" if n is None else f"{n / 2 ** 30:.2f} GiB"
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+    from mamba_eval.commands.table_writers import markdown_table
+
+    return markdown_table(head, rows).rstrip("\n").split("\n")
+
+
+def _main_metric(family: str) -> str:
+    return {"passkey": "acc", "passkey_gen": "exact_match", "mqar": "acc", "ppl": "loss"}[family]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.3f}"
+    return str(value)
+
+
+def ok_tasks(tasks: list[dict]) -> list[dict]:
+    """The tasks that finished (status "ok")."""
+    return [t for t in tasks if t.get("status") == "ok"]
+
+
+def result_table(results: dict) -> list[str]:
+    """The accuracy-vs-length (or loss-vs-position) table, as markdown lines."""
+    family, tasks = results["family"], results["tasks"]
+    metric = _main_metric(family)
+    if family == "mqar":
+        pairs = sorted({t["pairs"] for t in tasks})
+        head = ["length"] + [f"acc, {p} pairs" for p in pairs]
+        rows = [[_length_label(length)] + [
+            _cell(next((t for t in tasks if t["length"] == length and t["pairs"] == p), None), metric)
+            for p in pairs] for length in sorted({t["length"] for t in tasks})]
+        note = ("Chance for a model that only knows the answer is one of the values seen: about 1/pairs "
+                "(" + ", ".join(f"{1 / p:.3f}" for p in pairs) + ").")
+    elif family in ("passkey", "passkey_gen"):
+        depths = results["spec"]["depths"] or []
+        cols = [(metric, "all depths")] + [(f"{metric}_depth_{depth_label(d)}", f"depth {d:g}") for d in depths]
+        head = ["length"] + [label for _, label in cols]
+        rows = [[_length_label(t["length"])] + [_cell(t, m) for m, _ in cols] for t in tasks]
+        if family == "passkey":
+            note = ("Metric: the key has the highest log-likelihood among the candidates "
+                    f"(chance 1/{PASSKEY_CANDIDATES}).")
+        else:
+            note = "Metric: greedy generation's leading digits equal the key."
+    else:  # ppl
+        buckets = []
+        for t in tasks:
+            for m in (t.get("metrics") or {}):
+                if m.startswith("loss_") and not m.endswith("_stderr") and m not in buckets:
+                    buckets.append(m)
+        buckets.sort(key=_bucket_start)
+        head = ["window", "loss (all)"] + [b[len("loss_"):] for b in buckets]
+        rows = [[_length_label(t["length"]), _cell(t, "loss")] + [_cell(t, b) for b in buckets] for t in tasks]
+        note = ("Loss in nats per token (token-weighted over windows) of the tokens at those positions "
+                "from the window start, each conditioned on the whole window before it.")
+    return _markdown(head, rows) + ["", note]
+
+
+def _bucket_start(metric: str) -> int:
+    lo = metric[len("loss_"):].split("-")[0]
+    return parse_length(lo) if lo != "0" else 0
+
+
+def _cell(task: dict | None, metric: str) -> str:
+    if task is None:
+        return "-"
+    if task.get("status") != "ok":
+        return task.get("status", "-")
+    value = (task.get("metrics") or {}).get(metric)
+    return _fmt(value)
+
+
+def _length_label(length: int) -> str:
+    name = length_name(length)
+    return name if name == str(length) else f"{name} ({length})"
+
+
+def resource_table(results: dict) -> list[str]:
+    """Per task: documents, context tokens, peak memory, data and evaluation time (Markdown lines)."""
+    tasks = results["tasks"]
+    kind = next((t["peak_memory"]["kind"] for t in tasks), "n/a")
+    head = ["task", "length", "docs", "context tokens", f"peak memory ({kind})", "data s", "eval s", "tokens/s"]
+    rows = []
+    for t in tasks:
+        if "context_tokens_min" in t:
+            tokens = (f"{t['context_tokens_min']}" if t["context_tokens_min"] == t["context_tokens_max"]
+                      else f"{t['context_tokens_min']}-{t['context_tokens_max']}")
+        else:
+            tokens = f"{t.get('scored_tokens', '-')} scored"
+        rows.append([t["task"], _length_label(t["length"]), str(t["n_docs"]), tokens,
+                     gib(t["peak_memory"]["peak_bytes"]), str(t["data_seconds"]), str(t["eval_seconds"]),
+                     str(t.get("tokens_per_second") or "-")])
+    return _markdown(head, rows)
+
+
+def _report(results: dict, plot_files: list[str]) -> str:
+    family = results["family"]
+    title = {"mqar": "Multi-query associative recall", "passkey": "Passkey retrieval (likelihood)",
+             "passkey_gen": "Passkey retrieval (generation)", "ppl": "Perplexity by position"}[family]
+    env = results["environment"]
+    lines = [
+        f"# {title} vs context length",
+        "",
+        f"Model `{results['model']}` with model_args `{_args_string(results['model_args'])}` on "
+        f"{results['device']} ({env.get('gpu') or str(env.get('cpus')) + ' CPUs, ' + str(env.get('torch_threads')) + ' torch threads'}); "
+        f"created {results['created']}; mamba-eval {env['mamba_eval']}, lm-eval {env['lm_eval']}, torch {env['torch']}; "
+        f"probe data version {results['data_version']}, seed {results['spec']['seed']}.",
+        "",
+    ]
+    trained = results.get("trained_probe_model")
+    if trained:
+        acc = trained.get("heldout_accuracy_at_train_length", {})
+        lines += [
+            f"The model is the offline probe model (`mamba_eval.commands.probe_model`, training version "
+            f"{trained.get('train_version')}): trained on MQAR at {trained['config']['length']} tokens with "
+            f"1-{trained['config']['max_pairs']} pairs, {trained['config']['steps']} steps in "
+            f"{trained['train_seconds']} s; held-out accuracy at the training length: "
+            + ", ".join(f"{v:.3f} ({p} pairs)" for p, v in acc.items()) + ".",
+            "",
+        ]
+    if results.get("status") == "running" or len(results["tasks"]) < _expected_tasks(results):
+        lines += [f"*Partial: {len(results['tasks'])} of {_expected_tasks(results)} tasks done.*", ""]
+    lines += ["## Results", ""] + result_table(results) + [""]
+    lines += ["## Peak memory and time per length", ""] + resource_table(results) + [""]
+    lines += [
+        "Peak memory is that of the evaluation of each task alone (on a GPU the allocator's peak "
+        "after a reset, weights included; on the CPU the whole process's resident set, sampled). "
+        "`data s` is lm-eval building the task (documents generated and tokenised); `eval s` is "
+        "`simple_evaluate` (requests, tokenisation, scoring); tokens/s counts context tokens.",
+        "",
+    ]
+    if str(results["model_args"].get("batch_size")) != "1":
+        lines += [
+            f"With batch_size={results['model_args'].get('batch_size')} several sequences share a forward, so "
+            "the memory figures follow the batch budget, not one sequence; `--batch_size 1` measures one "
+            "sequence at a time.",
+            "",
+        ]
+    for f in plot_files:
+        lines += [f"![{f}]({f})", ""]
+    # lm_eval passes --device and --batch_size to the model itself; model_args must not repeat them.
+    lm_eval_args = {k: v for k, v in results["model_args"].items() if k not in ("device", "batch_size")}
+    lines += [
+        "## Reproduce one task with plain lm-eval",
+        "",
+        "```sh",
+        f"lm_eval --model {results['model']} --model_args {_args_string(lm_eval_args)} "
+        f"--device {results['model_args'].get('device') or results['device']} "
+        f"--batch_size {results['model_args'].get('batch_size', 1)} "
+        f"--include_path tasks --tasks {results['tasks'][0]['task'] if results['tasks'] else '<task>'}",
+        "```",
+        "",
+        "(run in this folder: `tasks/` holds the configs of this run, `lm_eval/<task>.json` lm-eval's own "
+        "output per task.)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _expected_tasks(results: dict) -> int:
+    spec = results["spec"]
+    return len(spec["lengths"]) * len(spec["pairs"] or [None])
+
+
+def _args_string(args: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in args.items())
+
+
+def _csv(results: dict) -> str:
+    """One row per task and metric (one without a metric for a task that did not finish)."""
+    from mamba_eval.commands.table_writers import csv_table
+
+    def text(value) -> str:
+        return "" if value is None else str(value)
+
+    rows = []
+    for t in results["tasks"]:
+        base = [results["family"], t["task"], t["length"], t["pairs"]]
+        tail = [t["status"], t["n_docs"], t["peak_memory"]["peak_bytes"], t["peak_memory"]["kind"],
+                t["data_seconds"], t["eval_seconds"]]
+        metrics = t.get("metrics") or {}
+        if not metrics:
+            rows.append(base + [None, None] + tail)
+        rows += [base + [name, value] + tail for name, value in metrics.items()]
+    head = ["family", "task", "length", "pairs", "metric", "value", "status", "n_docs",
+            "peak_memory_bytes", "peak_memory_kind", "data_seconds", "eval_seconds"]
+    return csv_table(head, [[text(v) for v in row] for row in rows])
+
+
+def _plots(out: Path, results: dict) -> list[str]:
+    """Write the PNG plots; returns their file names (relative to ``out``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    family, tasks = results["family"], results["tasks"]
+    ok = ok_tasks(tasks)
+    files = []
+    if ok:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        if family == "ppl":
+            for t in ok:
+                points = sorted(
+                    (_bucket_mid(m), v) for m, v in t["metrics"].items()
+                    if m.startswith("loss_") and not m.endswith("_stderr") and isinstance(v, (int, float))
+                )
+                ax.plot([p for p, _ in points], [v for _, v in points], marker="o", label=f"window {_length_label(t['length'])}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("position in the window (tokens, bucket middle)")
+            ax.set_ylabel("loss (nats/token)")
+            ax.set_title("Loss by position")
+            name = "loss_vs_position.png"
+        else:
+            metric = _main_metric(family)
+            series: dict[str, list[tuple[int, float]]] = {}
+            if family == "mqar":
+                for t in ok:
+                    series.setdefault(f"{t['pairs']} pairs", []).append((t["length"], t["metrics"].get(metric)))
+                for p in sorted({t["pairs"] for t in ok}):
+                    ax.axhline(1 / p, linestyle=":", linewidth=0.8, color="gray")
+            else:
+                for t in ok:
+                    series.setdefault("all depths", []).append((t["length"], t["metrics"].get(metric)))
+                    for d in results["spec"]["depths"] or []:
+                        series.setdefault(f"depth {d:g}", []).append(
+                            (t["length"], t["metrics"].get(f"{metric}_depth_{depth_label(d)}")))
+            for label, points in series.items():
+                points = [(x, y) for x, y in points if isinstance(y, (int, float))]
+                ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label,
+                        linewidth=2.5 if label == "all depths" else 1.2)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel(metric)
+            ax.set_title(f"{family}: {metric} vs context length")
+            name = "accuracy_vs_length.png"
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        _save_fig(fig, out / name)
+        plt.close(fig)
+        files.append(name)
+    if tasks:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        by_length: dict[int, dict] = {}
+        for t in tasks:  # the largest figure per length (several MQAR pair counts share a length)
+            cur = by_length.setdefault(t["length"], {"mem": 0, "time": 0.0})
+            cur["mem"] = max(cur["mem"], t["peak_memory"]["peak_bytes"] or 0)
+            cur["time"] = max(cur["time"], t["eval_seconds"])
+        xs = sorted(by_length)
+        ax1.plot(xs, [by_length[x]["mem"] / 2 ** 30 for x in xs], marker="o")
+        ax1.set_xscale("log", base=2)
+        ax1.set_ylim(bottom=0)
+        ax1.set_xlabel("context length (tokens)")
+        ax1.set_ylabel("peak memory (GiB)")
+        ax1.set_title(tasks[0]["peak_memory"]["kind"], fontsize=9)
+        ax2.plot(xs, [by_length[x]["time"] for x in xs], marker="o")
+        ax2.set_xscale("log", base=2)
+        ax2.set_yscale("log")
+        ax2.set_xlabel("context length (tokens)")
+        ax2.set_ylabel("evaluation time per task (s)")
+        for a in (ax1, ax2):
+            a.grid(True, alpha=0.3)
+        fig.tight_layout()
+        _save_fig(fig, out / "memory_time_vs_length.png")
+        plt.close(fig)
+        files.append("memory_time_vs_length.png")
+    return files
+
+
+def _bucket_mid(metric: str) -> float:
+    lo, hi = metric[len("loss_"):].split("-")
+    lo_n = parse_length(lo) if lo != "0" else 0
+    return max(1.0, (lo_n + parse_length(hi)) / 2)
+
+
+def _save_fig(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    atomic_write(path, buf.getvalue())
+
+
+def write_outputs(out: Path, results: dict, plots: bool) -> None:
+    """Write ``results.json``, ``results.csv``, ``report.md`` and (with ``plots``) the PNG plots
+    into the existing folder ``out``, each file atomically."""
+    plot_files = _plots(out, results) if plots else [
+        f for f in ("accuracy_vs_length.png", "loss_vs_position.png", "memory_time_vs_length.png") if (out / f).exists()
+    ]
+    atomic_write_json(out / "results.json", results)
+    atomic_write(out / "results.csv", _csv(results))
+    atomic_write(out / "report.md", _report(results, plot_files))
