@@ -3,10 +3,10 @@ CSV, and a LaTeX booktabs ``tabular``, for ``mamba-eval table`` and the ``mamba-
 
 Cells are given as text, already formatted by the caller (fixed digits, bold marks, LaTeX
 escapes), and are written as given: the writers never re-format a number. What pytablewriter
-adds: Markdown pads the columns and escapes ``|`` in cells; CSV quotes every cell that is not empty and
-escapes a quote or a backslash inside one with a backslash (read it back with
-``csv.reader(f, escapechar="\\\\", doublequote=False)``; cells never span lines, a line break
-in a cell becomes a space); LaTeX is :class:`BooktabsWriter`.
+adds: Markdown pads the columns and escapes ``|`` in cells; CSV quotes every cell that is not
+empty and escapes a quote or a backslash inside one with a backslash (read it back with
+``csv.reader(f, escapechar="\\\\", doublequote=False)``; cells never span lines, a line break in
+a cell becomes a space); LaTeX is :class:`BooktabsWriter`.
 """
 
 from __future__ import annotations
