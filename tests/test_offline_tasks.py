@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers_data import data_dir as shared_data_dir
 from mamba_eval.harness import offline
 from mamba_eval.harness.offline import offline_task_names, prepare_offline_tasks
 
@@ -52,14 +53,9 @@ DATA_KEYS = {"dataset_path", "dataset_name", "dataset_kwargs", "training_split",
 WIKI_TEST_RAW_MD5 = "7c0137fc034ddbc56a296bce31b4f7fb"
 
 
-def _data_dir() -> Path:
-    env = os.environ.get("MAMBA_EVAL_DATA_DIR", "").strip()
-    return Path(env) if env else REPO_ROOT / ".." / "shared" / "data"
-
-
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    path = _data_dir()
+    path = shared_data_dir()
     if not path.is_dir():
         pytest.skip(f"data folder not found: {path} (set MAMBA_EVAL_DATA_DIR)")
     return path.resolve()
@@ -326,12 +322,15 @@ def test_interrupted_build_leaves_no_cache(data_dir, tmp_path, monkeypatch):
 
 
 def test_data_dir_from_env(monkeypatch, tmp_path):
+    """The folder ``python -m mamba_eval.harness.offline`` reads when none is given."""
+    from mamba_eval.utils import data_dir_from_env
+
     monkeypatch.delenv("MAMBA_EVAL_DATA_DIR", raising=False)
-    assert offline.data_dir_from_env() is None
+    assert data_dir_from_env() is None
     monkeypatch.setenv("MAMBA_EVAL_DATA_DIR", "")
-    assert offline.data_dir_from_env() is None
+    assert data_dir_from_env() is None
     monkeypatch.setenv("MAMBA_EVAL_DATA_DIR", str(tmp_path))
-    assert offline.data_dir_from_env() == tmp_path
+    assert data_dir_from_env() == tmp_path
 
 
 def test_readme_documents_every_file():

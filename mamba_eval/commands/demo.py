@@ -9,7 +9,7 @@ generated here from a fixed seed, byte for byte the same on every machine:
    space, so ``decode(encode(s)) == s``).
 2. :func:`write_random_checkpoint`: a Mamba-1 checkpoint in mamba_ssm format (``config.json`` +
    ``pytorch_model.bin``, fp32, ``lm_head.weight`` tied to the embedding) with the model's own
-   random initialisation (``MambaLMHeadModel.init_weights``), d_model 64, 2 layers, the
+   random initialisation (``LanguageModel.init_weights``), d_model 64, 2 layers, the
    embedding padded to a multiple of 8 rows. It scores at chance; a trained checkpoint written into the same folder can replace it.
 3. :func:`write_demo_task`: an lm-eval task of our own, :data:`DEMO_TASK`: multiple choice,
    "which continuation repeats the key stated earlier" (a recall test, which selective SSMs are
@@ -30,6 +30,8 @@ import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from mamba_eval.utils import atomic_write_json
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -148,8 +150,8 @@ def build_tokenizer(out_dir: str | Path, seed: int = DEMO_SEED, vocab_size: int 
         "model_max_length": 2048,
         "tokenizer_class": "GPTNeoXTokenizer",
     }
-    _write_json(out / "tokenizer_config.json", config)
-    _write_json(out / "special_tokens_map.json", {**special, "pad_token": PAD_TOKEN})
+    atomic_write_json(out / "tokenizer_config.json", config)
+    atomic_write_json(out / "special_tokens_map.json", {**special, "pad_token": PAD_TOKEN})
     return tok
 
 
@@ -166,14 +168,14 @@ def write_random_checkpoint(model_dir: str | Path, vocab_size: int, seed: int = 
     import torch
 
     from mamba_eval.models.checkpoint import read_config
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", {**MODEL_CONFIG, "vocab_size": int(vocab_size)})
+    atomic_write_json(out / "config.json", {**MODEL_CONFIG, "vocab_size": int(vocab_size)})
     with torch.random.fork_rng(devices=[]):  # the model's own initialisation, seeded
         torch.manual_seed(seed)
-        model = MambaLMHeadModel(read_config(out), backend="ref", device="cpu", dtype=torch.float32)
+        model = LanguageModel(read_config(out), backend="ref", device="cpu", dtype=torch.float32)
     # Tied weights are stored under both names (lm_head.weight too), as the releases do.
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save(state, out / "pytorch_model.bin")
@@ -274,7 +276,3 @@ def demo_lm_eval_args(paths: Mapping[str, Path], device: str = "cpu", batch_size
         "--device", device,
         "--batch_size", str(batch_size),
     ]  # fmt: skip
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

@@ -62,19 +62,17 @@ from pathlib import Path
 
 import yaml
 
+from mamba_eval.utils import DATA_DIR_ENV, data_dir_from_env
+from mamba_eval.utils import cache_dir as package_cache_dir  # (prepare_offline_tasks has a cache_dir argument)
+
 __all__ = [
-    "DATA_DIR_ENV",
     "WIKITEXT2_TEST_RAW_MD5",
-    "data_dir_from_env",
     "default_cache_root",
     "offline_task_names",
     "prepare_offline_tasks",
     "rebuild_wikitext_raw",
     "wikitext_pages",
 ]
-
-#: Environment variable naming the offline data folder.
-DATA_DIR_ENV = "MAMBA_EVAL_DATA_DIR"
 
 #: Bumped whenever the generated files change meaning, so old cache folders are not reused.
 _CACHE_FORMAT = 1
@@ -137,19 +135,9 @@ def offline_task_names() -> list[str]:
     return list(_load_layout())
 
 
-def data_dir_from_env() -> Path | None:
-    """The data folder named by ``$MAMBA_EVAL_DATA_DIR`` (``~`` expanded), or None when unset or empty.
-
-    The folder is not checked here; :func:`prepare_offline_tasks` does that.
-    """
-    value = os.environ.get(DATA_DIR_ENV, "").strip()
-    return Path(value).expanduser() if value else None
-
-
 def default_cache_root() -> Path:
     """``$XDG_CACHE_HOME/mamba_eval/offline``, with ``~/.cache`` when XDG_CACHE_HOME is unset."""
-    base = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(base) if base else Path.home() / ".cache") / "mamba_eval" / "offline"
+    return package_cache_dir("offline")
 
 
 def _stock_tasks_dir() -> Path:
