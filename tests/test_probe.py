@@ -89,7 +89,7 @@ def _check_report(out: Path, results: dict, n_tasks: int) -> None:
         lm_eval_out = json.loads((out / "lm_eval" / f"{t['task']}.json").read_text())
         assert t["task"] in lm_eval_out["results"]
     with (out / "results.csv").open() as f:  # pytablewriter's dialect (mamba_eval.commands.table_writers)
-        rows = list(csv.DictReader(f, escapechar="\\", doublequote=False))
+        rows = list(csv.DictReader(f))
     assert {r["task"] for r in rows} == {t["task"] for t in on_disk["tasks"]}
     for t in on_disk["tasks"]:  # every metric and its value, as results.json holds them
         written = {r["metric"]: r["value"] for r in rows if r["task"] == t["task"]}

@@ -70,9 +70,8 @@ def test_same_inputs_give_identical_bytes_wherever_they_live(tmp_path):
 
 
 def _read_csv(text: str) -> list[list[str]]:
-    """The CSV dialect pytablewriter writes (mamba_eval.commands.table_writers): quotes and
-    backslashes inside a quoted cell are escaped with a backslash."""
-    return list(csv.reader(io.StringIO(text), escapechar="\\", doublequote=False))
+    """Standard CSV (RFC 4180), as any reader reads it."""
+    return list(csv.reader(io.StringIO(text)))
 
 
 def test_expected_csv_holds_the_values():

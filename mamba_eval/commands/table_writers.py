@@ -1,19 +1,20 @@
-"""Text tables through ``pytablewriter`` (the library behind lm-eval's own ``make_table``): Markdown,
-CSV, and a LaTeX booktabs ``tabular``, for ``mamba-eval table`` and the ``mamba-eval probe`` report.
+"""Text tables for ``mamba-eval table`` and the ``mamba-eval probe`` report: Markdown and a LaTeX
+booktabs ``tabular`` through ``pytablewriter`` (the library behind lm-eval's own ``make_table``),
+CSV through the standard library's ``csv`` module (RFC 4180: what every CSV reader expects;
+pytablewriter's CSV escapes quotes with backslashes).
 
 Cells are given as text, already formatted by the caller (fixed digits, bold marks, LaTeX
-escapes), and are written as given: the writers never re-format a number. What pytablewriter
-adds: Markdown pads the columns and escapes ``|`` in cells; CSV quotes every cell that is not
-empty and escapes a quote or a backslash inside one with a backslash (read it back with
-``csv.reader(f, escapechar="\\\\", doublequote=False)``; cells never span lines, a line break in
-a cell becomes a space); LaTeX is :class:`BooktabsWriter`.
+escapes), and are written as given: the writers never re-format a number. Markdown pads the
+columns and escapes ``|`` in cells; LaTeX is :class:`BooktabsWriter`.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
 
-from pytablewriter import CsvTableWriter, LatexTableWriter, MarkdownTableWriter, String
+from pytablewriter import LatexTableWriter, MarkdownTableWriter, String
 from pytablewriter.style import Style
 
 __all__ = ["BooktabsWriter", "csv_table", "latex_tabular", "markdown_table"]
@@ -69,5 +70,10 @@ def latex_tabular(headers: Sequence[str], rows: Sequence[Sequence[str]], align: 
 
 
 def csv_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """CSV, one line per row; cells quoted unless empty (escaping: module docstring)."""
-    return _render(CsvTableWriter, headers, rows, None)
+    """CSV (RFC 4180: a cell with a comma, quote or line break is quoted, quotes doubled), one
+    line per row."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(headers)
+    writer.writerows(rows)
+    return out.getvalue()
