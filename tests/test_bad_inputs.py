@@ -57,7 +57,7 @@ CASES = {
     "unknown model_args key": (lambda d, m: f"pretrained={m},colour=blue", "unknown model_args key(s) for --model mamba: colour"),
     "misspelled dtype": (lambda d, m: f"pretrained={m},dtype=bfloat61", "dtype='bfloat61'"),
     "bad decode_state_dtype": (lambda d, m: f"pretrained={m},decode_state_dtype=int8",
-                               "decode_state_dtype='int8' is not one of float32, bfloat16, float16, auto"),
+                               "decode_state_dtype='int8' is not one of "),
 }
 
 

@@ -3,11 +3,14 @@
 The fast tests run fresh interpreters of the environment running pytest, where mamba-eval
 must be installed (``pip install -e .``). The slow test installs the working tree into new
 virtual environments, regular and editable, and checks the real class, the console script,
-the uninstall and a stale ``.pth`` left behind.
+the uninstall and a stale ``.pth`` left behind; after the regular install it also runs module
+mains, imports and a ``mamba-eval batch`` (whose worker is ``python -m ...``) from the source
+folder, where Python imports the checkout's ``mamba_eval`` instead of the installed one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import site
@@ -243,6 +246,45 @@ CHECK_INSTALLED = """
 """
 
 
+def _check_runs_from_the_checkout(python: str, src: Path, work: Path) -> None:
+    """With a regular install, run from the repository folder: ``-m`` and ``-c`` put that folder
+    first on ``sys.path``, so the checkout's ``mamba_eval`` is imported (it has no ``kernels``
+    or ``tasks`` sub-folder; ``mamba_eval/__init__.py`` maps the top-level ones)."""
+    from mamba_eval.commands.demo import DEMO_TASK, build_demo
+
+    where = _python(
+        """
+        import mamba_eval, mamba_eval.kernels, mamba_eval.tasks
+        for module in (mamba_eval, mamba_eval.kernels, mamba_eval.tasks):
+            print(module.__name__, module.__file__)
+        """,
+        python, cwd=src,
+    ).stdout.split()
+    assert {name: Path(file).resolve() for name, file in zip(where[::2], where[1::2])} == {
+        "mamba_eval": (src / "mamba_eval" / "__init__.py").resolve(),
+        "mamba_eval.kernels": (src / "kernels" / "__init__.py").resolve(),
+        "mamba_eval.tasks": (src / "tasks" / "__init__.py").resolve(),
+    }
+    env = {k: v for k, v in os.environ.items() if k not in _CLEARED_ENV}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    offline = subprocess.run([python, "-m", "mamba_eval.harness.offline", "--help"], cwd=src, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert offline.returncode == 0 and offline.stdout.startswith("usage: "), offline.stderr
+
+    demo = build_demo(work / "demo")
+    out = work / "batch"
+    batch = subprocess.run(
+        [str(Path(python).parent / "mamba-eval"), "batch", "--output", str(out), "--checkpoints", str(demo["model"]),
+         "--tasks", DEMO_TASK, "--include_path", str(demo["tasks"]), "--data-dir", "", "--gpus", "none",
+         "--workers", "1", "--limit", "2", "--batch_size", "2", "--device", "cpu"],
+        cwd=src, env=env, capture_output=True, text=True, timeout=600,
+    )
+    logs = "".join(p.read_text(errors="replace")[-3000:] for p in out.rglob("*.log"))
+    assert batch.returncode == 0, f"{batch.stdout}\n{batch.stderr}\nworker logs:\n{logs}"
+    (result,) = out.glob(f"*/{DEMO_TASK}.json")
+    assert json.loads(result.read_text())["results"][DEMO_TASK]["alias"] == DEMO_TASK
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
 def test_fresh_install(editable, tmp_path_factory):
@@ -276,6 +318,8 @@ def test_fresh_install(editable, tmp_path_factory):
     script = Path(python).parent / "mamba-eval"
     version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("mamba-eval "), version
+    if not editable:
+        _check_runs_from_the_checkout(python, src, work)
 
     # pip uninstall removes the hook (it is listed in the wheel's RECORD) ...
     pth_text = (purelib / PTH_NAME).read_text()
