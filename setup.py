@@ -1,9 +1,10 @@
 """Build script. All metadata lives in setup.cfg; this file only ships the start-up hook.
 
 lm-eval 0.4.13 finds models only through its registry, so the wheel installs
-``mamba_eval_hook.pth`` at the top of site-packages: its one ``import`` line runs
-``mamba_eval.harness.registration.install()`` at every interpreter start-up, which registers ``mamba``
-lazily once lm-eval's registry exists (see ``mamba_eval/harness/registration.py``).
+``mamba_eval_hook.pth`` at the top of site-packages: its one ``import`` line puts a tiny finder on
+``sys.meta_path`` at every interpreter start-up, which imports ``mamba_eval.harness.registration``
+only when lm-eval's registry or task manager is first imported; that registers ``mamba`` and the
+probe tasks (see ``mamba_eval/harness/registration.py``).
 
 setuptools has no option for a file at the top of site-packages, hence two commands:
 
