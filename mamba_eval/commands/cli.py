@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 import textwrap
@@ -207,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in _SUBCOMMANDS:
         add(subparsers)
     for module_name in _MODULE_SUBCOMMANDS:
-        if importlib.util.find_spec(module_name) is not None:
-            importlib.import_module(module_name).add_subcommand(subparsers)
+        importlib.import_module(module_name).add_subcommand(subparsers)
     return parser
 
 
