@@ -19,6 +19,7 @@ from mamba_eval.models.checkpoint import (
     read_config,
     resolve_checkpoint,
 )
+from mamba_eval.models.releases import RELEASES
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -300,27 +301,25 @@ def test_bad_runtime_arguments(checkpoint):
     _raises("invalid device 'gpu0'", load_model, folder, device="gpu0", exc=ValueError)
 
 
-PUBLISHED = {  # name: (d_model, n_layer) of the state-spaces releases (mamba_ssm format)
-    "mamba-130m": (768, 24), "mamba-370m": (1024, 48), "mamba-790m": (1536, 48), "mamba-1.4b": (2048, 48),
-    "mamba-2.8b": (2560, 64), "mamba2-130m": (768, 24), "mamba2-370m": (1024, 48), "mamba2-780m": (1536, 48),
-    "mamba2-1.3b": (2048, 48), "mamba2-2.7b": (2560, 64),
-}
+# The state-spaces Mamba and Mamba-2 releases (mamba_ssm format, no attention layers).
+STATE_SPACES = [name for name, raw in RELEASES.items() if "d_model" in raw and not raw["attn_layer_idx"]]
 
 
-@pytest.mark.parametrize("name", list(PUBLISHED))
-def test_every_published_size_builds_with_transformers_parameter_count(tmp_path, name):
+@pytest.mark.parametrize("name", STATE_SPACES)
+def test_every_published_size_builds_with_transformers_parameter_count(name):
     """Each published size reads, builds (on the meta device: no memory) and has exactly the
-    parameter count of transformers' own class at the same shape."""
+    parameter count of transformers' own class at the same shape, the count the published-results
+    table shows for it."""
     import transformers
 
+    from mamba_eval.commands.published import rows
     from mamba_eval.models.model import LanguageModel
+    from mamba_eval.models.releases import release_config
 
-    d_model, n_layer = PUBLISHED[name]
+    raw = RELEASES[name]
+    d_model, n_layer = raw["d_model"], raw["n_layer"]
     mamba2 = name.startswith("mamba2")
-    cfg = read_config(_write_config(tmp_path, {
-        "d_model": d_model, "n_layer": n_layer, "vocab_size": 50277, "rms_norm": True, "residual_in_fp32": True,
-        "ssm_cfg": {"layer": "Mamba2"} if mamba2 else {}, "pad_vocab_size_multiple": 16 if mamba2 else 8,
-    }))
+    cfg = release_config(name)
     ours = LanguageModel(cfg, device="meta")
     n_ours = sum(p.numel() for p in ours.parameters())
     with torch.device("meta"):
@@ -333,5 +332,22 @@ def test_every_published_size_builds_with_transformers_parameter_count(tmp_path,
                 hidden_size=d_model, num_hidden_layers=n_layer, vocab_size=cfg.vocab_size, state_size=16,
                 tie_word_embeddings=True))
     assert n_ours == sum(p.numel() for p in theirs.parameters())
+    assert n_ours == next(r.n_parameters for r in rows() if r.name == name)
     size = float(name.split("-")[1][:-1]) * (1e9 if name.endswith("b") else 1e6)
     assert 0.8 * size < n_ours < 1.25 * size
+
+
+def test_write_random_checkpoint_both_formats(tmp_path):
+    """A random checkpoint of a release's config (shrunk), written as the releases store it and as
+    safetensors: both load to the same weights, and the seed decides them."""
+    from mamba_eval.models.releases import release, write_random_checkpoint
+
+    raw = release("mamba2-130m", d_model=64, n_layer=2, ssm_cfg={"layer": "Mamba2", "headdim": 16, "chunk_size": 16})
+    bin_dir = write_random_checkpoint(tmp_path / "bin", raw, seed=3)
+    st_dir = write_random_checkpoint(tmp_path / "st", raw, seed=3, safetensors=True)
+    other = write_random_checkpoint(tmp_path / "other", raw, seed=4)
+    assert (bin_dir / "pytorch_model.bin").is_file() and (st_dir / "model.safetensors").is_file()
+    assert json.loads((bin_dir / "config.json").read_text()) == raw
+    a, b, c = (load_model(str(d)).state_dict() for d in (bin_dir, st_dir, other))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["backbone.embedding.weight"], c["backbone.embedding.weight"])

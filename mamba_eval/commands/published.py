@@ -20,10 +20,9 @@ accuracies, Table 10 seven; Table 3's printed averages for mamba-370m (50.0) and
 always computes its own average from the cells it shows.
 
 ``n_parameters`` is not printed in the papers (they name sizes: 130M, 370M, ...). It is the
-exact parameter count of the released architecture (tied embeddings counted once; vocabulary
-50277 padded to 50280 for Mamba, 50288 for Mamba-2): d_model 768/1024/1536/2048/2560 with
-24/48/48/48/64 layers; Mamba d_state 16, expand 2, d_conv 4, dt_rank ceil(d_model/16); Mamba-2
-d_state 128, headdim 64, one group. It orders rows and places the points of the chart.
+exact parameter count of the released architecture (``mamba_eval.models.releases``; tied
+embeddings counted once), which tests/test_loader.py checks against transformers' classes. It
+orders rows and places the points of the chart.
 
 Column keys are those of ``mamba_eval.commands.table.COLUMNS``: ``lambada_ppl``, ``lambada_acc``,
 ``hellaswag``, ``piqa``, ``arc_easy``, ``arc_challenge``, ``winogrande``, ``openbookqa``.
