@@ -165,21 +165,9 @@ def pad_vocab_size(vocab_size: int, multiple: int) -> int:
 
 def write_random_checkpoint(model_dir: str | Path, vocab_size: int, seed: int = DEMO_SEED) -> Path:
     """Write ``config.json`` and ``pytorch_model.bin`` of a randomly initialised demo model; return the folder."""
-    import torch
+    from mamba_eval.models import releases
 
-    from mamba_eval.models.checkpoint import read_config
-    from mamba_eval.models.model import LanguageModel
-
-    out = Path(model_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", {**MODEL_CONFIG, "vocab_size": int(vocab_size)})
-    with torch.random.fork_rng(devices=[]):  # the model's own initialisation, seeded
-        torch.manual_seed(seed)
-        model = LanguageModel(read_config(out), backend="ref", device="cpu", dtype=torch.float32)
-    # Tied weights are stored under both names (lm_head.weight too), as the releases do.
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.save(state, out / "pytorch_model.bin")
-    return out
+    return releases.write_random_checkpoint(model_dir, {**MODEL_CONFIG, "vocab_size": int(vocab_size)}, seed=seed)
 
 
 # --------------------------------------------------------------------------- task
