@@ -1,8 +1,10 @@
 """Sequence-mixing operators of Mamba and Mamba-2 (installed as ``mamba_eval.kernels``).
 
-One module per operator. Each module starts with a plain-PyTorch reference, ``<op>_ref``, that
-computes in fp32 and is written for clarity; a fast kernel with the same signature may sit
-beside it. Everything here is forward only: this package evaluates models, it does not train them.
+One module per operator, in reading order: a docstring with the equations (paper, section,
+shapes, what is written in place); ``<op>_ref``, the plain-PyTorch reference, in fp32 and written
+for clarity; the private ``@triton.jit`` kernels; the public wrapper ``<op>``, with the signature
+of the reference. Everything here is forward only: this package evaluates models, it does not
+train them.
 
 - ``conv1d``: depthwise causal convolution over time (+ SiLU), full sequence and one-token update.
 - ``selective_scan``: the Mamba-1 selective SSM (diagonal A per channel), sequence and one step.
@@ -12,6 +14,11 @@ beside it. Everything here is forward only: this package evaluates models, it do
 - ``norm``: fused residual-add + RMSNorm/LayerNorm, and Mamba-2's gated, grouped RMSNorm.
 - ``matmul``: the linear layers' ``x W^T + b`` with a tiling fixed per weight shape, so that
   every row's result is bitwise independent of the other rows (batch invariance).
+- ``utils``: what the kernel files share (as ``fla/ops/utils``): the "Triton absent" guard
+  (``jit``, ``require_triton``), Triton's CPU interpreter (``dot``, ``dot_acc``), the fp32
+  activations (``softplus``, ``softplus_log1p``, ``silu``, ``silu_approx``), ``sm_count``,
+  ``new_output`` and the references' ``discretise_dt``. No kernel file imports another's
+  private names.
 
 The sequence kernels (``selective_scan``, ``ssd_scan``, ``add_rmsnorm``, ``gated_rmsnorm``) take
 ``batch_invariant=True`` to launch with a configuration that does not depend on the batch size.

@@ -14,15 +14,6 @@ Shapes (glossary in ``mamba_eval.kernels``; here C is the number of channels):
 Arithmetic is fp32; ``y`` is returned in ``x.dtype``, the state in ``x.dtype`` (it holds raw
 inputs, so no precision is lost). ``causal_conv1d_update_ref`` writes ``conv_state`` IN PLACE.
 
-Packed batches. Several sequences may be concatenated along time in one row (``B = 1``) with
-``cu_seqlens`` (int [S+1], ``0 = cu[0] <= cu[1] <= ... <= cu[S] = L``; sequence s is
-``x[0, :, cu[s]:cu[s+1]]``, empty sequences allowed): the window restarts at each sequence,
-``initial_state`` is [S, C, K-1] (one per sequence) and the final state is [S, C, K-1]. Alternatively
-``seq_idx`` (int [B, L], non-decreasing along L) marks the sequence of each position: the window
-restarts wherever it changes, ``initial_state`` [B, C, K-1] feeds the first sequence of each row only,
-and the final state [B, C, K-1] is that of each row's last sequence. Given both, ``cu_seqlens``
-rules and ``seq_idx`` must describe the same boundaries.
-
 The Triton kernels ``causal_conv1d`` and ``causal_conv1d_update`` have the signatures of the
 references (forward only, no host synchronisation, no autotuning). They read every tensor through
 its strides: ``x`` may be ``[B, C, L]`` contiguous ("channel-first") or the transposed view of a
@@ -39,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import require_triton, tl, triton
+from .utils import jit, new_output, require_triton, silu, tl, triton
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -49,38 +40,13 @@ def _check_activation(activation):
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
 
 
-def _conv_one(x, weight, bias, initial_state, activation):
-    """The reference on one batch of unpacked sequences (``x [B, C, L]``, any L >= 0)."""
-    width = weight.shape[-1]
-    xx = torch.cat([initial_state.to(x.dtype), x], dim=-1)  # [B, C, K-1+L]
-    if x.shape[-1] == 0:
-        y = x.new_zeros(x.shape, dtype=torch.float32)
-    else:
-        y = F.conv1d(xx.float(), weight.float().unsqueeze(1), None if bias is None else bias.float(), groups=x.shape[1])
-    if activation is not None:
-        y = F.silu(y)
-    final_state = xx[:, :, xx.shape[-1] - (width - 1):].clone()
-    return y.to(x.dtype), final_state
-
-
-def _seq_runs(seq_idx_row: torch.Tensor) -> list[tuple[int, int]]:
-    """[(start, end), ...] of the runs of equal values in a non-decreasing ``seq_idx`` row."""
-    values = seq_idx_row.tolist()
-    if any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError("seq_idx must be non-decreasing along L")
-    starts = [0] + [t for t in range(1, len(values)) if values[t] != values[t - 1]]
-    return list(zip(starts, starts[1:] + [len(values)]))
-
-
 def causal_conv1d_ref(
     x: torch.Tensor,  # [B, C, L]
     weight: torch.Tensor,  # [C, K]
     bias: torch.Tensor | None = None,  # [C]
-    initial_state: torch.Tensor | None = None,  # [B, C, K-1] ([S, C, K-1] with cu_seqlens)
+    initial_state: torch.Tensor | None = None,  # [B, C, K-1]
     activation: str | None = "silu",
     *,
-    seq_idx: torch.Tensor | None = None,  # [B, L]
-    cu_seqlens: torch.Tensor | None = None,  # [S+1]
     out: torch.Tensor | None = None,  # [B, C, L]
     final_state_out: torch.Tensor | None = None,  # like the returned final state
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,57 +54,28 @@ def causal_conv1d_ref(
 
     Returns ``(y [B, C, L] in x.dtype, final_state [B, C, K-1] in x.dtype)``; ``final_state`` is the
     last K-1 inputs (taken from ``initial_state`` too when L < K-1), ready to continue the sequence.
-    Packed sequences (``cu_seqlens`` / ``seq_idx``) are described in the module docstring. ``out``
-    and ``final_state_out``, when given, receive the results (and are returned).
+    ``out`` and ``final_state_out``, when given, receive the results (and are returned).
     """
     _check_activation(activation)
     batch, channels, length = x.shape
     width = weight.shape[-1]
     if weight.shape != (channels, width):
         raise ValueError(f"weight must be [C={channels}, K], got {tuple(weight.shape)}")
-    if seq_idx is not None and tuple(seq_idx.shape) != (batch, length):
-        raise ValueError(f"seq_idx must be [B, L] = {(batch, length)}, got {tuple(seq_idx.shape)}")
-    if cu_seqlens is not None:
-        if batch != 1:
-            raise ValueError(f"with cu_seqlens, x must hold one packed row (B = 1), got x {tuple(x.shape)}")
-        bounds = cu_seqlens.tolist()
-        if cu_seqlens.dim() != 1 or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != length:
-            raise ValueError(f"cu_seqlens must be [S+1] from 0 to L={length}, got {bounds}")
-        if any(b < a for a, b in zip(bounds, bounds[1:])):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-        n_rows = len(bounds) - 1
-        if seq_idx is not None:
-            expected = torch.repeat_interleave(torch.arange(n_rows), torch.tensor(bounds).diff())
-            if not torch.equal(seq_idx[0].cpu().long(), expected):
-                raise ValueError("seq_idx does not match cu_seqlens")
-    else:
-        n_rows = batch
     if initial_state is None:
-        initial_state = x.new_zeros(n_rows, channels, width - 1)
-    elif initial_state.shape != (n_rows, channels, width - 1):
+        initial_state = x.new_zeros(batch, channels, width - 1)
+    elif initial_state.shape != (batch, channels, width - 1):
         raise ValueError(
-            f"initial_state must be [{'S' if cu_seqlens is not None else 'B'}, C, K-1] = "
-            f"{(n_rows, channels, width - 1)}, got {tuple(initial_state.shape)}"
+            f"initial_state must be [B, C, K-1] = {(batch, channels, width - 1)}, got {tuple(initial_state.shape)}"
         )
-
-    if cu_seqlens is not None:  # each sequence on its own
-        pieces = [
-            _conv_one(x[:, :, s:e], weight, bias, initial_state[i : i + 1], activation)
-            for i, (s, e) in enumerate(zip(bounds, bounds[1:]))
-        ]
-        y = torch.cat([p[0] for p in pieces], dim=-1)
-        final_state = torch.cat([p[1] for p in pieces], dim=0)
-    elif seq_idx is not None:  # each run of one seq_idx value on its own, per row
-        y = torch.empty_like(x)
-        final_state = torch.empty_like(initial_state, dtype=x.dtype)
-        for b in range(batch):
-            state = initial_state[b : b + 1]  # the first run of a row continues from initial_state
-            for s, e in _seq_runs(seq_idx[b]):
-                y[b : b + 1, :, s:e], final = _conv_one(x[b : b + 1, :, s:e], weight, bias, state, activation)
-                state = torch.zeros_like(state)
-            final_state[b] = final[0] if length > 0 else initial_state[b]
+    xx = torch.cat([initial_state.to(x.dtype), x], dim=-1)  # [B, C, K-1+L]
+    if length == 0:
+        y = x.new_zeros(x.shape, dtype=torch.float32)
     else:
-        y, final_state = _conv_one(x, weight, bias, initial_state, activation)
+        y = F.conv1d(xx.float(), weight.float().unsqueeze(1), None if bias is None else bias.float(), groups=channels)
+    if activation is not None:
+        y = F.silu(y)
+    y = y.to(x.dtype)
+    final_state = xx[:, :, xx.shape[-1] - (width - 1):].clone()  # the last K-1 inputs
 
     if out is not None:
         out.copy_(y)
@@ -182,300 +119,246 @@ def causal_conv1d_update_ref(
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-if triton is not None:
-    # Sequence modes of the prefill kernel (its constexpr VARLEN).
-    _PLAIN = tl.constexpr(0)
-    _CU_SEQLENS = tl.constexpr(1)
-    _SEQ_IDX = tl.constexpr(2)
 
-    @triton.jit
-    def _add_initial_state(
-        acc,  # [BLOCK_C, BLOCK_L] fp32 accumulator of the tile
-        offs_l,  # [BLOCK_L] positions of the tile
-        extra_mask,  # [BLOCK_L] further condition on the positions that receive the contributions
-        init_rows,  # [BLOCK_C] pointers to initial_state[s, c, 0]
-        offs_c64,
-        mask_c,
-        w_ptr,
-        seq_start,  # first position of sequence s
-        seq_end,
-        stride_wc, stride_wk, stride_ik,
-        K: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-    ):
-        """Adds what sequence s's initial state contributes to its first K-1 outputs.
 
-        Output ``start + i`` (i < K-1) reaches K-1-i inputs back into the state, tap k reading state
-        column i + k; the contribution is a [BLOCK_C] vector per i, added where the tile holds that
-        position (so no [BLOCK_C, BLOCK_L] gather is needed)."""
-        for i in tl.static_range(K - 1):
-            contrib = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for k in tl.static_range(K - 1 - i):
-                w_k = tl.load(w_ptr + offs_c64 * stride_wc + k * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
-                contrib += w_k * tl.load(init_rows + (i + k) * stride_ik, mask=mask_c, other=0.0).to(tl.float32)
-            here = extra_mask & (offs_l == seq_start + i) & (seq_start + i < seq_end)  # [BLOCK_L]
-            acc += tl.where(here[None, :], contrib[:, None], 0.0)
-        return acc
+@jit
+def _add_initial_state(
+    acc,  # [BLOCK_C, BLOCK_L] fp32 accumulator of the tile
+    offs_l,  # [BLOCK_L] positions of the tile
+    extra_mask,  # [BLOCK_L] further condition on the positions that receive the contributions
+    init_rows,  # [BLOCK_C] pointers to initial_state[b, c, 0]
+    offs_c64,
+    mask_c,
+    w_ptr,
+    seq_start,  # first position of the sequence
+    seq_end,
+    stride_wc, stride_wk, stride_ik,
+    K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Adds what the initial state contributes to the sequence's first K-1 outputs.
 
-    @triton.jit
-    def _conv_tile(
-        x_rows,  # [BLOCK_C] pointers to x[b, c, 0]
-        offs_c64,  # [BLOCK_C] channels
-        mask_c,
-        pid_l,
-        pid_b,
-        w_ptr, bias_ptr, init_ptr, y_ptr, cu_ptr, sidx_ptr,
-        L, n_seqs, n_search,
-        stride_xl, stride_wc, stride_wk, stride_ib, stride_ic, stride_ik,
-        stride_yb, stride_yc, stride_yl, stride_sb, stride_sl,
-        K: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        HAS_INIT: tl.constexpr,
-        SILU: tl.constexpr,
-        VARLEN: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_L: tl.constexpr,
-    ):
-        """One [BLOCK_C, BLOCK_L] tile of y. Tap k is a load of the x tile shifted by K-1-k positions
-        (the shifted loads hit L1/L2, so DRAM sees x about once); inputs before the start of their
-        sequence count as zero, then the initial states' share is added for the positions near a
-        sequence start."""
-        l0 = pid_l * BLOCK_L
-        offs_l = l0 + tl.arange(0, BLOCK_L)  # [BLOCK_L] positions
-        mask_l = offs_l < L
-        if VARLEN == _CU_SEQLENS:
-            # Sequence of l: the last s with cu_seqlens[s] <= l (this skips empty sequences).
-            lo = tl.zeros([BLOCK_L], dtype=tl.int32)
-            hi = tl.zeros([BLOCK_L], dtype=tl.int32) + (n_seqs - 1)
-            for _ in range(n_search):
-                mid = (lo + hi + 1) // 2
-                right = tl.load(cu_ptr + mid).to(tl.int32) <= offs_l
-                lo = tl.where(right, mid, lo)
-                hi = tl.where(right, hi, mid - 1)
-            start = tl.load(cu_ptr + lo).to(tl.int32)  # [BLOCK_L] first position of l's sequence
-        else:
-            start = 0
-        if VARLEN == _SEQ_IDX:
-            sidx_row = sidx_ptr + pid_b * stride_sb
-            sid_l = tl.load(sidx_row + offs_l.to(tl.int64) * stride_sl, mask=mask_l, other=-1)  # [BLOCK_L]
-
-        acc = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)  # [BLOCK_C, BLOCK_L]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_c64, mask=mask_c, other=0.0).to(tl.float32)[:, None]
-        for k in tl.static_range(K):
+    Output ``start + i`` (i < K-1) reaches K-1-i inputs back into the state, tap k reading state
+    column i + k; the contribution is a [BLOCK_C] vector per i, added where the tile holds that
+    position (so no [BLOCK_C, BLOCK_L] gather is needed)."""
+    for i in tl.static_range(K - 1):
+        contrib = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for k in tl.static_range(K - 1 - i):
             w_k = tl.load(w_ptr + offs_c64 * stride_wc + k * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
-            p = offs_l - (K - 1) + k  # [BLOCK_L] input position of tap k
-            in_x = mask_l & (p >= start)
-            if VARLEN == _SEQ_IDX:
-                sid_p = tl.load(sidx_row + p.to(tl.int64) * stride_sl, mask=in_x, other=-2)
-                in_x = in_x & (sid_p == sid_l)
-            x_k = tl.load(
-                x_rows[:, None] + p.to(tl.int64)[None, :] * stride_xl, mask=mask_c[:, None] & in_x[None, :], other=0.0
-            )  # [BLOCK_C, BLOCK_L]
-            acc += w_k[:, None] * x_k.to(tl.float32)
+            contrib += w_k * tl.load(init_rows + (i + k) * stride_ik, mask=mask_c, other=0.0).to(tl.float32)
+        here = extra_mask & (offs_l == seq_start + i) & (seq_start + i < seq_end)  # [BLOCK_L]
+        acc += tl.where(here[None, :], contrib[:, None], 0.0)
+    return acc
 
-        if HAS_INIT:
-            if VARLEN == _CU_SEQLENS:
-                # Every sequence that starts in [l0 - (K-2), l0 + BLOCK_L) may reach into its state here.
-                s_first = tl.min(lo, axis=0).to(tl.int64)
-                s_last = tl.max(tl.where(mask_l, lo, 0), axis=0).to(tl.int64)
-                for s in range(s_first, s_last + 1):
-                    seq_start = tl.load(cu_ptr + s).to(tl.int32)
-                    if seq_start + K - 1 > l0:
-                        acc = _add_initial_state(
-                            acc, offs_l, mask_l, init_ptr + s * stride_ib + offs_c64 * stride_ic,
-                            offs_c64, mask_c, w_ptr, seq_start, tl.load(cu_ptr + s + 1).to(tl.int32),
-                            stride_wc, stride_wk, stride_ik, K, BLOCK_C,
-                        )
-            elif l0 < K - 1:  # only the first tile of a row reaches before position 0
-                if VARLEN == _SEQ_IDX:
-                    first_seq = sid_l == tl.load(sidx_row)  # positions of the row's first sequence
-                else:
-                    first_seq = mask_l
-                acc = _add_initial_state(
-                    acc, offs_l, first_seq, init_ptr + pid_b * stride_ib + offs_c64 * stride_ic,
-                    offs_c64, mask_c, w_ptr, 0, L,
-                    stride_wc, stride_wk, stride_ik, K, BLOCK_C,
-                )
-        if SILU:
-            acc = acc / (1.0 + tl.exp(-acc))
-        y_ptrs = y_ptr + pid_b * stride_yb + offs_c64[:, None] * stride_yc + offs_l.to(tl.int64)[None, :] * stride_yl
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_l[None, :])
 
-    @triton.jit
-    def _final_state(
-        x_rows,  # [BLOCK_C] pointers to x[b, c, 0]
-        offs_c64,  # [BLOCK_C] channels
-        mask_c,
-        seq_in_row,  # which sequence of the packed row (VARLEN == _CU_SEQLENS)
-        pid_b,
-        init_ptr, final_ptr, cu_ptr, sidx_ptr,
-        L,
-        stride_xl, stride_ib, stride_ic, stride_ik, stride_fb, stride_fc, stride_fk, stride_sb, stride_sl,
-        K: tl.constexpr,
-        KP: tl.constexpr,
-        HAS_INIT: tl.constexpr,
-        VARLEN: tl.constexpr,
-    ):
-        """final[s, :, j] = xx[end - (K-1) + j] for j < K-1, where xx is sequence s preceded by its
-        initial state: the last K-1 inputs, reaching into the state when the sequence is short."""
-        offs_j = tl.arange(0, KP)  # [KP]
-        mask_j = offs_j < K - 1
-        if VARLEN == _CU_SEQLENS:
-            seq = seq_in_row.to(tl.int64)
-            start = tl.load(cu_ptr + seq).to(tl.int32)
-            end = tl.load(cu_ptr + seq + 1).to(tl.int32)
-        else:
-            seq = pid_b
-            start = 0
-            end = L
-        p = end - (K - 1) + offs_j  # [KP]
-        in_x = mask_j & (p >= start)
-        in_init = mask_j & (p < start)
-        if VARLEN == _SEQ_IDX:
-            sidx_row = sidx_ptr + pid_b * stride_sb
-            sid_last = tl.load(sidx_row + (L - 1).to(tl.int64) * stride_sl)
-            sid_p = tl.load(sidx_row + p.to(tl.int64) * stride_sl, mask=in_x, other=-2)
-            in_x = in_x & (sid_p == sid_last)
-            # The state reaches the end only if the row holds a single sequence.
-            in_init = in_init & (tl.load(sidx_row) + tl.zeros([KP], dtype=tl.int32).to(sid_p.dtype) == sid_last)
-        mask = mask_c[:, None] & mask_j[None, :]  # [BLOCK_C, KP]
-        v = tl.load(x_rows[:, None] + p.to(tl.int64)[None, :] * stride_xl, mask=mask & in_x[None, :], other=0.0)
-        if HAS_INIT:
-            v_init = tl.load(
-                init_ptr + seq * stride_ib + offs_c64[:, None] * stride_ic + (p - start + (K - 1)).to(tl.int64)[None, :] * stride_ik,
-                mask=mask & in_init[None, :],
-                other=0.0,
+@jit
+def _conv_tile(
+    x_rows,  # [BLOCK_C] pointers to x[b, c, 0]
+    offs_c64,  # [BLOCK_C] channels
+    mask_c,
+    pid_l,
+    pid_b,
+    w_ptr, bias_ptr, init_ptr, y_ptr,
+    L,
+    stride_xl, stride_wc, stride_wk, stride_ib, stride_ic, stride_ik,
+    stride_yb, stride_yc, stride_yl,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """One [BLOCK_C, BLOCK_L] tile of y. Tap k is a load of the x tile shifted by K-1-k positions
+    (the shifted loads hit L1/L2, so DRAM sees x about once); inputs before position 0 count as
+    zero, then the initial state's share is added for the first K-1 positions."""
+    l0 = pid_l * BLOCK_L
+    offs_l = l0 + tl.arange(0, BLOCK_L)  # [BLOCK_L] positions
+    mask_l = offs_l < L
+    start = 0
+
+    acc = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)  # [BLOCK_C, BLOCK_L]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c64, mask=mask_c, other=0.0).to(tl.float32)[:, None]
+    for k in tl.static_range(K):
+        w_k = tl.load(w_ptr + offs_c64 * stride_wc + k * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
+        p = offs_l - (K - 1) + k  # [BLOCK_L] input position of tap k
+        in_x = mask_l & (p >= start)
+        x_k = tl.load(
+            x_rows[:, None] + p.to(tl.int64)[None, :] * stride_xl, mask=mask_c[:, None] & in_x[None, :], other=0.0
+        )  # [BLOCK_C, BLOCK_L]
+        acc += w_k[:, None] * x_k.to(tl.float32)
+
+    if HAS_INIT:
+        if l0 < K - 1:  # only the first tile of a row reaches before position 0
+            acc = _add_initial_state(
+                acc, offs_l, mask_l, init_ptr + pid_b * stride_ib + offs_c64 * stride_ic,
+                offs_c64, mask_c, w_ptr, 0, L,
+                stride_wc, stride_wk, stride_ik, K, BLOCK_C,
             )
-            v = tl.where(in_init[None, :], v_init.to(v.dtype), v)
-        f_ptrs = final_ptr + seq * stride_fb + offs_c64[:, None] * stride_fc + offs_j.to(tl.int64)[None, :] * stride_fk
-        tl.store(f_ptrs, v.to(final_ptr.dtype.element_ty), mask=mask)
+    if SILU:
+        acc = silu(acc)
+    y_ptrs = y_ptr + pid_b * stride_yb + offs_c64[:, None] * stride_yc + offs_l.to(tl.int64)[None, :] * stride_yl
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_l[None, :])
 
-    @triton.jit(do_not_specialize=["L", "n_seqs", "n_search"])  # lengths: one compiled variant
-    def _causal_conv1d_fwd_kernel(
-        x_ptr,  # [B, C, L], any strides
-        w_ptr,  # [C, K]
-        bias_ptr,  # [C] (read if HAS_BIAS)
-        init_ptr,  # [S, C, K-1] (read if HAS_INIT); S = B unless VARLEN == _CU_SEQLENS
-        y_ptr,  # [B, C, L], any strides
-        final_ptr,  # [S, C, K-1]
-        cu_ptr,  # [S+1] (read if VARLEN == _CU_SEQLENS)
-        sidx_ptr,  # [B, L] (read if VARLEN == _SEQ_IDX)
-        C,
-        L,
-        n_seqs,  # S
-        n_search,  # binary-search steps that find a position's sequence: ceil(log2(S))
-        stride_xb, stride_xc, stride_xl,  # the channel and time strides of x and y are passed
-        stride_wc, stride_wk,  # divided by X_ALIGN_C, X_ALIGN_L, Y_ALIGN_C, Y_ALIGN_L: powers
-        stride_ib, stride_ic, stride_ik,  # of two that the kernel multiplies back, so that the
-        stride_yb, stride_yc, stride_yl,  # compiler knows rows are aligned and vectorises loads
-        stride_fb, stride_fc, stride_fk,  # even when a stride is not a multiple of 16 (e.g. a
-        stride_sb, stride_sl,  # [x; B; C] slice of Mamba-2's in_proj output)
-        K: tl.constexpr,
-        KP: tl.constexpr,  # power of two >= K-1: width of the final-state tile
-        HAS_BIAS: tl.constexpr,
-        HAS_INIT: tl.constexpr,
-        SILU: tl.constexpr,
-        VARLEN: tl.constexpr,
-        X_ALIGN_C: tl.constexpr,
-        X_ALIGN_L: tl.constexpr,
-        Y_ALIGN_C: tl.constexpr,
-        Y_ALIGN_L: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_L: tl.constexpr,
-    ):
-        # Grid (cdiv(L, BLOCK_L) + n_final, cdiv(C, BLOCK_C), B). Along axis 0, the first programs
-        # compute tiles of y, the last n_final (S with cu_seqlens, else 1) the final states.
-        stride_xc = stride_xc * X_ALIGN_C
-        stride_xl = stride_xl * X_ALIGN_L
-        stride_yc = stride_yc * Y_ALIGN_C
-        stride_yl = stride_yl * Y_ALIGN_L
-        pid_l = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        pid_b = tl.program_id(2).to(tl.int64)
-        n_ltiles = tl.cdiv(L, BLOCK_L)
-        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-        mask_c = offs_c < C
-        offs_c64 = offs_c.to(tl.int64)
-        x_rows = x_ptr + pid_b * stride_xb + offs_c64 * stride_xc  # [BLOCK_C]
-        if pid_l < n_ltiles:
-            _conv_tile(
-                x_rows, offs_c64, mask_c, pid_l, pid_b,
-                w_ptr, bias_ptr, init_ptr, y_ptr, cu_ptr, sidx_ptr,
-                L, n_seqs, n_search,
-                stride_xl, stride_wc, stride_wk, stride_ib, stride_ic, stride_ik,
-                stride_yb, stride_yc, stride_yl, stride_sb, stride_sl,
-                K, HAS_BIAS, HAS_INIT, SILU, VARLEN, BLOCK_C, BLOCK_L,
-            )
-        else:
-            _final_state(
-                x_rows, offs_c64, mask_c, pid_l - n_ltiles, pid_b,
-                init_ptr, final_ptr, cu_ptr, sidx_ptr,
-                L,
-                stride_xl, stride_ib, stride_ic, stride_ik, stride_fb, stride_fc, stride_fk, stride_sb, stride_sl,
-                K, KP, HAS_INIT, VARLEN,
-            )
 
-    @triton.jit
-    def _causal_conv1d_update_kernel(
-        x_ptr,  # [B, C]
-        state_ptr,  # [B, C, K-1], updated in place
-        w_ptr,  # [C, K]
-        bias_ptr,  # [C] (read if HAS_BIAS)
-        y_ptr,  # [B, C]
-        C,
-        stride_xb, stride_xc,
-        stride_sb, stride_sc, stride_sk,
-        stride_wc, stride_wk,
-        stride_yb, stride_yc,
-        K: tl.constexpr,
-        KP: tl.constexpr,  # power of two >= K: width of the window tile
-        HAS_BIAS: tl.constexpr,
-        SILU: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-    ):
-        # window = [state[0], ..., state[K-2], x]; y = act(bias + <weight, window>); the new state is
-        # window[1:], read as a second (shifted) load. The compiler may give loads and stores different
-        # thread layouts, so a barrier separates every read of conv_state from the first write.
-        pid_c = tl.program_id(0)
-        pid_b = tl.program_id(1).to(tl.int64)
-        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-        mask_c = offs_c < C
-        offs_c64 = offs_c.to(tl.int64)
-        offs_j = tl.arange(0, KP)  # [KP] window column
-        state_rows = state_ptr + pid_b * stride_sb + offs_c64 * stride_sc  # [BLOCK_C]
-
-        x = tl.load(x_ptr + pid_b * stride_xb + offs_c64 * stride_xc, mask=mask_c, other=0.0)  # [BLOCK_C]
-        in_state = offs_j < K - 1
-        window = tl.load(
-            state_rows[:, None] + offs_j[None, :] * stride_sk, mask=mask_c[:, None] & in_state[None, :], other=0.0
-        )  # [BLOCK_C, KP]
-        window = tl.where(in_state[None, :], window, x[:, None])  # columns >= K are zero-weighted below
-        shifted_in_state = offs_j + 1 < K - 1
-        shifted = tl.load(
-            state_rows[:, None] + (offs_j + 1)[None, :] * stride_sk,
-            mask=mask_c[:, None] & shifted_in_state[None, :],
+@jit
+def _final_state(
+    x_rows,  # [BLOCK_C] pointers to x[b, c, 0]
+    offs_c64,  # [BLOCK_C] channels
+    mask_c,
+    pid_b,
+    init_ptr, final_ptr,
+    L,
+    stride_xl, stride_ib, stride_ic, stride_ik, stride_fb, stride_fc, stride_fk,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+):
+    """final[b, :, j] = xx[L - (K-1) + j] for j < K-1, where xx is row b preceded by its initial
+    state: the last K-1 inputs, reaching into the state when the sequence is short."""
+    offs_j = tl.arange(0, KP)  # [KP]
+    mask_j = offs_j < K - 1
+    seq = pid_b
+    start = 0
+    end = L
+    p = end - (K - 1) + offs_j  # [KP]
+    in_x = mask_j & (p >= start)
+    in_init = mask_j & (p < start)
+    mask = mask_c[:, None] & mask_j[None, :]  # [BLOCK_C, KP]
+    v = tl.load(x_rows[:, None] + p.to(tl.int64)[None, :] * stride_xl, mask=mask & in_x[None, :], other=0.0)
+    if HAS_INIT:
+        v_init = tl.load(
+            init_ptr + seq * stride_ib + offs_c64[:, None] * stride_ic + (p - start + (K - 1)).to(tl.int64)[None, :] * stride_ik,
+            mask=mask & in_init[None, :],
             other=0.0,
         )
-        new_state = tl.where(shifted_in_state[None, :], shifted, x[:, None])  # [BLOCK_C, KP] window[:, 1:]
+        v = tl.where(in_init[None, :], v_init.to(v.dtype), v)
+    f_ptrs = final_ptr + seq * stride_fb + offs_c64[:, None] * stride_fc + offs_j.to(tl.int64)[None, :] * stride_fk
+    tl.store(f_ptrs, v.to(final_ptr.dtype.element_ty), mask=mask)
 
-        w = tl.load(
-            w_ptr + offs_c64[:, None] * stride_wc + offs_j[None, :] * stride_wk,
-            mask=mask_c[:, None] & (offs_j < K)[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_C, KP]
-        acc = tl.sum(w * window.to(tl.float32), axis=1)  # [BLOCK_C]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_c64, mask=mask_c, other=0.0).to(tl.float32)
-        if SILU:
-            acc = acc / (1.0 + tl.exp(-acc))
-        tl.store(y_ptr + pid_b * stride_yb + offs_c64 * stride_yc, acc.to(y_ptr.dtype.element_ty), mask=mask_c)
-        tl.debug_barrier()  # all reads of conv_state before any write
-        tl.store(
-            state_rows[:, None] + offs_j[None, :] * stride_sk,
-            new_state.to(state_ptr.dtype.element_ty),
-            mask=mask_c[:, None] & in_state[None, :],
+
+@jit(do_not_specialize=["L"])  # lengths: one compiled variant
+def _causal_conv1d_fwd_kernel(
+    x_ptr,  # [B, C, L], any strides
+    w_ptr,  # [C, K]
+    bias_ptr,  # [C] (read if HAS_BIAS)
+    init_ptr,  # [B, C, K-1] (read if HAS_INIT)
+    y_ptr,  # [B, C, L], any strides
+    final_ptr,  # [B, C, K-1]
+    C,
+    L,
+    stride_xb, stride_xc, stride_xl,  # the channel and time strides of x and y are passed
+    stride_wc, stride_wk,  # divided by X_ALIGN_C, X_ALIGN_L, Y_ALIGN_C, Y_ALIGN_L: powers
+    stride_ib, stride_ic, stride_ik,  # of two that the kernel multiplies back, so that the
+    stride_yb, stride_yc, stride_yl,  # compiler knows rows are aligned and vectorises loads
+    stride_fb, stride_fc, stride_fk,  # even when a stride is not a multiple of 16 (e.g. a
+    # [x; B; C] slice of Mamba-2's in_proj output)
+    K: tl.constexpr,
+    KP: tl.constexpr,  # power of two >= K-1: width of the final-state tile
+    HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    SILU: tl.constexpr,
+    X_ALIGN_C: tl.constexpr,
+    X_ALIGN_L: tl.constexpr,
+    Y_ALIGN_C: tl.constexpr,
+    Y_ALIGN_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    # Grid (cdiv(L, BLOCK_L) + 1, cdiv(C, BLOCK_C), B). Along axis 0, the first programs compute
+    # tiles of y, the last one the final state.
+    stride_xc = stride_xc * X_ALIGN_C
+    stride_xl = stride_xl * X_ALIGN_L
+    stride_yc = stride_yc * Y_ALIGN_C
+    stride_yl = stride_yl * Y_ALIGN_L
+    pid_l = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    n_ltiles = tl.cdiv(L, BLOCK_L)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask_c = offs_c < C
+    offs_c64 = offs_c.to(tl.int64)
+    x_rows = x_ptr + pid_b * stride_xb + offs_c64 * stride_xc  # [BLOCK_C]
+    if pid_l < n_ltiles:
+        _conv_tile(
+            x_rows, offs_c64, mask_c, pid_l, pid_b,
+            w_ptr, bias_ptr, init_ptr, y_ptr,
+            L,
+            stride_xl, stride_wc, stride_wk, stride_ib, stride_ic, stride_ik,
+            stride_yb, stride_yc, stride_yl,
+            K, HAS_BIAS, HAS_INIT, SILU, BLOCK_C, BLOCK_L,
         )
+    else:
+        _final_state(
+            x_rows, offs_c64, mask_c, pid_b,
+            init_ptr, final_ptr,
+            L,
+            stride_xl, stride_ib, stride_ic, stride_ik, stride_fb, stride_fc, stride_fk,
+            K, KP, HAS_INIT,
+        )
+
+
+@jit
+def _causal_conv1d_update_kernel(
+    x_ptr,  # [B, C]
+    state_ptr,  # [B, C, K-1], updated in place
+    w_ptr,  # [C, K]
+    bias_ptr,  # [C] (read if HAS_BIAS)
+    y_ptr,  # [B, C]
+    C,
+    stride_xb, stride_xc,
+    stride_sb, stride_sc, stride_sk,
+    stride_wc, stride_wk,
+    stride_yb, stride_yc,
+    K: tl.constexpr,
+    KP: tl.constexpr,  # power of two >= K: width of the window tile
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # window = [state[0], ..., state[K-2], x]; y = act(bias + <weight, window>); the new state is
+    # window[1:], read as a second (shifted) load. The compiler may give loads and stores different
+    # thread layouts, so a barrier separates every read of conv_state from the first write.
+    pid_c = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask_c = offs_c < C
+    offs_c64 = offs_c.to(tl.int64)
+    offs_j = tl.arange(0, KP)  # [KP] window column
+    state_rows = state_ptr + pid_b * stride_sb + offs_c64 * stride_sc  # [BLOCK_C]
+
+    x = tl.load(x_ptr + pid_b * stride_xb + offs_c64 * stride_xc, mask=mask_c, other=0.0)  # [BLOCK_C]
+    in_state = offs_j < K - 1
+    window = tl.load(
+        state_rows[:, None] + offs_j[None, :] * stride_sk, mask=mask_c[:, None] & in_state[None, :], other=0.0
+    )  # [BLOCK_C, KP]
+    window = tl.where(in_state[None, :], window, x[:, None])  # columns >= K are zero-weighted below
+    shifted_in_state = offs_j + 1 < K - 1
+    shifted = tl.load(
+        state_rows[:, None] + (offs_j + 1)[None, :] * stride_sk,
+        mask=mask_c[:, None] & shifted_in_state[None, :],
+        other=0.0,
+    )
+    new_state = tl.where(shifted_in_state[None, :], shifted, x[:, None])  # [BLOCK_C, KP] window[:, 1:]
+
+    w = tl.load(
+        w_ptr + offs_c64[:, None] * stride_wc + offs_j[None, :] * stride_wk,
+        mask=mask_c[:, None] & (offs_j < K)[None, :],
+        other=0.0,
+    ).to(tl.float32)  # [BLOCK_C, KP]
+    acc = tl.sum(w * window.to(tl.float32), axis=1)  # [BLOCK_C]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c64, mask=mask_c, other=0.0).to(tl.float32)
+    if SILU:
+        acc = silu(acc)
+    tl.store(y_ptr + pid_b * stride_yb + offs_c64 * stride_yc, acc.to(y_ptr.dtype.element_ty), mask=mask_c)
+    tl.debug_barrier()  # all reads of conv_state before any write
+    tl.store(
+        state_rows[:, None] + offs_j[None, :] * stride_sk,
+        new_state.to(state_ptr.dtype.element_ty),
+        mask=mask_c[:, None] & in_state[None, :],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +366,6 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------
 _MAX_WIDTH = 8  # any K in 1.._MAX_WIDTH compiles; Mamba uses K = 4
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
-
 
 
 def _fwd_config(channel_first: bool, channels: int, length: int) -> tuple[int, int, int]:
@@ -510,6 +392,18 @@ def _alignment_hint(stride: int) -> int:
     if stride == 1 or stride % 16 == 0:
         return 1
     return min(stride & -stride, 8)
+
+
+def _check_weight(weight: torch.Tensor, bias: torch.Tensor | None, channels: int) -> int:
+    """Checks weight [C, K] (K within the compiled range) and bias [C]; returns K."""
+    if weight.dim() != 2 or weight.shape[0] != channels:
+        raise ValueError(f"weight must be [C={channels}, K], got {tuple(weight.shape)}")
+    width = weight.shape[1]
+    if not 1 <= width <= _MAX_WIDTH:
+        raise ValueError(f"conv width K must be in 1..{_MAX_WIDTH}, got weight {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (channels,):
+        raise ValueError(f"bias must be [C={channels}], got {tuple(bias.shape)}")
+    return width
 
 
 def _check_same_device(device, **tensors):
@@ -539,61 +433,32 @@ def causal_conv1d(
     x: torch.Tensor,  # [B, C, L]
     weight: torch.Tensor,  # [C, K]
     bias: torch.Tensor | None = None,  # [C]
-    initial_state: torch.Tensor | None = None,  # [B, C, K-1] ([S, C, K-1] with cu_seqlens)
+    initial_state: torch.Tensor | None = None,  # [B, C, K-1]
     activation: str | None = "silu",
     *,
-    seq_idx: torch.Tensor | None = None,  # [B, L]
-    cu_seqlens: torch.Tensor | None = None,  # [S+1]
     out: torch.Tensor | None = None,  # [B, C, L]
-    final_state_out: torch.Tensor | None = None,  # [B or S, C, K-1]
+    final_state_out: torch.Tensor | None = None,  # [B, C, K-1]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``causal_conv1d_ref`` (same arguments and results).
 
     ``x`` may have any strides (see the module docstring); ``y`` is allocated channel-last when
-    ``x`` is (``x.stride(1) == 1``), channel-first otherwise. No host synchronisation: with
-    ``cu_seqlens`` the kernel trusts its contents (non-decreasing, from 0 to L) and, if ``seq_idx``
-    is given too, does not read it.
+    ``x`` is (``x.stride(1) == 1``), channel-first otherwise. No host synchronisation, no autotuning.
     """
     require_triton("causal_conv1d")
     _check_activation(activation)
     if x.dim() != 3:
         raise ValueError(f"x must be [B, C, L], got {tuple(x.shape)}")
     batch, channels, length = x.shape
-    if weight.dim() != 2 or weight.shape[0] != channels:
-        raise ValueError(f"weight must be [C={channels}, K], got {tuple(weight.shape)}")
-    width = weight.shape[1]
-    if not 1 <= width <= _MAX_WIDTH:
-        raise ValueError(f"conv width K must be in 1..{_MAX_WIDTH}, got weight {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (channels,):
-        raise ValueError(f"bias must be [C={channels}], got {tuple(bias.shape)}")
+    width = _check_weight(weight, bias, channels)
     _check_same_device(
-        x.device, weight=weight, bias=bias, initial_state=initial_state, seq_idx=seq_idx,
-        cu_seqlens=cu_seqlens, out=out, final_state_out=final_state_out,
+        x.device, weight=weight, bias=bias, initial_state=initial_state, out=out, final_state_out=final_state_out
     )
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens must be an int32/int64 [S+1] tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        if batch != 1:
-            raise ValueError(f"with cu_seqlens, x must hold one packed row (B = 1), got x {tuple(x.shape)}")
-        n_rows = cu_seqlens.shape[0] - 1
-        varlen = _CU_SEQLENS.value
-    else:
-        n_rows = batch
-        varlen = _PLAIN.value
-    if seq_idx is not None:
-        if tuple(seq_idx.shape) != (batch, length) or seq_idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"seq_idx must be an int32/int64 [B, L] = {(batch, length)} tensor, got {seq_idx.dtype} {tuple(seq_idx.shape)}")
-        if cu_seqlens is None:
-            varlen = _SEQ_IDX.value
-    state_shape = (n_rows, channels, width - 1)
+    state_shape = (batch, channels, width - 1)
     if initial_state is not None and tuple(initial_state.shape) != state_shape:
-        raise ValueError(
-            f"initial_state must be [{'S' if cu_seqlens is not None else 'B'}, C, K-1] = {state_shape}, "
-            f"got {tuple(initial_state.shape)}"
-        )
+        raise ValueError(f"initial_state must be [B, C, K-1] = {state_shape}, got {tuple(initial_state.shape)}")
     if initial_state is not None and initial_state.dtype != x.dtype:
         initial_state = initial_state.to(x.dtype)  # as the reference does (a small copy, no sync)
-    if length == 0 and cu_seqlens is None:
+    if length == 0:
         raise ValueError(f"x must have at least one position, got {tuple(x.shape)}")
     if batch > _MAX_GRID_YZ:
         raise ValueError(f"batch {batch} exceeds the kernel's grid limit {_MAX_GRID_YZ}")
@@ -601,13 +466,13 @@ def causal_conv1d(
     channel_first = length > 1 and x.stride(2) == 1
     if out is None:
         if channel_first:
-            out = torch.empty(batch, channels, length, device=x.device, dtype=x.dtype)
+            out = new_output((batch, channels, length), x.dtype, x.device)
         else:
-            out = torch.empty(batch, length, channels, device=x.device, dtype=x.dtype).transpose(1, 2)
+            out = new_output((batch, length, channels), x.dtype, x.device).transpose(1, 2)
     elif tuple(out.shape) != (batch, channels, length) or out.dtype != x.dtype:
         raise ValueError(f"out must be {x.dtype} [B, C, L] = {(batch, channels, length)}, got {out.dtype} {tuple(out.shape)}")
     if final_state_out is None:
-        final_state_out = torch.empty(state_shape, device=x.device, dtype=x.dtype)
+        final_state_out = new_output(state_shape, x.dtype, x.device)
     elif tuple(final_state_out.shape) != state_shape or final_state_out.dtype != x.dtype:
         raise ValueError(
             f"final_state_out must be {x.dtype} {state_shape}, got {final_state_out.dtype} {tuple(final_state_out.shape)}"
@@ -621,30 +486,24 @@ def causal_conv1d(
     n_ctiles = triton.cdiv(channels, block_c)
     if n_ctiles > _MAX_GRID_YZ:
         raise ValueError(f"C={channels} needs {n_ctiles} channel blocks, over the grid limit {_MAX_GRID_YZ}")
-    n_final = n_rows if varlen == _CU_SEQLENS.value else 1
-    grid = (triton.cdiv(length, block_l) + n_final, n_ctiles, batch)
+    grid = (triton.cdiv(length, block_l) + 1, n_ctiles, batch)  # the last program along axis 0: final state
     init = initial_state if initial_state is not None else final_state_out  # placeholder pointer when absent
     init_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
-    sidx = seq_idx if seq_idx is not None else x
-    sidx_strides = seq_idx.stride() if seq_idx is not None else (0, 0)
     x_align_c, x_align_l = _alignment_hint(x.stride(1)), _alignment_hint(x.stride(2))
     y_align_c, y_align_l = _alignment_hint(out.stride(1)), _alignment_hint(out.stride(2))
     _causal_conv1d_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, init, out, final_state_out,
-        cu_seqlens if cu_seqlens is not None else x, sidx,
-        channels, length, n_rows, max(n_rows - 1, 0).bit_length(),
+        channels, length,
         x.stride(0), x.stride(1) // x_align_c, x.stride(2) // x_align_l,
         *weight.stride(),
         *init_strides,
         out.stride(0), out.stride(1) // y_align_c, out.stride(2) // y_align_l,
         *final_state_out.stride(),
-        *sidx_strides,
         K=width,
         KP=triton.next_power_of_2(max(width - 1, 1)),
         HAS_BIAS=bias is not None,
         HAS_INIT=initial_state is not None,
         SILU=activation is not None,
-        VARLEN=varlen,
         X_ALIGN_C=x_align_c,
         X_ALIGN_L=x_align_l,
         Y_ALIGN_C=y_align_c,
@@ -675,20 +534,14 @@ def causal_conv1d_update(
     if x.dim() != 2:
         raise ValueError(f"x must be [B, C], got {tuple(x.shape)}")
     batch, channels = x.shape
-    if weight.dim() != 2 or weight.shape[0] != channels:
-        raise ValueError(f"weight must be [C={channels}, K], got {tuple(weight.shape)}")
-    width = weight.shape[1]
-    if not 1 <= width <= _MAX_WIDTH:
-        raise ValueError(f"conv width K must be in 1..{_MAX_WIDTH}, got weight {tuple(weight.shape)}")
+    width = _check_weight(weight, bias, channels)
     if tuple(conv_state.shape) != (batch, channels, width - 1):
         raise ValueError(f"conv_state must be [B, C, K-1] = {(batch, channels, width - 1)}, got {tuple(conv_state.shape)}")
-    if bias is not None and tuple(bias.shape) != (channels,):
-        raise ValueError(f"bias must be [C={channels}], got {tuple(bias.shape)}")
     _check_same_device(x.device, conv_state=conv_state, weight=weight, bias=bias, out=out)
     if batch > _MAX_GRID_YZ:
         raise ValueError(f"batch {batch} exceeds the kernel's grid limit {_MAX_GRID_YZ}")
     if out is None:
-        out = torch.empty(batch, channels, device=x.device, dtype=x.dtype)
+        out = new_output((batch, channels), x.dtype, x.device)
     elif tuple(out.shape) != (batch, channels) or out.dtype != x.dtype:
         raise ValueError(f"out must be {x.dtype} [B, C] = {(batch, channels)}, got {out.dtype} {tuple(out.shape)}")
 

@@ -26,12 +26,10 @@ rows are bound by the tensor cores, the narrow ones (x_proj, N = 80 or 192; dt_p
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from ._triton import require_triton, tl, triton
+from .utils import dot_acc, jit, new_output, require_triton, tl, triton
 
 
 def linear_ref(
@@ -43,6 +41,10 @@ def linear_ref(
     return F.linear(x, weight, bias)
 
 
+# The reference of ``linear_step`` (the few-row products of decoding steps) is that of ``linear``.
+linear_step_ref = linear_ref
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------
@@ -52,88 +54,67 @@ def linear_ref(
 # are read as copies of valid ones (index modulo M or N, so the loads need no mask) and never
 # stored; only the last K step of a K that is not a multiple of BLOCK_K is masked (zeros, which
 # add nothing). Programs are numbered in groups of GROUP_M row blocks, so that programs that run
-# together share W's and x's tiles in L2 (Triton tutorial 03).
+# together share W's and x's tiles in L2 (Triton tutorial 03). Under Triton's CPU interpreter,
+# ``dot_acc`` forms the products so that a row's bits do not depend on where it sits in the tile
+# there either (``utils``).
 
-# Triton's CPU interpreter runs tl.dot as numpy's matmul, which multiplies 16-bit floats as raw
-# integers and, through BLAS, rounds a row's sum differently depending on where the row sits in
-# the tile. Under the interpreter the kernel therefore forms each product tile as broadcast
-# products summed over k (operands widened to fp32, exact for 16-bit values): the same bits for a
-# row wherever it sits, as on the GPU's tensor cores.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-if triton is not None:
+@jit(do_not_specialize=["M", "M_INNER"])  # row counts vary per call: one compiled variant
+def _linear_fwd_kernel(
+    x_ptr,  # [M, K], row m at (m // M_INNER) * stride_x_outer + (m % M_INNER) * stride_x_inner
+    w_ptr,  # [N, K]
+    b_ptr,  # [N] (read if HAS_BIAS)
+    y_ptr,  # [M, N], rows stride_y_m apart, unit column stride
+    M, N, K, M_INNER,
+    stride_x_outer, stride_x_inner, stride_x_k,
+    stride_w_n, stride_w_k,
+    stride_y_m,
+    TWO_LEVEL: tl.constexpr,  # rows of x are (outer, inner) pairs, not one stride apart
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no mask on the K steps
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_blocks_m = tl.cdiv(M, BLOCK_M)
+    n_blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(n_blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
 
-    @triton.jit
-    def _interpreted_dot(a, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """a [BM, BK] @ b [BK, BN] in fp32 as broadcast products summed over k, the same way for
-        every row. The even and odd k go in two halves: the interpreter caps a tensor at 2^20
-        elements, and a [128, 64, 256] product would hold 2^21."""
-        a_even, a_odd = tl.split(tl.reshape(a.to(tl.float32), (BLOCK_M, BLOCK_K // 2, 2)))  # [BM, BK/2]
-        b_even, b_odd = tl.split(tl.reshape(tl.trans(b.to(tl.float32)), (BLOCK_N, BLOCK_K // 2, 2)))  # [BN, BK/2]
-        even = tl.sum(a_even[:, :, None] * tl.trans(b_even)[None, :, :], axis=1)  # [BM, BN]
-        odd = tl.sum(a_odd[:, :, None] * tl.trans(b_odd)[None, :, :], axis=1)
-        return even + odd
+    offs_m = (pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # [BM] (past M: a valid row)
+    offs_n = (pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # [BN]
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+    if TWO_LEVEL:
+        x_rows = (offs_m // M_INNER) * stride_x_outer + (offs_m % M_INNER) * stride_x_inner
+    else:
+        x_rows = offs_m * stride_x_inner
+    x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * stride_x_k  # [BM, BK]
+    w_ptrs = w_ptr + offs_n[None, :] * stride_w_n + offs_k[:, None] * stride_w_k  # [BK, BN]
 
-    @triton.jit(do_not_specialize=["M", "M_INNER"])  # row counts vary per call: one compiled variant
-    def _linear_fwd_kernel(
-        x_ptr,  # [M, K], row m at (m // M_INNER) * stride_x_outer + (m % M_INNER) * stride_x_inner
-        w_ptr,  # [N, K]
-        b_ptr,  # [N] (read if HAS_BIAS)
-        y_ptr,  # [M, N], rows stride_y_m apart, unit column stride
-        M, N, K, M_INNER,
-        stride_x_outer, stride_x_inner, stride_x_k,
-        stride_w_n, stride_w_k,
-        stride_y_m,
-        TWO_LEVEL: tl.constexpr,  # rows of x are (outer, inner) pairs, not one stride apart
-        HAS_BIAS: tl.constexpr,
-        EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no mask on the K steps
-        INTERPRETED: tl.constexpr,  # Triton's interpreter: no tl.dot (see _INTERPRETED)
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        n_blocks_m = tl.cdiv(M, BLOCK_M)
-        n_blocks_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * n_blocks_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = tl.minimum(n_blocks_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
-
-        offs_m = (pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # [BM] (past M: a valid row)
-        offs_n = (pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # [BN]
-        offs_k = tl.arange(0, BLOCK_K)  # [BK]
-        if TWO_LEVEL:
-            x_rows = (offs_m // M_INNER) * stride_x_outer + (offs_m % M_INNER) * stride_x_inner
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
         else:
-            x_rows = offs_m * stride_x_inner
-        x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * stride_x_k  # [BM, BK]
-        w_ptrs = w_ptr + offs_n[None, :] * stride_w_n + offs_k[:, None] * stride_w_k  # [BK, BN]
+            k_left = K - i * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = dot_acc(acc, a, b, "ieee")  # "ieee" only matters for fp32 operands
+        x_ptrs += BLOCK_K * stride_x_k
+        w_ptrs += BLOCK_K * stride_w_k
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for i in range(tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(x_ptrs)
-                b = tl.load(w_ptrs)
-            else:
-                k_left = K - i * BLOCK_K
-                a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            if INTERPRETED:
-                acc += _interpreted_dot(a, b, BLOCK_M, BLOCK_N, BLOCK_K)
-            else:
-                acc = tl.dot(a, b, acc, input_precision="ieee")  # "ieee" only matters for fp32 operands
-            x_ptrs += BLOCK_K * stride_x_k
-            w_ptrs += BLOCK_K * stride_w_k
-
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
-        out_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] unwrapped, for the store mask
-        out_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        tl.store(
-            y_ptr + out_m[:, None] * stride_y_m + out_n[None, :],
-            acc.to(y_ptr.dtype.element_ty),
-            mask=(out_m[:, None] < M) & (out_n[None, :] < N),
-        )
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
+    out_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] unwrapped, for the store mask
+    out_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    tl.store(
+        y_ptr + out_m[:, None] * stride_y_m + out_n[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(out_m[:, None] < M) & (out_n[None, :] < N),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,11 +122,6 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The one allocation point of the wrapper's output (the tests fill it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _fit_block(size: int, candidates: tuple[int, ...]) -> int:
@@ -268,10 +244,6 @@ def linear_step(
     return _linear(x, weight, bias, _step_config, "linear_step")
 
 
-# The reference of ``linear_step`` is that of ``linear``: ``F.linear``.
-linear_step_ref = linear_ref
-
-
 def _linear(x, weight, bias, config, op: str) -> torch.Tensor:
     """``linear`` / ``linear_step`` with the launch configuration ``config(n, k, dtype, hip)``."""
     require_triton(op)
@@ -290,7 +262,7 @@ def _linear(x, weight, bias, config, op: str) -> torch.Tensor:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
     cfg = config(n, k, x.dtype, hip=x.is_cuda and torch.version.hip is not None)
-    y = _new_output((*x.shape[:-1], n), x.dtype, x.device)
+    y = new_output((*x.shape[:-1], n), x.dtype, x.device)
     m = y.numel() // n if n else 0
     if m == 0 or n == 0:
         return y
@@ -307,7 +279,6 @@ def _linear(x, weight, bias, config, op: str) -> torch.Tensor:
         weight.stride(0), weight.stride(1),
         n,
         TWO_LEVEL=m_inner < m, HAS_BIAS=bias is not None, EVEN_K=k % cfg["block_k"] == 0,
-        INTERPRETED=_INTERPRETED,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

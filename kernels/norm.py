@@ -1,6 +1,7 @@
 """Normalisation layers of the Mamba blocks.
 
-``add_rmsnorm_ref``: the pre-norm residual step of every block (mamba_ssm's fused add + norm)::
+``add_rmsnorm_ref``: the pre-norm residual step of every block (mamba_ssm's fused add + norm;
+RMSNorm is Zhang & Sennrich 2019)::
 
     r   = x + residual                  (residual = None at the first block: r = x)
     out = r / sqrt(mean(r^2) + eps) * weight (+ bias)                       RMSNorm (is_rms=True)
@@ -34,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton import require_triton, tl, triton
+from .utils import jit, new_output, require_triton, tl, triton
 
 
 def weightless_rmsnorm_ref(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -114,75 +115,64 @@ _ELEMS_PER_PROGRAM = 4096
 _MIN_PROGRAMS = 1024
 
 
-if triton is not None:
-
-    @triton.jit(do_not_specialize=["M"])  # the row count varies per call: one compiled variant
-    def _add_rmsnorm_fwd_kernel(
-        X,  # [M, N]
-        RES,  # [M, N] (unused unless HAS_RESIDUAL)
-        W,  # [N]
-        BIAS,  # [N] (unused unless HAS_BIAS)
-        OUT,  # [M, N]
-        RES_OUT,  # [M, N] (unused unless STORE_RESIDUAL); may be the same memory as RES
-        M,
-        N,
-        stride_x_row,
-        stride_res_row,
-        stride_out_row,
-        stride_res_out_row,
-        eps,
-        ALIGN: tl.constexpr,  # the row strides are these values times ALIGN
-        VEC: tl.constexpr,  # elements per 16-byte access of the widest dtype
-        IS_RMS: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        STORE_RESIDUAL: tl.constexpr,
-        ROWS: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        SINGLE_PASS: tl.constexpr,
-    ):
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
-        row_mask = rows < M
-        cols = tl.max_contiguous(tl.arange(0, BLOCK_N), VEC)  # [BLOCK_N]
-        x_ptrs = X + rows[:, None] * (stride_x_row * ALIGN)  # [ROWS, 1]
-        res_ptrs = RES + rows[:, None] * (stride_res_row * ALIGN)
-        out_ptrs = OUT + rows[:, None] * (stride_out_row * ALIGN)
-        res_out_ptrs = RES_OUT + rows[:, None] * (stride_res_out_row * ALIGN)
-        if SINGLE_PASS:
-            col_mask = cols < N
-            mask = row_mask[:, None] & col_mask[None, :]  # [ROWS, BLOCK_N]
-            r = tl.load(x_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r += tl.load(res_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if STORE_RESIDUAL:
-                tl.store(res_out_ptrs + cols[None, :], r.to(RES_OUT.dtype.element_ty), mask=mask)
-            if IS_RMS:
-                rstd = tl.rsqrt(tl.sum(r * r, axis=1) / N + eps)  # [ROWS]
-                r_hat = r * rstd[:, None]
-            else:
-                mean = tl.sum(r, axis=1) / N
-                centred = tl.where(mask, r - mean[:, None], 0.0)
-                rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / N + eps)
-                r_hat = centred * rstd[:, None]
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-            out = r_hat * w[None, :]
-            if HAS_BIAS:
-                out += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptrs + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+@jit(do_not_specialize=["M"])  # the row count varies per call: one compiled variant
+def _add_rmsnorm_fwd_kernel(
+    X,  # [M, N]
+    RES,  # [M, N] (unused unless HAS_RESIDUAL)
+    W,  # [N]
+    BIAS,  # [N] (unused unless HAS_BIAS)
+    OUT,  # [M, N]
+    RES_OUT,  # [M, N] (unused unless STORE_RESIDUAL); may be the same memory as RES
+    M,
+    N,
+    stride_x_row,
+    stride_res_row,
+    stride_out_row,
+    stride_res_out_row,
+    eps,
+    ALIGN: tl.constexpr,  # the row strides are these values times ALIGN
+    VEC: tl.constexpr,  # elements per 16-byte access of the widest dtype
+    IS_RMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_RESIDUAL: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    row_mask = rows < M
+    cols = tl.max_contiguous(tl.arange(0, BLOCK_N), VEC)  # [BLOCK_N]
+    x_ptrs = X + rows[:, None] * (stride_x_row * ALIGN)  # [ROWS, 1]
+    res_ptrs = RES + rows[:, None] * (stride_res_row * ALIGN)
+    out_ptrs = OUT + rows[:, None] * (stride_out_row * ALIGN)
+    res_out_ptrs = RES_OUT + rows[:, None] * (stride_res_out_row * ALIGN)
+    if SINGLE_PASS:
+        col_mask = cols < N
+        mask = row_mask[:, None] & col_mask[None, :]  # [ROWS, BLOCK_N]
+        r = tl.load(x_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r += tl.load(res_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if STORE_RESIDUAL:
+            tl.store(res_out_ptrs + cols[None, :], r.to(RES_OUT.dtype.element_ty), mask=mask)
+        if IS_RMS:
+            rstd = tl.rsqrt(tl.sum(r * r, axis=1) / N + eps)  # [ROWS]
+            r_hat = r * rstd[:, None]
         else:
-            # The row does not fit in registers: accumulate the statistics block by block (the mean
-            # first for LayerNorm, then the centred second moment), then normalise in a last pass.
-            mean = tl.zeros([ROWS], dtype=tl.float32)
-            if not IS_RMS:
-                acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-                for start in range(0, N, BLOCK_N):
-                    c = start + cols
-                    mask = row_mask[:, None] & (c < N)[None, :]
-                    r = tl.load(x_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                    if HAS_RESIDUAL:
-                        r += tl.load(res_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                    acc += r
-                mean = tl.sum(acc, axis=1) / N
+            mean = tl.sum(r, axis=1) / N
+            centred = tl.where(mask, r - mean[:, None], 0.0)
+            rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / N + eps)
+            r_hat = centred * rstd[:, None]
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        out = r_hat * w[None, :]
+        if HAS_BIAS:
+            out += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        # The row does not fit in registers: accumulate the statistics block by block (the mean
+        # first for LayerNorm, then the centred second moment), then normalise in a last pass.
+        mean = tl.zeros([ROWS], dtype=tl.float32)
+        if not IS_RMS:
             acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
                 c = start + cols
@@ -190,80 +180,89 @@ if triton is not None:
                 r = tl.load(x_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
                 if HAS_RESIDUAL:
                     r += tl.load(res_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                centred = tl.where(mask, r - mean[:, None], 0.0)
-                acc += centred * centred
-            rstd = tl.rsqrt(tl.sum(acc, axis=1) / N + eps)
-            for start in range(0, N, BLOCK_N):
-                c = start + cols
-                col_mask = c < N
-                mask = row_mask[:, None] & col_mask[None, :]
-                r = tl.load(x_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                if HAS_RESIDUAL:
-                    r += tl.load(res_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                # Stored in the last pass only, after every read of this block: RES_OUT may alias RES.
-                if STORE_RESIDUAL:
-                    tl.store(res_out_ptrs + c[None, :], r.to(RES_OUT.dtype.element_ty), mask=mask)
-                w = tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)
-                out = (r - mean[:, None]) * rstd[:, None] * w[None, :]
-                if HAS_BIAS:
-                    out += tl.load(BIAS + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-                tl.store(out_ptrs + c[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+                acc += r
+            mean = tl.sum(acc, axis=1) / N
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c < N)[None, :]
+            r = tl.load(x_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r += tl.load(res_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            centred = tl.where(mask, r - mean[:, None], 0.0)
+            acc += centred * centred
+        rstd = tl.rsqrt(tl.sum(acc, axis=1) / N + eps)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            col_mask = c < N
+            mask = row_mask[:, None] & col_mask[None, :]
+            r = tl.load(x_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r += tl.load(res_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            # Stored in the last pass only, after every read of this block: RES_OUT may alias RES.
+            if STORE_RESIDUAL:
+                tl.store(res_out_ptrs + c[None, :], r.to(RES_OUT.dtype.element_ty), mask=mask)
+            w = tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)
+            out = (r - mean[:, None]) * rstd[:, None] * w[None, :]
+            if HAS_BIAS:
+                out += tl.load(BIAS + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs + c[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
-    @triton.jit(do_not_specialize=["M"])
-    def _gated_rmsnorm_fwd_kernel(
-        Y,  # [M, D]
-        Z,  # [M, D]
-        W,  # [D]
-        OUT,  # [M, D]
-        M,
-        group_size,  # D = groups * group_size; program_id(1) is the group
-        stride_y_row,
-        stride_z_row,
-        stride_out_row,
-        eps,
-        ALIGN: tl.constexpr,  # the row strides are these values times ALIGN
-        VEC: tl.constexpr,  # elements per 16-byte access of the widest dtype
-        ROWS: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        SINGLE_PASS: tl.constexpr,
-    ):
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
-        first_col = tl.program_id(1).to(tl.int64) * group_size
-        row_mask = rows < M
-        cols = tl.max_contiguous(tl.arange(0, BLOCK_N), VEC)  # [BLOCK_N]
-        y_ptrs = Y + rows[:, None] * (stride_y_row * ALIGN) + first_col  # [ROWS, 1]
-        z_ptrs = Z + rows[:, None] * (stride_z_row * ALIGN) + first_col
-        out_ptrs = OUT + rows[:, None] * (stride_out_row * ALIGN) + first_col
-        W += first_col
-        if SINGLE_PASS:
-            col_mask = cols < group_size
-            mask = row_mask[:, None] & col_mask[None, :]  # [ROWS, BLOCK_N]
-            y = tl.load(y_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            v = y * z * tl.sigmoid(z)  # y * silu(z)
-            rstd = tl.rsqrt(tl.sum(v * v, axis=1) / group_size + eps)  # [ROWS]
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptrs + cols[None, :], (v * rstd[:, None] * w[None, :]).to(OUT.dtype.element_ty), mask=mask)
-        else:
-            acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-            for start in range(0, group_size, BLOCK_N):
-                c = start + cols
-                mask = row_mask[:, None] & (c < group_size)[None, :]
-                y = tl.load(y_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                v = y * z * tl.sigmoid(z)
-                acc += v * v
-            rstd = tl.rsqrt(tl.sum(acc, axis=1) / group_size + eps)
-            for start in range(0, group_size, BLOCK_N):
-                c = start + cols
-                col_mask = c < group_size
-                mask = row_mask[:, None] & col_mask[None, :]
-                y = tl.load(y_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)
-                v = y * z * tl.sigmoid(z)
-                tl.store(out_ptrs + c[None, :], (v * rstd[:, None] * w[None, :]).to(OUT.dtype.element_ty), mask=mask)
+@jit(do_not_specialize=["M"])
+def _gated_rmsnorm_fwd_kernel(
+    Y,  # [M, D]
+    Z,  # [M, D]
+    W,  # [D]
+    OUT,  # [M, D]
+    M,
+    group_size,  # D = groups * group_size; program_id(1) is the group
+    stride_y_row,
+    stride_z_row,
+    stride_out_row,
+    eps,
+    ALIGN: tl.constexpr,  # the row strides are these values times ALIGN
+    VEC: tl.constexpr,  # elements per 16-byte access of the widest dtype
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    first_col = tl.program_id(1).to(tl.int64) * group_size
+    row_mask = rows < M
+    cols = tl.max_contiguous(tl.arange(0, BLOCK_N), VEC)  # [BLOCK_N]
+    y_ptrs = Y + rows[:, None] * (stride_y_row * ALIGN) + first_col  # [ROWS, 1]
+    z_ptrs = Z + rows[:, None] * (stride_z_row * ALIGN) + first_col
+    out_ptrs = OUT + rows[:, None] * (stride_out_row * ALIGN) + first_col
+    W += first_col
+    if SINGLE_PASS:
+        col_mask = cols < group_size
+        mask = row_mask[:, None] & col_mask[None, :]  # [ROWS, BLOCK_N]
+        y = tl.load(y_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = y * z * tl.sigmoid(z)  # y * silu(z)
+        rstd = tl.rsqrt(tl.sum(v * v, axis=1) / group_size + eps)  # [ROWS]
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs + cols[None, :], (v * rstd[:, None] * w[None, :]).to(OUT.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        for start in range(0, group_size, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c < group_size)[None, :]
+            y = tl.load(y_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = y * z * tl.sigmoid(z)
+            acc += v * v
+        rstd = tl.rsqrt(tl.sum(acc, axis=1) / group_size + eps)
+        for start in range(0, group_size, BLOCK_N):
+            c = start + cols
+            col_mask = c < group_size
+            mask = row_mask[:, None] & col_mask[None, :]
+            y = tl.load(y_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptrs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)
+            v = y * z * tl.sigmoid(z)
+            tl.store(out_ptrs + c[None, :], (v * rstd[:, None] * w[None, :]).to(OUT.dtype.element_ty), mask=mask)
 
 
 
@@ -375,9 +374,9 @@ def add_rmsnorm(
     elif residual_out is not None:
         raise ValueError("residual_out was given but return_residual=False")
     if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = new_output(x.shape, x.dtype, x.device)
     if return_residual and residual_out is None:
-        residual_out = torch.empty(x.shape, dtype=residual_dtype, device=x.device)
+        residual_out = new_output(x.shape, residual_dtype, x.device)
 
     x2 = _as_rows(x, width)
     res2 = None if residual is None else _as_rows(residual, width)
@@ -432,7 +431,7 @@ def gated_rmsnorm(
         raise ValueError(f"the last dimension {width} is not a multiple of group_size {group_size}")
     _check_out(out, "out", y.shape, y.dtype, y.device)
     if out is None:
-        out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+        out = new_output(y.shape, y.dtype, y.device)
     y2, z2, out2 = _as_rows(y, width), _as_rows(z, width), _as_rows(out, width)
     if out2.data_ptr() != out.data_ptr():
         raise ValueError("out must be viewable as [rows, D] with a unit stride along D")

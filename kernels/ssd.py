@@ -19,13 +19,8 @@ All arithmetic is fp32 (Δ + bias and softplus included); ``y`` is returned in `
 state in fp32. No Δ clamping (mamba_ssm's default ``dt_limit=(0, inf)``). ``ssd_state_update_ref``
 advances ``state`` by one position IN PLACE.
 
-Packed sequences: with batch 1, ``cu_seqlens`` ([S + 1] int32 sequence starts, ending with L) and/or
-``seq_idx`` ([1, L] int32 sequence of each position) mark S sequences concatenated along L. The
-state restarts at each sequence start from ``initial_state[s]`` ([S, H, P, N], zeros when None),
-and the final state of every sequence is returned ([S, H, P, N]).
-
 Triton kernels (``ssd_scan``, ``ssd_state_update``; same signatures as the references, plus
-optional output buffers). ``ssd_scan`` runs one to three kernels:
+optional output buffers). ``ssd_scan`` runs one or two kernels:
 
 1. ``_ssd_chunk_fwd_kernel`` (always): one program per (batch row, segment of ``seg`` chunks, head,
    P block) walks its segment in steps of T = 64 positions with the full [P, N] state in fp32
@@ -38,8 +33,6 @@ optional output buffers). ``ssd_scan`` runs one to three kernels:
    sequences): walks each (batch row, head, P block, N block) along the sequence, stores the state
    entering every segment (in the activation dtype), so that the output programs run in
    parallel over segments.
-3. ``_ssd_varlen_final_state_kernel`` (packed sequences only; then segments are single chunks and
-   the state pass also stores Δ and the cumulative Δ·A of every chunk): the final state of each sequence.
 
 Matrix products run on tensor cores with fp32 accumulation: operands in the activation dtype
 (bf16/fp16 inputs round the carried state, Δ-weighted x and the masked B C^T weights to it, as
@@ -60,24 +53,10 @@ its speed. ``ssd_state_update`` moves ``2*B*H*P*N*4`` bytes of fp32 state.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 
-from ._triton import require_triton, tl, triton
-from .selective_scan import _discretise_dt
-
-# Without Triton the kernels below are plain (never called) functions, so the module still imports.
-_jit = triton.jit if triton is not None else (lambda fn: fn)
-
-
-def _jit_varying(*names: str):
-    """``triton.jit`` that does not specialise on the integer arguments ``names`` (lengths and
-    chunk counts that vary from call to call): one compiled variant instead of one per value
-    class (1, a multiple of 16, other)."""
-    return triton.jit(do_not_specialize=list(names)) if triton is not None else (lambda fn: fn)
+from .utils import discretise_dt, dot, jit, new_output, require_triton, sm_count, softplus_log1p, tl, triton
 
 
 def _check_shapes(x, dt, A, B, C, initial_state):
@@ -124,31 +103,24 @@ def ssd_scan_ref(
     D: torch.Tensor | None = None,  # [H]
     dt_bias: torch.Tensor | None = None,  # [H]
     dt_softplus: bool = True,
-    initial_state: torch.Tensor | None = None,  # [B, H, P, N], or [S, H, P, N] when packed
+    initial_state: torch.Tensor | None = None,  # [B, H, P, N]
     *,
-    cu_seqlens: torch.Tensor | None = None,  # [S + 1] int, packed sequences (B = 1)
-    seq_idx: torch.Tensor | None = None,  # [1, L] int, packed sequences (B = 1)
     batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked SSD algorithm (the paper's Listing 1, vectorised over chunks).
 
     Returns ``(y [B, L, H, P] in x.dtype, final_state [B, H, P, N] fp32)``. L need not be a multiple
     of ``chunk_size``: the tail is padded with Δ = 0 (decay 1, no input), which leaves the state
-    unchanged, and the padded outputs are dropped. Packed sequences (``cu_seqlens`` / ``seq_idx``)
-    are scanned one at a time, and the final state is ``[S, H, P, N]``. ``batch_invariant`` is
-    accepted for the kernel's signature and ignored.
+    unchanged, and the padded outputs are dropped. ``batch_invariant`` is accepted for the
+    kernel's signature and ignored.
     """
-    if cu_seqlens is not None or seq_idx is not None:
-        return _ssd_scan_packed_ref(
-            x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, cu_seqlens, seq_idx
-        )
     _check_shapes(x, dt, A, B, C, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     batch, length, nheads, headdim = x.shape
     heads_per_group = nheads // B.shape[2]
 
-    dt = _discretise_dt(dt, dt_bias, dt_softplus)  # Δ [B, L, H] fp32
+    dt = discretise_dt(dt, dt_bias, dt_softplus)  # Δ [B, L, H] fp32
     xf = x.float()
     X = xf * dt[..., None]  # Δ x                                  [B, L, H, P]
     a = A.float() * dt  # log of the per-step decay, Δ A         [B, L, H]
@@ -194,66 +166,6 @@ def ssd_scan_ref(
     return y.to(x.dtype), final_state
 
 
-def _seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
-    """[1, L] int32 sequence index of each position, from the sequence starts (no host sync)."""
-    positions = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:-1].contiguous(), positions, right=True).to(torch.int32)[None]
-
-
-def _cu_seqlens_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
-    """[S + 1] int32 sequence starts from a non-decreasing [1, L] ``seq_idx`` (one host sync, to learn S)."""
-    nseqs = int(seq_idx[0, -1]) + 1 if seq_idx.shape[1] else 1
-    ids = torch.arange(nseqs + 1, device=seq_idx.device, dtype=seq_idx.dtype)
-    return torch.searchsorted(seq_idx[0].contiguous(), ids).to(torch.int32)
-
-
-def _packed_starts(length: int, cu_seqlens: torch.Tensor | None, seq_idx: torch.Tensor | None) -> list[int]:
-    """The checked sequence starts ``[0, ..., L]`` of a packed batch."""
-    if seq_idx is not None:
-        if seq_idx.shape != (1, length):
-            raise ValueError(f"seq_idx must be [1, L] = (1, {length}), got {tuple(seq_idx.shape)}")
-        ids = seq_idx[0].long()
-        if length and (ids[0] < 0 or (ids.diff() < 0).any()):
-            raise ValueError("seq_idx must be non-negative and non-decreasing along L")
-    if cu_seqlens is None:
-        cu_seqlens = _cu_seqlens_from_seq_idx(seq_idx)
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be [S + 1] with S >= 1, got {tuple(cu_seqlens.shape)}")
-    starts = [int(v) for v in cu_seqlens.tolist()]
-    if starts[0] != 0 or starts[-1] != length or any(b < a for a, b in zip(starts, starts[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to L={length}, got {starts}")
-    if seq_idx is not None and not torch.equal(
-        seq_idx.cpu().int(), _seq_idx_from_cu_seqlens(cu_seqlens.cpu().int(), length)
-    ):
-        raise ValueError("seq_idx and cu_seqlens describe different sequences")
-    return starts
-
-
-def _ssd_scan_packed_ref(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, cu_seqlens, seq_idx):
-    """``ssd_scan_ref`` over packed sequences: one plain scan per sequence."""
-    _check_shapes(x, dt, A, B, C, None)
-    batch, length, nheads, headdim = x.shape
-    if batch != 1:
-        raise ValueError(f"packed sequences (cu_seqlens / seq_idx) need batch size 1, got x {tuple(x.shape)}")
-    starts = _packed_starts(length, cu_seqlens, seq_idx)
-    state_shape = (len(starts) - 1, nheads, headdim, B.shape[-1])
-    if initial_state is not None and initial_state.shape != state_shape:
-        raise ValueError(f"initial_state must be [S, H, P, N] = {state_shape}, got {tuple(initial_state.shape)}")
-    ys, finals = [x[:, :0]], []
-    for s, (start, stop) in enumerate(zip(starts[:-1], starts[1:])):
-        h0 = None if initial_state is None else initial_state[s : s + 1]
-        if stop == start:  # an empty sequence keeps its initial state
-            finals.append(x.new_zeros(1, *state_shape[1:], dtype=torch.float32) if h0 is None else h0.float())
-            continue
-        y, final = ssd_scan_ref(
-            x[:, start:stop], dt[:, start:stop], A, B[:, start:stop], C[:, start:stop], chunk_size, D, dt_bias,
-            dt_softplus, h0,
-        )
-        ys.append(y)
-        finals.append(final)
-    return torch.cat(ys, dim=1), torch.cat(finals, dim=0)
-
-
 def ssd_recurrent_ref(
     x: torch.Tensor,  # [B, L, H, P]
     dt: torch.Tensor,  # [B, L, H]
@@ -269,7 +181,7 @@ def ssd_recurrent_ref(
     _check_shapes(x, dt, A, B, C, initial_state)
     batch, length, nheads, headdim = x.shape
     heads_per_group = nheads // B.shape[2]
-    dt = _discretise_dt(dt, dt_bias, dt_softplus)
+    dt = discretise_dt(dt, dt_bias, dt_softplus)
     xf = x.float()
     Bh = B.float().repeat_interleave(heads_per_group, dim=2)
     Ch = C.float().repeat_interleave(heads_per_group, dim=2)
@@ -307,7 +219,7 @@ def ssd_state_update_ref(
         raise ValueError(f"state must be [B, H, P, N] = {(batch, nheads, headdim, d_state)}, got {tuple(state.shape)}")
     if nheads % ngroups != 0:
         raise ValueError(f"the number of heads H={nheads} must be a multiple of the number of groups G={ngroups}")
-    dt = _discretise_dt(dt, dt_bias, dt_softplus)  # [B, H]
+    dt = discretise_dt(dt, dt_bias, dt_softplus)  # [B, H]
     xf = x.float()
     Bh = B.float().repeat_interleave(nheads // ngroups, dim=1)[:, :, None, :]  # [B, H, 1, N]
     Ch = C.float().repeat_interleave(nheads // ngroups, dim=1)[:, :, None, :]  # [B, H, 1, N]
@@ -324,50 +236,26 @@ def ssd_state_update_ref(
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 
-# Triton's CPU interpreter (TRITON_INTERPRET=1) multiplies 16-bit floats as raw integers in tl.dot;
-# there the operands, already rounded to their 16-bit type as on the GPU, are widened to fp32 first.
-_WIDEN_DOT_OPERANDS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1") if tl else False
 
-
-@_jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr):
-    """a @ b accumulated in fp32; with DOT_PRECISION "ieee", fp32 operands multiply in full precision."""
-    if _WIDEN_DOT_OPERANDS:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
-
-
-@_jit
-def _softplus(v):
-    """softplus in fp32 as torch computes it: log1p(exp(v)), and v itself above 20."""
-    u = tl.exp(tl.minimum(v, 20.0))
-    w = 1.0 + u
-    lp = tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))  # log1p(u), exact for tiny u too
-    return tl.where(v > 20.0, v, lp)
-
-
-@_jit_varying("L", "nchunks", "n_steps", "store_every")
+@jit(do_not_specialize=["L", "nchunks", "n_steps", "store_every"])
 def _ssd_state_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, h0_ptr, cu_ptr, seq_idx_ptr,  # inputs
-    dacs_ptr, dtsp_ptr, states_ptr,  # outputs
+    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, h0_ptr,  # inputs
+    states_ptr,  # output
     L, H, P, N, Q, nchunks, n_steps, store_every, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_l, stride_dt_h,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_h0_s, stride_h0_h, stride_h0_p, stride_h0_n,
-    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    WRITE_DT: tl.constexpr, NSUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr,
+    NSUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Carry the state of one (batch row, head, P block, N block) along the first n_steps / NSUB chunks.
 
     Each step takes BLOCK_T positions of one chunk (NSUB steps per chunk):
-    ``S <- exp(Σ Δ·A) S + Σ_t exp(Δ·A summed after t) Δ_t x_t ⊗ B_t``, restarting from the initial
-    state where a packed sequence starts. At the end of chunk c, when ``c + 1`` is a multiple of
-    ``store_every``, S (the state of the sequence of the chunk's last position) goes to
-    ``states[b, c]``. With WRITE_DT, programs of the first P/N block also store Δ and the
-    cumulative sum of Δ·A from the chunk start (``dtsp``, ``dacs``: packed sequences need them).
+    ``S <- exp(Σ Δ·A) S + Σ_t exp(Δ·A summed after t) Δ_t x_t ⊗ B_t``, starting from the initial
+    state at position 0. At the end of chunk c, when ``c + 1`` is a multiple of ``store_every``,
+    S goes to ``states[b, c]``.
     """
     pid = tl.program_id(0).to(tl.int64)
     n_pblocks = tl.cdiv(P, BLOCK_P)
@@ -383,17 +271,13 @@ def _ssd_state_fwd_kernel(
     x_ptr += pid_b * stride_x_b + pid_h * stride_x_h
     dt_ptr += pid_b * stride_dt_b + pid_h * stride_dt_h
     B_ptr += pid_b * stride_B_b + pid_g * stride_B_g
-    dacs_ptr += pid_bh * nchunks * Q  # [B, H, nchunks, Q]
-    dtsp_ptr += pid_bh * nchunks * Q  # [B, H, nchunks, Q]
     states_ptr += (pid_b * (nchunks - 1) * H + pid_h) * P * N  # [B, nchunks - 1, H, P, N]
     A = tl.load(A_ptr + pid_h).to(tl.float32)
     if HAS_DT_BIAS:
         dt_bias = tl.load(dt_bias_ptr + pid_h).to(tl.float32)
     dot_dtype = x_ptr.dtype.element_ty
-    q_store = tl.where(pid_pn == 0, Q, 0)  # only the first P/N block stores Δ and Σ Δ·A
 
     state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # S[p, n]
-    s_prefix = 0.0  # Σ Δ·A from the chunk start to the current step
     for i in range(n_steps):
         c = i // NSUB
         sub = i % NSUB
@@ -406,27 +290,14 @@ def _ssd_state_fwd_kernel(
         if HAS_DT_BIAS:
             dt += dt_bias
         if DT_SOFTPLUS:
-            dt = _softplus(dt)
+            dt = softplus_log1p(dt)
         dt = tl.where(valid, dt, 0.0)  # Δ
         dA = dt * A
         cs = tl.cumsum(dA, axis=0)  # Σ Δ·A from the step start
         total = tl.sum(dA, axis=0)
-        if WRITE_DT:
-            s_prefix = tl.where(sub == 0, 0.0, s_prefix)
-            tl.store(dacs_ptr + c * Q + offs_q, s_prefix + cs, mask=offs_q < q_store)
-            tl.store(dtsp_ptr + c * Q + offs_q, dt, mask=offs_q < q_store)
-            s_prefix += total
-
-        # S follows the sequence of the step's last position; earlier positions do not feed it.
-        if IS_VARLEN:
-            step_last = tl.minimum(tl.minimum(step_start + BLOCK_T, c * Q + Q), L) - 1
-            seq = tl.load(seq_idx_ptr + step_last).to(tl.int64)
-            seq_start = tl.load(cu_ptr + seq).to(tl.int64)
-            w = tl.where(valid & (offs_t >= seq_start), tl.exp(total - cs) * dt, 0.0)  # decay to step end, × Δ
-        else:
-            seq = pid_b
-            seq_start = 0
-            w = tl.exp(total - cs) * dt  # 0 where not valid (Δ = 0 there)
+        seq = pid_b
+        seq_start = 0  # the row's first position, where the initial state enters
+        w = tl.exp(total - cs) * dt  # decay to the step end, × Δ: 0 where not valid (Δ = 0 there)
 
         x_t = tl.load(
             x_ptr + offs_t[None, :] * stride_x_l + offs_p[:, None] * stride_x_p,
@@ -436,9 +307,9 @@ def _ssd_state_fwd_kernel(
             B_ptr + offs_t[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
             mask=valid[:, None] & (offs_n[None, :] < N), other=0.0,
         )  # [BLOCK_T, BLOCK_N]
-        update = _dot((x_t * w[None, :]).to(dot_dtype), B_t.to(dot_dtype), DOT_PRECISION)  # [BLOCK_P, BLOCK_N]
+        update = dot((x_t * w[None, :]).to(dot_dtype), B_t.to(dot_dtype), DOT_PRECISION)  # [BLOCK_P, BLOCK_N]
 
-        carried = seq_start < step_start  # the sequence was running before this step
+        carried = seq_start < step_start  # the row was running before this step
         state = tl.where(carried, state * tl.exp(total), 0.0)
         if HAS_H0:
             before = tl.sum(tl.where(offs_t < seq_start, dA, 0.0), axis=0)  # Σ Δ·A before the start
@@ -458,9 +329,9 @@ def _ssd_state_fwd_kernel(
         )
 
 
-@_jit_varying("L", "nchunks", "seg_chunks")
+@jit(do_not_specialize=["L", "nchunks", "seg_chunks"])
 def _ssd_chunk_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, states_ptr, h0_ptr, cu_ptr, seq_idx_ptr,
+    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, states_ptr, h0_ptr,
     y_ptr, final_ptr,
     L, H, P, N, Q, nchunks, seg_chunks, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
@@ -471,7 +342,6 @@ def _ssd_chunk_fwd_kernel(
     stride_y_b, stride_y_l, stride_y_h, stride_y_p,
     stride_f_s, stride_f_h, stride_f_p, stride_f_n,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """y for one (batch row, segment of seg_chunks chunks, head, P block), walking the segment in steps of BLOCK_T.
@@ -483,10 +353,8 @@ def _ssd_chunk_fwd_kernel(
         y_m = exp(s_m) C_m · S + Σ_{k <= m} (B_k · C_m) exp(s_m - s_k) Δ_k x_k + D x_m
         S  <- exp(s_last) S + Σ_k exp(s_last - s_k) Δ_k x_k ⊗ B_k
 
-    (packed sequences: only the positions of one sequence see each other, and a sequence starting
-    inside the step brings its initial state in). Products run transposed, [P, *] on the left, so
-    that every tensor-core product has 64 or more rows. The last segment writes the final state
-    (not for packed sequences: ``_ssd_varlen_final_state_kernel`` does).
+    Products run transposed, [P, *] on the left, so that every tensor-core product has 64 or more
+    rows. The last segment writes the final state.
     """
     pid = tl.program_id(0).to(tl.int64)
     n_pblocks = tl.cdiv(P, BLOCK_P)
@@ -504,7 +372,6 @@ def _ssd_chunk_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     mask_p = offs_p < P
     mask_n = offs_n < N
-    mask_pn = mask_p[:, None] & mask_n[None, :]
 
     x_ptr += pid_b * stride_x_b + pid_h * stride_x_h
     y_ptr += pid_b * stride_y_b + pid_h * stride_y_h
@@ -524,7 +391,7 @@ def _ssd_chunk_fwd_kernel(
         + offs_p[:, None] * N + offs_n[None, :],
         mask=(offs_p[:, None] < tl.where(pid_s > 0, P, 0)) & mask_n[None, :], other=0.0,
     ).to(tl.float32)  # [BLOCK_P, BLOCK_N]
-    if HAS_H0 and not IS_VARLEN:
+    if HAS_H0:
         state += tl.load(
             h0_ptr + pid_b * stride_h0_s + pid_h * stride_h0_h
             + offs_p[:, None] * stride_h0_p + offs_n[None, :] * stride_h0_n,
@@ -540,7 +407,7 @@ def _ssd_chunk_fwd_kernel(
         if HAS_DT_BIAS:
             dt += dt_bias
         if DT_SOFTPLUS:
-            dt = _softplus(dt)
+            dt = softplus_log1p(dt)
         dt = tl.where(valid, dt, 0.0)  # Δ
         dA = dt * A
         cs = tl.cumsum(dA, axis=0)  # Σ Δ·A from the step start, inclusive   [BLOCK_T]
@@ -558,37 +425,17 @@ def _ssd_chunk_fwd_kernel(
             B_ptr + offs_t[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
             mask=valid[:, None] & mask_n[None, :], other=0.0,
         )  # [BLOCK_T, BLOCK_N]
-        cbT = _dot(B_t.to(dot_dtype), C_t.to(dot_dtype), DOT_PRECISION)  # B C^T, transposed: [k, m]
+        cbT = dot(B_t.to(dot_dtype), C_t.to(dot_dtype), DOT_PRECISION)  # B C^T, transposed: [k, m]
 
         # 1. What the state entering the step contributes to y.
-        inflow = _dot(state.to(dot_dtype), C_t.to(dot_dtype), DOT_PRECISION)  # [BLOCK_P, BLOCK_T]
-        if IS_VARLEN:
-            seq_t = tl.load(seq_idx_ptr + offs_t, mask=valid, other=-1)  # [BLOCK_T]
-            seq_prev = tl.load(seq_idx_ptr + t0 - 1, mask=t0 > 0, other=-1)  # the sequence S belongs to
-            seq_first = tl.load(seq_idx_ptr + t0).to(tl.int64)
-            seq_last = tl.load(seq_idx_ptr + tl.minimum(t0 + BLOCK_T, t_end) - 1).to(tl.int64)
-            acc = inflow * tl.exp(tl.where(seq_t == seq_prev, cs, float("-inf")))[None, :]
-            if HAS_H0:  # sequences starting in this step bring their initial state
-                for seq in range(tl.where(seq_first == seq_prev, seq_first + 1, seq_first), seq_last + 1):
-                    seq_start = tl.load(cu_ptr + seq)
-                    before = tl.sum(tl.where(offs_t < seq_start, dA, 0.0), axis=0)
-                    h0 = tl.load(
-                        h0_ptr + seq * stride_h0_s + pid_h * stride_h0_h
-                        + offs_p[:, None] * stride_h0_p + offs_n[None, :] * stride_h0_n,
-                        mask=mask_pn, other=0.0,
-                    )
-                    acc += _dot(h0.to(dot_dtype), C_t.to(dot_dtype), DOT_PRECISION) * tl.exp(
-                        tl.where(seq_t == seq, cs - before, float("-inf"))
-                    )[None, :]
-            keep = causal & (seq_t[:, None] == seq_t[None, :]) & valid[:, None]
-        else:
-            acc = inflow * tl.exp(cs)[None, :]
-            keep = causal & valid[:, None]
+        inflow = dot(state.to(dot_dtype), C_t.to(dot_dtype), DOT_PRECISION)  # [BLOCK_P, BLOCK_T]
+        acc = inflow * tl.exp(cs)[None, :]
+        keep = causal & valid[:, None]
 
         # 2. The step's own inputs: (B C^T ∘ decay)^T weights, k <= m.
         decay = tl.exp(tl.where(keep, cs[None, :] - cs[:, None], float("-inf")))  # [k, m]
         weights = tl.where(keep, cbT * decay * dt[:, None], 0.0)
-        acc += _dot(x_t.to(dot_dtype), weights.to(dot_dtype), DOT_PRECISION)  # [BLOCK_P, BLOCK_T]
+        acc += dot(x_t.to(dot_dtype), weights.to(dot_dtype), DOT_PRECISION)  # [BLOCK_P, BLOCK_T]
         if HAS_D:
             acc += D * x_t.to(tl.float32)
         tl.store(
@@ -596,107 +443,19 @@ def _ssd_chunk_fwd_kernel(
             acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & valid[None, :],
         )
 
-        # 3. The state at the step end (of the sequence of the step's last position).
+        # 3. The state at the step end.
         w = tl.exp(total - cs) * dt  # decay to the step end, × Δ (0 where not valid)
-        if IS_VARLEN:
-            last_start = tl.load(cu_ptr + seq_last).to(tl.int64)
-            w = tl.where(offs_t >= last_start, w, 0.0)
-            carried = last_start < t0
-            state = tl.where(carried, state * tl.exp(total), 0.0)
-            if HAS_H0:
-                before = tl.sum(tl.where(offs_t < last_start, dA, 0.0), axis=0)
-                state += tl.load(
-                    h0_ptr + seq_last * stride_h0_s + pid_h * stride_h0_h
-                    + offs_p[:, None] * stride_h0_p + offs_n[None, :] * stride_h0_n,
-                    mask=(offs_p[:, None] < tl.where(carried, 0, P)) & mask_n[None, :], other=0.0,
-                ).to(tl.float32) * tl.exp(total - before)
-        else:
-            state = state * tl.exp(total)
-        state += _dot((x_t * w[None, :]).to(dot_dtype), B_t.to(dot_dtype), DOT_PRECISION)  # [BLOCK_P, BLOCK_N]
+        state = state * tl.exp(total)
+        state += dot((x_t * w[None, :]).to(dot_dtype), B_t.to(dot_dtype), DOT_PRECISION)  # [BLOCK_P, BLOCK_N]
 
-    if not IS_VARLEN:
-        tl.store(
-            final_ptr + pid_b * stride_f_s + pid_h * stride_f_h
-            + offs_p[:, None] * stride_f_p + offs_n[None, :] * stride_f_n,
-            state, mask=(offs_p[:, None] < tl.where(pid_s == n_segs - 1, P, 0)) & mask_n[None, :],
-        )
-
-
-@_jit_varying("nchunks")
-def _ssd_varlen_final_state_kernel(
-    x_ptr, B_ptr, dacs_ptr, dtsp_ptr, states_ptr, h0_ptr, cu_ptr, final_ptr,
-    H, P, N, Q, nchunks, heads_per_group,
-    stride_x_l, stride_x_h, stride_x_p,
-    stride_B_l, stride_B_g, stride_B_n,
-    stride_h0_s, stride_h0_h, stride_h0_p, stride_h0_n,
-    stride_f_s, stride_f_h, stride_f_p, stride_f_n,
-    HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Final state of packed sequence s (batch row 0), one head, one P/N block: the state it brings
-    into the chunk of its last position, carried through that chunk up to the last position."""
-    pid = tl.program_id(0).to(tl.int64)
-    n_pblocks = tl.cdiv(P, BLOCK_P)
-    n_nblocks = tl.cdiv(N, BLOCK_N)
-    pid_pn = pid % (n_pblocks * n_nblocks)
-    pid_sh = pid // (n_pblocks * n_nblocks)
-    pid_s = pid_sh // H
-    pid_h = pid_sh % H
-    pid_g = pid_h // heads_per_group
-    offs_p = (pid_pn // n_nblocks) * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P]
-    offs_n = (pid_pn % n_nblocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    mask_pn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
-    dot_dtype = x_ptr.dtype.element_ty
-    seq_start = tl.load(cu_ptr + pid_s).to(tl.int64)
-    seq_end = tl.load(cu_ptr + pid_s + 1).to(tl.int64)
-    state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    if HAS_H0:
-        h0 = tl.load(
-            h0_ptr + pid_s * stride_h0_s + pid_h * stride_h0_h
-            + offs_p[:, None] * stride_h0_p + offs_n[None, :] * stride_h0_n,
-            mask=mask_pn, other=0.0,
-        ).to(tl.float32)
-    if seq_end > seq_start:
-        c = (seq_end - 1) // Q
-        c0 = c * Q
-        dacs_ptr += (pid_h * nchunks + c) * Q
-        dtsp_ptr += (pid_h * nchunks + c) * Q
-        s_end = tl.load(dacs_ptr + seq_end - 1 - c0)
-        for t0 in range(tl.maximum(seq_start, c0), seq_end, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-            valid = offs_t < seq_end
-            s_t = tl.load(dacs_ptr + offs_t - c0, mask=valid, other=0.0)
-            dt_t = tl.load(dtsp_ptr + offs_t - c0, mask=valid, other=0.0)
-            w = tl.where(valid, tl.exp(s_end - s_t) * dt_t, 0.0)
-            x_t = tl.load(
-                x_ptr + pid_h * stride_x_h + offs_t[None, :] * stride_x_l + offs_p[:, None] * stride_x_p,
-                mask=valid[None, :] & (offs_p[:, None] < P), other=0.0,
-            )  # [BLOCK_P, BLOCK_T]
-            B_t = tl.load(
-                B_ptr + pid_g * stride_B_g + offs_t[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
-                mask=valid[:, None] & (offs_n[None, :] < N), other=0.0,
-            ).to(tl.float32)  # [BLOCK_T, BLOCK_N]
-            state += _dot(x_t.to(dot_dtype), (B_t * w[:, None]).to(dot_dtype), DOT_PRECISION)
-        carried = seq_start < c0
-        prev = tl.load(
-            states_ptr + (((c - 1) * H + pid_h) * P + offs_p[:, None]) * N + offs_n[None, :],
-            mask=(offs_p[:, None] < tl.where(carried, P, 0)) & (offs_n[None, :] < N), other=0.0,
-        ).to(tl.float32)
-        state += prev * tl.exp(s_end)
-        if HAS_H0:
-            before = tl.load(dacs_ptr + seq_start - c0 - 1, mask=seq_start > c0, other=0.0)
-            state += tl.where(carried, 0.0, h0 * tl.exp(s_end - before))
-    else:
-        if HAS_H0:  # an empty sequence keeps its initial state
-            state = h0
     tl.store(
-        final_ptr + pid_s * stride_f_s + pid_h * stride_f_h
+        final_ptr + pid_b * stride_f_s + pid_h * stride_f_h
         + offs_p[:, None] * stride_f_p + offs_n[None, :] * stride_f_n,
-        state, mask=mask_pn,
+        state, mask=(offs_p[:, None] < tl.where(pid_s == n_segs - 1, P, 0)) & mask_n[None, :],
     )
 
 
-@_jit
+@jit
 def _ssd_state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr,
     H, P, N, heads_per_group,
@@ -733,7 +492,7 @@ def _ssd_state_update_kernel(
     if HAS_DT_BIAS:
         dt += tl.load(dt_bias_ptr + pid_h).to(tl.float32)
     if DT_SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus_log1p(dt)
     A = tl.load(A_ptr + pid_h).to(tl.float32)
     B = tl.load(B_ptr + pid_b * stride_B_b + pid_g * stride_B_g + offs_n * stride_B_n, mask=mask_n, other=0.0)
     C = tl.load(C_ptr + pid_b * stride_C_b + pid_g * stride_C_g + offs_n * stride_C_n, mask=mask_n, other=0.0)
@@ -751,16 +510,8 @@ def _ssd_state_update_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # Triton's CPU interpreter: small, so that tests exercise the split into P and N blocks
 
 
 def ssd_scan(
@@ -773,19 +524,15 @@ def ssd_scan(
     D: torch.Tensor | None = None,  # [H]
     dt_bias: torch.Tensor | None = None,  # [H]
     dt_softplus: bool = True,
-    initial_state: torch.Tensor | None = None,  # [B, H, P, N], or [S, H, P, N] when packed
+    initial_state: torch.Tensor | None = None,  # [B, H, P, N]
     *,
-    cu_seqlens: torch.Tensor | None = None,  # [S + 1] int32, packed sequences (B = 1)
-    seq_idx: torch.Tensor | None = None,  # [1, L] int32, packed sequences (B = 1)
     out: torch.Tensor | None = None,  # [B, L, H, P] x.dtype: written instead of a new y
-    final_state_out: torch.Tensor | None = None,  # [B or S, H, P, N] fp32: written instead of a new one
+    final_state_out: torch.Tensor | None = None,  # [B, H, P, N] fp32: written instead of a new one
     batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``ssd_scan_ref``: returns ``(y [B, L, H, P] in x.dtype, final_state fp32)``.
 
-    Any strides are accepted (contiguous last dimensions load fastest). For packed sequences give
-    ``cu_seqlens`` (and ``seq_idx`` if at hand; from ``seq_idx`` alone, learning S costs one host
-    sync). Their values are not checked here (that would need a host sync): the references check them.
+    Any strides are accepted (contiguous last dimensions load fastest). No host sync, no autotuning.
     ``batch_invariant``: launch with a configuration that does not depend on the batch size, so
     that every row's outputs and final state are bitwise independent of the other rows of the
     call (``_scan_config``); slower for few rows and heads with long sequences.
@@ -807,39 +554,20 @@ def ssd_scan(
         raise ValueError(f"the number of heads H={nheads} must be a multiple of the number of groups G={ngroups}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    tensors = dict(dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, initial_state=initial_state,
-                   cu_seqlens=cu_seqlens, seq_idx=seq_idx, out=out, final_state_out=final_state_out)
+    tensors = dict(dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, initial_state=initial_state, out=out,
+                   final_state_out=final_state_out)
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}: all tensors must be on one device")
-    varlen = cu_seqlens is not None or seq_idx is not None
-    if varlen:
-        if batch != 1:
-            raise ValueError(f"packed sequences (cu_seqlens / seq_idx) need batch size 1, got x {tuple(x.shape)}")
-        for name, t in (("cu_seqlens", cu_seqlens), ("seq_idx", seq_idx)):
-            if t is not None and t.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
-        if seq_idx is not None and seq_idx.shape != (1, length):
-            raise ValueError(f"seq_idx must be [1, L] = (1, {length}), got {tuple(seq_idx.shape)}")
-        if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2):
-            raise ValueError(f"cu_seqlens must be [S + 1] with S >= 1, got {tuple(cu_seqlens.shape)}")
-        if cu_seqlens is None:
-            cu_seqlens = _cu_seqlens_from_seq_idx(seq_idx)
-        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
-        if seq_idx is None:
-            seq_idx = _seq_idx_from_cu_seqlens(cu_seqlens, length)
-        seq_idx = seq_idx.to(torch.int32).contiguous()
-    nseqs = cu_seqlens.shape[0] - 1 if varlen else batch
-    state_shape = (nseqs, nheads, headdim, d_state)
+    state_shape = (batch, nheads, headdim, d_state)
     if initial_state is not None and initial_state.shape != state_shape:
-        what = "[S, H, P, N]" if varlen else "[B, H, P, N]"
-        raise ValueError(f"initial_state must be {what} = {state_shape}, got {tuple(initial_state.shape)}")
+        raise ValueError(f"initial_state must be [B, H, P, N] = {state_shape}, got {tuple(initial_state.shape)}")
     if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = new_output(x.shape, x.dtype, x.device)
     elif out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(f"out must be {tuple(x.shape)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
     if final_state_out is None:
-        final_state_out = torch.empty(state_shape, device=x.device, dtype=torch.float32)
+        final_state_out = new_output(state_shape, torch.float32, x.device)
     elif final_state_out.shape != state_shape or final_state_out.dtype != torch.float32:
         raise ValueError(
             f"final_state_out must be {state_shape} float32, got {tuple(final_state_out.shape)} {final_state_out.dtype}"
@@ -853,16 +581,13 @@ def ssd_scan(
             final_state_out.copy_(initial_state)
         return out, final_state_out
 
-    cfg = _scan_config(batch, length, nheads, headdim, d_state, chunk_size, x.dtype, varlen, x.device, batch_invariant)
-    _launch_scan(
-        x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, cu_seqlens, seq_idx,
-        out, final_state_out, nseqs, cfg,
-    )
+    cfg = _scan_config(batch, length, nheads, headdim, d_state, chunk_size, x.dtype, x.device, batch_invariant)
+    _launch_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, out, final_state_out, cfg)
     return out, final_state_out
 
 
 def _scan_config(
-    batch, length, nheads, headdim, d_state, chunk_size, dtype, varlen, device, batch_invariant=False
+    batch, length, nheads, headdim, d_state, chunk_size, dtype, device, batch_invariant=False
 ) -> dict:
     """Launch parameters of ``ssd_scan`` for these shapes (chosen by timings on an H200).
 
@@ -878,14 +603,14 @@ def _scan_config(
     state pass's tiles ``s_block_p, s_block_n, s_block_t, s_num_warps`` (its step length and
     tensor-core tile shapes change a stored state's rounding). The output kernel's tiles depend on
     P, N and the dtype only. With ``batch_invariant=True`` everything is a function of the shapes
-    but the batch: ``seg`` covers the whole sequence (no state pass, as for large batches) and
-    the state pass, which packed sequences still run, gets the tiles it has at large batches, so a
-    row's outputs and final state do not depend on the other rows (nor on padding after it).
+    but the batch: ``seg`` covers the whole sequence (no state pass, as for large batches), so a
+    row's outputs and final state do not depend on the other rows (nor on padding after it); the
+    state pass's tiles are those of large batches too.
     """
     Q = chunk_size
     nchunks = triton.cdiv(length, Q)
     wide = dtype not in (torch.float16, torch.bfloat16)  # fp32 (or wider): smaller tiles, exact products
-    sms = _num_sms(device)
+    sms = sm_count(device)
     block_p = _pow2(headdim)
     block_n = _pow2(d_state)
     if wide:
@@ -893,9 +618,7 @@ def _scan_config(
     while block_p * block_n > 64 * 256 and block_p > 16:  # keep the fp32 state within the registers
         block_p //= 2
     rows = batch * nheads * triton.cdiv(headdim, block_p)  # output programs per segment
-    if varlen:
-        seg = 1  # the packed final-state pass reads the state at every chunk end
-    elif batch_invariant or rows >= 2 * sms:
+    if batch_invariant or rows >= 2 * sms:
         seg = nchunks  # one walk per (row, head): no state pass
     else:
         seg = 4
@@ -927,13 +650,11 @@ def _scan_config(
 
 
 def _launch_scan(
-    x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, cu_seqlens, seq_idx,
-    out, final_state_out, nseqs, cfg,
+    x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, out, final_state_out, cfg,
 ):
     """The kernels of ``ssd_scan`` on checked arguments (``cfg`` from ``_scan_config``)."""
     batch, length, nheads, headdim = x.shape
     ngroups, d_state = B.shape[2:]
-    varlen = cu_seqlens is not None
     device, Q = x.device, chunk_size
     nchunks = triton.cdiv(length, Q)
     heads_per_group = nheads // ngroups
@@ -942,33 +663,26 @@ def _launch_scan(
     h0 = initial_state if initial_state is not None else final_state_out  # never read when absent
     h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
     absent = A  # pointer argument standing in for an absent optional tensor (never read)
-    cu_arg, seq_idx_arg = (cu_seqlens, seq_idx) if varlen else (absent, absent)
     seg = min(cfg["seg"], nchunks)
     n_segs = triton.cdiv(nchunks, seg)
 
-    # 1. The state pass: the state entering every segment after the first (and, for packed
-    # sequences, Δ and Σ Δ·A inside each chunk).
+    # 1. The state pass: the state entering every segment after the first.
     states = torch.empty(  # states[b, c]: the state after chunk c, for c + 1 a multiple of seg
         batch, max(nchunks - 1, 1), nheads, headdim, d_state, device=device,
         dtype=torch.float32 if wide else x.dtype,
     )
-    dacs = dtsp = absent
-    if varlen:
-        dacs = torch.empty(batch, nheads, nchunks, Q, device=device, dtype=torch.float32)
-        dtsp = torch.empty_like(dacs)
-    walked = nchunks if varlen else (n_segs - 1) * seg  # chunks the state pass walks
+    walked = (n_segs - 1) * seg  # chunks the state pass walks
     s_block_p, s_block_n, s_block_t = cfg["s_block_p"], cfg["s_block_n"], cfg["s_block_t"]
     nsub = triton.cdiv(Q, s_block_t)
     n_steps = (walked - 1) * nsub + triton.cdiv(min(length, walked * Q) - (walked - 1) * Q, s_block_t)
     if walked > 0:
         grid = (batch * nheads * triton.cdiv(headdim, s_block_p) * triton.cdiv(d_state, s_block_n),)
         _ssd_state_fwd_kernel[grid](
-            x, dt, A, dt_bias if dt_bias is not None else absent, B, h0, cu_arg, seq_idx_arg,
-            dacs, dtsp, states,
+            x, dt, A, dt_bias if dt_bias is not None else absent, B, h0, states,
             length, nheads, headdim, d_state, Q, nchunks, n_steps, seg, heads_per_group,
             *x.stride(), *dt.stride(), *B.stride(), *h0_strides,
             HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, HAS_H0=initial_state is not None,
-            IS_VARLEN=varlen, WRITE_DT=varlen, NSUB=nsub, BLOCK_T=s_block_t,
+            NSUB=nsub, BLOCK_T=s_block_t,
             BLOCK_P=s_block_p, BLOCK_N=s_block_n,
             DOT_PRECISION=dot_precision, num_warps=cfg["s_num_warps"], num_stages=cfg["s_num_stages"],
         )
@@ -978,25 +692,14 @@ def _launch_scan(
     grid = (batch * n_segs * triton.cdiv(headdim, block_p) * nheads,)
     _ssd_chunk_fwd_kernel[grid](
         x, dt, A, dt_bias if dt_bias is not None else absent, B, C, D if D is not None else absent, states, h0,
-        cu_arg, seq_idx_arg, out, final_state_out,
+        out, final_state_out,
         length, nheads, headdim, d_state, Q, nchunks, seg, heads_per_group,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *h0_strides, *out.stride(), *final_state_out.stride(),
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-        HAS_H0=initial_state is not None, IS_VARLEN=varlen,
+        HAS_H0=initial_state is not None,
         BLOCK_T=cfg["block_t"], BLOCK_P=block_p, BLOCK_N=cfg["block_n"], DOT_PRECISION=dot_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-
-    # 3. Packed sequences: the final state of each one.
-    if varlen:
-        grid = (nseqs * nheads * triton.cdiv(headdim, s_block_p) * triton.cdiv(d_state, s_block_n),)
-        _ssd_varlen_final_state_kernel[grid](
-            x, B, dacs, dtsp, states, h0, cu_seqlens, final_state_out,
-            nheads, headdim, d_state, Q, nchunks, heads_per_group,
-            *x.stride()[1:], *B.stride()[1:], *h0_strides, *final_state_out.stride(),
-            HAS_H0=initial_state is not None, BLOCK_T=min(64, _pow2(Q)), BLOCK_P=s_block_p, BLOCK_N=s_block_n,
-            DOT_PRECISION=dot_precision, num_warps=4,
-        )
 
 
 def ssd_state_update(
@@ -1035,7 +738,7 @@ def ssd_state_update(
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}: all tensors must be on one device")
     if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = new_output(x.shape, x.dtype, x.device)
     elif out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(f"out must be {tuple(x.shape)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
     if x.numel() == 0:

@@ -37,8 +37,8 @@ H200_SMS = 132
 @pytest.fixture
 def h200(monkeypatch):
     """The SM count the scans plan their launches with, as on an H200."""
-    monkeypatch.setattr(ss, "_sm_count", lambda device: H200_SMS)
-    monkeypatch.setattr(ssd, "_num_sms", lambda device: H200_SMS)
+    monkeypatch.setattr(ss, "sm_count", lambda device: H200_SMS)
+    monkeypatch.setattr(ssd, "sm_count", lambda device: H200_SMS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,20 +81,12 @@ def test_selective_scan_config(h200, channel_contiguous):
     for dim in (1536, 5120):
         for length in LENGTHS:
             def config(batch, invariant):
-                return ss._launch_config(batch, dim, length, 16, channel_contiguous, False, torch.device("cuda"),
-                                         invariant)
+                return ss._launch_config(batch, dim, length, 16, channel_contiguous, torch.device("cuda"), invariant)
 
             plain = _assert_invariant(config, f"D={dim} L={length}")
             varies |= any(c != plain[0] for c in plain)
             assert config(1, True)["n_chunks"] == 1
     assert varies  # without the flag, few long rows are split
-
-
-def test_selective_scan_config_packed(h200):
-    """Packed rows (cu_seqlens) are never split either, and keep the tiles of the unpacked scan."""
-    for length in LENGTHS:
-        packed = ss._launch_config(1, 1536, length, 16, True, True, torch.device("cuda"), True)
-        assert packed == ss._launch_config(1, 1536, length, 16, True, False, torch.device("cuda"), True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -104,16 +96,11 @@ def test_ssd_scan_config(h200, dtype):
     for nheads in (24, 80):
         for length in LENGTHS:
             def config(batch, invariant):
-                return ssd._scan_config(batch, length, nheads, 64, 128, 256, dtype, False, torch.device("cuda"),
-                                        invariant)
+                return ssd._scan_config(batch, length, nheads, 64, 128, 256, dtype, torch.device("cuda"), invariant)
 
             plain = _assert_invariant(config, f"H={nheads} L={length}")
             varies |= any(c != plain[0] for c in plain)
             assert config(1, True)["seg"] >= triton.cdiv(length, 256)
-            # Packed sequences (batch 1) still need the state pass: it takes the large-batch tiles.
-            packed = ssd._scan_config(1, length, nheads, 64, 128, 256, dtype, True, torch.device("cuda"), True)
-            state_pass = ("s_block_p", "s_block_n", "s_block_t", "s_num_warps", "s_num_stages")
-            assert {k: packed[k] for k in state_pass} == {k: config(1, True)[k] for k in state_pass}
     assert varies
 
 
@@ -179,7 +166,7 @@ def _mamba1_inputs(batch, dim, d_state, length, gen):
 def test_selective_scan_rows_are_independent(monkeypatch):
     """Without the flag, batch 1 would be split along L (one SM, chunks of 8 positions), batch 5 not."""
     monkeypatch.setattr(ss, "_MIN_CHUNK", 8)
-    monkeypatch.setattr(ss, "_sm_count", lambda device: 1)
+    monkeypatch.setattr(ss, "sm_count", lambda device: 1)
     batch, dim, d_state, length = 5, 6, 8, 27
     g = torch.Generator().manual_seed(0)
     rows = _mamba1_inputs(batch, dim, d_state, length, g)
@@ -209,9 +196,9 @@ def test_selective_scan_rows_are_independent(monkeypatch):
 
 def test_ssd_scan_rows_are_independent(monkeypatch):
     """Batch 1 would run a state pass and 4-chunk segments (4 small SMs), batch 6 would not."""
-    monkeypatch.setattr(ssd, "_num_sms", lambda device: 4)
+    monkeypatch.setattr(ssd, "sm_count", lambda device: 4)
     batch, length, nheads, headdim, ngroups, d_state, chunk = 6, 150, 2, 16, 1, 16, 32
-    assert ssd._scan_config(1, length, nheads, headdim, d_state, chunk, torch.float32, False, "cpu")["seg"] == 4
+    assert ssd._scan_config(1, length, nheads, headdim, d_state, chunk, torch.float32, "cpu")["seg"] == 4
     g = torch.Generator().manual_seed(1)
     inp = dict(
         x=_randn(batch, length, nheads, headdim, gen=g), dt=_randn(batch, length, nheads, gen=g, scale=0.5),

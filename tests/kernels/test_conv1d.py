@@ -73,22 +73,22 @@ def _nan_like_layout(x):
     return torch.full((b, length, c), float("nan"), device=x.device, dtype=x.dtype).transpose(1, 2)
 
 
-def _ref(x, w, bias, state, activation, **kwargs):
+def _ref(x, w, bias, state, activation):
     """The reference in fp32 on the same (rounded) inputs."""
     def f32(t):
         return None if t is None else t.float()
 
-    return causal_conv1d_ref(f32(x), f32(w), f32(bias), f32(state), activation, **kwargs)
+    return causal_conv1d_ref(f32(x), f32(w), f32(bias), f32(state), activation)
 
 
-def _check(x, w, bias, state, activation, n_states, **kwargs):
+def _check(x, w, bias, state, activation):
     """Runs the kernel into NaN-poisoned outputs and compares it with the reference."""
     dtype = x.dtype
     out = _nan_like_layout(x)
-    final_out = torch.full((n_states, x.shape[1], w.shape[1] - 1), float("nan"), device=x.device, dtype=dtype)
-    y, final = causal_conv1d(x, w, bias, state, activation, out=out, final_state_out=final_out, **kwargs)
+    final_out = torch.full((x.shape[0], x.shape[1], w.shape[1] - 1), float("nan"), device=x.device, dtype=dtype)
+    y, final = causal_conv1d(x, w, bias, state, activation, out=out, final_state_out=final_out)
     assert y is out and final is final_out
-    y_ref, final_ref = _ref(x, w, bias, state, activation, **kwargs)
+    y_ref, final_ref = _ref(x, w, bias, state, activation)
     assert_close(y.float(), y_ref, RTOL[dtype], name="y")
     assert torch.equal(final, final_ref.to(dtype)), "final state differs from the reference"
 
@@ -106,7 +106,7 @@ def test_conv1d_matches_ref(shape, layout, dtype):
     g = _gen()
     x = _make_x(b, c, length, layout, dtype, g)
     w, bias, state = _randn(c, k, gen=g, dtype=dtype), _randn(c, gen=g, dtype=dtype), _randn(b, c, k - 1, gen=g, dtype=dtype)
-    _check(x, w, bias, state, "silu", b)
+    _check(x, w, bias, state, "silu")
 
 
 @pytest.mark.parametrize("activation", ["silu", None])
@@ -120,7 +120,7 @@ def test_conv1d_options(layout, with_state, with_bias, activation):
     w = _randn(c, k, gen=g)
     bias = _randn(c, gen=g) if with_bias else None
     state = _randn(b, c, k - 1, gen=g) if with_state else None
-    _check(x, w, bias, state, activation, b)
+    _check(x, w, bias, state, activation)
 
 
 def test_conv1d_mixed_dtypes():
@@ -159,107 +159,18 @@ def test_conv1d_output_in_another_layout():
     assert_close(y, _ref(x, w, bias, None, "silu")[0], RTOL[torch.float32], name="y")
 
 
-# --------------------------------------------------------------------------------------------
-# packed sequences
-# --------------------------------------------------------------------------------------------
-
-PACKED_LENGTHS = [
-    [5, 1, 0, 40, 2, 70],  # length 1, an empty sequence, sequences shorter than K - 1
-    [1, 1, 1, 1],
-    [17, 14, 3, 1, 29],  # starts at 17 and 31: a sequence's first K-1 outputs straddle two tiles
-    [9],
-]
-if REAL:
-    PACKED_LENGTHS += [[2048] * 3 + [1, 7, 500], [1] * 64 + [4000]]
-
-
-def _cu_seqlens(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
-
-
-def _seq_idx_of(lengths):
-    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device=DEVICE, dtype=torch.int32)[None]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_state", [True, False])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("lengths", PACKED_LENGTHS, ids=str)
-def test_conv1d_packed_cu_seqlens(lengths, layout, with_state, dtype):
-    c, k = (1536, 4) if REAL else (37, 4)
-    g = _gen(4)
-    x = _make_x(1, c, sum(lengths), layout, dtype, g)
-    w, bias = _randn(c, k, gen=g, dtype=dtype), _randn(c, gen=g, dtype=dtype)
-    state = _randn(len(lengths), c, k - 1, gen=g, dtype=dtype) if with_state else None
-    _check(x, w, bias, state, "silu", len(lengths), cu_seqlens=_cu_seqlens(lengths))
-    # seq_idx given as well must not change anything (the kernel follows cu_seqlens)
-    _check(x, w, bias, state, "silu", len(lengths), cu_seqlens=_cu_seqlens(lengths), seq_idx=_seq_idx_of(lengths))
-
-
-def test_conv1d_packed_ref_is_separate_calls():
-    """The packed reference equals one plain call per sequence (state in, state out)."""
-    lengths = [5, 1, 0, 8, 2]
-    g = _gen(5)
-    x, w, bias = _randn(1, 6, sum(lengths), gen=g), _randn(6, 4, gen=g), _randn(6, gen=g)
-    state = _randn(len(lengths), 6, 3, gen=g)
-    y, final = causal_conv1d_ref(x, w, bias, state, cu_seqlens=_cu_seqlens(lengths))
-    start = 0
-    for s, n in enumerate(lengths):
-        if n:
-            y_s, final_s = causal_conv1d_ref(x[:, :, start : start + n], w, bias, state[s : s + 1])
-            assert torch.equal(y[:, :, start : start + n], y_s)
-        else:
-            final_s = state[s : s + 1]
-        assert torch.equal(final[s : s + 1], final_s)
-        start += n
-
-
-SEQ_IDX_ROWS = [
-    [[0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 3], [5, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6]],
-    [[0] * 11, list(range(11))],  # one sequence per row; every position its own sequence
-    [[0, 1]],
-]
-
-
-@pytest.mark.parametrize("with_state", [True, False])
-@pytest.mark.parametrize("layout", ["channel_first", "channel_last"])
-@pytest.mark.parametrize("rows", SEQ_IDX_ROWS, ids=str)
-def test_conv1d_seq_idx(rows, layout, with_state):
-    b, length, c, k = len(rows), len(rows[0]), 37, 4
-    g = _gen(6)
-    x = _make_x(b, c, length, layout, torch.float32, g)
-    w, bias = _randn(c, k, gen=g), _randn(c, gen=g)
-    state = _randn(b, c, k - 1, gen=g) if with_state else None
-    _check(x, w, bias, state, "silu", b, seq_idx=torch.tensor(rows, dtype=torch.int32, device=DEVICE))
-
-
-def test_conv1d_seq_idx_ref_is_separate_calls():
-    """With seq_idx the reference restarts at each change; the initial state feeds the first sequence."""
-    row = [3, 3, 3, 4, 4, 9, 9, 9, 9]
-    g = _gen(7)
-    x, w, state = _randn(1, 5, len(row), gen=g), _randn(5, 4, gen=g), _randn(1, 5, 3, gen=g)
-    y, final = causal_conv1d_ref(x, w, None, state, seq_idx=torch.tensor([row]))
-    y0, _ = causal_conv1d_ref(x[:, :, :3], w, None, state)
-    y1, _ = causal_conv1d_ref(x[:, :, 3:5], w)
-    y2, final2 = causal_conv1d_ref(x[:, :, 5:], w)
-    assert torch.equal(y, torch.cat([y0, y1, y2], dim=-1))
-    assert torch.equal(final, final2)
-
-
 @pytest.mark.parametrize("layout", ["channel_first", "channel_last"])
 def test_conv1d_small_tiles(monkeypatch, layout):
-    """Tiles of 8 channels x 4 positions: many tiles, sequences starting 1 and 2 positions before a
-    tile border (their first K-1 outputs straddle it), short and empty sequences."""
+    """Tiles of 8 channels x 4 positions: many tiles along both axes (13 channels: a partial one),
+    rows longer than a tile, and rows shorter than K - 1 (the final state then reaches into the
+    initial state)."""
     monkeypatch.setattr(conv1d, "_fwd_config", lambda *args: (8, 4, 1))
     g = _gen(8)
-    lengths = [2, 5, 3, 1, 6, 0, 9]  # starts 0, 2, 7, 10, 11, 17, 17
     c, k = 13, 4
-    x = _make_x(1, c, sum(lengths), layout, torch.float32, g)
     w, bias = _randn(c, k, gen=g), _randn(c, gen=g)
-    _check(x, w, bias, _randn(len(lengths), c, k - 1, gen=g), "silu", len(lengths), cu_seqlens=_cu_seqlens(lengths))
-    _check(x, w, bias, _randn(1, c, k - 1, gen=g), "silu", 1, seq_idx=_seq_idx_of(lengths))
-    x2 = _make_x(2, c, 10, layout, torch.float32, g)
-    _check(x2, w, bias, _randn(2, c, k - 1, gen=g), "silu", 2)
+    for batch, length in ((2, 10), (1, 17), (3, 2), (2, 1)):
+        x = _make_x(batch, c, length, layout, torch.float32, g)
+        _check(x, w, bias, _randn(batch, c, k - 1, gen=g), "silu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,13 +287,6 @@ def test_conv1d_rejects_bad_input():
         causal_conv1d(x, w, initial_state=torch.zeros(2, 3, 4, device=DEVICE))
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d(x, w, activation="relu")
-    with pytest.raises(ValueError, match="B = 1"):
-        causal_conv1d(x, w, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32, device=DEVICE))
-    with pytest.raises(ValueError, match=r"initial_state must be \[S"):
-        causal_conv1d(x[:1], w, torch.zeros(3, device=DEVICE), torch.zeros(1, 3, 3, device=DEVICE),
-                      cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE))
-    with pytest.raises(ValueError, match="seq_idx"):
-        causal_conv1d(x, w, seq_idx=torch.zeros(2, 4, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="out must not share memory with x"):
         causal_conv1d(x, w, out=x)
     state = torch.zeros(2, 3, 3, device=DEVICE)

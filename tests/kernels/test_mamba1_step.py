@@ -45,7 +45,7 @@ def _nan_outputs(monkeypatch):
     def nan_output(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ms, "_new_output", nan_output)
+    monkeypatch.setattr(ms, "new_output", nan_output)
 
 
 def _inputs(batch, dim, rank, d_state, width, dtype, state_dtype, conv_bias=True, seed=0):

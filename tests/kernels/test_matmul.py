@@ -37,7 +37,7 @@ def _nan_outputs(monkeypatch):
     def nan_output(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(mm, "_new_output", nan_output)
+    monkeypatch.setattr(mm, "new_output", nan_output)
 
 
 def _randn(*shape, dtype, seed, scale=1.0):

@@ -47,7 +47,6 @@ if REAL:
         (3, 777, 16, 64, 8, 128, 256),  # 8 groups (Codestral-like)
         (4, 300, 10, 48, 2, 96, 128),  # P and N not powers of two
     ]
-    PACKED_LENGTHS = [[1, 300, 1000, 1, 255, 256, 2000], [4096], [1] * 40 + [700]]
     CONFIG_CASE = (2, 1100, 8, 64, 2, 128, 256)
     STEP_CASES = [(64, 80, 64, 1, 128), (1, 24, 64, 1, 128), (5, 16, 64, 8, 128)]  # (batch, heads, P, G, N)
 else:
@@ -59,12 +58,11 @@ else:
         (1, 40, 6, 16, 3, 16, 12),  # chunk size not a power of two
         (1, 300, 2, 16, 1, 16, 256),  # several sequential steps and several row blocks per chunk
     ]
-    PACKED_LENGTHS = [[5, 1, 30, 17, 1, 10], [16, 16, 1, 15], [1] * 12, [3, 0, 50, 7], [100, 1, 90, 70, 39]]
     CONFIG_CASE = (2, 150, 4, 32, 2, 16, 32)  # 5 chunks, the last one partial
     STEP_CASES = [(3, 4, 16, 2, 16), (2, 3, 24, 1, 20)]
 
 
-def _scan_inputs(b, length, h, p, g, n, dtype, seed=0, nstates=None):
+def _scan_inputs(b, length, h, p, g, n, dtype, seed=0):
     """Random inputs with decays that carry state across several chunks (and some that do not)."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -81,7 +79,7 @@ def _scan_inputs(b, length, h, p, g, n, dtype, seed=0, nstates=None):
         dt_bias=randn(h, scale=0.5) - 1.5,
     )
     inp = {k: v.to(DEVICE) for k, v in inp.items()}
-    h0 = randn(nstates or b, h, p, n).to(DEVICE)
+    h0 = randn(b, h, p, n).to(DEVICE)
     return inp, h0
 
 
@@ -172,59 +170,6 @@ def test_ssd_scan_reads_strided_inputs():
     assert_close(final, final_ref, 1e-6, "final state")
 
 
-def _packed(lengths, dtype, with_initial, seed=3):
-    _, _, h, p, g, n, chunk = SCAN_CASES[0]
-    chunk = 256 if sum(lengths) > 256 else chunk  # long packs: boundaries inside the steps of a long chunk
-    inp, h0 = _scan_inputs(1, sum(lengths), h, p, g, n, dtype, seed=seed, nstates=len(lengths))
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-    return inp, (h0 if with_initial else None), cu_seqlens, chunk
-
-
-@pytest.mark.parametrize(
-    "lengths, dtype, with_initial",
-    [(lengths, torch.float32, True) for lengths in PACKED_LENGTHS]
-    + [(PACKED_LENGTHS[0], torch.float32, False), (PACKED_LENGTHS[0], torch.bfloat16, True),
-       (PACKED_LENGTHS[2], torch.bfloat16, False), (PACKED_LENGTHS[-1], torch.bfloat16, True)],
-    ids=lambda v: f"{len(v)}seqs" if isinstance(v, list) else str(v),
-)
-def test_ssd_scan_packed_matches_ref(lengths, dtype, with_initial):
-    """Packed sequences: boundaries inside chunks and on chunk edges, length-1 and empty sequences."""
-    inp, h0, cu_seqlens, chunk = _packed(lengths, dtype, with_initial)
-    y_ref, final_ref = ssd.ssd_scan_ref(**_fp32(inp), chunk_size=chunk, initial_state=h0, cu_seqlens=cu_seqlens)
-    out, final_out = _poisoned(inp["x"]), _poisoned(final_ref)
-    y, final = ssd.ssd_scan(
-        **inp, chunk_size=chunk, initial_state=h0, cu_seqlens=cu_seqlens, out=out, final_state_out=final_out
-    )
-    assert final.shape == (len(lengths), *inp["x"].shape[2:], inp["B"].shape[-1])
-    assert_close(y, y_ref, RTOL[dtype], "y")
-    assert_close(final, final_ref, RTOL[dtype], "final states")
-
-
-def test_ssd_scan_packed_boundaries_from_seq_idx():
-    """``seq_idx`` alone, or with ``cu_seqlens``, gives exactly the result of ``cu_seqlens`` alone."""
-    lengths = PACKED_LENGTHS[0]
-    inp, h0, cu_seqlens, chunk = _packed(lengths, torch.float32, True)
-    y, final = ssd.ssd_scan(**inp, chunk_size=chunk, initial_state=h0, cu_seqlens=cu_seqlens)
-    seq_idx = torch.repeat_interleave(
-        torch.arange(len(lengths), device=DEVICE), torch.tensor(lengths, device=DEVICE)
-    ).to(torch.int32)[None]
-    for kwargs in (dict(seq_idx=seq_idx), dict(seq_idx=seq_idx, cu_seqlens=cu_seqlens)):
-        y2, final2 = ssd.ssd_scan(**inp, chunk_size=chunk, initial_state=h0, **kwargs)
-        assert torch.equal(y2, y) and torch.equal(final2, final), list(kwargs)
-
-
-def test_ssd_scan_packed_equals_batched():
-    """Equal-length sequences packed into one row give the batched result."""
-    b, length, h, p, g, n, chunk = SCAN_CASES[1]
-    inp, h0 = _scan_inputs(2, length, h, p, g, n, torch.float32, seed=4)
-    y_batched, final_batched = ssd.ssd_scan(**inp, chunk_size=chunk, initial_state=h0)
-    packed = {k: v.flatten(0, 1)[None] if k in ("x", "dt", "B", "C") else v for k, v in inp.items()}
-    cu_seqlens = torch.tensor([0, length, 2 * length], dtype=torch.int32, device=DEVICE)
-    y, final = ssd.ssd_scan(**packed, chunk_size=chunk, initial_state=h0, cu_seqlens=cu_seqlens)
-    assert_close(y[0], y_batched.flatten(0, 1), RTOL[torch.float32], "y")
-    assert_close(final, final_batched, RTOL[torch.float32], "final states")
-
-
 def _step_inputs(b, h, p, g, n, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     args = dict(
@@ -295,12 +240,6 @@ def test_ssd_kernels_reject_bad_shapes():
         ssd.ssd_scan(**{**inp, "dt": inp["dt"][:, :7]}, chunk_size=4)
     with pytest.raises(ValueError, match="initial_state must be"):
         ssd.ssd_scan(**inp, chunk_size=4, initial_state=h0[..., :3])
-    with pytest.raises(ValueError, match="batch size 1"):
-        batch2 = {k: torch.cat([v, v]) if k in ("x", "dt", "B", "C") else v for k, v in inp.items()}
-        ssd.ssd_scan(**batch2, chunk_size=4, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device=DEVICE))
-    with pytest.raises(ValueError, match=r"initial_state must be \[S, H, P, N\]"):
-        ssd.ssd_scan(**inp, chunk_size=4, initial_state=h0,
-                     cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="out must be"):
         ssd.ssd_scan(**inp, chunk_size=4, out=torch.empty(1, 8, 4, 5, device=DEVICE))
     with pytest.raises(ValueError, match="must not be initial_state"):
