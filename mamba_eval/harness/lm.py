@@ -1,8 +1,11 @@
 """The lm-eval model class ``mamba``: a thin adapter.
 
-It parses ``--model_args`` (the same names as lm-eval's ``hf`` model where they mean the same
-thing), loads the checkpoint through ``mamba_eval.models.checkpoint``, tokenises as lm-eval's HF models do,
-and hands token-level work to ``mamba_eval.harness.engine`` (scoring) and ``mamba_eval.harness.generation``.
+It keeps lm-eval's contract only: the ``TemplateLM`` methods and the properties lm-eval reads, the
+distributed primitives of its evaluator, and the hand-over of token-level work to
+``mamba_eval.harness.engine`` (scoring) and ``mamba_eval.harness.generation``. ``--model_args``
+are the parameters of :class:`MambaLM` (the same names as lm-eval's ``hf`` model where they mean
+the same thing), checked and parsed by ``mamba_eval.harness.model_args``; tokenisation is
+``mamba_eval.harness.tokenization``; the checkpoint loads through ``mamba_eval.models.checkpoint``.
 """
 
 from __future__ import annotations
@@ -26,77 +29,27 @@ from tqdm import tqdm
 from mamba_eval.errors import MambaEvalError, ModelArgsError, install_cli_excepthook
 from mamba_eval.harness.generation import GenerateTimes, SamplingParams, generate, tail_stop_checker
 from mamba_eval.harness.engine import DEFAULT_CONTEXT_CHUNK, gc_paused, score_continuations, score_documents
+from mamba_eval.harness.model_args import (
+    check_extra_keys,
+    merge_run_flags,
+    parse_batch_size,
+    parse_bool,
+    parse_choice,
+    parse_device,
+    parse_int,
+    parse_positive,
+)
+from mamba_eval.harness.tokenization import BatchTokenizer, load_tokenizer
+from mamba_eval.models.dtypes import AUTO, parse_dtype
 
 log = logging.getLogger(__name__)
 
 # Bad model_args or checkpoints end `lm_eval` with one line, not a traceback.
 install_cli_excepthook()
 
-DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 DEFAULT_MAX_LENGTH = 2048  # the published Mamba evaluations used lm-eval's mamba default
 DEFAULT_MAX_GEN_TOKS = 256
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 ROLLING_MODES = ("windows", "stateful")
-
-# model_args accepted by `hf` that do not apply here: accepted so that scripts written for `hf`
-# keep working, with the reason they have no effect.
-_ACCEPTED_NOOPS = {
-    "trust_remote_code": "checkpoints are read as data; no code from them is ever executed",
-    "use_fast_tokenizer": "the fast tokenizer is always used",
-}
-
-
-def _parse_batch_size(value) -> int | str:
-    if value is None:
-        return 1
-    text = str(value)
-    if text.startswith("auto"):
-        if text not in ("auto",) and not text.startswith("auto:"):
-            raise ModelArgsError(f"batch_size={value!r}: expected an integer or 'auto'")
-        return "auto"  # `auto:N` re-detection is not needed: the budget holds for all lengths
-    try:
-        size = int(text)
-    except ValueError:
-        raise ModelArgsError(f"batch_size={value!r}: expected an integer or 'auto'") from None
-    if size < 1:
-        raise ModelArgsError(f"batch_size={value!r}: must be at least 1")
-    return size
-
-
-def _parse_device(value: str | None) -> torch.device:
-    if value in (None, "", "auto"):
-        value = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise ModelArgsError(f"device={value!r} is not a device torch knows") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        log.warning("device %s requested but CUDA is not available; using the CPU", value)
-        device = torch.device("cpu")
-    return device
-
-
-def _parse_positive(name: str, value) -> int | None:
-    if value is None:
-        return None
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ModelArgsError(f"{name}={value!r}: expected a positive integer") from None
-    if number < 1:
-        raise ModelArgsError(f"{name}={value!r}: expected a positive integer")
-    return number
-
-
-def _parse_bool(name: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ModelArgsError(f"{name}={value!r}: expected true or false")
 
 
 class _ProgressBar:
@@ -129,34 +82,6 @@ class _ProgressBar:
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
-
-
-# decode_state_dtype model_arg values: torch dtype names, or "auto" for the model's dtype.
-_STATE_DTYPES = ("float32", "bfloat16", "float16", "auto")
-
-
-# Strings per thread below which one call of the Rust tokenizer is as fast as several.
-_ENCODE_CHUNK = 2048
-
-
-def _encode_in_threads(encode, texts: list[str]) -> list[list[int]]:
-    """``[e.ids for e in encode(texts)]``, with contiguous slices of ``texts`` encoded in threads.
-
-    lm-eval's command line sets ``TOKENIZERS_PARALLELISM=false``, so one ``encode_batch`` call
-    runs on one core; the Rust tokenizer releases the GIL while it encodes, so threads over
-    slices use the other cores (tokenising HellaSwag's 50k strings was 3.6 s of a 7.8 s
-    loglikelihood phase on the 16-core H200 host). The result does not depend on the number of
-    threads: each string is encoded on its own either way."""
-    workers = min(os.cpu_count() or 1, 16, -(-len(texts) // _ENCODE_CHUNK))
-    if workers <= 1:
-        return [enc.ids for enc in encode(texts)]
-    from concurrent.futures import ThreadPoolExecutor
-
-    step = -(-len(texts) // workers)
-    with ThreadPoolExecutor(workers, thread_name_prefix="mamba-eval-tokenize") as pool:
-        parts = list(pool.map(lambda lo: [enc.ids for enc in encode(texts[lo:lo + step])],
-                              range(0, len(texts), step)))
-    return [ids for part in parts for ids in part]
 
 
 @dataclasses.dataclass
@@ -206,12 +131,14 @@ class GenerationStats:
 class MambaLM(TemplateLM):
     """Mamba and Mamba-2 checkpoints (mamba_ssm or transformers format) for lm-eval.
 
-    model_args: ``pretrained`` (folder or hub id), ``tokenizer`` (default: the checkpoint's own
-    tokenizer files, else EleutherAI/gpt-neox-20b), ``revision``, ``dtype`` (auto, float32,
-    bfloat16, float16), ``device``, ``batch_size`` (int or ``auto``), ``max_batch_size``,
-    ``max_length`` (default 2048), ``backend`` (op implementations: ``ref``, ``triton``),
-    ``add_bos_token``, ``prefix_token_id``, and four of our own:
+    The parameters are the model_args (``mamba_eval.harness.model_args`` reads the accepted keys
+    from this signature; README's table describes them for users). Those ``hf`` has mean what
+    they mean there: ``pretrained`` (folder or hub id), ``tokenizer`` (default: the checkpoint's
+    own tokenizer files, else ``tokenization.DEFAULT_TOKENIZER``), ``revision``, ``dtype``
+    (``mamba_eval.models.dtypes``), ``device``, ``batch_size``, ``max_batch_size``,
+    ``max_length`` (default 2048), ``add_bos_token``, ``prefix_token_id``. Ours:
 
+    - ``backend``: the op implementations, ``ref`` or ``triton`` (default: ``triton`` on CUDA).
     - ``share_context`` (default true): requests with the same context tokens run the context
       once and fork its recurrent state for each continuation (``mamba_eval.harness.engine``); false runs
       every request as one sequence, as lm-eval's HF models do. Both give the same scores up to
@@ -222,15 +149,13 @@ class MambaLM(TemplateLM):
       the whole document before it, carrying the recurrent state from chunk to chunk of
       ``min(max_length, context_chunk)`` tokens (memory does not grow with the document).
     - ``batch_invariant`` (default true): keep a request's score independent of the batch it
-      runs in, bit for bit. On the CPU every forward gets shapes that make the libraries'
-      arithmetic the same for every row (filler rows: more work, the more threads); on CUDA the
-      model runs the batch-invariant kernels and GEMMs (``mamba_eval.models.ops``), decoding steps
-      included, so ``generate_until`` gives a prompt the same tokens at every batch size. False is
-      faster (cuBLAS; Mamba-1 decoding at small batches through the fused step).
+      runs in, bit for bit, and a prompt's generated tokens independent of the batch size. What
+      that takes on each device is the model's policy, ``mamba_eval.models.invariance``; false
+      is faster.
     - ``context_chunk`` (default 16384): a sequence longer than this many tokens (a long-context
       probe's context or prompt, with ``max_length`` raised to fit it) runs in chunks of it that
       carry the recurrent state, so memory stays flat in the sequence's length.
-    - ``decode_state_dtype`` (``float32`` default, ``bfloat16``, ``float16``, or ``auto`` for the
+    - ``decode_state_dtype`` (``float32`` default, any ``dtype`` value, ``auto`` for the
       model's dtype): how ``generate_until`` stores the SSM states between decoding steps. The
       step's math is fp32 either way; a 16-bit state halves the bytes a step moves, which is what
       bounds large-batch decoding of Mamba-2 (mamba_ssm's cache keeps the model's dtype).
@@ -239,6 +164,8 @@ class MambaLM(TemplateLM):
     of the free memory (capped at ``max_batch_size`` rows of the longest request when
     ``max_batch_size`` is given). With ``batch_invariant`` a request's score does not depend on
     the batch size or the request order, bit for bit (``mamba_eval.harness.engine``, point 5).
+    ``batch_size``, ``max_batch_size`` and ``device`` may come both in ``--model_args`` and from
+    lm-eval's flags: the model_args value is used (``model_args.merge_run_flags``).
     """
 
     def __init__(
@@ -246,7 +173,7 @@ class MambaLM(TemplateLM):
         pretrained: str = "state-spaces/mamba-130m",
         tokenizer: str | None = None,
         revision: str | None = None,
-        dtype: str = "auto",
+        dtype: str | torch.dtype = "auto",
         device: str | None = None,
         batch_size: int | str | None = 1,
         max_batch_size: int | str | None = None,
@@ -258,74 +185,63 @@ class MambaLM(TemplateLM):
         rolling: str = "windows",
         batch_invariant: bool | str = True,
         context_chunk: int | str | None = None,
-        decode_state_dtype: str = "float32",
+        decode_state_dtype: str | torch.dtype = "float32",
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        for key in list(kwargs):
-            if key in _ACCEPTED_NOOPS:
-                log.info("model_args %s has no effect: %s", key, _ACCEPTED_NOOPS[key])
-                kwargs.pop(key)
-        if kwargs:
-            accepted = sorted(
-                ["pretrained", "tokenizer", "revision", "dtype", "device", "batch_size",
-                 "max_batch_size", "max_length", "backend", "add_bos_token", "prefix_token_id",
-                 "share_context", "rolling", "batch_invariant", "context_chunk", "decode_state_dtype",
-                 *_ACCEPTED_NOOPS]
-            )
-            raise ModelArgsError(
-                f"unknown model_args key(s) for --model mamba: {', '.join(sorted(kwargs))} "
-                f"(accepted: {', '.join(accepted)})"
-            )
-        if str(dtype) not in DTYPES:
-            raise ModelArgsError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-        if str(rolling) not in ROLLING_MODES:
-            raise ModelArgsError(f"rolling={rolling!r} is not one of {', '.join(ROLLING_MODES)}")
-        self.rolling = str(rolling)
-        self.share_context = _parse_bool("share_context", share_context)
-        self.batch_invariant = _parse_bool("batch_invariant", batch_invariant)
+        check_extra_keys(MambaLM, kwargs)
+        model_dtype = parse_dtype(dtype, "dtype")
+        self.rolling = parse_choice("rolling", rolling, ROLLING_MODES)
+        self.share_context = parse_bool("share_context", share_context)
+        self.batch_invariant = parse_bool("batch_invariant", batch_invariant)
 
-        from mamba_eval.models import checkpoint  # heavy imports stay out of lm-eval's registry scan
+        # heavy imports stay out of lm-eval's registry scan
+        from mamba_eval.models import checkpoint as loader
+        from mamba_eval.models.ops import default_backend
 
         self._rank, self._world_size, self.accelerator = 0, 1, None
-        device_obj = self._setup_distributed(_parse_device(device))
+        device_obj = self._setup_distributed(parse_device(device))
         self._device = device_obj
-        self.batch_size_arg = _parse_batch_size(batch_size)
+        self.batch_size_arg = parse_batch_size(batch_size)
         # Scoring: a cap on `auto` only when given; generation: its batch size under `auto`.
-        self._score_max_batch_size = _parse_positive("max_batch_size", max_batch_size)
+        self._score_max_batch_size = parse_positive("max_batch_size", max_batch_size)
         self.max_batch_size = self._score_max_batch_size or 64
-        self._max_length = int(max_length) if max_length is not None else DEFAULT_MAX_LENGTH
-        if self._max_length < 1:
-            raise ModelArgsError(f"max_length={max_length!r}: must be at least 1")
-        self.context_chunk = _parse_positive("context_chunk", context_chunk) or DEFAULT_CONTEXT_CHUNK
-        if str(decode_state_dtype) not in _STATE_DTYPES:
-            raise ModelArgsError(
-                f"decode_state_dtype={decode_state_dtype!r} is not one of {', '.join(_STATE_DTYPES)}")
-        self._decode_state_dtype = str(decode_state_dtype)
+        self._max_length = parse_positive("max_length", max_length) or DEFAULT_MAX_LENGTH
+        self.context_chunk = parse_positive("context_chunk", context_chunk) or DEFAULT_CONTEXT_CHUNK
+        self._decode_state_dtype = parse_dtype(decode_state_dtype, "decode_state_dtype")
+        self.add_bos_token = None if add_bos_token is None else parse_bool("add_bos_token", add_bos_token)
+        self.custom_prefix_token_id = None if prefix_token_id is None else parse_int("prefix_token_id", prefix_token_id)
         self.generation_stats = GenerationStats()  # of the last generate_until call
 
         self.pretrained = str(pretrained)
         self.revision = revision
         path = loader.resolve_checkpoint(self.pretrained, revision=revision)
-        from mamba_eval.models.ops import default_backend
-
         backend_name = backend or default_backend(device_obj)
-        # Batch invariance on a GPU: the kernels' batch-invariant variants and a GEMM whose tiling
-        # ignores the row count (mamba_eval.models.ops); on the CPU the engine's shapes do it.
+        # The model carries the batch-invariance policy the engine and generation follow.
         self.model = loader.load_model(
-            path, dtype=str(dtype), device=device_obj, backend=backend_name,
-            batch_invariant=self.batch_invariant and device_obj.type == "cuda",
+            path, dtype=model_dtype, device=device_obj, backend=backend_name, batch_invariant=self.batch_invariant,
         )
         self.model.eval()
-        self.tokenizer = self._load_tokenizer(tokenizer, path, revision)
-        self.add_bos_token = None if add_bos_token is None else _parse_bool("add_bos_token", add_bos_token)
-        self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
+        self.tokenizer = load_tokenizer(tokenizer, path, revision)
+        self.tok = BatchTokenizer(self.tokenizer, add_special_tokens=self.add_bos_token)
         vocab_rows = self.model.config.vocab_size
         if len(self.tokenizer) > vocab_rows:
             raise ModelArgsError(
                 f"tokenizer has {len(self.tokenizer)} tokens but the checkpoint's embedding has "
                 f"only {vocab_rows} rows: wrong tokenizer for this model?"
             )
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> MambaLM:
+        """lm-eval's constructor from ``--model_args`` text, with its run-wide flags merged
+        (``model_args.merge_run_flags``) instead of passed twice."""
+        return cls(**merge_run_flags(lm_utils.simple_parse_args_string(arg_string), additional_config))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> MambaLM:
+        """lm-eval's constructor from a model_args dict (its command line parses ``--model_args``
+        into one), with its run-wide flags merged as in :meth:`create_from_arg_string`."""
+        return cls(**merge_run_flags(arg_dict, additional_config))
 
     # -- set-up -------------------------------------------------------------------------------
     def _setup_distributed(self, device: torch.device) -> torch.device:
@@ -343,24 +259,6 @@ class MambaLM(TemplateLM):
             return accelerator.device
         return device
 
-    @staticmethod
-    def _load_tokenizer(name: str | None, checkpoint_dir, revision):
-        from transformers import AutoTokenizer
-
-        from mamba_eval.models.checkpoint import has_tokenizer_files
-
-        if name is None:
-            name = str(checkpoint_dir) if has_tokenizer_files(checkpoint_dir) else DEFAULT_TOKENIZER
-            rev = revision if name == str(checkpoint_dir) else None
-        else:
-            rev = None
-        try:
-            tok = AutoTokenizer.from_pretrained(name, revision=rev, use_fast=True)
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelArgsError(f"cannot load tokenizer {name!r}: {first}") from None
-        return tok
-
     # -- properties lm-eval reads ---------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
@@ -377,8 +275,8 @@ class MambaLM(TemplateLM):
     @property
     def decode_state_dtype(self) -> torch.dtype:
         """Storage dtype of the SSM states while generating (model_arg ``decode_state_dtype``)."""
-        name = self._decode_state_dtype
-        return self.model.dtype if name == "auto" else getattr(torch, name)
+        dtype = self._decode_state_dtype
+        return self.model.dtype if dtype == AUTO else dtype
 
     @property
     def max_length(self) -> int:
@@ -421,188 +319,21 @@ class MambaLM(TemplateLM):
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
 
-    # -- tokenisation ---------------------------------------------------------------------------
-    def _special_tokens_kwargs(self, add_special_tokens: bool | None) -> dict:
-        if add_special_tokens is not None:
-            return {"add_special_tokens": add_special_tokens}
-        if self.add_bos_token is not None:
-            return {"add_special_tokens": self.add_bos_token}
-        return {}
-
+    # -- tokenisation (mamba_eval.harness.tokenization) ------------------------------------------
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string, **self._special_tokens_kwargs(add_special_tokens))
+        return self.tok.encode(string, add_special_tokens)
 
     def tok_encode_many(self, strings: list[str], add_special_tokens: bool | None = None) -> list[list[int]]:
-        """``tok_encode`` of each string, in one call of the fast tokenizer (each distinct string once)."""
-        unique = list(dict.fromkeys(strings))
-        if not unique:
-            return []
-        kwargs = self._special_tokens_kwargs(add_special_tokens)
-        backend = self._backend_encoder(kwargs)
-        if backend is not None:
-            ids = _encode_in_threads(backend, unique)
-        else:
-            ids = self.tokenizer(unique, return_attention_mask=False, **kwargs)["input_ids"]
-        table = dict(zip(unique, ids))
-        return [table[s] for s in strings]
-
-    def _backend_encoder(self, kwargs: dict):
-        """The Rust tokenizer's ``encode_batch`` behind a fast tokenizer (``encode_batch_fast``
-        where it exists: no character offsets), when it gives exactly the ids of
-        ``self.tokenizer(...)`` (checked once per setting on probe strings): it skips
-        transformers' per-string conversion, a large share of tokenising 40k requests. ``None``
-        for other tokenizers, and for a backend that truncates or pads by itself."""
-        key = kwargs.get("add_special_tokens", True)
-        cache = self.__dict__.setdefault("_backend_encoders", {})
-        if key not in cache:
-            cache[key] = None
-            backend = getattr(self.tokenizer, "backend_tokenizer", None)
-            if (backend is not None and hasattr(backend, "encode_batch")
-                    and getattr(backend, "truncation", None) is None and getattr(backend, "padding", None) is None):
-                probes = ["Hello world", " leading space", "A: b.\n\nTwo  spaces", "ünïcödé 字 🙂", "x"]
-                encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-                try:
-                    fast = [e.ids for e in encode(probes, add_special_tokens=key)]
-                    slow = self.tokenizer(probes, return_attention_mask=False, **kwargs)["input_ids"]
-                except Exception:  # any failure: keep the tokenizer's own path
-                    fast, slow = None, True
-                if fast == [list(x) for x in slow]:
-                    cache[key] = lambda texts: encode(texts, add_special_tokens=key)
-        return cache[key]
-
-    def _splits_before_space(self) -> bool:
-        """Whether ``tok_encode(a + b) == tok_encode(a) + tok_encode(b, add_special_tokens=False)``
-        holds for every ``a`` that ends in a non-whitespace character and every ``b`` that starts
-        with a space (checked once, from the tokenizer's own description, see below).
-
-        It holds for a byte-level BPE tokenizer (GPT-2's pre-tokenizer regex, the GPT-NeoX-20B
-        tokenizer of the Mamba releases) whose pieces of text cannot cross such a boundary:
-
-        - added tokens (matched first, on the raw or normalised text) contain no non-whitespace
-          character followed by a space, so none can straddle the boundary, and none absorbs the
-          space after it (``rstrip``) or depends on its neighbours (``single_word``);
-        - the normaliser is none or NFC, and no canonical composition involves a following space;
-        - in the pre-tokenizer's pattern ``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+|
-          ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`` no alternative matches a non-whitespace character
-          followed by whitespace, and the one look-ahead sees whitespace either way; there is no
-          look-behind. So the pieces of ``a + b`` are those of ``a`` followed by those of ``b``,
-          and BPE merges within pieces;
-        - the post-processor adds no tokens after the text (special tokens before it, with
-          ``add_special_tokens``, are part of ``tok_encode(a)``), and the backend neither
-          truncates nor pads.
-
-        (lm-eval's contexts never end in whitespace: it moves trailing whitespace to the
-        continuation, and most continuations start with a space.) Any other tokenizer: ``False``.
-        """
-        cached = self.__dict__.get("_splits_before_space_cache")
-        if cached is None:
-            cached = self.__dict__["_splits_before_space_cache"] = self._check_splits_before_space()
-        return cached
-
-    def _check_splits_before_space(self) -> bool:
-        import json
-
-        encoders = [self._backend_encoder(self._special_tokens_kwargs(None)),
-                    self._backend_encoder({"add_special_tokens": False})]
-        if None in encoders:
-            return False
-        try:
-            spec = json.loads(self.tokenizer.backend_tokenizer.to_str())
-        except Exception:  # no serialisable description: do not assume anything
-            return False
-        if spec.get("truncation") is not None or spec.get("padding") is not None:
-            return False
-        for token in spec.get("added_tokens") or []:
-            text = token.get("content", "")
-            if token.get("rstrip") or token.get("single_word"):
-                return False
-            if any(text[i] == " " and not text[i - 1].isspace() for i in range(1, len(text))):
-                return False
-        normalizer = spec.get("normalizer")
-        if normalizer is not None and normalizer.get("type") != "NFC":
-            return False
-        pre = spec.get("pre_tokenizer") or {}
-        if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-            return False
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE" or model.get("dropout") not in (None, 0, 0.0):
-            return False
-
-        def adds_nothing_after(proc) -> bool:
-            if proc is None or proc.get("type") == "ByteLevel":
-                return True
-            if proc.get("type") == "Sequence":
-                return all(adds_nothing_after(p) for p in proc.get("processors", []))
-            if proc.get("type") == "TemplateProcessing":
-                single = proc.get("single") or []
-                return bool(single) and "Sequence" in single[-1] and all("SpecialToken" in x for x in single[:-1])
-            return False
-
-        if not adds_nothing_after(spec.get("post_processor")):
-            return False
-        # The library's behaviour, on a few boundaries (a guard against a changed implementation).
-        probes = [("Hello", " world"), ("x.", "  two spaces"), ("caf\u00e9", " \u0301 accent"), ("a1", " 2b"),
-                  ("it'", " s"), ("<|endoftext|>", " after"), ("tab\tend", " \t x"), ("\u5b57", " \U0001f642")]
-        wholes = self.tok_encode_many([a + b for a, b in probes])
-        firsts = self.tok_encode_many([a for a, _ in probes])
-        seconds = self.tok_encode_many([b for _, b in probes], add_special_tokens=False)
-        return all(w == f + s for w, f, s in zip(wholes, firsts, seconds))
+        """``tok_encode`` of each string, in one call of the fast tokenizer."""
+        return self.tok.encode_many(strings, add_special_tokens)
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+        return self.tok.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-        """(context tokens, continuation tokens) of each (context, continuation) string pair,
-        exactly as lm-eval's ``TemplateLM.loglikelihood`` makes them, but with two or three
-        tokenizer calls for all pairs instead of two per pair.
-
-        The context's trailing whitespace moves to the continuation; the whole string and the
-        context are tokenised and the continuation is the whole's tokens past the context's. An
-        empty context becomes the prefix token (or the continuation's first token when that is
-        the prefix token), with the continuation tokenised without special tokens.
-
-        With a tokenizer that splits before a space (:meth:`_splits_before_space`, true of the
-        GPT-NeoX-20B tokenizer), a continuation that starts with a space is tokenised on its own
-        instead of inside the whole string: the same tokens, for a fraction of the text (a
-        HellaSwag context is tokenised once instead of once per ending).
-        """
-        split = self._splits_before_space()
-        contexts, wholes, tails, bare = [], [], [], []
-        kinds = []  # per pair: 0 empty context, 1 whole string, 2 context and continuation apart
-        for context, continuation in pairs:
-            if context == "":
-                bare.append(continuation)
-                kinds.append(0)
-                continue
-            n_spaces = len(context) - len(context.rstrip())
-            if n_spaces > 0:
-                continuation = context[-n_spaces:] + continuation
-                context = context[:-n_spaces]
-            contexts.append(context)
-            if split and context and continuation[:1] == " ":
-                tails.append(continuation)
-                kinds.append(2)
-            else:
-                wholes.append(context + continuation)
-                kinds.append(1)
-        encoded = self.tok_encode_many(contexts + wholes)
-        ctx_ids, whole_ids = encoded[:len(contexts)], iter(encoded[len(contexts):])
-        tail_ids = iter(self.tok_encode_many(tails, add_special_tokens=False))
-        bare_ids = iter(self.tok_encode_many(bare, add_special_tokens=False))
-        out: list[tuple[list[int], list[int]]] = []
-        at = 0
-        for i, kind in enumerate(kinds):
-            if kind == 0:
-                cont = next(bare_ids)
-                if not cont:
-                    raise MambaEvalError(f"request {i}: empty context and empty continuation")
-                prefix = self.prefix_token_id
-                out.append(([prefix], cont) if prefix != cont[0] else (cont[:1], cont[1:]))
-            else:
-                ctx = ctx_ids[at]
-                out.append((ctx, next(tail_ids) if kind == 2 else next(whole_ids)[len(ctx):]))
-                at += 1
-        return out
+        """lm-eval's (context tokens, continuation tokens) of each (context, continuation) pair,
+        for all pairs at once (``BatchTokenizer.encode_pairs``)."""
+        return self.tok.encode_pairs(pairs, self.prefix_token_id)
 
     # -- requests ---------------------------------------------------------------------------------
     def _progress(self, total: int, desc: str, disable: bool) -> _ProgressBar:
@@ -611,7 +342,7 @@ class MambaLM(TemplateLM):
     def _engine_args(self) -> dict:
         return dict(
             batch_size=self.batch_size_arg, max_batch_size=self._score_max_batch_size,
-            device=self._device, pad_id=self.eot_token_id, batch_invariant=self.batch_invariant,
+            device=self._device, pad_id=self.eot_token_id,
         )
 
     def _score_args(self) -> dict:
