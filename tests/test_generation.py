@@ -362,8 +362,8 @@ def test_prompts_of_mixed_lengths_share_a_prefill(model, monkeypatch, one_torch_
     token taken at its own end): the greedy tokens equal each prompt alone, equal-length
     prefills only (as before) and the full forward; fewer forwards run; prompts shorter than
     RAGGED_MIN_LENGTH or longer than prefill_chunk keep prefills of their own length."""
-    from mamba_eval.harness.engine import RAGGED_MIN_LENGTH
     from mamba_eval.harness.generation import GenerateTimes
+    from mamba_eval.models.rows import RAGGED_MIN_LENGTH
 
     gen = torch.Generator().manual_seed(6)
     vocab = model.config.vocab_size
@@ -403,31 +403,35 @@ def test_prompts_of_mixed_lengths_share_a_prefill(model, monkeypatch, one_torch_
 
 def test_prefill_groups_bound_padding_and_keep_batch_size():
     from mamba_eval.harness.generation import MAX_PADDING_RATIO, prefill_groups
+    from mamba_eval.models.rows import RAGGED_MIN_LENGTH
+
+    def mixable(lengths, chunk=20):  # can_share_padded_pass for a model without attention layers
+        return [RAGGED_MIN_LENGTH <= n <= chunk for n in lengths]
 
     lengths = [5, 9, 9, 17, 4, 12, 2, 40, 9]
-    groups = prefill_groups(lengths, 3, ragged=True, prefill_chunk=20)
+    groups = prefill_groups(lengths, 3, mixable=mixable(lengths))
     assert groups == [[7], [3, 5], [1, 2, 8], [0, 4], [6]]  # 40 > chunk, 2 < RAGGED_MIN_LENGTH alone
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for g in groups:
         width = lengths[g[0]]
         assert len(g) <= 3 and width == max(lengths[i] for i in g)
         assert len(g) * width <= MAX_PADDING_RATIO * sum(lengths[i] for i in g)
-    assert prefill_groups(lengths, 3, ragged=False, prefill_chunk=20) == [[7], [3], [5], [1, 2, 8], [0], [4], [6]]
-    assert prefill_groups([8] * 5, 2, ragged=True, prefill_chunk=20) == [[0, 1], [2, 3], [4]]
+    assert prefill_groups(lengths, 3, mixable=[False] * len(lengths)) == [[7], [3], [5], [1, 2, 8], [0], [4], [6]]
+    assert prefill_groups([8] * 5, 2, mixable=mixable([8] * 5)) == [[0, 1], [2, 3], [4]]
 
 
 @torch.inference_mode()
 def test_hybrid_models_keep_prefills_of_one_length(monkeypatch, one_torch_thread):
     """An attention layer's key/value cache would hold the padding: a hybrid model prefills only
     prompts of equal length together, and its greedy tokens equal each prompt alone."""
-    from mamba_eval.models.config import AttnConfig, MambaConfig
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.config import AttnConfig, mamba_stack
+    from mamba_eval.models.model import LanguageModel
 
     torch.manual_seed(0)
-    config = MambaConfig(arch="mamba2", d_model=32, n_layer=2, vocab_size=64, d_state=8, d_conv=4, expand=2,
-                         dt_rank=0, headdim=16, ngroups=1, chunk_size=8, attn_layer_idx=(1,),
+    config = mamba_stack(arch="mamba2", d_model=32, n_layer=2, vocab_size=64, d_state=8, d_conv=4, expand=2,
+                         headdim=16, ngroups=1, chunk_size=8, attn_layer_idx=(1,),
                          attn=AttnConfig(num_heads=2, num_heads_kv=1, head_dim=16))
-    hybrid = MambaLMHeadModel(config, dtype=torch.float32)
+    hybrid = LanguageModel(config, dtype=torch.float32)
     with torch.no_grad():  # a spread-out output distribution: no near-ties between greedy candidates
         hybrid.backbone.embedding.weight.normal_(0.0, 0.5)
     gen = torch.Generator().manual_seed(7)
@@ -437,3 +441,37 @@ def test_hybrid_models_keep_prefills_of_one_length(monkeypatch, one_torch_thread
     together = generate(hybrid, prompts, max_new_tokens=5, device=cpu, batch_size=4)
     assert calls == [(1, 9, False), (2, 6, False), (1, 5, False)]
     assert together == [generate(hybrid, [p], max_new_tokens=5, device=cpu)[0] for p in prompts]
+
+
+@torch.inference_mode()
+def test_invariant_decode_steps_do_not_depend_on_the_batch(checkpoint):
+    """Under an enabled batch-invariance policy on the CPU, decoding steps run on filler rows
+    (``Invariance.step_rows``): a prompt's logits at every step are the same bits whether it
+    decodes alone or beside 2 or 6 other sequences, and equal the plain model's to rounding; its
+    greedy tokens through ``generate`` are the same at batch sizes 1, 3 and 7."""
+    from helpers import assert_close
+    from mamba_eval.harness.generation import DecodeRunner
+
+    for name in ("mamba1-tiny", "mamba2-small"):
+        path = checkpoint(name).ssm_dir
+        invariant = load_model(path, dtype="float32", device="cpu", batch_invariant=True)
+        plain = load_model(path, dtype="float32", device="cpu", batch_invariant=False)
+        assert invariant.invariance.pads_batches and not plain.invariance.pads_batches
+        vocab = invariant.config.vocab_size
+        gen = torch.Generator().manual_seed(8)
+        steps = 6
+        tokens = torch.randint(2, vocab, (7, steps), generator=gen)  # row 0: the prompt followed
+        logits = {}
+        for batch in (1, 3, 7):
+            runner = DecodeRunner(invariant, batch)
+            logits[batch] = torch.stack([runner.run(tokens[:batch, t])[0] for t in range(steps)])
+        assert torch.equal(logits[3], logits[1]) and torch.equal(logits[7], logits[1]), name
+        runner = DecodeRunner(plain, 7)
+        reference = torch.stack([runner.run(tokens[:, t])[0] for t in range(steps)])
+        assert_close(logits[1], reference, 1e-4)
+
+        prompts = [tokens[0, :5].tolist()] + [torch.randint(2, vocab, (n,), generator=gen).tolist()
+                                               for n in (5, 3, 8, 5, 12, 4)]
+        outs = {b: generate(invariant, prompts[:b], max_new_tokens=6, device=torch.device("cpu"), batch_size=b)[0]
+                for b in (1, 3, 7)}
+        assert outs[1] == outs[3] == outs[7], name

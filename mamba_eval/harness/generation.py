@@ -278,7 +278,9 @@ def decode_runner(model, max_batch: int, *, cuda_graphs: bool, greedy_steps: int
     ``LanguageModel.allocate_state``)."""
     grows = model.state_grows
     length = _cache_length(max_length) if grows and max_length else None
-    key = (max_batch, cuda_graphs, greedy_steps, state_dtype, model.weights_key())
+    # The buffers' rows follow the invariance policy, which on the CPU depends on the thread count.
+    key = (max_batch, cuda_graphs, greedy_steps, state_dtype, model.weights_key(),
+           model.invariance.step_rows(max_batch))
     table = _runners.setdefault(model, {})
     runner = table.pop(key, None)
     if runner is not None and grows and (runner.max_length or 0) < (length or 0):
@@ -442,7 +444,13 @@ def _generate_group(model, runner, group, max_new_tokens, params, eos_id, is_sto
     last, state = _prefill(model, [s.prompt for s in group], prefill_chunk, times)
     runner.load(state)
     del state
-    logits = model.lm_logits(last).float()
+    # The first token's LM head gets the rows of a decoding step (filler rows on the CPU under a
+    # batch-invariance policy), so that it does not depend on the group's size either.
+    n = last.shape[0]
+    rows = model.invariance.step_rows(n)
+    if rows > n:
+        last = torch.cat([last, last.new_zeros(rows - n, last.shape[1])])
+    logits = model.lm_logits(last)[:n]
     next_ids = sample_next(logits, params, generator)
     if times is not None and device.type == "cuda":
         torch.cuda.synchronize(device)  # else the first read of tokens would count the prefill as decoding
