@@ -116,9 +116,9 @@ def logits_forward(model, ids):
 @torch.inference_mode()
 def check_against_reference(model, device, vocab) -> float:
     """Relative max error of the model's logits against the reference backend on the same weights."""
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
-    ref = MambaLMHeadModel(model.config, backend="ref", device="meta", dtype=model.dtype)
+    ref = LanguageModel(model.config, backend="ref", device="meta", dtype=model.dtype)
     ref.load_state_dict(model.state_dict(), assign=True)  # the same tensors, no copy
     ref.tie_weights()
     ids = torch.randint(0, vocab, (2, 300), device=device)
@@ -151,20 +151,20 @@ def bench_decode(model, batch: int, cuda_graphs: bool, device, vocab: int, promp
 
 
 def bench_shape(name: str, args, device: torch.device, clock: Clock) -> dict:
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     cfg = read_shape(name, args.tiny)
-    n_params = sum(p.numel() for p in MambaLMHeadModel(cfg, device="meta").parameters())
+    n_params = sum(p.numel() for p in LanguageModel(cfg, device="meta").parameters())
     dtype = torch.float32 if args.tiny else torch.bfloat16
     backend = "ref" if device.type == "cpu" else "triton"
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    model = MambaLMHeadModel(cfg, backend=backend, device=device, dtype=dtype)
+    model = LanguageModel(cfg, backend=backend, device=device, dtype=dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     out = {"shape": name, "params": n_params, "weights_GiB": weight_bytes / 2**30, "backend": backend,
-           "dtype": str(dtype).removeprefix("torch."), "attention_layers": list(cfg.attn_layer_idx)}
+           "dtype": str(dtype).removeprefix("torch."), "attention_layers": list(cfg.layer_indices("attention"))}
     vocab = min(cfg.vocab_size, 32000)
     if backend != "ref":
         out["rel_err_vs_ref"] = check_against_reference(model, device, vocab)

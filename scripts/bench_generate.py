@@ -77,7 +77,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_generate.py needs a CUDA GPU (none found)", file=sys.stderr)
         return 2
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in ANCHORS or s not in SHAPES]
@@ -91,7 +91,7 @@ def main() -> int:
           f"{'bf16 state':>10} {'capture s':>9} {'mamba_ssm':>9}   (ms per token; same tokens)")
     for shape in shapes:
         torch.manual_seed(0)
-        model = MambaLMHeadModel(make_config(**SHAPES[shape]), backend="triton", device="cuda",
+        model = LanguageModel(make_config(**SHAPES[shape]), backend="triton", device="cuda",
                                  dtype=torch.bfloat16, batch_invariant=args.batch_invariant).eval()
         for batch in batches:
             eager = None if args.no_eager else bench(model, batch, False, 1, repeats=1)

@@ -43,17 +43,14 @@ MATMUL_PEAK = 805e12  # bf16 matmul, measured on the same GPU kind (anchors.md)
 
 
 def make_config(arch: str, d_model: int, n_layer: int):
-    from mamba_eval.models.config import MambaConfig
+    """The published shape's architecture (mamba_ssm's defaults: d_state 16 / 128, expand 2)."""
+    from mamba_eval.models.config import mamba_stack
 
-    mamba2 = arch == "mamba2"
-    return MambaConfig(
-        arch=arch, d_model=d_model, n_layer=n_layer, vocab_size=50288 if mamba2 else 50280,
-        d_state=128 if mamba2 else 16, d_conv=4, expand=2,
-        dt_rank=0 if mamba2 else -(-d_model // 16), headdim=64 if mamba2 else 0,
-        ngroups=1, chunk_size=256 if mamba2 else 0,
-        conv_bias=True, proj_bias=False, rms_norm=True, norm_eps=1e-5, residual_in_fp32=True,
-        tie_embeddings=True,
-    )
+    if arch == "mamba2":
+        return mamba_stack(arch=arch, d_model=d_model, n_layer=n_layer, vocab_size=50288, d_state=128, headdim=64,
+                           ngroups=1, chunk_size=256)
+    return mamba_stack(arch=arch, d_model=d_model, n_layer=n_layer, vocab_size=50280, d_state=16,
+                       dt_rank=-(-d_model // 16))
 
 
 def n_matmul_params(model) -> int:
@@ -114,9 +111,9 @@ def cold_start(shape: str) -> dict:
 
 
 def first_forward(shape: str) -> None:
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
-    model = MambaLMHeadModel(make_config(**SHAPES[shape]), backend="triton", device="cuda", dtype=torch.bfloat16)
+    model = LanguageModel(make_config(**SHAPES[shape]), backend="triton", device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for batch, length in ((4, 128), (1, 2048)):  # two shapes: what a first lm-eval batch compiles
@@ -138,14 +135,14 @@ def main() -> int:
     if args.first_forward:
         first_forward(args.first_forward)
         return 0
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     rows, results = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
     for shape in args.shapes.split(","):
         cfg = make_config(**SHAPES[shape])
         torch.manual_seed(0)
-        tri = MambaLMHeadModel(cfg, backend="triton", device="cuda", dtype=torch.bfloat16)
-        ref = MambaLMHeadModel(cfg, backend="ref", device="cuda", dtype=torch.bfloat16)
+        tri = LanguageModel(cfg, backend="triton", device="cuda", dtype=torch.bfloat16)
+        ref = LanguageModel(cfg, backend="ref", device="cuda", dtype=torch.bfloat16)
         ref.load_state_dict(tri.state_dict())
         err = check(tri, ref)
         del ref

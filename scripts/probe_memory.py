@@ -41,7 +41,7 @@ def write_random_checkpoint(shape: str, folder: Path, dtype: str) -> Path:
     from safetensors.torch import save_file
 
     from mamba_eval.models.checkpoint import read_config
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     if (folder / "model.safetensors").is_file():
         return folder
@@ -57,7 +57,7 @@ def write_random_checkpoint(shape: str, folder: Path, dtype: str) -> Path:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = MambaLMHeadModel(read_config(folder), backend="ref", device=device, dtype=getattr(torch, dtype))
+    model = LanguageModel(read_config(folder), backend="ref", device=device, dtype=getattr(torch, dtype))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     del model
     tmp = folder / ".model.safetensors.tmp"

@@ -67,7 +67,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("prof_decode.py needs a CUDA GPU (none found)", file=sys.stderr)
         return 2
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -75,7 +75,7 @@ def main() -> int:
         ap.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
     for shape in shapes:
         torch.manual_seed(0)
-        model = MambaLMHeadModel(make_config(**SHAPES[shape]), backend="triton", device="cuda", dtype=torch.bfloat16)
+        model = LanguageModel(make_config(**SHAPES[shape]), backend="triton", device="cuda", dtype=torch.bfloat16)
         print(shape)
         for batch in (int(b) for b in args.batches.split(",")):
             profile_step(model, batch)

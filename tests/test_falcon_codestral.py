@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import assert_close, rel_max_error
-from mamba_eval.models.config import MambaConfig
+from mamba_eval.models.config import ModelConfig
 from mamba_eval.models.checkpoint import CheckpointError, load_model, read_config
-from mamba_eval.models.model import MambaLMHeadModel
+from mamba_eval.models.model import LanguageModel
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,11 +107,13 @@ def _ids(vocab: int, batch=2, length=LENGTH, seed=0):
 def test_reads_the_right_architecture(pair):
     kind, _, theirs, ours = pair
     c = ours.config
+    m = c.layers[0].mixer
+    assert len({layer.mixer for layer in c.layers}) == 1  # every layer the same mixer
     if kind == "falcon":
-        assert (c.arch, c.bcdt_rmsnorm, c.bcdt_rmsnorm_eps, c.dt_rank) == ("mamba1", True, 1e-6, 6)
-        assert not c.tie_embeddings and c.proj_bias
+        assert (c.kinds, m.bcdt_rmsnorm, m.bcdt_rmsnorm_eps, m.dt_rank) == (("mamba1",), True, 1e-6, 6)
+        assert not c.tie_embeddings and m.proj_bias
     else:
-        assert (c.arch, c.ngroups, c.nheads, c.headdim, c.tie_embeddings) == ("mamba2", 8, 16, 8, False)
+        assert (c.kinds, m.ngroups, m.nheads, m.headdim, c.tie_embeddings) == (("mamba2",), 8, 16, 8, False)
     assert ours.lm_head.weight is not ours.backbone.embedding.weight
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
 
@@ -135,7 +137,9 @@ def test_falcon_norms_matter(built):
     import dataclasses
 
     _, _, _, ours = built("falcon")
-    plain = MambaLMHeadModel(dataclasses.replace(ours.config, bcdt_rmsnorm=False))
+    layers = tuple(dataclasses.replace(layer, mixer=dataclasses.replace(layer.mixer, bcdt_rmsnorm=False))
+                   for layer in ours.config.layers)
+    plain = LanguageModel(dataclasses.replace(ours.config, layers=layers))
     plain.load_state_dict(ours.state_dict())
     ids = _ids(ours.config.vocab_size, seed=3)
     assert rel_max_error(plain(ids)[0], ours(ids)[0]) > 1e-2
@@ -148,7 +152,8 @@ def test_falcon_config_quirks_and_placeholder_weights(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config.update(expand=16, intermediate_size=2 * config["hidden_size"])
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert read_config(tmp_path).expand == 2
+    cfg = read_config(tmp_path)
+    assert cfg.layers[0].mixer.d_inner == 2 * cfg.d_model  # expand 2
     ids = _ids(96, seed=4)
     expected = theirs(ids, use_cache=False).logits
     weights = load_file(tmp_path / "model.safetensors")
@@ -219,9 +224,9 @@ def test_7b_shapes_have_transformers_parameter_count(tmp_path, name):
         raw = {**their_config.to_dict(), "architectures": ["Mamba2ForCausalLM"]}
         their_cls = transformers.Mamba2ForCausalLM
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    cfg: MambaConfig = read_config(tmp_path)
-    assert (cfg.d_model, cfg.n_layer, cfg.d_inner, cfg.tie_embeddings) == (4096, 64, 8192, False)
-    ours = MambaLMHeadModel(cfg, device="meta")
+    cfg: ModelConfig = read_config(tmp_path)
+    assert (cfg.d_model, cfg.n_layer, cfg.layers[0].mixer.d_inner, cfg.tie_embeddings) == (4096, 64, 8192, False)
+    ours = LanguageModel(cfg, device="meta")
     with torch.device("meta"):
         theirs = their_cls(their_config)
     n_ours = sum(p.numel() for p in ours.parameters())

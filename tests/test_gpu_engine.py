@@ -30,11 +30,11 @@ def _model(name):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from bench_model import SHAPES as BENCH_SHAPES, make_config
 
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     torch.manual_seed(0)
     config = make_config(**BENCH_SHAPES[name])
-    model = MambaLMHeadModel(config, backend="triton", device="cuda", dtype=torch.bfloat16, batch_invariant=True)
+    model = LanguageModel(config, backend="triton", device="cuda", dtype=torch.bfloat16, batch_invariant=True)
     with torch.no_grad():  # a spread-out output distribution
         model.backbone.embedding.weight.normal_(0.0, 0.5)
     return model

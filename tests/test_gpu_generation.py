@@ -11,27 +11,27 @@ import pytest
 import torch
 
 from helpers import assert_close
-from mamba_eval.models.config import MambaConfig
 from mamba_eval.harness.generation import DecodeRunner, SamplingParams, generate
-from mamba_eval.models.model import MambaLMHeadModel
+from mamba_eval.models.config import ModelConfig, mamba_stack
+from mamba_eval.models.model import LanguageModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
 
 
-def _config(arch: str) -> MambaConfig:
+def _config(arch: str) -> ModelConfig:
     common = dict(d_model=256, n_layer=4, vocab_size=512, d_conv=4, expand=2, conv_bias=True, proj_bias=False,
                   rms_norm=True, norm_eps=1e-5, residual_in_fp32=True, tie_embeddings=True)
     if arch == "mamba1":
-        return MambaConfig(arch="mamba1", d_state=16, dt_rank=16, headdim=0, ngroups=1, chunk_size=0, **common)
-    return MambaConfig(arch="mamba2", d_state=64, dt_rank=0, headdim=32, ngroups=2, chunk_size=64, **common)
+        return mamba_stack(arch="mamba1", d_state=16, dt_rank=16, **common)
+    return mamba_stack(arch="mamba2", d_state=64, headdim=32, ngroups=2, chunk_size=64, **common)
 
 
 @pytest.fixture(params=["mamba1", "mamba2"])
 def model(request):
     torch.manual_seed(0)
-    m = MambaLMHeadModel(_config(request.param), backend="triton", device=CUDA, dtype=torch.float32)
+    m = LanguageModel(_config(request.param), backend="triton", device=CUDA, dtype=torch.float32)
     with torch.no_grad():  # a spread-out output distribution: no near-ties between greedy candidates
         m.backbone.embedding.weight.normal_(0.0, 0.5)
     return m
@@ -62,7 +62,7 @@ def test_graphs_equal_eager_and_batch_one():
     sequences leaving the batch early (compaction, smaller graphs of the ladder)."""
     torch.manual_seed(0)
     for arch in ("mamba1", "mamba2"):
-        m = MambaLMHeadModel(_config(arch), backend="triton", device=CUDA, dtype=torch.float32)
+        m = LanguageModel(_config(arch), backend="triton", device=CUDA, dtype=torch.float32)
         with torch.no_grad():
             m.backbone.embedding.weight.normal_(0.0, 0.5)
         gen = torch.Generator().manual_seed(2)

@@ -25,14 +25,14 @@ SHAPES = {"mamba-130m": {"ssm_cfg": {}, "pad_vocab_size_multiple": 8},
 
 def _checkpoint(folder, name):
     from mamba_eval.models.checkpoint import read_config
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     folder.mkdir(parents=True)
     config = {"d_model": 768, "n_layer": 24, "vocab_size": 50277, "rms_norm": True,
               "residual_in_fp32": True, "tie_embeddings": True, **SHAPES[name]}
     (folder / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
-    model = MambaLMHeadModel(read_config(folder), device="cuda", dtype=torch.float32)
+    model = LanguageModel(read_config(folder), device="cuda", dtype=torch.float32)
     with torch.no_grad():  # a spread-out output distribution, so that answers are ranked
         model.backbone.embedding.weight.normal_(0.0, 0.5)
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
