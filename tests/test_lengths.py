@@ -5,7 +5,7 @@ The reference for row b is the same batch cut at row b's length (``input_ids[:, 
 without ``lengths``: the operators are the same, only the padding after row b differs. On the
 reference backend the batch is repeated to 64 rows, so that with one intra-op thread every
 forward holds a multiple of 64 positions and every matrix product 64 rows or more: the CPU
-libraries' own dependence on the batch's size (``mamba_eval.harness.engine``, point 5) stays out of the
+libraries' own dependence on the batch's size (``mamba_eval.models.invariance``) stays out of the
 comparison. The Triton kernels compute each row on its own and need no such care.
 """
 
@@ -16,19 +16,18 @@ import os
 import pytest
 import torch
 
-from mamba_eval.models.config import AttnConfig, MambaConfig
-from mamba_eval.models.model import MambaLMHeadModel
+from mamba_eval.models.config import AttnConfig, ModelConfig, mamba_stack
+from mamba_eval.models.model import LanguageModel
 
 COMMON = dict(n_layer=2, vocab_size=64, d_conv=4, expand=2, conv_bias=True, proj_bias=False, rms_norm=True,
               norm_eps=1e-5, residual_in_fp32=True, tie_embeddings=True)
 
 
-def _config(arch: str, **extra) -> MambaConfig:
+def _config(arch: str, **extra) -> ModelConfig:
     if arch == "mamba1":
-        return MambaConfig(arch="mamba1", d_model=16, d_state=4, dt_rank=2, headdim=0, ngroups=1, chunk_size=0,
-                           **{**COMMON, **extra})
+        return mamba_stack(arch="mamba1", d_model=16, d_state=4, dt_rank=2, **{**COMMON, **extra})
     # chunk 4: rows of 1, 2, 3, 5, 7 and 9 positions end inside a chunk, padded rows cross several
-    return MambaConfig(arch="mamba2", d_model=16, d_state=4, dt_rank=0, headdim=8, ngroups=1, chunk_size=4,
+    return mamba_stack(arch="mamba2", d_model=16, d_state=4, headdim=8, ngroups=1, chunk_size=4,
                        **{**COMMON, **extra})
 
 
@@ -40,12 +39,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _model(arch: str, backend: str = "ref", batch_invariant: bool = False, **extra) -> MambaLMHeadModel:
+def _model(arch: str, backend: str = "ref", batch_invariant: bool = False, **extra) -> LanguageModel:
     torch.manual_seed(0)
     # The Triton backend runs on the GPU where there is one (else in the interpreter on the CPU).
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    model = MambaLMHeadModel(_config(arch, **extra), backend=backend, dtype=torch.float32,
-                             batch_invariant=batch_invariant, device=device)
+    model = LanguageModel(_config(arch, **extra), backend=backend, dtype=torch.float32,
+                          batch_invariant=batch_invariant, device=device)
     # Larger Δ and conv weights than the initialisation gives, so that states differ visibly
     # between positions (a wrong position would not pass for a right one by decaying to zero).
     for layer in model.backbone.layers:
@@ -53,7 +52,7 @@ def _model(arch: str, backend: str = "ref", batch_invariant: bool = False, **ext
     return model
 
 
-def _check(model: MambaLMHeadModel, lengths: list[int], width: int, initial: bool = False, rows: int = 1,
+def _check(model: LanguageModel, lengths: list[int], width: int, initial: bool = False, rows: int = 1,
            exact: bool = True, same_math: bool = False):
     """Row b's state from one padded pass with ``lengths`` equals its final state from the batch
     cut at its length; hidden states at real positions are those without lengths. The batch is
@@ -106,7 +105,7 @@ LENGTHS = [13, 1, 9, 2, 5, 3, 13, 7]
 
 # On the CPU, Mamba-1's out_proj over the transposed scan output gives other last bits in a
 # forward of 1-3 positions than in a longer one (a library effect the scoring engine keeps
-# clear of: engine.RAGGED_MIN_LENGTH): for rows that short the cut batch is not the same
+# clear of: models.rows.RAGGED_MIN_LENGTH): for rows that short the cut batch is not the same
 # arithmetic, and _check compares their states to within rounding. Other CPUs and library
 # versions draw that line elsewhere; the Triton kernels do not.
 
@@ -144,7 +143,7 @@ def test_triton_interpreter_states_equal_each_row_at_its_own_length(arch, batch_
 
 def test_lengths_refused_for_attention_and_bad_shapes():
     attn = AttnConfig(num_heads=2, num_heads_kv=1, head_dim=8)
-    model = MambaLMHeadModel(_config("mamba1", attn_layer_idx=(1,), attn=attn), dtype=torch.float32)
+    model = LanguageModel(_config("mamba1", attn_layer_idx=(1,), attn=attn), dtype=torch.float32)
     ids = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="attention"):
         model.backbone_forward(ids, return_state=True, lengths=torch.tensor([5, 3]))
