@@ -23,6 +23,7 @@ import torch
 
 from mamba_eval.errors import MambaEvalError
 from mamba_eval.models.config import ModelConfig
+from mamba_eval.models.dtypes import parse_dtype
 from mamba_eval.models.formats import CheckpointError, config_from_dict, drop_placeholders, rename_key
 from mamba_eval.utils import looks_like_path, one_line
 
@@ -34,13 +35,6 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 _WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, BIN_FILE, BIN_INDEX)  # in order of preference
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "generation_config.json")
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
 
 # --------------------------------------------------------------------------------------------
 # Locating a checkpoint
@@ -218,21 +212,6 @@ def load_state_dict(path, config: ModelConfig) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
-
-
-def parse_dtype(dtype) -> torch.dtype | str:
-    """``"auto"`` or a torch floating dtype, from a torch.dtype or a name ("bfloat16", "bf16", "torch.float16")."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise MambaEvalError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
-        return dtype
-    if isinstance(dtype, str):
-        name = dtype.strip().lower().removeprefix("torch.")
-        if name == "auto":
-            return "auto"
-        if name in _DTYPES:
-            return _DTYPES[name]
-    raise MambaEvalError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
 
 
 def _auto_dtype(path: Path, state: dict[str, torch.Tensor]) -> torch.dtype:
