@@ -1,4 +1,4 @@
-"""The batch-invariant model (``MambaLMHeadModel(..., batch_invariant=True)``): its ops are the
+"""The batch-invariant model (``LanguageModel(..., batch_invariant=True)``): its ops are the
 kernels' batch-invariant variants and the row-count-independent GEMM; a row's logits and states
 do not depend on the rest of the batch; results equal the reference model's.
 
@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from helpers import assert_close
+from mamba_eval.models.config import mamba_stack
+from mamba_eval.models.invariance import Invariance
+from mamba_eval.models.model import LanguageModel
 from mamba_eval.models.ops import get_ops
-from mamba_eval.models.config import MambaConfig
-from mamba_eval.models.model import MambaLMHeadModel
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +27,7 @@ def test_invariant_ops_are_wired():
     from mamba_eval.kernels import matmul
 
     for name in ("ref", "triton"):
-        plain, inv = get_ops(name), get_ops(name, batch_invariant=True)
+        plain, inv = get_ops(name), get_ops(name, Invariance(enabled=True))
         assert not plain.batch_invariant and inv.batch_invariant
         assert plain.linear is matmul.linear_ref  # cuBLAS unless invariance is asked for
         assert plain.step_linear is matmul.linear_step_ref
@@ -34,16 +35,16 @@ def test_invariant_ops_are_wired():
             fn = getattr(inv, field)
             assert isinstance(fn, functools.partial) and fn.keywords == {"batch_invariant": True}
             assert fn.func is getattr(plain, field)
-    assert get_ops("triton", batch_invariant=True).linear is matmul.linear
-    assert get_ops("triton", batch_invariant=True).step_linear is matmul.linear_step
-    assert get_ops("ref", batch_invariant=True).linear is matmul.linear_ref
+    assert get_ops("triton", Invariance(enabled=True)).linear is matmul.linear
+    assert get_ops("triton", Invariance(enabled=True)).step_linear is matmul.linear_step
+    assert get_ops("ref", Invariance(enabled=True)).linear is matmul.linear_ref
 
 
 def _config(arch):
-    mamba2 = arch == "mamba2"
-    return MambaConfig(arch=arch, d_model=32, n_layer=2, vocab_size=96, d_state=16 if mamba2 else 8, d_conv=4,
-                       expand=2, dt_rank=0 if mamba2 else 4, headdim=16 if mamba2 else 0, ngroups=1,
-                       chunk_size=16 if mamba2 else 0)
+    if arch == "mamba1":
+        return mamba_stack(arch=arch, d_model=32, n_layer=2, vocab_size=96, d_state=8, d_conv=4, expand=2, dt_rank=4)
+    return mamba_stack(arch=arch, d_model=32, n_layer=2, vocab_size=96, d_state=16, d_conv=4, expand=2, headdim=16,
+                       ngroups=1, chunk_size=16)
 
 
 def _models(arch):
@@ -51,8 +52,8 @@ def _models(arch):
     tolerance between them (bf16 on a GPU, fp32 in the interpreter)."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    model = MambaLMHeadModel(_config(arch), backend="triton", device=DEVICE, dtype=dtype, batch_invariant=True)
-    ref = MambaLMHeadModel(_config(arch), backend="ref", device=DEVICE, dtype=dtype)
+    model = LanguageModel(_config(arch), backend="triton", device=DEVICE, dtype=dtype, batch_invariant=True)
+    ref = LanguageModel(_config(arch), backend="ref", device=DEVICE, dtype=dtype)
     ref.load_state_dict(model.state_dict())
     return model, ref, 2e-2 if dtype == torch.bfloat16 else 1e-4
 
