@@ -54,7 +54,7 @@ def write_checkpoint(folder: Path, shape: str, device: str) -> Path:
     import torch
 
     from mamba_eval.models.checkpoint import read_config
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     config = {
         **SHAPES[shape], "d_intermediate": 0, "vocab_size": 50277, "ssm_cfg": {}, "attn_layer_idx": [],
@@ -69,7 +69,7 @@ def write_checkpoint(folder: Path, shape: str, device: str) -> Path:
     cfg_path.write_text(json.dumps(config, indent=2))
     init_device = device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = MambaLMHeadModel(read_config(folder), backend="ref", device=init_device, dtype=torch.float32)
+    model = LanguageModel(read_config(folder), backend="ref", device=init_device, dtype=torch.float32)
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}  # lm_head stored too
     del model
     torch.save(state, str(weights) + ".tmp")
@@ -207,7 +207,9 @@ def check_invariance(args, shape: str, checkpoint: Path, tokenizer_dir: Path, da
                 whole = tok.encode(query + " " + preprocess(ending))
                 pairs.append((ctx, whole[len(ctx):]))
     device = torch.device(args.device)
-    model = load_model(checkpoint, dtype=args.dtype, device=device, backend=args.backend or default_backend(device))
+    # The batch-invariance policy is the model's, as --model mamba builds it (on unless --batch-invariant false).
+    model = load_model(checkpoint, dtype=args.dtype, device=device, backend=args.backend or default_backend(device),
+                       batch_invariant=args.batch_invariant != "false")
     out = {"shape": shape, "requests": len(pairs)}
     scores = {}
     for share in (True, False):

@@ -19,7 +19,7 @@ scoring bookkeeping, gathering the results. This script runs that host path alon
   other host-device synchronisation in the path shows up as an error.
 
 Stages are timed exclusively (a stage's time excludes the stages it calls): tokenisation
-(``MambaLM.encode_pairs``), the engine's entry bookkeeping and planning, per-forward row
+(``BatchTokenizer.encode_pairs``), the engine's entry bookkeeping and planning, per-forward row
 building and uploads, the model stand-in, scoring (LM head and picks), the final read and
 gathering, and the rest. ``--profile N`` adds cProfile's N most expensive functions;
 ``--count-ops`` counts the tensor operations (kernel launches on a GPU) and host-to-device
@@ -56,10 +56,10 @@ TASK = "hellaswag"
 
 
 def make_config(arch: str, d_model: int, n_layer: int):
-    from mamba_eval.models.config import MambaConfig
+    from mamba_eval.models.config import mamba_stack
 
     mamba2 = arch == "mamba2"
-    return MambaConfig(
+    return mamba_stack(
         arch=arch, d_model=d_model, n_layer=n_layer, vocab_size=50288 if mamba2 else 50280,
         d_state=128 if mamba2 else 16, d_conv=4, expand=2, dt_rank=0 if mamba2 else -(-d_model // 16),
         headdim=64 if mamba2 else 0, ngroups=1, chunk_size=256 if mamba2 else 0,
@@ -88,14 +88,14 @@ def write_tiny_checkpoint(folder: Path) -> Path:
     import torch
 
     from mamba_eval.models.checkpoint import read_config
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.model import LanguageModel
 
     config = {"d_model": 16, "n_layer": 1, "d_intermediate": 0, "vocab_size": 50277, "ssm_cfg": {},
               "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
               "fused_add_norm": True, "pad_vocab_size_multiple": 8, "tie_embeddings": True}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
-    model = MambaLMHeadModel(read_config(folder), backend="ref", device="cpu", dtype=torch.float32)
+    model = LanguageModel(read_config(folder), backend="ref", device="cpu", dtype=torch.float32)
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     return folder
 
@@ -174,13 +174,14 @@ def install_meta_model(lm, shape: str, reads: dict, counter=None):
     """Replace ``lm``'s model by one of ``shape`` on the meta device whose layers are a stand-in."""
     import torch
 
-    from mamba_eval.harness import engine
-    from mamba_eval.models.model import LayerState, MambaLMHeadModel
+    from mamba_eval.harness.executor import Scores
+    from mamba_eval.models.model import LanguageModel
+    from mamba_eval.models.state import SSMState
 
     cfg = make_config(**SHAPES[shape])
     meta = torch.device("meta")
-    model = MambaLMHeadModel(cfg, backend="ref", device=meta, dtype=torch.bfloat16)
-    ssm_shape = (cfg.d_inner, cfg.d_state) if cfg.arch == "mamba1" else (cfg.nheads, cfg.headdim, cfg.d_state)
+    model = LanguageModel(cfg, backend="ref", device=meta, dtype=torch.bfloat16)
+    mixers = [layer.mixer for layer in cfg.layers]
 
     def backbone_forward(input_ids, state=None, return_state=False, lengths=None):
         if counter is not None:
@@ -204,16 +205,16 @@ def install_meta_model(lm, shape: str, reads: dict, counter=None):
         hidden = torch.empty(b, length, cfg.d_model, dtype=model.dtype, device=meta)
         states = None
         if return_state:
-            states = [LayerState(torch.empty(b, cfg.conv_dim, cfg.d_conv - 1, dtype=model.dtype, device=meta),
-                                 torch.empty(b, *ssm_shape, dtype=torch.float32, device=meta))
-                      for _ in range(cfg.n_layer)]
+            states = [SSMState(torch.empty(b, m.conv_dim, m.d_conv - 1, dtype=model.dtype, device=meta),
+                               torch.empty(b, *m.ssm_state_shape, dtype=torch.float32, device=meta))
+                      for m in mixers]
         return hidden, states
 
     model.backbone_forward = backbone_forward
     lm.model = model
     lm._device = meta
 
-    original_fetch = engine._Scores.fetch
+    original_fetch = Scores.fetch
 
     def fetch(self):  # the one read of device values: zeros in their place, then the real code
         reads["final_reads"] += 1
@@ -221,7 +222,7 @@ def install_meta_model(lm, shape: str, reads: dict, counter=None):
         self.greedy = [torch.zeros(g.shape, dtype=g.dtype) for g in self.greedy]
         return original_fetch(self)
 
-    engine._Scores.fetch = fetch
+    Scores.fetch = fetch
     return model
 
 
@@ -232,7 +233,9 @@ def run(args) -> dict:
     import mamba_eval.harness.lm as lm_mod
     from mamba_eval.harness import engine
     from mamba_eval.harness.engine import EngineStats
-    from mamba_eval.models.model import LayerState
+    from mamba_eval.harness.executor import Executor
+    from mamba_eval.harness.tokenization import BatchTokenizer
+    from mamba_eval.models.state import SSMState
 
     torch.set_num_threads(max(1, args.threads))
     data = Path(args.data_dir).expanduser().resolve()
@@ -252,13 +255,13 @@ def run(args) -> dict:
 
     stages = Stages()
     wrapped = {
-        "tokenisation": [(lm_mod.MambaLM, "encode_pairs")],
+        "tokenisation": [(BatchTokenizer, "encode_pairs")],
         "model stand-in (device work)": [(lm.model, "backbone_forward")],
         "LM head + log-softmax (device work)": [(type(lm.model), "lm_logits")],
         "planning": [(engine, "plan_pairs")],
-        "forward: rows, uploads, picks": [(engine._Executor, "forward")],
-        "scoring: picks, gathers": [(engine._Executor, "score_rows")],
-        "state forks": [(LayerState, "index_select")],
+        "forward: rows, uploads, picks": [(Executor, "forward")],
+        "scoring: picks, gathers": [(Executor, "score_rows")],
+        "state forks": [(SSMState, "index_select")],
         "final read + gather": [(engine._PairScorer, "results")],
         "progress bar": [(lm_mod._ProgressBar, "__call__")],
         "engine: other": [(lm_mod, "score_continuations")],
