@@ -59,22 +59,27 @@ import torch.nn.functional as F
 from .utils import discretise_dt, dot, jit, new_output, require_triton, sm_count, softplus_log1p, tl, triton
 
 
-def _check_shapes(x, dt, A, B, C, initial_state):
-    batch, length, nheads, headdim = x.shape
+def _check_shapes(x, dt, A, B, C, D, dt_bias, state, state_name="initial_state"):
+    """x [*lead, H, P], dt [*lead, H], B and C [*lead, G, N] with lead [B, L] (a scan) or [B] (a
+    step); A, D, dt_bias [H]; ``state`` (called ``state_name`` in errors) [B, H, P, N]."""
+    *lead, nheads, headdim = x.shape
     ngroups, d_state = B.shape[-2:]
-    if dt.shape != (batch, length, nheads):
-        raise ValueError(f"dt must be [B, L, H] = {(batch, length, nheads)}, got {tuple(dt.shape)}")
-    if A.shape != (nheads,):
-        raise ValueError(f"A must be [H] = ({nheads},), got {tuple(A.shape)}")
+    lead_names = "B, L" if len(lead) == 2 else "B"
+    if dt.shape != (*lead, nheads):
+        raise ValueError(f"dt must be [{lead_names}, H] = {(*lead, nheads)}, got {tuple(dt.shape)}")
+    for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
+        if t is not None and t.shape != (nheads,):
+            raise ValueError(f"{name} must be [H] = ({nheads},), got {tuple(t.shape)}")
     for name, t in (("B", B), ("C", C)):
-        if t.shape != (batch, length, ngroups, d_state):
-            raise ValueError(f"{name} must be [B, L, G, N] = {(batch, length, ngroups, d_state)}, got {tuple(t.shape)}")
-    if nheads % ngroups != 0:
+        if t.shape != (*lead, ngroups, d_state):
+            raise ValueError(
+                f"{name} must be [{lead_names}, G, N] = {(*lead, ngroups, d_state)}, got {tuple(t.shape)}"
+            )
+    if ngroups == 0 or nheads % ngroups != 0:
         raise ValueError(f"the number of heads H={nheads} must be a multiple of the number of groups G={ngroups}")
-    if initial_state is not None and initial_state.shape != (batch, nheads, headdim, d_state):
+    if state is not None and state.shape != (lead[0], nheads, headdim, d_state):
         raise ValueError(
-            f"initial_state must be [B, H, P, N] = {(batch, nheads, headdim, d_state)}, "
-            f"got {tuple(initial_state.shape)}"
+            f"{state_name} must be [B, H, P, N] = {(lead[0], nheads, headdim, d_state)}, got {tuple(state.shape)}"
         )
 
 
@@ -114,7 +119,7 @@ def ssd_scan_ref(
     unchanged, and the padded outputs are dropped. ``batch_invariant`` is accepted for the
     kernel's signature and ignored.
     """
-    _check_shapes(x, dt, A, B, C, initial_state)
+    _check_shapes(x, dt, A, B, C, D, dt_bias, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     batch, length, nheads, headdim = x.shape
@@ -178,7 +183,7 @@ def ssd_recurrent_ref(
     initial_state: torch.Tensor | None = None,  # [B, H, P, N]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same map as ``ssd_scan_ref`` as a sequential loop over positions (slow; a test oracle)."""
-    _check_shapes(x, dt, A, B, C, initial_state)
+    _check_shapes(x, dt, A, B, C, D, dt_bias, initial_state)
     batch, length, nheads, headdim = x.shape
     heads_per_group = nheads // B.shape[2]
     dt = discretise_dt(dt, dt_bias, dt_softplus)
@@ -213,12 +218,8 @@ def ssd_state_update_ref(
     dt_softplus: bool = True,
 ) -> torch.Tensor:
     """Advance the recurrence by one position: updates ``state`` IN PLACE, returns ``y [B, H, P]`` in x.dtype."""
-    batch, nheads, headdim = x.shape
-    ngroups, d_state = B.shape[-2:]
-    if state.shape != (batch, nheads, headdim, d_state):
-        raise ValueError(f"state must be [B, H, P, N] = {(batch, nheads, headdim, d_state)}, got {tuple(state.shape)}")
-    if nheads % ngroups != 0:
-        raise ValueError(f"the number of heads H={nheads} must be a multiple of the number of groups G={ngroups}")
+    _check_shapes(x, dt, A, B, C, D, dt_bias, state, "state")
+    nheads, ngroups = x.shape[1], B.shape[1]
     dt = discretise_dt(dt, dt_bias, dt_softplus)  # [B, H]
     xf = x.float()
     Bh = B.float().repeat_interleave(nheads // ngroups, dim=1)[:, :, None, :]  # [B, H, 1, N]
@@ -540,18 +541,9 @@ def ssd_scan(
     require_triton("ssd_scan")
     if x.dim() != 4 or B.dim() != 4:
         raise ValueError(f"x must be [B, L, H, P] and B [B, L, G, N], got {tuple(x.shape)} and {tuple(B.shape)}")
+    _check_shapes(x, dt, A, B, C, D, dt_bias, initial_state)
     batch, length, nheads, headdim = x.shape
-    ngroups, d_state = B.shape[2:]
-    if dt.shape != (batch, length, nheads):
-        raise ValueError(f"dt must be [B, L, H] = {(batch, length, nheads)}, got {tuple(dt.shape)}")
-    for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
-        if t is not None and t.shape != (nheads,):
-            raise ValueError(f"{name} must be [H] = ({nheads},), got {tuple(t.shape)}")
-    for name, t in (("B", B), ("C", C)):
-        if t.shape != (batch, length, ngroups, d_state):
-            raise ValueError(f"{name} must be [B, L, G, N] = {(batch, length, ngroups, d_state)}, got {tuple(t.shape)}")
-    if ngroups == 0 or nheads % ngroups != 0:
-        raise ValueError(f"the number of heads H={nheads} must be a multiple of the number of groups G={ngroups}")
+    d_state = B.shape[3]
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     tensors = dict(dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, initial_state=initial_state, out=out,
@@ -560,8 +552,6 @@ def ssd_scan(
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}: all tensors must be on one device")
     state_shape = (batch, nheads, headdim, d_state)
-    if initial_state is not None and initial_state.shape != state_shape:
-        raise ValueError(f"initial_state must be [B, H, P, N] = {state_shape}, got {tuple(initial_state.shape)}")
     if out is None:
         out = new_output(x.shape, x.dtype, x.device)
     elif out.shape != x.shape or out.dtype != x.dtype:
@@ -720,20 +710,9 @@ def ssd_state_update(
     require_triton("ssd_state_update")
     if x.dim() != 3 or B.dim() != 3:
         raise ValueError(f"x must be [B, H, P] and B [B, G, N], got {tuple(x.shape)} and {tuple(B.shape)}")
+    _check_shapes(x, dt, A, B, C, D, dt_bias, state, "state")
     batch, nheads, headdim = x.shape
     ngroups, d_state = B.shape[1:]
-    if state.shape != (batch, nheads, headdim, d_state):
-        raise ValueError(f"state must be [B, H, P, N] = {(batch, nheads, headdim, d_state)}, got {tuple(state.shape)}")
-    if dt.shape != (batch, nheads):
-        raise ValueError(f"dt must be [B, H] = {(batch, nheads)}, got {tuple(dt.shape)}")
-    for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
-        if t is not None and t.shape != (nheads,):
-            raise ValueError(f"{name} must be [H] = ({nheads},), got {tuple(t.shape)}")
-    for name, t in (("B", B), ("C", C)):
-        if t.shape != (batch, ngroups, d_state):
-            raise ValueError(f"{name} must be [B, G, N] = {(batch, ngroups, d_state)}, got {tuple(t.shape)}")
-    if ngroups == 0 or nheads % ngroups != 0:
-        raise ValueError(f"the number of heads H={nheads} must be a multiple of the number of groups G={ngroups}")
     for name, t in dict(state=state, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, out=out).items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}: all tensors must be on one device")
