@@ -18,17 +18,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(arch: str):
-    from mamba_eval.models.config import MambaConfig
-    from mamba_eval.models.model import MambaLMHeadModel
+    from mamba_eval.models.config import mamba_stack
+    from mamba_eval.models.model import LanguageModel
 
     if arch == "mamba1":
-        cfg = MambaConfig(arch="mamba1", d_model=32, n_layer=2, vocab_size=64, d_state=8, d_conv=4, expand=2,
+        cfg = mamba_stack(arch="mamba1", d_model=32, n_layer=2, vocab_size=64, d_state=8, d_conv=4, expand=2,
                           dt_rank=2, headdim=0, ngroups=1, chunk_size=0)
     else:
-        cfg = MambaConfig(arch="mamba2", d_model=32, n_layer=2, vocab_size=64, d_state=8, d_conv=4, expand=2,
+        cfg = mamba_stack(arch="mamba2", d_model=32, n_layer=2, vocab_size=64, d_state=8, d_conv=4, expand=2,
                           dt_rank=0, headdim=16, ngroups=1, chunk_size=8)
     torch.manual_seed(0)
-    return MambaLMHeadModel(cfg, backend="ref", device="cpu", dtype=torch.float32)
+    return LanguageModel(cfg, backend="ref", device="cpu", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
