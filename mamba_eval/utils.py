@@ -26,8 +26,25 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def atomic_move(written: Path, target: Path) -> None:
+    """Move a complete file that another writer made to ``target`` atomically: flushed to disk,
+    renamed over ``target`` (same file system), the folder synced so the rename is durable."""
+    fd = os.open(written, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(written, target)
+    fsync_dir(Path(target).parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:

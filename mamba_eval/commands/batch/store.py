@@ -30,7 +30,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mamba_eval.utils import atomic_write, atomic_write_json, read_json
+from mamba_eval.utils import atomic_move, atomic_write, atomic_write_json, read_json
 
 PROG = "mamba-eval batch"
 STATUS_FILE = "batch.json"
@@ -79,22 +79,8 @@ def staging_dir(folder: Path, task: str) -> Path:
 
 
 def publish(written: Path, target: Path) -> None:
-    """Move a complete file that another writer made (lm-eval's) to ``target`` atomically:
-    flushed to disk, renamed over ``target``, the folder synced so the rename is durable."""
-    fd = os.open(written, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(written, target)
-    try:
-        fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    """Move a complete file that lm-eval's writer made to ``target`` atomically."""
+    atomic_move(written, target)
 
 
 def write_errors(folder: Path, tasks, message: str) -> None:
