@@ -26,7 +26,7 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from mamba_eval.errors import MambaEvalError, ModelArgsError, install_cli_excepthook
+from mamba_eval.errors import ModelArgsError, install_cli_excepthook
 from mamba_eval.harness.generation import GenerateTimes, SamplingParams, generate, tail_stop_checker
 from mamba_eval.harness.engine import DEFAULT_CONTEXT_CHUNK, gc_paused, score_continuations, score_documents
 from mamba_eval.harness.model_args import (

@@ -31,6 +31,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mamba_eval.harness.tokenization import DEFAULT_TOKENIZER
 from mamba_eval.errors import MambaEvalError
 
 __all__ = [
@@ -53,9 +54,8 @@ __all__ = [
 PROBE_DATA_VERSION = 1
 DEFAULT_SEED = 1234
 
-#: The default model of ``--model mamba`` (MambaLM's default ``pretrained``) and its tokenizer.
+#: The default model of ``--model mamba`` (MambaLM's default ``pretrained``).
 _DEFAULT_PRETRAINED = "state-spaces/mamba-130m"
-_DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 
 # --------------------------------------------------------------------------- lengths
 
@@ -113,7 +113,7 @@ def _tokenizer_source(meta: Mapping[str, Any]) -> tuple[str, str | None]:
     path = resolve_checkpoint(str(pretrained), revision)
     if has_tokenizer_files(path):
         return str(path), revision
-    return _DEFAULT_TOKENIZER, None
+    return DEFAULT_TOKENIZER, None
 
 
 @functools.lru_cache(maxsize=4)
