@@ -31,8 +31,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mamba_eval.harness.tokenization import DEFAULT_TOKENIZER
 from mamba_eval.errors import MambaEvalError
+from mamba_eval.harness.tokenization import DEFAULT_TOKENIZER
 
 __all__ = [
     "DEFAULT_SEED",
