@@ -54,13 +54,13 @@ class _Fields:
     def __init__(self, raw: dict, where: Path, prefix: str = ""):
         self.raw, self.where, self.prefix = raw, where, prefix
 
-    def _fail(self, key, msg):
+    def fail(self, key, msg):
         raise CheckpointError(f"{self.where}: field {self.prefix + key!r} {msg}")
 
     def get(self, key, default=None, *, required=False):
         if key not in self.raw or self.raw[key] is None:
             if required:
-                self._fail(key, "is required but missing")
+                self.fail(key, "is required but missing")
             return default
         return self.raw[key]
 
@@ -69,24 +69,24 @@ class _Fields:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            self._fail(key, f"must be an integer, got {value!r}")
+            self.fail(key, f"must be an integer, got {value!r}")
         return value
 
     def bool(self, key, default) -> bool:
         value = self.get(key, default)
         if not isinstance(value, bool):
-            self._fail(key, f"must be true or false, got {value!r}")
+            self.fail(key, f"must be true or false, got {value!r}")
         return value
 
     def float(self, key, default) -> float:
         value = self.get(key, default)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            self._fail(key, f"must be a number, got {value!r}")
+            self.fail(key, f"must be a number, got {value!r}")
         return float(value)
 
     def unsupported_unless(self, key, ok, what: str):
         if key in self.raw and not ok(self.raw[key]):
-            self._fail(key, f"= {self.raw[key]!r} ({what}) is not supported yet")
+            self.fail(key, f"= {self.raw[key]!r} ({what}) is not supported yet")
 
 
 def _as_float(value) -> float | None:
@@ -127,26 +127,26 @@ def _attn_layers(f: _Fields, d_model: int, n_layer: int) -> tuple[tuple[int, ...
     """``attn_layer_idx`` and ``attn_cfg`` of a mamba_ssm config (mamba_ssm's MHA defaults)."""
     idx = f.get("attn_layer_idx", [])
     if not isinstance(idx, list) or any(not isinstance(i, int) or isinstance(i, bool) for i in idx):
-        f._fail("attn_layer_idx", f"must be a list of layer indices, got {idx!r}")
+        f.fail("attn_layer_idx", f"must be a list of layer indices, got {idx!r}")
     bad = [i for i in idx if not 0 <= i < n_layer]
     if bad:
-        f._fail("attn_layer_idx", f"holds {bad}, outside the {n_layer} layers")
+        f.fail("attn_layer_idx", f"holds {bad}, outside the {n_layer} layers")
     if not idx:
         return (), None  # mamba_ssm ignores attn_cfg then
     attn_cfg = f.get("attn_cfg", {})
     if not isinstance(attn_cfg, dict):
-        f._fail("attn_cfg", f"must be an object, got {attn_cfg!r}")
+        f.fail("attn_cfg", f"must be an object, got {attn_cfg!r}")
     a = _Fields(attn_cfg, f.where, prefix="attn_cfg.")
     unknown = sorted(set(attn_cfg) - _ATTN_CFG_READ - _ATTN_CFG_IGNORED)
     if unknown:
-        a._fail(unknown[0], "is not a known setting of mamba_ssm's MHA")
+        a.fail(unknown[0], "is not a known setting of mamba_ssm's MHA")
     num_heads = a.int("num_heads", required=True)
     if num_heads < 1:
-        a._fail("num_heads", f"must be positive, got {num_heads}")
+        a.fail("num_heads", f"must be positive, got {num_heads}")
     if a.bool("causal", False) is not True:  # MHA's default is non-causal
-        a._fail("causal", "must be true: a language model's attention is causal")
+        a.fail("causal", "must be true: a language model's attention is causal")
     if a.get("head_dim") is None and d_model % num_heads != 0:
-        a._fail("head_dim", f"is missing and d_model = {d_model} is not a multiple of num_heads = {num_heads}")
+        a.fail("head_dim", f"is missing and d_model = {d_model} is not a multiple of num_heads = {num_heads}")
     mlp_dim = a.int("mlp_dim", 0)
     softmax_scale = a.get("softmax_scale")
     if softmax_scale is not None:
@@ -177,21 +177,21 @@ def _from_mamba_ssm(raw: dict, where: Path) -> ModelConfig:
     vocab_size = f.int("vocab_size", required=True)
     d_intermediate = f.int("d_intermediate", 0)
     if d_intermediate < 0:
-        f._fail("d_intermediate", f"must be non-negative, got {d_intermediate}")
+        f.fail("d_intermediate", f"must be non-negative, got {d_intermediate}")
     attn_layer_idx, attn = _attn_layers(f, d_model, n_layer)
     ssm_cfg = f.get("ssm_cfg", {})
     if not isinstance(ssm_cfg, dict):
-        f._fail("ssm_cfg", f"must be an object, got {ssm_cfg!r}")
+        f.fail("ssm_cfg", f"must be an object, got {ssm_cfg!r}")
     s = _Fields(ssm_cfg, where, prefix="ssm_cfg.")
     layer = s.get("layer", "Mamba1")
     if layer not in _SSM_CFG_READ:
-        s._fail("layer", f"= {layer!r} is not supported (supported: Mamba1, Mamba2)")
+        s.fail("layer", f"= {layer!r} is not supported (supported: Mamba1, Mamba2)")
     unknown = sorted(set(ssm_cfg) - _SSM_CFG_READ[layer] - _SSM_CFG_IGNORED)
     if unknown:
-        s._fail(unknown[0], f"is not a known {layer} setting")
+        s.fail(unknown[0], f"is not a known {layer} setting")
     pad = f.int("pad_vocab_size_multiple", 8)
     if pad < 1:
-        f._fail("pad_vocab_size_multiple", f"must be positive, got {pad}")
+        f.fail("pad_vocab_size_multiple", f"must be positive, got {pad}")
     common = dict(
         d_model=d_model,
         n_layer=n_layer,
@@ -236,7 +236,7 @@ def _from_transformers(raw: dict, arch: str, where: Path, falcon: bool = False) 
         # but a stored intermediate_size overrides it (and sizes the weights).
         intermediate = f.int("intermediate_size")
         if intermediate < 1 or intermediate % hidden != 0:
-            f._fail("intermediate_size", f"= {intermediate} is not a positive multiple of hidden_size = {hidden} "
+            f.fail("intermediate_size", f"= {intermediate} is not a positive multiple of hidden_size = {hidden} "
                     "(not supported)")
         expand = intermediate // hidden
     common = dict(
