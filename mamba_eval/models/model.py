@@ -185,22 +185,20 @@ class LanguageModel(nn.Module):
 
     @property
     def cost(self) -> CostHints:
-        """Memory and compute per token and per sequence (:class:`CostHints`)."""
-        cached = self.__dict__.get("_cost")
-        if cached is None:
-            elem = torch.finfo(self.dtype).bits // 8
-            mixers = [layer.mixer for layer in self.backbone.layers]
-            kv = sum(m.kv_bytes(elem) for m in mixers)
-            skip = {id(self.backbone.embedding.weight), id(self.lm_head.weight)}
-            weights = sum(p.numel() for p in self.parameters() if id(p) not in skip)
-            cached = self.__dict__["_cost"] = CostHints(
-                token_bytes=4 * 3 * self.config.d_model + max(m.activation_bytes() for m in mixers) + kv,
-                state_bytes=sum(m.state_bytes(elem) for m in mixers),
-                kv_bytes=kv,
-                logit_row_bytes=3 * 4 * self.config.vocab_size,
-                flops_per_token=2 * weights,
-            )
-        return cached
+        """Memory and compute per token and per sequence (:class:`CostHints`), for the model's
+        dtype as it is now."""
+        elem = torch.finfo(self.dtype).bits // 8
+        mixers = [layer.mixer for layer in self.backbone.layers]
+        kv = sum(m.kv_bytes(elem) for m in mixers)
+        skip = {id(self.backbone.embedding.weight), id(self.lm_head.weight)}
+        weights = sum(p.numel() for p in self.parameters() if id(p) not in skip)
+        return CostHints(
+            token_bytes=4 * 3 * self.config.d_model + max(m.activation_bytes() for m in mixers) + kv,
+            state_bytes=sum(m.state_bytes(elem) for m in mixers),
+            kv_bytes=kv,
+            logit_row_bytes=3 * 4 * self.config.vocab_size,
+            flops_per_token=2 * weights,
+        )
 
     def weights_key(self) -> tuple:
         """Changes when the model's tensors move (``.to``, reloading), which a captured CUDA graph

@@ -23,7 +23,7 @@ from torch import nn
 from mamba_eval.kernels.norm import weightless_rmsnorm_ref
 from mamba_eval.models.config import Mamba1Config
 from mamba_eval.models.mixers.ssm import (
-    SSMMixer, conv_params, conv_state_at, inverse_softplus_dt, mask_padded_dt, padding_mask,
+    SSMMixer, conv_params, inverse_softplus_dt, mask_padded_dt, padding_mask,
 )
 from mamba_eval.models.ops import Ops
 from mamba_eval.models.state import SSMState
@@ -79,13 +79,7 @@ class Mamba1Mixer(SSMMixer):
             padded = padding_mask(lengths, h.shape[1])
         ops = self.ops
         xin, z = ops.linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
-        x, conv_state = ops.causal_conv1d(
-            xin.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-            initial_state=None if state is None else state.conv, activation="silu",
-        )  # [B, d_inner, L]
-        if lengths is not None:
-            conv_state = conv_state_at(xin.transpose(1, 2), None if state is None else state.conv, lengths,
-                                       self.cfg.d_conv)
+        x, conv_state = self.convolve(xin, state, lengths)  # [B, d_inner, L]
         dt, B, C = self._ssm_inputs(x.transpose(1, 2), ops.linear)
         dt = mask_padded_dt(dt, padded)
         y, ssm_state = ops.selective_scan(

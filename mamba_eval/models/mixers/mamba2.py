@@ -20,7 +20,7 @@ from torch import nn
 from mamba_eval.models.config import Mamba2Config
 from mamba_eval.models.layers import Norm
 from mamba_eval.models.mixers.ssm import (
-    SSMMixer, conv_params, conv_state_at, inverse_softplus_dt, mask_padded_dt, padding_mask,
+    SSMMixer, conv_params, inverse_softplus_dt, mask_padded_dt, padding_mask,
 )
 from mamba_eval.models.ops import Ops
 from mamba_eval.models.state import SSMState
@@ -75,13 +75,7 @@ class Mamba2Mixer(SSMMixer):
             padded = padding_mask(lengths, h.shape[1])
         ops = self.ops
         z, xbc_in, dt = self._split(ops.linear(h, self.in_proj.weight, self.in_proj.bias))
-        xbc, conv_state = ops.causal_conv1d(
-            xbc_in.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-            initial_state=None if state is None else state.conv, activation="silu",
-        )  # [B, conv_dim, L]
-        if lengths is not None:
-            conv_state = conv_state_at(xbc_in.transpose(1, 2), None if state is None else state.conv, lengths,
-                                       self.cfg.d_conv)
+        xbc, conv_state = self.convolve(xbc_in, state, lengths)  # [B, conv_dim, L]
         dt = mask_padded_dt(dt, padded)
         x, B, C = self._split_xbc(xbc.transpose(1, 2))
         y, ssm_state = ops.ssd_scan(

@@ -111,5 +111,14 @@ class SSMMixer(nn.Module):
         c = self.cfg
         return 4 * (4 * c.d_in_proj + 2 * c.d_inner)
 
-    def _mixer_state(self, state: SSMState | None):
-        return (None, None) if state is None else (state.conv, state.ssm)
+    def convolve(self, xin: torch.Tensor, state: SSMState | None, lengths: torch.Tensor | None):
+        """xin [B, L, conv_dim] -> (SiLU(causal conv) [B, conv_dim, L], the conv state after each
+        row's last position, or after ``lengths[b]`` positions when given)."""
+        initial = None if state is None else state.conv
+        x, conv_state = self.ops.causal_conv1d(
+            xin.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+            initial_state=initial, activation="silu",
+        )
+        if lengths is not None:
+            conv_state = conv_state_at(xin.transpose(1, 2), initial, lengths, self.cfg.d_conv)
+        return x, conv_state
