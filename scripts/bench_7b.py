@@ -11,7 +11,7 @@ times it) at B=1, L=2048 and B=8, L=2048 in tokens/s with the share of the bf16 
 generated token (whole ``generate`` call after a first call that compiles and captures). Prints a
 table and writes JSON (``--json``).
 
-    python scripts/bench_7b.py --json bench_7b.json [--shapes falcon-mamba-7b,codestral-mamba-7b]
+    python scripts/bench_7b.py --json bench_7b.json [--shapes falcon-mamba-7b,mamba-codestral-7b]
     python scripts/bench_7b.py --tiny        # the same code path at toy sizes on the CPU (no timings worth reading)
 """
 
@@ -26,29 +26,8 @@ from pathlib import Path
 
 import torch
 
-# Published config.json fields (the loader's input), by shape.
-CONFIGS = {
-    "mamba-2.8b": {"d_model": 2560, "n_layer": 64, "vocab_size": 50277, "ssm_cfg": {}, "rms_norm": True,
-                   "residual_in_fp32": True, "pad_vocab_size_multiple": 8, "tie_embeddings": True},
-    "mamba2-2.7b": {"d_model": 2560, "n_layer": 64, "vocab_size": 50277, "ssm_cfg": {"layer": "Mamba2"},
-                    "rms_norm": True, "residual_in_fp32": True, "pad_vocab_size_multiple": 16, "tie_embeddings": True},
-    "mamba2attn-2.7b": {
-        "d_model": 2560, "d_intermediate": 0, "n_layer": 64, "vocab_size": 50277, "ssm_cfg": {"layer": "Mamba2"},
-        "attn_layer_idx": [9, 18, 27, 36, 45, 56],
-        "attn_cfg": {"causal": True, "d_conv": 4, "head_dim": 128, "num_heads": 30, "out_proj_bias": False,
-                     "qkv_proj_bias": False, "rotary_emb_dim": 64},
-        "rms_norm": True, "residual_in_fp32": True, "pad_vocab_size_multiple": 16, "tie_embeddings": True},
-    "falcon-mamba-7b": {
-        "architectures": ["FalconMambaForCausalLM"], "model_type": "falcon_mamba", "hidden_size": 4096,
-        "num_hidden_layers": 64, "vocab_size": 65024, "state_size": 16, "conv_kernel": 4, "expand": 16,
-        "intermediate_size": 8192, "time_step_rank": 256, "use_bias": False, "use_conv_bias": True,
-        "layer_norm_epsilon": 1e-5, "residual_in_fp32": True, "tie_word_embeddings": False},
-    "codestral-mamba-7b": {
-        "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", "hidden_size": 4096,
-        "num_hidden_layers": 64, "vocab_size": 32768, "state_size": 128, "head_dim": 64, "num_heads": 128,
-        "n_groups": 8, "expand": 2, "chunk_size": 256, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
-        "layer_norm_epsilon": 1e-5, "residual_in_fp32": True, "tie_word_embeddings": False},
-}
+# Published config.json fields (mamba_eval.models.releases), by shape.
+CONFIGS = ("mamba-2.8b", "mamba2-2.7b", "mamba2attn-2.7b", "falcon-mamba-7b", "mamba-codestral-7b")
 # Toy versions for --tiny: same fields, small sizes.
 TINY = {
     "mamba-2.8b": {"d_model": 64, "n_layer": 2},
@@ -59,7 +38,7 @@ TINY = {
                                      "qkv_proj_bias": False, "rotary_emb_dim": 8}},
     "falcon-mamba-7b": {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "time_step_rank": 8,
                         "vocab_size": 512},
-    "codestral-mamba-7b": {"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 8, "head_dim": 16,
+    "mamba-codestral-7b": {"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 8, "head_dim": 16,
                            "chunk_size": 16, "vocab_size": 512},
 }
 MATMUL_PEAK = 805e12  # bf16 matmul on the H200 (../shared/reference/anchors.md)
@@ -93,8 +72,9 @@ class Clock:
 
 def read_shape(name: str, tiny: bool):
     from mamba_eval.models.checkpoint import read_config
+    from mamba_eval.models.releases import release
 
-    raw = {**CONFIGS[name], **(TINY[name] if tiny else {})}
+    raw = release(name, **(TINY[name] if tiny else {}))
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(raw))
         return read_config(folder)

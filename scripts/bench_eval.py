@@ -34,13 +34,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from mamba_eval.models.releases import release, write_random_checkpoint
+
 REPO = Path(__file__).resolve().parent.parent
 
-# Published Mamba-1 shapes (facts.md), plus a tiny one for smoke tests on the CPU.
+# Published Mamba-1 shapes (mamba_eval.models.releases), plus a tiny one for smoke tests on the CPU.
 SHAPES = {
-    "mamba-130m": dict(d_model=768, n_layer=24),
-    "mamba-2.8b": dict(d_model=2560, n_layer=64),
-    "tiny": dict(d_model=64, n_layer=2),
+    "mamba-130m": release("mamba-130m"),
+    "mamba-2.8b": release("mamba-2.8b"),
+    "tiny": release("mamba-130m", d_model=64, n_layer=2),
 }
 # lm-eval's `mamba_ssm` wrapper on one H200 (anchors.md): (whole process s, loglikelihood phase s).
 ANCHORS = {"mamba-130m": (80.0, 43.0), "mamba-2.8b": (170.0, 137.0)}
@@ -50,31 +52,15 @@ MODES = {"shared": "true", "unshared": "false"}
 
 
 def write_checkpoint(folder: Path, shape: str, device: str) -> Path:
-    """A random-init Mamba-1 checkpoint in mamba_ssm's format (reused when already written)."""
+    """A random-init checkpoint of ``shape`` in mamba_ssm's format (reused when already written)."""
     import torch
 
-    from mamba_eval.models.checkpoint import read_config
-    from mamba_eval.models.model import LanguageModel
-
-    config = {
-        **SHAPES[shape], "d_intermediate": 0, "vocab_size": 50277, "ssm_cfg": {}, "attn_layer_idx": [],
-        "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
-        "pad_vocab_size_multiple": 8, "tie_embeddings": True,
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / "pytorch_model.bin"
-    cfg_path = folder / "config.json"
-    if weights.is_file() and cfg_path.is_file() and json.loads(cfg_path.read_text()) == config:
+    config = SHAPES[shape]
+    if (folder / "pytorch_model.bin").is_file() and (folder / "config.json").is_file() \
+            and json.loads((folder / "config.json").read_text()) == config:
         return folder
-    cfg_path.write_text(json.dumps(config, indent=2))
     init_device = device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    model = LanguageModel(read_config(folder), backend="ref", device=init_device, dtype=torch.float32)
-    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}  # lm_head stored too
-    del model
-    torch.save(state, str(weights) + ".tmp")
-    os.replace(str(weights) + ".tmp", weights)
-    return folder
+    return write_random_checkpoint(folder, config, seed=0, device=init_device)
 
 
 def lm_eval_argv(args, checkpoint: Path, tokenizer: Path, include: Path, mode: str, out_dir: Path) -> list[str]:

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import SHAPES, make_config  # noqa: E402
+from bench_model import SHAPES  # noqa: E402
+
+from mamba_eval.models.releases import release_config  # noqa: E402
 
 # mamba_ssm generate(cg=True) on one H200, ms per generated token (anchors.md, Decode table).
 ANCHORS = {
@@ -91,7 +93,7 @@ def main() -> int:
           f"{'bf16 state':>10} {'capture s':>9} {'mamba_ssm':>9}   (ms per token; same tokens)")
     for shape in shapes:
         torch.manual_seed(0)
-        model = LanguageModel(make_config(**SHAPES[shape]), backend="triton", device="cuda",
+        model = LanguageModel(release_config(shape), backend="triton", device="cuda",
                                  dtype=torch.bfloat16, batch_invariant=args.batch_invariant).eval()
         for batch in batches:
             eager = None if args.no_eager else bench(model, batch, False, 1, repeats=1)

@@ -47,23 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-SHAPES = {
-    "mamba-130m": dict(arch="mamba1", d_model=768, n_layer=24),
-    "mamba-2.8b": dict(arch="mamba1", d_model=2560, n_layer=64),
-    "mamba2-130m": dict(arch="mamba2", d_model=768, n_layer=24),
-}
+SHAPES = ("mamba-130m", "mamba-2.8b", "mamba2-130m")  # mamba_eval.models.releases
 TASK = "hellaswag"
-
-
-def make_config(arch: str, d_model: int, n_layer: int):
-    from mamba_eval.models.config import mamba_stack
-
-    mamba2 = arch == "mamba2"
-    return mamba_stack(
-        arch=arch, d_model=d_model, n_layer=n_layer, vocab_size=50288 if mamba2 else 50280,
-        d_state=128 if mamba2 else 16, d_conv=4, expand=2, dt_rank=0 if mamba2 else -(-d_model // 16),
-        headdim=64 if mamba2 else 0, ngroups=1, chunk_size=256 if mamba2 else 0,
-    )
 
 
 def build_requests(data: Path, limit: int | None, cache: Path | None):
@@ -85,19 +70,9 @@ def build_requests(data: Path, limit: int | None, cache: Path | None):
 
 def write_tiny_checkpoint(folder: Path) -> Path:
     """A 1-layer d_model=16 checkpoint (mamba_ssm format, real vocabulary rows) for MambaLM to load."""
-    import torch
+    from mamba_eval.models.releases import release, write_random_checkpoint
 
-    from mamba_eval.models.checkpoint import read_config
-    from mamba_eval.models.model import LanguageModel
-
-    config = {"d_model": 16, "n_layer": 1, "d_intermediate": 0, "vocab_size": 50277, "ssm_cfg": {},
-              "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
-              "fused_add_norm": True, "pad_vocab_size_multiple": 8, "tie_embeddings": True}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    model = LanguageModel(read_config(folder), backend="ref", device="cpu", dtype=torch.float32)
-    torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    return folder
+    return write_random_checkpoint(folder, release("mamba-130m", d_model=16, n_layer=1))
 
 
 class Stages:
@@ -176,9 +151,10 @@ def install_meta_model(lm, shape: str, reads: dict, counter=None):
 
     from mamba_eval.harness.executor import Scores
     from mamba_eval.models.model import LanguageModel
+    from mamba_eval.models.releases import release_config
     from mamba_eval.models.state import SSMState
 
-    cfg = make_config(**SHAPES[shape])
+    cfg = release_config(shape)
     meta = torch.device("meta")
     model = LanguageModel(cfg, backend="ref", device=meta, dtype=torch.bfloat16)
     mixers = [layer.mixer for layer in cfg.layers]
@@ -262,7 +238,7 @@ def run(args) -> dict:
         "forward: rows, uploads, picks": [(Executor, "forward")],
         "scoring: picks, gathers": [(Executor, "score_rows")],
         "state forks": [(SSMState, "index_select")],
-        "final read + gather": [(engine._PairScorer, "results")],
+        "final read + gather": [(engine.PairScorer, "results")],
         "progress bar": [(lm_mod._ProgressBar, "__call__")],
         "engine: other": [(lm_mod, "score_continuations")],
         "adapter: other": [(lm_mod.MambaLM, "loglikelihood")],

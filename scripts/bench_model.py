@@ -24,13 +24,10 @@ import time
 
 import torch
 
-# Published shapes (mamba_ssm configs; facts.md).
-SHAPES = {
-    "mamba-130m": dict(arch="mamba1", d_model=768, n_layer=24),
-    "mamba-2.8b": dict(arch="mamba1", d_model=2560, n_layer=64),
-    "mamba2-130m": dict(arch="mamba2", d_model=768, n_layer=24),
-    "mamba2-2.7b": dict(arch="mamba2", d_model=2560, n_layer=64),
-}
+from mamba_eval.models.releases import release_config
+
+# Published shapes (mamba_eval.models.releases).
+SHAPES = ("mamba-130m", "mamba-2.8b", "mamba2-130m", "mamba2-2.7b")
 BATCHES = [(64, 128), (256, 128), (16, 2048), (1, 16384)]
 # mamba_ssm on the same GPU kind, tokens/s (reference/anchors.md).
 ANCHOR = {
@@ -40,17 +37,6 @@ ANCHOR = {
     "mamba2-2.7b": [72.2e3, 69.0e3, 79.4e3, 80.5e3],
 }
 MATMUL_PEAK = 805e12  # bf16 matmul, measured on the same GPU kind (anchors.md)
-
-
-def make_config(arch: str, d_model: int, n_layer: int):
-    """The published shape's architecture (mamba_ssm's defaults: d_state 16 / 128, expand 2)."""
-    from mamba_eval.models.config import mamba_stack
-
-    if arch == "mamba2":
-        return mamba_stack(arch=arch, d_model=d_model, n_layer=n_layer, vocab_size=50288, d_state=128, headdim=64,
-                           ngroups=1, chunk_size=256)
-    return mamba_stack(arch=arch, d_model=d_model, n_layer=n_layer, vocab_size=50280, d_state=16,
-                       dt_rank=-(-d_model // 16))
 
 
 def n_matmul_params(model) -> int:
@@ -113,7 +99,7 @@ def cold_start(shape: str) -> dict:
 def first_forward(shape: str) -> None:
     from mamba_eval.models.model import LanguageModel
 
-    model = LanguageModel(make_config(**SHAPES[shape]), backend="triton", device="cuda", dtype=torch.bfloat16)
+    model = LanguageModel(release_config(shape), backend="triton", device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for batch, length in ((4, 128), (1, 2048)):  # two shapes: what a first lm-eval batch compiles
@@ -139,7 +125,7 @@ def main() -> int:
 
     rows, results = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
     for shape in args.shapes.split(","):
-        cfg = make_config(**SHAPES[shape])
+        cfg = release_config(shape)
         torch.manual_seed(0)
         tri = LanguageModel(cfg, backend="triton", device="cuda", dtype=torch.bfloat16)
         ref = LanguageModel(cfg, backend="ref", device="cuda", dtype=torch.bfloat16)

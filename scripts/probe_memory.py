@@ -26,44 +26,22 @@ import sys
 import time
 from pathlib import Path
 
-# Published shapes (mamba_ssm configs; see ../shared/reference/facts.md and scripts/bench_model.py).
-SHAPES = {
-    "mamba-130m": dict(d_model=768, n_layer=24, ssm_cfg={}),
-    "mamba-2.8b": dict(d_model=2560, n_layer=64, ssm_cfg={}),
-    "mamba2-130m": dict(d_model=768, n_layer=24, ssm_cfg={"layer": "Mamba2"}),
-    "mamba2-2.7b": dict(d_model=2560, n_layer=64, ssm_cfg={"layer": "Mamba2"}),
-}
+# Published shapes (mamba_eval.models.releases).
+SHAPES = ("mamba-130m", "mamba-2.8b", "mamba2-130m", "mamba2-2.7b")
 
 
-def write_random_checkpoint(shape: str, folder: Path, dtype: str) -> Path:
-    """config.json (mamba_ssm dialect, GPT-NeoX vocabulary) + model.safetensors with random weights."""
+def write_checkpoint(shape: str, folder: Path, dtype: str) -> Path:
+    """config.json (the release's, in ``dtype``) + model.safetensors with random weights (reused when
+    already written)."""
     import torch
-    from safetensors.torch import save_file
 
-    from mamba_eval.models.checkpoint import read_config
-    from mamba_eval.models.model import LanguageModel
+    from mamba_eval.models.releases import release, write_random_checkpoint
 
     if (folder / "model.safetensors").is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    spec = SHAPES[shape]
-    mamba2 = spec["ssm_cfg"].get("layer") == "Mamba2"
-    config = {
-        "d_model": spec["d_model"], "d_intermediate": 0, "n_layer": spec["n_layer"], "vocab_size": 50277,
-        "ssm_cfg": spec["ssm_cfg"], "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True,
-        "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 16 if mamba2 else 8,
-        "tie_embeddings": True, "torch_dtype": dtype,
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    model = LanguageModel(read_config(folder), backend="ref", device=device, dtype=getattr(torch, dtype))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    del model
-    tmp = folder / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
-    return folder
+    return write_random_checkpoint(folder, release(shape, torch_dtype=dtype), dtype=getattr(torch, dtype),
+                                   device=device, safetensors=True)
 
 
 def default_tokenizer(workdir: Path) -> str:
@@ -111,7 +89,7 @@ def main() -> int:
             print(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", file=sys.stderr)
             return 2
         t0 = time.perf_counter()
-        folder = write_random_checkpoint(shape, workdir / shape, args.dtype)
+        folder = write_checkpoint(shape, workdir / shape, args.dtype)
         write_s = time.perf_counter() - t0
         model_args = {"pretrained": str(folder), "tokenizer": tokenizer, "dtype": args.dtype}
         for item in filter(None, args.model_args.split(",")):

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import SHAPES, make_config  # noqa: E402
+from bench_model import SHAPES  # noqa: E402
+
+from mamba_eval.models.releases import release_config  # noqa: E402
 
 
 @torch.inference_mode()
@@ -75,7 +77,7 @@ def main() -> int:
         ap.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
     for shape in shapes:
         torch.manual_seed(0)
-        model = LanguageModel(make_config(**SHAPES[shape]), backend="triton", device="cuda", dtype=torch.bfloat16)
+        model = LanguageModel(release_config(shape), backend="triton", device="cuda", dtype=torch.bfloat16)
         print(shape)
         for batch in (int(b) for b in args.batches.split(",")):
             profile_step(model, batch)

@@ -152,7 +152,7 @@ def plan_pairs(pairs: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], max_len
     )
 
 
-class _PairScorer:
+class PairScorer:
     """Runs a :class:`_Plan` and records where each distinct pair's token scores are: the first
     token's at ``first_at`` (from a shared context pass; -1 when none), and ``rest_n`` more
     from ``rest_at``."""
@@ -319,7 +319,7 @@ def score_continuations(
     budget = token_budget(model, batch_size, min(longest, context_chunk), device, max_batch_size)
     plan = plan_pairs(pairs, max_length, share_context)
     ex = Executor(model, device, pad_id, budget, stats, on_progress, plan.store, context_chunk)
-    scorer = _PairScorer(ex, plan, pairs, weights)
+    scorer = PairScorer(ex, plan, pairs, weights)
     with torch.inference_mode():
         scorer.run_wholes()
         scorer.run_groups()
