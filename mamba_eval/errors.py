@@ -19,8 +19,6 @@ from __future__ import annotations
 import os
 import sys
 
-from mamba_eval.utils import one_line
-
 #: Set to anything but ``""``/``0`` to get tracebacks instead of one-line errors.
 TRACEBACK_ENV = "MAMBA_EVAL_TRACEBACK"
 #: lm-eval's command-line module (``python -m lm_eval``; its ``cli_evaluate`` is the console scripts' entry).
@@ -33,6 +31,15 @@ class MambaEvalError(ValueError):
 
 class ModelArgsError(MambaEvalError):
     """An unknown or malformed ``--model_args`` value."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error report. A
+    ``MambaEvalError`` is already written for the user and keeps its text alone; any other
+    exception is prefixed by its type name."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if isinstance(exc, MambaEvalError) else f"{type(exc).__name__}: {text}"
 
 
 def traceback_wanted() -> bool:

@@ -1,5 +1,5 @@
 """Small helpers shared by every layer: atomic file writes (a reader sees the old file or the
-whole new one, never a part), JSON reading, one-line error text, the cache and data folders.
+whole new one, never a part), JSON reading, the cache and data folders.
 
 Standard library only (imported by command modules at start-up).
 """
@@ -68,17 +68,6 @@ def read_json(path: Path):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message, for a one-line error report. A
-    ``MambaEvalError`` is already written for the user and keeps its text alone; any other
-    exception is prefixed by its type name."""
-    from mamba_eval.errors import MambaEvalError
-
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    return text if isinstance(exc, MambaEvalError) else f"{type(exc).__name__}: {text}"
 
 
 def looks_like_path(name: str) -> bool:

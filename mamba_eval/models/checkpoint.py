@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from mamba_eval.errors import MambaEvalError
+from mamba_eval.errors import MambaEvalError, one_line
 from mamba_eval.models.config import ModelConfig
 from mamba_eval.models.dtypes import parse_dtype
 from mamba_eval.models.formats import CheckpointError, config_from_dict, drop_placeholders, rename_key
-from mamba_eval.utils import looks_like_path, one_line
+from mamba_eval.utils import looks_like_path
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"

@@ -30,8 +30,8 @@ from mamba_eval.commands.batch.store import (
     note_lock, try_lock, unit_state, utc_now,
 )
 from mamba_eval.commands.batch.worker import PARENT_ENV
-from mamba_eval.errors import MambaEvalError
-from mamba_eval.utils import atomic_write, atomic_write_json, one_line
+from mamba_eval.errors import MambaEvalError, one_line
+from mamba_eval.utils import atomic_write, atomic_write_json
 
 #: This package run as a module: the worker (``--worker``) and the launcher guard (``--exec``).
 MODULE = "mamba_eval.commands.batch"

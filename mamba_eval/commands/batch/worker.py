@@ -30,8 +30,8 @@ from pathlib import Path
 
 from mamba_eval.commands.batch.plan import lm_eval_run_parser
 from mamba_eval.commands.batch.store import RESULT_KEY, publish, result_path, staging_dir, write_errors
-from mamba_eval.errors import MambaEvalError
-from mamba_eval.utils import one_line, read_json
+from mamba_eval.errors import MambaEvalError, one_line
+from mamba_eval.utils import read_json
 
 #: Set by the parent to its pid: the worker watches that it is still its parent.
 PARENT_ENV = "MAMBA_EVAL_BATCH_PARENT"
