@@ -186,3 +186,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """The real task data and tokenizer (``helpers_data``); skips when the folder is absent."""
+    from helpers_data import require_data_dir
+
+    return require_data_dir()
+
+
+@pytest.fixture(scope="session")
+def tok_dir(data_dir):
+    """The GPT-NeoX-20B tokenizer of the Mamba releases."""
+    return data_dir / "tokenizers" / "gpt-neox-20b"

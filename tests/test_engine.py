@@ -20,7 +20,6 @@ import random
 import pytest
 import torch
 
-from helpers_data import require_data_dir
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
@@ -55,16 +54,6 @@ def _write_checkpoint(out_dir, arch: str):
         model.backbone.embeddings.weight.normal_(0.0, 0.5)
     model.save_pretrained(out_dir)
     return out_dir
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    return require_data_dir()
-
-
-@pytest.fixture(scope="module")
-def tok_dir(data_dir):
-    return data_dir / "tokenizers" / "gpt-neox-20b"
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,11 @@ import re
 import pytest
 import torch
 import transformers
-from helpers_data import REPO_ROOT, require_data_dir
+from helpers_data import REPO_ROOT
 
 from mamba_eval.errors import MambaEvalError, ModelArgsError
 from mamba_eval.harness import model_args
 from mamba_eval.models.dtypes import DTYPE_NAMES, parse_dtype
-
-
-@pytest.fixture(scope="module")
-def tok_dir():
-    return require_data_dir() / "tokenizers" / "gpt-neox-20b"
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,12 @@ import json
 
 import pytest
 import transformers
-from helpers_data import require_data_dir
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 
 from mamba_eval.errors import MambaEvalError, ModelArgsError
 from mamba_eval.harness import tokenization
 from mamba_eval.harness.tokenization import BatchTokenizer, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    return require_data_dir()
-
-
-@pytest.fixture(scope="module")
-def tok_dir(data_dir):
-    return data_dir / "tokenizers" / "gpt-neox-20b"
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,7 @@
 """The output folder of a batch: its layout, each unit's state, the per-checkpoint lock, result
 files put in place atomically, and the status file with the progress lines.
 
-Layout of ``OUTPUT`` (the package docstring explains it)::
-
-    batch.json                 status: every unit's state and error, counts, elapsed time
-    <slug>/checkpoint.json     name, source, model, model_args, n_parameters (for tables)
-    <slug>/<task>.json         lm-eval results of one task (complete files only)
-    <slug>/<task>.samples.jsonl  with --log_samples: lm-eval's per-document records
-                               (a group's subtasks: <task>.<subtask>.samples.jsonl)
-    <slug>/<task>.error        one-line error of the last failed attempt
-    <slug>/worker.log          the evaluation process's output, appended per attempt
-    <slug>/.lock               held while a process evaluates this checkpoint
+The layout of ``OUTPUT`` is the package docstring's.
 
 A ``<task>.json`` is lm-eval's own results file with a ``"mamba_eval_batch"`` record (task,
 settings, fingerprint): the unit is done when that file parses, has results and carries the
