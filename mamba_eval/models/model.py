@@ -1,7 +1,7 @@
 """A language model of the Mamba family, forward only: embedding, blocks, final norm, LM head.
 
 The parameter names are mamba_ssm's ``LanguageModel``'s, so its checkpoints load without
-renaming (``mamba_eval.models.checkpoint`` maps the other formats onto these names)::
+renaming (``mamba_eval.models.formats`` maps the other formats onto these names)::
 
     backbone.embedding                                        token embedding        [V, D]
     backbone.layers.i.norm       pre-norm (fused with the residual add)
