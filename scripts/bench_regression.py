@@ -79,7 +79,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--data-dir", default=os.environ.get("MAMBA_EVAL_DATA_DIR", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--work-dir", default=None, help="checkpoints for eval (default: a temporary folder)")
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--json", help="write the results here (rewritten after every run, so a cut run keeps its rows)")
+    ap.add_argument("--log-dir", help="keep each run's own JSON and log here (default: a temporary folder)")
     args = ap.parse_args()
     measures = [m for m in args.measures.split(",") if m]
     if any(m not in MEASURES for m in measures):
@@ -89,19 +90,28 @@ def main() -> int:
         ap.error(f"{trees['base']} is not a checkout of the project")
     tmp = tempfile.TemporaryDirectory(prefix="bench_regression.")
     args.work_dir = args.work_dir or tmp.name
+    log_dir = Path(args.log_dir or tmp.name)
+    log_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, dict[str, list[float]]] = {"base": {}, "this": {}}
     try:
         for rep in range(args.repeat):
             for label, tree in trees.items():
                 install(tree)
                 for measure in measures:
-                    out = Path(tmp.name) / f"{label}-{measure}-{rep}.json"
+                    out = log_dir / f"{label}-{measure}-{rep}.json"
                     for key, value in run_script(tree, measure, args, out).items():
                         figures[label].setdefault(f"{measure}: {key}", []).append(value)
                     print(f"round {rep + 1}: {label} {measure} done", flush=True)
+                    report(figures, trees, args, final=False)
     finally:
         install(REPO)
         tmp.cleanup()
+    report(figures, trees, args, final=True)
+    return 0
+
+
+def report(figures: dict[str, dict[str, list[float]]], trees: dict[str, Path], args, final: bool) -> None:
+    """Rows of figures measured in both trees; printed when ``final``, written to ``--json`` always."""
     rows = []
     for key, base in figures["base"].items():
         this = figures["this"].get(key)
@@ -110,15 +120,16 @@ def main() -> int:
         b, t = statistics.median(base), statistics.median(this)
         rows.append({"figure": key, "base": base, "this": this, "base_median": b, "this_median": t,
                      "ratio": t / b, "noise": (max(base) - min(base)) / b})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"base": str(trees["base"]), "repeat": args.repeat, "rows": rows},
+                                              indent=1))
+    if not final:
+        return
     width = max((len(r["figure"]) for r in rows), default=10)
     print(f"\n{'figure':<{width}} {'base':>10} {'this':>10} {'this/base':>9} {'noise':>6}")
     for r in rows:
         print(f"{r['figure']:<{width}} {r['base_median']:>10.4g} {r['this_median']:>10.4g} {r['ratio']:>9.3f} "
               f"{r['noise']:>6.1%}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"base": str(trees["base"]), "repeat": args.repeat, "rows": rows},
-                                              indent=1))
-    return 0
 
 
 if __name__ == "__main__":
