@@ -69,11 +69,12 @@ def test_accepted_keys_follow_the_signature():
         Base(new_knob=2)
 
 
-def test_readme_table_documents_exactly_the_accepted_keys():
+@pytest.mark.parametrize("doc, heading", [("README.md", "### model_args"), ("docs/model-args.md", "# model_args")])
+def test_docs_tables_document_exactly_the_accepted_keys(doc, heading):
     from mamba_eval.harness.lm import MambaLM
 
-    text = (REPO_ROOT / "README.md").read_text()
-    section = text.split("### model_args", 1)[1].split("\n#", 1)[0]
+    text = (REPO_ROOT / doc).read_text()
+    section = text.split(heading, 1)[1].split("\n#", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     documented = {key for row in rows for key in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert documented == set(model_args.accepted_keys(MambaLM))
