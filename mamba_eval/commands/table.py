@@ -22,13 +22,15 @@ Rules (the same in every format):
   counted from the checkpoint's ``config.json`` when that folder is reachable. Rows are ordered
   by parameter count, rows without one last, ties by label.
 - **Average.** Mean of the accuracy columns shown (not the perplexity), computed from the
-  unrounded values. A row that lacks one of them gets an empty average; with
-  ``partial_average=True`` it gets the mean of the cells it has, written ``41.2 (6/7)``, which is
-  never marked best.
+  unrounded values. A row that lacks one of them gets no average (a mean over fewer tasks does
+  not compare with the others'); with ``partial_average=True`` it gets the mean of the cells it
+  has, written ``41.2 (6/7)``, which is never marked best. Either way a note names the tasks
+  the row lacks.
 - **Best.** In each column with values in at least two rows, the best displayed value (lowest
   perplexity, highest accuracy; ties all) is bold in Markdown and LaTeX and listed in the CSV
   column ``best`` (column keys separated by ``;``). Published rows take part.
-- **Missing** tasks are empty cells. **Task versions** that differ across rows put ``‡`` on the
+- **Missing** values are ``–`` in Markdown, ``--`` in LaTeX (as papers print them) and empty
+  cells in the CSV. **Task versions** that differ across rows put ``‡`` on the
   task's column headers and a note naming the versions and rows. Subsets (``--limit``) and
   few-shot results are noted too; notes follow the Markdown table, are ``%`` comments after the
   LaTeX tabular, fill the CSV column ``notes``, and are printed on stderr by the command.
@@ -40,9 +42,9 @@ Rules (the same in every format):
   The PNG chart (score vs parameters, log scale) is written without a timestamp or software tag.
 
 The data (rows, the built table) is :mod:`mamba_eval.commands.table_data`; the outputs are
-:mod:`mamba_eval.commands.table_render`, written through pytablewriter
-(:mod:`mamba_eval.commands.table_writers`: Markdown with padded columns, CSV with every non-empty
-cell quoted, LaTeX as a booktabs ``tabular``). Library use::
+:mod:`mamba_eval.commands.table_render`, written through
+:mod:`mamba_eval.commands.table_writers` (Markdown with padded columns and LaTeX as a booktabs
+``tabular`` through pytablewriter, RFC 4180 CSV through the ``csv`` module). Library use::
 
     from mamba_eval.commands.table import make_table, to_markdown, to_csv, to_latex, render_chart
     table = make_table(["runs/batch1"], published=("mamba", "mamba2"), stderr=True)
@@ -102,10 +104,15 @@ Build zero-shot leaderboard tables from saved lm-eval result JSON (never runs a 
 
 INPUT is a 'mamba-eval batch' results folder, an lm-eval --output_path folder, or a results
 JSON file; several may be given. Columns: LAMBADA ppl, LAMBADA acc, HellaSwag acc_norm,
-PIQA acc, ARC-E acc, ARC-C acc_norm, WinoGrande acc, OpenBookQA acc_norm, and the average of
-the accuracy columns (empty for a row that lacks one). Rows are ordered by parameter count;
-the best value of each column is bold (Markdown, LaTeX) or listed in the 'best' column (CSV).
-The same inputs give byte-identical output.
+PIQA acc, ARC-E acc, ARC-C acc_norm, WinoGrande acc, OpenBookQA acc_norm, and Avg, the mean
+of the accuracy columns. Rows are ordered by parameter count; the best value of each column
+is bold (Markdown, LaTeX) or listed in the 'best' column (CSV). The same inputs give
+byte-identical output.
+
+missing results: a task a row was not evaluated on shows '–' ('--' in LaTeX, an empty cell
+in the CSV). Such a row gets no Avg, since a mean over fewer tasks does not compare with the
+others (--partial-average: the mean of the accuracies it has, marked '(k/n)', never bold),
+and a note under the table (CSV: 'notes' column; also on stderr) names the missing tasks.
 
 examples:
   mamba-eval table runs/batch1                          # Markdown on stdout

@@ -30,6 +30,7 @@ __all__ = [
     "make_table",
     "notes",
     "published_rows",
+    "row_notes",
     "select_columns",
 ]
 
@@ -296,6 +297,11 @@ class Table:
     def n_accuracy(self) -> int:
         return sum(c.accuracy for c in self.columns)
 
+    def lacking(self, row: Row) -> list[str]:
+        """The tasks of the accuracy columns shown that ``row`` has no value for: why its average
+        is empty (or, with ``partial_average``, over fewer columns)."""
+        return list(dict.fromkeys(c.task for c in self.columns if c.accuracy and c.key not in row.cells))
+
     def reference_numbers(self, row: Row) -> list[int]:
         keys = [s.key for s in self.references]
         return sorted(keys.index(s.key) + 1 for s in row.references)
@@ -394,12 +400,24 @@ def select_columns(keys) -> tuple[Column, ...]:
     return tuple(BY_KEY[k] for k in keys)
 
 
+def row_notes(table: Table, i: int) -> list[str]:
+    """The notes of row ``i``: those of its result files, then why its average is empty or partial."""
+    row = table.rows[i]
+    out = list(row.notes)
+    lacking = table.lacking(row)
+    if lacking:
+        average = table.averages[i]
+        consequence = "no Avg" if average is None else f"Avg over {average[1]} of {table.n_accuracy} accuracies"
+        out.append(f"no result for {', '.join(lacking)}, so {consequence}")
+    return out
+
+
 def notes(table: Table) -> list[str]:
     """Warnings and row notes, in display order (one line each)."""
     out = []
     for task, versions in table.version_mismatch.items():
         listed = "; ".join(f"{v} ({', '.join(labels)})" for v, labels in versions.items())
         out.append(f"‡ {task}: task versions differ across rows: {listed}")
-    for row in table.rows:
-        out.extend(f"{row.label}: {note}" for note in row.notes)
+    for i, row in enumerate(table.rows):
+        out.extend(f"{row.label}: {note}" for note in row_notes(table, i))
     return out

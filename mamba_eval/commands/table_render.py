@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from mamba_eval.commands.table_data import AVERAGE_KEY, Row, Table, fixed, notes
+from mamba_eval.commands.table_data import AVERAGE_KEY, Row, Table, fixed, notes, row_notes
 from mamba_eval.errors import MambaEvalError
 from mamba_eval.utils import atomic_write
 
@@ -34,17 +34,17 @@ def _source_text(table: Table, row: Row) -> str:
     return "published " + ", ".join(f"[{n}]" for n in table.reference_numbers(row))
 
 
-def _average_text(table: Table, i: int) -> str:
+def _average_text(table: Table, i: int) -> str | None:
     average = table.averages[i]
     if average is None:
-        return ""
+        return None
     text = fixed(average[0], 1)
     if average[1] != table.n_accuracy:
         text += f" ({average[1]}/{table.n_accuracy})"
     return text
 
 
-def _legend(table: Table, down: str = "↓", up: str = "↑") -> str:
+def _legend(table: Table, down: str = "↓", up: str = "↑", dash: str = "–") -> str:
     n = table.n_accuracy
     if not n:
         avg = "Avg: no accuracy column shown"
@@ -52,14 +52,15 @@ def _legend(table: Table, down: str = "↓", up: str = "↑") -> str:
         avg = (f"Avg: mean of the {n} accuracy columns; a row lacking some shows the mean of those it has, "
                f"marked (k/{n}) and never bold")
     else:
-        avg = f"Avg: mean of the {n} accuracy columns, empty when a row lacks one of them"
-    return (f"Accuracies in %; {down} lower is better, {up} higher is better. {avg}. "
+        avg = f"Avg: mean of the {n} accuracy columns, {dash} when a row lacks one of them (see the notes)"
+    return (f"Accuracies in %; {down} lower is better, {up} higher is better; {dash} no result. {avg}. "
             "Bold: best value in its column.")
 
 
-def _body(table: Table, escape, bold, pm) -> list[list[str]]:
+def _body(table: Table, escape, bold, pm, dash) -> list[list[str]]:
     """Per row: label, parameters, source (when a published row is shown), the metric cells and
-    the average; text through ``escape``, best values through ``bold``, ``pm`` before a stderr."""
+    the average; text through ``escape``, best values through ``bold``, ``pm`` before a stderr,
+    ``dash`` for a missing value (a paper's "no result": an empty cell reads as a rendering slip)."""
     published = _has_published(table)
     out = []
     for i, row in enumerate(table.rows):
@@ -67,7 +68,7 @@ def _body(table: Table, escape, bold, pm) -> list[list[str]]:
         for column in table.columns:
             cell = row.cells.get(column.key)
             if cell is None:
-                cells.append("")
+                cells.append(dash)
                 continue
             text = fixed(cell.value, column.digits)
             if i in table.best.get(column.key, ()):
@@ -76,7 +77,9 @@ def _body(table: Table, escape, bold, pm) -> list[list[str]]:
                 text += pm + fixed(cell.stderr, column.digits)
             cells.append(text)
         average = _average_text(table, i)
-        if average and i in table.best.get(AVERAGE_KEY, ()):
+        if average is None:
+            average = dash
+        elif i in table.best.get(AVERAGE_KEY, ()):
             average = bold(average)
         cells.append(average)
         out.append(cells)
@@ -107,7 +110,7 @@ def to_markdown(table: Table) -> str:
 
     plain = str  # the writer escapes "|", the only character that would break a Markdown table
     head = _headers(table, "↑", "↓", " ‡", plain)
-    rows = _body(table, plain, lambda t: f"**{t}**", " ± ")
+    rows = _body(table, plain, lambda t: f"**{t}**", " ± ", "–")
     lines = [markdown_table(head, rows, _align(table)).rstrip("\n"), "", _legend(table)]
     extra = [f"- [{i}] {source}" for i, source in enumerate(table.references, 1)]
     extra += [f"- {note}" for note in notes(table)]
@@ -129,10 +132,10 @@ def to_latex(table: Table) -> str:
     from mamba_eval.commands.table_writers import latex_tabular
 
     head = _headers(table, r"$\uparrow$", r"$\downarrow$", r" $^\ddagger$", _tex)
-    rows = _body(table, _tex, lambda t: f"\\textbf{{{t}}}", "$\\pm$")
+    rows = _body(table, _tex, lambda t: f"\\textbf{{{t}}}", "$\\pm$", "--")
     lines = [
         "% Zero-shot results from saved lm-eval result files (mamba-eval table). Needs \\usepackage{booktabs}.",
-        "% " + _legend(table, "$\\downarrow$", "$\\uparrow$"),
+        "% " + _legend(table, "$\\downarrow$", "$\\uparrow$", "--"),
         latex_tabular(head, rows, _align(table)).rstrip("\n"),
     ]
     lines += [f"% [{i}] {source}" for i, source in enumerate(table.references, 1)]
@@ -141,7 +144,8 @@ def to_latex(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
-    """One header line, one line per row; values formatted as in the other outputs (no bold)."""
+    """One header line, one line per row; values formatted as in the other outputs (no bold), a
+    missing value an empty cell (what CSV readers take as missing)."""
     from mamba_eval.commands.table_writers import csv_table
 
     header = ["model", "source", "reference", "n_parameters"]
@@ -150,12 +154,13 @@ def to_csv(table: Table) -> str:
         if table.stderr:
             header.append(f"{column.key}_stderr")
     header += ["average", "average_cells", "best", "notes"]
-    row_notes: dict[int, list[str]] = {i: list(r.notes) for i, r in enumerate(table.rows)}
+    cell_notes: dict[int, list[str]] = {i: row_notes(table, i) for i in range(len(table.rows))}
     for task, versions in table.version_mismatch.items():
         for i, row in enumerate(table.rows):
             if task in row.versions and row.source == "measured":
                 others = sorted(v for v in versions if v != row.versions[task])
-                row_notes[i].append(f"{task} version {row.versions[task]} differs from other rows ({', '.join(others)})")
+                cell_notes[i].append(
+                    f"{task} version {row.versions[task]} differs from other rows ({', '.join(others)})")
     lines = []
     for i, row in enumerate(table.rows):
         line = [row.label, row.source, "; ".join(str(s) for s in row.references),
@@ -172,7 +177,7 @@ def to_csv(table: Table) -> str:
         keys = [c.key for c in table.columns if i in table.best.get(c.key, ())]
         if i in table.best.get(AVERAGE_KEY, ()):
             keys.append(AVERAGE_KEY)
-        line += [";".join(keys), " | ".join(row_notes[i])]
+        line += [";".join(keys), " | ".join(cell_notes[i])]
         lines.append(line)
     return csv_table(header, lines)
 
