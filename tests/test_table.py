@@ -35,7 +35,10 @@ from mamba_eval.commands.table import (
     Cell,
     Row,
     build_table,
+    chart_points,
+    load_rows,
     make_table,
+    published_rows,
     render_chart,
     to_csv,
     to_latex,
@@ -45,6 +48,7 @@ from mamba_eval.commands.table_data import row_notes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 INPUT = FIXTURES / "input"
+BETA = INPUT / "batch" / "beta-22222222"  # lacks OpenBookQA: no average
 EXPECTED = FIXTURES / "expected"
 SCRIPT = Path(sys.executable).parent / "mamba-eval"
 
@@ -165,6 +169,29 @@ def test_chart_is_a_deterministic_png(tmp_path):
     assert b"Software" not in data and b"tIME" not in data  # no tool tag, no timestamp chunk
     with pytest.raises(MambaEvalError, match="not a column"):
         render_chart(table, tmp_path / "c.png", metric="mmlu")
+
+
+def test_chart_plots_the_rows_with_a_value_and_names_the_others():
+    """Measured rows appear beside the published ones; a row without the plotted value (beta
+    lacks OpenBookQA, so it has no average) or without a parameter count is named, with why."""
+    rows, _ = load_rows([INPUT])
+    rows.append(Row("uncounted", "uncounted", "measured", None, {c.key: Cell(50.0) for c in COLUMNS}))
+    table = build_table(rows + published_rows(("mamba", "mamba2")))
+    points, left_out = chart_points(table)
+    plotted = {table.rows[i].label for i, _ in points}
+    assert plotted == {r.label for r in table.rows} - {"beta", "uncounted"}
+    assert left_out == ["beta (no result for openbookqa)", "uncounted (parameter count unknown)"]
+    assert [y for _, y in points] == [table.averages[i][0] for i, _ in points]
+
+    points, left_out = chart_points(table, "piqa")  # a column beta has
+    assert "beta" in {table.rows[i].label for i, _ in points} and left_out == ["uncounted (parameter count unknown)"]
+
+    partial = build_table(rows, partial_average=True)  # beta's partial average is plotted
+    points, _ = chart_points(partial)
+    assert {partial.rows[i].label for i, _ in points} == {"alpha", "beta", "org/gamma"}
+
+    with pytest.raises(MambaEvalError, match="no accuracy column"):
+        chart_points(make_table([INPUT], columns="lambada_ppl"))
 
 
 def test_missing_columns_and_table3_averages():
@@ -290,3 +317,33 @@ def test_command_line(tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1].startswith("mamba-eval: error: unknown column 'mmlu'")
 
+
+def test_command_line_writes_every_table_when_no_row_can_be_charted(tmp_path):
+    """One error line and exit status 1 for the chart alone; every table file is complete."""
+    outs = [tmp_path / f"t.{suffix}" for suffix in ("md", "csv", "tex")]
+    chart = tmp_path / "t.png"
+    proc = _script(BETA, *[arg for out in outs for arg in ("-o", out)], "--chart", chart)
+    assert proc.returncode == 1 and proc.stdout == ""
+    table = make_table([BETA])
+    for out, render in zip(outs, (to_markdown, to_csv, to_latex)):
+        assert out.read_text(encoding="utf-8") == render(table)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.md", "t.tex"]  # no chart, no temporary file
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mamba-eval: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"mamba-eval: error: --chart {chart} not written")
+    assert "beta (no result for openbookqa)" in errors[0]
+
+
+def test_command_line_published_all_says_which_measured_rows_the_chart_leaves_out(tmp_path):
+    """``--published all`` with a measured row lacking a task: one warning names it and gives the
+    ``--columns`` that average the tasks every row has; following it puts every row in the chart."""
+    proc = _script(INPUT, "--published", "all", "--chart", tmp_path / "a.png", "-o", tmp_path / "a.md")
+    assert proc.returncode == 0 and (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("mamba-eval table: warning:")]
+    assert len(warnings) == 1 and "beta (no result for openbookqa)" in warnings[0]
+    columns = warnings[0].split("--columns ", 1)[1]
+    assert columns.split(",") == [c.key for c in COLUMNS if c.key != "openbookqa"]
+
+    proc = _script(INPUT, "--published", "all", "--chart", tmp_path / "b.png", "--columns", columns,
+                   "-o", tmp_path / "b.md")
+    assert proc.returncode == 0 and "warning" not in proc.stderr
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"

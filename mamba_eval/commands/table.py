@@ -40,6 +40,9 @@ Rules (the same in every format):
 - **Deterministic.** The same inputs give byte-identical output: inputs are read in sorted
   order, floats are formatted with fixed digits, nothing depends on time or the environment.
   The PNG chart (score vs parameters, log scale) is written without a timestamp or software tag.
+- **Chart.** Rows with a parameter count and a value of the metric are plotted; the others are
+  named in a footnote of the figure (and on stderr by the command). With no row to plot no
+  chart is written: the command still writes every table, then fails.
 
 The data (rows, the built table) is :mod:`mamba_eval.commands.table_data`; the outputs are
 :mod:`mamba_eval.commands.table_render`, written through
@@ -73,7 +76,16 @@ from mamba_eval.commands.table_data import (
     notes,
     published_rows,
 )
-from mamba_eval.commands.table_render import FORMATS, SUFFIXES, render_chart, to_csv, to_latex, to_markdown, write_output
+from mamba_eval.commands.table_render import (
+    FORMATS,
+    SUFFIXES,
+    chart_points,
+    render_chart,
+    to_csv,
+    to_latex,
+    to_markdown,
+    write_output,
+)
 from mamba_eval.errors import MambaEvalError
 
 __all__ = [
@@ -84,6 +96,7 @@ __all__ = [
     "Table",
     "add_subcommand",
     "build_table",
+    "chart_points",
     "load_rows",
     "make_table",
     "published_rows",
@@ -114,6 +127,11 @@ in the CSV). Such a row gets no Avg, since a mean over fewer tasks does not comp
 others (--partial-average: the mean of the accuracies it has, marked '(k/n)', never bold),
 and a note under the table (CSV: 'notes' column; also on stderr) names the missing tasks.
 
+chart: --chart plots --chart-metric against parameter count for every row that has both;
+rows left out are named in one warning line and in a footnote of the figure. Every table
+file is written in any case; when no row can be plotted the chart is not written and the
+exit status is 1. A bad -o suffix or --chart-metric stops before anything is written.
+
 examples:
   mamba-eval table runs/batch1                          # Markdown on stdout
   mamba-eval table runs/batch1 --published all -o t.md -o t.csv -o t.tex --chart t.png
@@ -143,7 +161,7 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("--partial-average", action="store_true",
                         help="average the accuracy cells a row has when it lacks some, marked '(k/n)'")
     parser.add_argument("--chart", metavar="FILE.png", default=None,
-                        help="also write a PNG chart of a metric against parameter count")
+                        help="also write a PNG chart of a metric against parameter count (see 'chart' above)")
     parser.add_argument("--chart-metric", default=AVERAGE_KEY, metavar="KEY",
                         help="column key plotted by --chart (default: average)")
     parser.set_defaults(handler=_main)
@@ -173,9 +191,29 @@ def _main(args: argparse.Namespace, extra: list[str]) -> int:
     for warning in table.warnings + notes(table):
         print(f"{PROG}: note: {warning}", file=sys.stderr)
     if args.chart:
-        render_chart(table, args.chart, args.chart_metric)
+        points, left_out = chart_points(table, args.chart_metric)  # a bad metric stops before any write
     for out in args.output:
         write_output(table, out)
     if not args.output:
         sys.stdout.write(FORMATS[args.format](table))
+    if not args.chart:
+        return 0
+    hint = _shared_columns_hint(table) if args.chart_metric == AVERAGE_KEY else ""
+    if not points:
+        written = "the tables were written" if args.output else "the table was printed"
+        raise MambaEvalError(f"--chart {args.chart} not written ({written}): no row has both a parameter count "
+                             f"and a value for {args.chart_metric!r}: {'; '.join(left_out)}{hint}")
+    render_chart(table, args.chart, args.chart_metric)
+    if left_out:
+        print(f"{PROG}: warning: {args.chart} leaves out {'; '.join(left_out)}{hint}", file=sys.stderr)
     return 0
+
+
+def _shared_columns_hint(table: Table) -> str:
+    """A ``--columns`` value that keeps only the tasks every charted row has, so that their
+    averages compare; empty when no accuracy column would be left or nothing would change."""
+    rows = [r for r in table.rows if r.n_parameters]
+    keys = [c.key for c in table.columns if not c.accuracy or all(c.key in r.cells for r in rows)]
+    if len(keys) == len(table.columns) or not any(BY_KEY[k].accuracy for k in keys):
+        return ""
+    return f"; to average only the tasks every row has: --columns {','.join(keys)}"

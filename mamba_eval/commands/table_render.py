@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 import io
+import math
+import textwrap
 from pathlib import Path
 
-from mamba_eval.commands.table_data import AVERAGE_KEY, Row, Table, fixed, notes, row_notes
+from mamba_eval.commands.table_data import AVERAGE_KEY, BY_KEY, Row, Table, fixed, notes, row_notes
 from mamba_eval.errors import MambaEvalError
 from mamba_eval.utils import atomic_write
 
-__all__ = ["FORMATS", "SUFFIXES", "render_chart", "to_csv", "to_latex", "to_markdown", "write_output"]
+__all__ = ["FORMATS", "SUFFIXES", "chart_points", "render_chart", "to_csv", "to_latex", "to_markdown", "write_output"]
 
 
 # ---------------------------------------------------------------------------------- cells
@@ -193,16 +195,64 @@ def _chart_value(table: Table, i: int, metric: str) -> float | None:
     return None if cell is None else cell.value
 
 
+def chart_points(table: Table, metric: str = AVERAGE_KEY) -> tuple[list[tuple[int, float]], list[str]]:
+    """What the chart of ``metric`` shows: ``(row index, value)`` for every row with a parameter
+    count and a value, and ``"<label> (<why>)"`` for each row left out.
+
+    A row without the table's average (it lacks an accuracy column) is left out rather than
+    plotted over fewer tasks than its neighbours; with ``partial_average`` its partial mean is
+    plotted, labelled ``(k/n)``. Raises ``MambaEvalError`` when ``metric`` is not a column (or is
+    the average of a table without accuracy columns).
+    """
+    keys = [c.key for c in table.columns]
+    if metric != AVERAGE_KEY and metric not in keys:
+        raise MambaEvalError(f"chart metric {metric!r} is not a column of the table "
+                             f"(choose from: {', '.join(keys + [AVERAGE_KEY])})")
+    if metric == AVERAGE_KEY and not table.n_accuracy:
+        raise MambaEvalError(f"chart metric {metric!r}: the table has no accuracy column to average "
+                             f"(choose from: {', '.join(keys)})")
+    points, left_out = [], []
+    for i, row in enumerate(table.rows):
+        value = _chart_value(table, i, metric)
+        if not row.n_parameters:
+            left_out.append(f"{row.label} (parameter count unknown)")
+        elif value is None:
+            lacking = table.lacking(row) if metric == AVERAGE_KEY else [BY_KEY[metric].task]
+            left_out.append(f"{row.label} (no result for {', '.join(lacking)})")
+        else:
+            points.append((i, value))
+    return points, left_out
+
+
+def _chart_label(table: Table, i: int, metric: str) -> str:
+    """A measured point's label; a partial average says over how many columns (as the table does)."""
+    label = table.rows[i].label
+    average = table.averages[i]
+    if metric == AVERAGE_KEY and average is not None and average[1] != table.n_accuracy:
+        label += f" ({average[1]}/{table.n_accuracy})"
+    return label
+
+
+def _params_tick(x: float, _=None) -> str:
+    return f"{x / 1e9:g}B" if x >= 1e9 else f"{x / 1e6:g}M"
+
+
+def _mantissa(x: float) -> float:
+    return round(x / 10 ** math.floor(math.log10(x)), 6)
+
+
 def render_chart(table: Table, path, metric: str = AVERAGE_KEY) -> Path:
     """Write a PNG of ``metric`` (a column key or "average") against the parameter count.
 
     Published families are lines with hollow markers; measured rows are labelled points. Rows
-    without a parameter count or a value are left out. The file carries no timestamp or software
-    tag, so the same table gives the same bytes.
+    :func:`chart_points` leaves out are named in a footnote of the figure. The file carries no
+    timestamp or software tag, so the same table gives the same bytes. Raises
+    ``MambaEvalError`` (and writes nothing) when no row can be plotted.
     """
-    if metric != AVERAGE_KEY and metric not in [c.key for c in table.columns]:
-        raise MambaEvalError(f"chart metric {metric!r} is not a column of the table "
-                     f"(choose from: {', '.join([c.key for c in table.columns] + [AVERAGE_KEY])})")
+    points, left_out = chart_points(table, metric)
+    if not points:
+        raise MambaEvalError(f"chart: no row has both a parameter count and a value for {metric!r}: "
+                             + "; ".join(left_out))
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -211,36 +261,43 @@ def render_chart(table: Table, path, metric: str = AVERAGE_KEY) -> Path:
 
     from mamba_eval.commands.published import FAMILIES
 
-    points = [(i, row, _chart_value(table, i, metric)) for i, row in enumerate(table.rows)]
-    points = [(i, row, y) for i, row, y in points if y is not None and row.n_parameters]
-    if not points:
-        raise MambaEvalError(f"chart: no row has both a parameter count and a value for {metric!r}")
-    column = next((c for c in table.columns if c.key == metric), None)
+    points = [(table.rows[i], y, _chart_label(table, i, metric)) for i, y in points]
+    column = BY_KEY.get(metric)
     ylabel = "Average accuracy (%)" if column is None else (
         f"{column.header} (%)" if column.accuracy else column.header)
 
     with plt.rc_context({"font.family": "DejaVu Sans", "font.size": 9, "svg.hashsalt": "mamba-eval"}):
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
         for family, name in FAMILIES.items():
-            fam = [(row.n_parameters, y) for _, row, y in points if row.source == "published" and row.family == family]
+            fam = [(row.n_parameters, y) for row, y, _ in points if row.source == "published" and row.family == family]
             if fam:
                 xs, ys = zip(*fam)
                 ax.plot(xs, ys, marker="o", markerfacecolor="white", linestyle="--", linewidth=1,
                         label=f"{name} (published)")
-        measured = [(row, y) for _, row, y in points if row.source == "measured"]
+        measured = [(row, y, label) for row, y, label in points if row.source == "measured"]
         if measured:
-            ax.plot([r.n_parameters for r, _ in measured], [y for _, y in measured], marker="o",
+            ax.plot([r.n_parameters for r, _, _ in measured], [y for _, y, _ in measured], marker="o",
                     linestyle="none", color="black", label="measured")
-            for row, y in measured:
-                ax.annotate(row.label, (row.n_parameters, y), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7)
+            for row, y, label in measured:
+                ax.annotate(label, (row.n_parameters, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e9:g}B" if x >= 1e9 else f"{x / 1e6:g}M"))
+        ax.xaxis.set_major_formatter(FuncFormatter(_params_tick))
+        # Within two decades (the published sizes span 130M-2.8B) one or two labelled decades say
+        # little, so 2x and 5x are labelled too, in the same style instead of matplotlib's 2x10^8.
+        sizes = [row.n_parameters for row, _, _ in points]
+        narrow = math.log10(max(sizes) / min(sizes)) < 2
+        ax.xaxis.set_minor_formatter(
+            FuncFormatter(lambda x, _: _params_tick(x) if narrow and _mantissa(x) in (2, 5) else ""))
         ax.set_xlabel("Parameters")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", linewidth=0.5, alpha=0.5)
         ax.legend(loc="best", fontsize=8)
-        fig.tight_layout()
+        if left_out:  # the file itself says what is missing from it
+            footnote = textwrap.fill("Not shown: " + "; ".join(left_out), 110)
+            fig.text(0.01, 0.01, footnote, fontsize=7, color="dimgray", va="bottom")
+            fig.tight_layout(rect=(0, 0.03 * (footnote.count("\n") + 2), 1, 1))
+        else:
+            fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", metadata={"Software": None})
         plt.close(fig)
