@@ -1,24 +1,55 @@
-"""The self-contained offline demo (mamba_eval.commands.demo): tokenizer, random checkpoint, task.
+"""The self-contained offline demo (mamba_eval.commands.demo and ``mamba-eval demo``).
 
-The checkpoint is checked against transformers' own Mamba implementation, an independent
-reference: after the single key rename that separates the two formats
-(``backbone.embedding`` -> ``backbone.embeddings``) it must load with no missing or unexpected
-key, and the model must score the demo task end to end through lm-eval.
+``mamba-eval demo`` runs once per module; its accuracy is checked against lm-eval's own ``hf``
+model (transformers' Mamba implementation, an independent reference) on the same checkpoint:
+after the single key rename that separates the two formats (``backbone.embedding`` ->
+``backbone.embeddings``) the checkpoint must load into transformers with no missing or
+unexpected key, and both must score the demo task the same. The task's scoring is checked by
+hand on a few documents.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 
 import pytest
 
-from mamba_eval.commands.demo import DEMO_NUM_DOCS, DEMO_TASK, build_demo, demo_lm_eval_args
+from mamba_eval.commands import cli
+from mamba_eval.commands.demo import DEMO_NUM_CHOICES, DEMO_NUM_DOCS, DEMO_TASK, build_demo, demo_paths
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Small forwards run faster on one thread when the machine's two cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo"))
+def demo_run(tmp_path_factory):
+    """``mamba-eval demo`` run once: what it printed on stdout and its lm-eval results."""
+    out = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with _one_torch_thread(), contextlib.redirect_stdout(printed):
+        status = cli.main(["demo", "--out", str(out)])
+    assert status == 0
+    results = list((out / "results").rglob("results_*.json"))
+    assert len(results) == 1
+    return {"out": out, "stdout": printed.getvalue(), "results": json.loads(results[0].read_text())["results"]}
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    return demo_paths(demo_run["out"])
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +66,17 @@ def state_dict(demo):
     return torch.load(demo["model"] / "pytorch_model.bin", map_location="cpu", weights_only=True)
 
 
-def _hf_model(config: dict, state_dict: dict):
-    """transformers' MambaForCausalLM holding the demo weights (strict load)."""
+@pytest.fixture(scope="module")
+def hf_model(demo, state_dict):
+    """transformers' MambaForCausalLM holding the demo weights, built from the demo's config.json
+    with mamba_ssm's defaults for an empty ``ssm_cfg`` (d_state 16, expand 2, d_conv 4); the load
+    is strict, so every key and shape must match."""
     from transformers import MambaConfig, MambaForCausalLM
 
-    rows = state_dict["backbone.embedding.weight"].shape[0]
+    config = json.loads((demo["model"] / "config.json").read_text())
+    assert config["ssm_cfg"] == {}  # the defaults below apply
     hf_config = MambaConfig(
-        vocab_size=rows,
+        vocab_size=state_dict["backbone.embedding.weight"].shape[0],
         hidden_size=config["d_model"],
         num_hidden_layers=config["n_layer"],
         state_size=16,
@@ -54,9 +89,82 @@ def _hf_model(config: dict, state_dict: dict):
     )
     model = MambaForCausalLM(hf_config).eval()
     renamed = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state_dict.items()}
-    result = model.load_state_dict(renamed, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
+    model.load_state_dict(renamed, strict=True)
     return model
+
+
+@pytest.fixture(scope="module")
+def task(demo):
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(demo["tasks"]), include_defaults=False)
+    return tm.load([DEMO_TASK])["tasks"][DEMO_TASK]
+
+
+@pytest.fixture(scope="module")
+def hf_run(hf_model, tokenizer, task):
+    """lm-eval's ``--model hf`` on the demo checkpoint: every document, samples logged."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    with _one_torch_thread():
+        lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=64, device="cpu")
+        return simple_evaluate(model=lm, tasks=[task], log_samples=True, bootstrap_iters=0)
+
+
+def test_demo_accuracy_equals_lm_eval_hf(demo_run, hf_run):
+    ours, theirs = demo_run["results"][DEMO_TASK], hf_run["results"][DEMO_TASK]
+    assert theirs["sample_len"] == DEMO_NUM_DOCS
+    assert (ours["acc,none"], ours["acc_norm,none"]) == (theirs["acc,none"], theirs["acc_norm,none"])
+
+
+def test_demo_prints_the_chance_level(demo_run, task):
+    """One line under lm-eval's results explains the accuracy: chance on the task, as lm-eval's
+    own reading of its documents gives it."""
+    counts = [len(task.doc_to_choice(doc)) for doc in task.eval_docs]
+    chance = sum(1 / n for n in counts) / len(counts)
+    lines = demo_run["stdout"].strip().splitlines()
+    ours = [line for line in lines if line.startswith("mamba-eval demo: ")]
+    assert ours == lines[-1:] and "untrained" in ours[0]
+    assert f"chance: {chance:.2f} on {DEMO_TASK} (1 right answer in {max(counts)} choices)" in ours[0]
+
+
+def test_task_documents(task):
+    docs = task.eval_docs
+    assert len(docs) == DEMO_NUM_DOCS
+    for doc in docs:
+        key = doc["context"].split("The key is ", 1)[1].split(".", 1)[0]
+        assert doc["choices"][doc["label"]] == key and doc["choices"].count(key) == 1
+        assert len(set(doc["choices"])) == DEMO_NUM_CHOICES
+
+
+def test_task_is_scored_as_intended(hf_run, hf_model, tokenizer, task):
+    """What lm-eval scores for the first documents, by hand: log p(" " + choice | context)
+    summed over the choice's tokens, the answer the choice with the highest; all sequences in
+    one right-padded batch (padding after a sequence cannot change a causal model's logits
+    inside it)."""
+    import torch
+
+    samples = hf_run["samples"][DEMO_TASK][:8]
+    docs = [task.eval_docs[s["doc_id"]] for s in samples]
+    seqs, spans = [], []
+    for doc in docs:
+        context = tokenizer(doc["context"])["input_ids"]
+        for choice in doc["choices"]:
+            whole = tokenizer(doc["context"] + " " + choice)["input_ids"]
+            assert whole[: len(context)] == context
+            seqs.append(whole)
+            spans.append(range(len(context), len(whole)))
+    width = max(map(len, seqs))
+    batch = torch.tensor([seq + [tokenizer.pad_token_id] * (width - len(seq)) for seq in seqs])
+    with torch.no_grad(), _one_torch_thread():
+        logprobs = torch.log_softmax(hf_model(batch).logits.double(), dim=-1)
+    scores = [sum(logprobs[j, i - 1, seq[i]].item() for i in span) for j, (seq, span) in enumerate(zip(seqs, spans))]
+    for n, (doc, sample) in enumerate(zip(docs, samples)):
+        mine = scores[DEMO_NUM_CHOICES * n: DEMO_NUM_CHOICES * (n + 1)]
+        assert [r[0] for r in sample["filtered_resps"]] == pytest.approx(mine, abs=1e-4)
+        best = max(range(DEMO_NUM_CHOICES), key=mine.__getitem__)
+        assert sample["acc"] == float(best == doc["label"])
 
 
 def test_paths(demo):
@@ -64,7 +172,7 @@ def test_paths(demo):
         assert demo[key].is_dir() and demo[key].is_absolute()
     for name in ("config.json", "pytorch_model.bin", "tokenizer.json", "tokenizer_config.json"):
         assert (demo["model"] / name).is_file()
-    assert demo["task_yaml"].parent == demo["tasks"] and demo["task_data"].is_file()
+    assert demo["task_yaml"].is_file() and demo["task_data"].is_file()
 
 
 def test_tokenizer_loads_and_round_trips(tokenizer, demo):
@@ -80,43 +188,16 @@ def test_tokenizer_loads_and_round_trips(tokenizer, demo):
         assert json.load(fh)["eos_token"] == "<|endoftext|>"
 
 
-def test_checkpoint_config_and_shapes(demo, tokenizer, state_dict):
+def test_checkpoint_pads_and_ties_the_embedding(demo, tokenizer, state_dict, hf_model):
+    """Shapes are checked by the strict load into transformers (``hf_model``); what that load
+    cannot see: the vocabulary padding, the tied LM head and the dtype."""
     config = json.loads((demo["model"] / "config.json").read_text())
-    assert config["d_model"] == 64 and config["n_layer"] == 2 and config["ssm_cfg"] == {}
     assert config["vocab_size"] == len(tokenizer)
     multiple = config["pad_vocab_size_multiple"]
-    rows = math.ceil(len(tokenizer) / multiple) * multiple
-    d, e, n, k, r = 64, 128, 16, 4, 4  # d_model, d_inner, d_state, d_conv, dt_rank
-    expected = {"backbone.embedding.weight": (rows, d), "backbone.norm_f.weight": (d,), "lm_head.weight": (rows, d)}
-    for i in range(2):
-        p = f"backbone.layers.{i}."
-        expected |= {
-            p + "norm.weight": (d,),
-            p + "mixer.in_proj.weight": (2 * e, d),
-            p + "mixer.conv1d.weight": (e, 1, k),
-            p + "mixer.conv1d.bias": (e,),
-            p + "mixer.x_proj.weight": (r + 2 * n, e),
-            p + "mixer.dt_proj.weight": (e, r),
-            p + "mixer.dt_proj.bias": (e,),
-            p + "mixer.A_log": (e, n),
-            p + "mixer.D": (e,),
-            p + "mixer.out_proj.weight": (d, e),
-        }
-    assert {k: tuple(v.shape) for k, v in state_dict.items()} == expected
-    assert all(str(v.dtype) == "torch.float32" for v in state_dict.values())
+    rows = state_dict["backbone.embedding.weight"].shape[0]
+    assert rows == math.ceil(len(tokenizer) / multiple) * multiple and rows != len(tokenizer)
     assert (state_dict["lm_head.weight"] == state_dict["backbone.embedding.weight"]).all()
-
-
-def test_checkpoint_runs_in_transformers(demo, tokenizer, state_dict):
-    import torch
-
-    config = json.loads((demo["model"] / "config.json").read_text())
-    model = _hf_model(config, state_dict)
-    ids = tokenizer("The key is amber otter 42. What was the key?", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        logits = model(ids).logits
-    assert logits.shape == (1, ids.shape[1], state_dict["lm_head.weight"].shape[0])
-    assert torch.isfinite(logits).all() and logits.std() > 0
+    assert all(str(v.dtype) == "torch.float32" for v in state_dict.values())
 
 
 def test_build_is_deterministic(demo, state_dict, tmp_path):
@@ -132,55 +213,3 @@ def test_build_is_deterministic(demo, state_dict, tmp_path):
     other = torch.load(again["model"] / "pytorch_model.bin", weights_only=True)
     assert other.keys() == state_dict.keys()
     assert all(torch.equal(other[k], state_dict[k]) for k in state_dict)
-
-
-def test_task_loads_and_evaluates(demo, tokenizer, state_dict):
-    import torch
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager(include_path=str(demo["tasks"]), include_defaults=False)
-    task = tm.load([DEMO_TASK])["tasks"][DEMO_TASK]
-    docs = task.eval_docs
-    assert len(docs) == DEMO_NUM_DOCS
-    for doc in docs:
-        key = doc["context"].split("The key is ", 1)[1].split(".", 1)[0]
-        assert doc["choices"][doc["label"]] == key and doc["choices"].count(key) == 1
-        assert len(doc["choices"]) == 4
-
-    config = json.loads((demo["model"] / "config.json").read_text())
-    model = _hf_model(config, state_dict)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16, device="cpu")
-    limit = 8
-    results = simple_evaluate(model=lm, tasks=[task], limit=limit)["results"][DEMO_TASK]
-    assert results["sample_len"] == limit
-
-    # The same accuracy scored by hand: log p(" " + choice | context), summed over the choice's
-    # tokens; all sequences in one right-padded batch (padding after a sequence cannot change
-    # a causal model's logits inside it).
-    docs = list(docs)[:limit]
-    seqs, spans = [], []
-    for doc in docs:
-        context = tokenizer(doc["context"])["input_ids"]
-        for choice in doc["choices"]:
-            whole = tokenizer(doc["context"] + " " + choice)["input_ids"]
-            assert whole[: len(context)] == context
-            seqs.append(whole)
-            spans.append(range(len(context), len(whole)))
-    width = max(map(len, seqs))
-    batch = torch.tensor([seq + [tokenizer.pad_token_id] * (width - len(seq)) for seq in seqs])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(batch).logits.double(), dim=-1)
-    scores = [sum(logprobs[j, i - 1, seq[i]].item() for i in span) for j, (seq, span) in enumerate(zip(seqs, spans))]
-    correct = sum(
-        max(range(4), key=lambda c: scores[4 * n + c]) == doc["label"] for n, doc in enumerate(docs)
-    )
-    assert results["acc,none"] == pytest.approx(correct / limit)
-
-
-def test_lm_eval_args(demo):
-    args = demo_lm_eval_args(demo)
-    assert args[args.index("--tasks") + 1] == DEMO_TASK
-    assert args[args.index("--include_path") + 1] == str(demo["tasks"])
-    assert args[args.index("--model_args") + 1] == f"pretrained={demo['model']}"

@@ -178,14 +178,17 @@ def _add_demo(subparsers) -> None:
 def _demo(args: argparse.Namespace, extra: list[str]) -> int:
     from pathlib import Path
 
-    from mamba_eval.commands.demo import build_demo, demo_lm_eval_args
+    from mamba_eval.commands.demo import build_demo, chance_note, demo_lm_eval_args
 
     out = Path(args.out)
     paths = build_demo(out)
     run_args = demo_lm_eval_args(paths, device=args.device, batch_size=args.batch_size)
     run_args += ["--output_path", str(out / "results")]
     print(f"{PROG}: demo built in {out}; running: lm_eval {' '.join(run_args)}", file=sys.stderr)
-    return _call_lm_eval(run_args)
+    status = _call_lm_eval(run_args)
+    if status == 0:
+        print(f"{PROG} demo: {chance_note(paths)}")  # under lm-eval's results table, on stdout too
+    return status
 
 
 # --------------------------------------------------------------------------------- main
