@@ -58,7 +58,28 @@ CASES = {
     "misspelled dtype": (lambda d, m: f"pretrained={m},dtype=bfloat61", "dtype='bfloat61'"),
     "bad decode_state_dtype": (lambda d, m: f"pretrained={m},decode_state_dtype=int8",
                                "decode_state_dtype='int8' is not one of "),
+    "max_length not a number": (lambda d, m: f"pretrained={m},max_length=abc",
+                                "max_length='abc': expected a positive integer"),
+    # lm-eval's parser makes 1.5 a float and true a bool; int() would take them as 1
+    "max_length not whole": (lambda d, m: f"pretrained={m},max_length=1.5", "max_length=1.5: expected a positive integer"),
+    "context_chunk a bool": (lambda d, m: f"pretrained={m},context_chunk=true",
+                             "context_chunk=True: expected a positive integer"),
+    "batch_size auto:N not a number": (lambda d, m: f"pretrained={m},batch_size=auto:x",
+                                       "batch_size='auto:x': expected an integer or 'auto'"),
+    "prefix_token_id outside the vocabulary": (lambda d, m: f"pretrained={m},prefix_token_id=-1",
+                                               "prefix_token_id=-1: not a token id of this model"),
 }
+
+
+def _one_line_error(status: int, err: str, expected: str, output: Path) -> None:
+    """The run failed with exactly one line of ours naming the problem, no traceback, and wrote no
+    results under ``output``."""
+    ours = [line for line in err.splitlines() if line.startswith("mamba-eval:")]
+    assert status == 1
+    assert len(ours) == 1, ours
+    assert ours[0].startswith("mamba-eval: error: ") and expected in ours[0], ours[0]
+    assert "Traceback" not in err
+    assert not (output.exists() and any(output.iterdir())), sorted(output.rglob("*"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -67,14 +88,25 @@ def test_mamba_eval_run_reports_one_line(case, demo, tmp_path, capsys, monkeypat
     folders = _bad_folders(tmp_path, demo["model"])
     make_args, expected = CASES[case]
     model_args = make_args(folders if case != "nonexistent path" else tmp_path, demo["model"])
+    output = tmp_path / "results"
     status = cli.main(["run", "--model_args", model_args, "--tasks", DEMO_TASK,
-                       "--include_path", str(demo["tasks"]), "--device", "cpu"])
-    err = capsys.readouterr().err
-    ours = [line for line in err.splitlines() if line.startswith("mamba-eval:")]
-    assert status == 1
-    assert len(ours) == 1, ours
-    assert ours[0].startswith("mamba-eval: error: ") and expected in ours[0], ours[0]
-    assert "Traceback (most recent call last)" not in err
+                       "--include_path", str(demo["tasks"]), "--device", "cpu", "--output_path", str(output)])
+    _one_line_error(status, capsys.readouterr().err, expected, output)
+
+
+def test_cuda_device_beyond_the_machines(demo, tmp_path, capsys, monkeypatch):
+    """device=cuda:N past the machine's GPUs: one line before any CUDA call (which would fail
+    with a traceback), on a machine with one GPU as far as the run can tell."""
+    import torch
+
+    monkeypatch.delenv("MAMBA_EVAL_DATA_DIR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    output = tmp_path / "results"
+    status = cli.main(["run", "--model_args", f"pretrained={demo['model']},device=cuda:7", "--tasks", DEMO_TASK,
+                       "--include_path", str(demo["tasks"]), "--output_path", str(output)])
+    _one_line_error(status, capsys.readouterr().err,
+                    "device='cuda:7': this machine has 1 CUDA device(s), numbered from 0", output)
 
 
 LM_EVAL_COMMANDS = {

@@ -230,6 +230,9 @@ class MambaLM(TemplateLM):
                 f"tokenizer has {len(self.tokenizer)} tokens but the checkpoint's embedding has "
                 f"only {vocab_rows} rows: wrong tokenizer for this model?"
             )
+        prefix = self.custom_prefix_token_id
+        if prefix is not None and not 0 <= prefix < vocab_rows:
+            raise ModelArgsError(f"prefix_token_id={prefix}: not a token id of this model (0 to {vocab_rows - 1})")
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> MambaLM:

@@ -84,22 +84,33 @@ def parse_bool(name: str, value) -> bool:
     raise ModelArgsError(f"{name}={value!r}: expected true or false")
 
 
-def parse_int(name: str, value) -> int:
+def _as_integer(value) -> int | None:
+    """``value`` as an int when it is a whole number: an int, its text, or a float with no
+    fractional part (lm-eval's parser turns ``1e3`` into 1000.0); None for anything else, bools
+    included (lm-eval turns ``true`` into True, which ``int`` would take as 1)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ModelArgsError(f"{name}={value!r}: expected an integer") from None
+        return None
+
+
+def parse_int(name: str, value) -> int:
+    number = _as_integer(value)
+    if number is None:
+        raise ModelArgsError(f"{name}={value!r}: expected an integer")
+    return number
 
 
 def parse_positive(name: str, value) -> int | None:
     """A positive integer, or None for None (the key not given)."""
     if value is None:
         return None
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ModelArgsError(f"{name}={value!r}: expected a positive integer") from None
-    if number < 1:
+    number = _as_integer(value)
+    if number is None or number < 1:
         raise ModelArgsError(f"{name}={value!r}: expected a positive integer")
     return number
 
@@ -116,14 +127,12 @@ def parse_batch_size(value) -> int | str:
     if value is None:
         return 1
     text = str(value)
-    if text.startswith("auto"):
-        if text not in ("auto",) and not text.startswith("auto:"):
-            raise ModelArgsError(f"batch_size={value!r}: expected an integer or 'auto'")
+    every = _as_integer(text[len("auto:"):]) if text.startswith("auto:") else None
+    if text == "auto" or (every is not None and every >= 1):
         return "auto"
-    try:
-        size = int(text)
-    except ValueError:
-        raise ModelArgsError(f"batch_size={value!r}: expected an integer or 'auto'") from None
+    size = _as_integer(value)
+    if size is None:
+        raise ModelArgsError(f"batch_size={value!r}: expected an integer or 'auto'")
     if size < 1:
         raise ModelArgsError(f"batch_size={value!r}: must be at least 1")
     return size
@@ -143,4 +152,7 @@ def parse_device(value: str | None):
     if device.type == "cuda" and not torch.cuda.is_available():
         log.warning("device %s requested but CUDA is not available; using the CPU", value)
         device = torch.device("cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelArgsError(f"device={value!r}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), numbered from 0")
     return device
