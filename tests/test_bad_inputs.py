@@ -68,6 +68,8 @@ CASES = {
                                        "batch_size='auto:x': expected an integer or 'auto'"),
     "prefix_token_id outside the vocabulary": (lambda d, m: f"pretrained={m},prefix_token_id=-1",
                                                "prefix_token_id=-1: not a token id of this model"),
+    "triton backend without a GPU": (lambda d, m: f"pretrained={m},backend=triton",
+                                     "backend=triton needs a CUDA GPU, but the model runs on cpu; use backend=ref"),
 }
 
 
@@ -84,7 +86,10 @@ def _one_line_error(status: int, err: str, expected: str, output: Path) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_mamba_eval_run_reports_one_line(case, demo, tmp_path, capsys, monkeypatch):
+    from mamba_eval.kernels import utils as kernel_utils
+
     monkeypatch.delenv("MAMBA_EVAL_DATA_DIR", raising=False)  # its notes are not errors
+    monkeypatch.setattr(kernel_utils, "INTERPRETED", False)  # the tests' Triton interpreter is no GPU
     folders = _bad_folders(tmp_path, demo["model"])
     make_args, expected = CASES[case]
     model_args = make_args(folders if case != "nonexistent path" else tmp_path, demo["model"])

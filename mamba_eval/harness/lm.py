@@ -138,7 +138,8 @@ class MambaLM(TemplateLM):
     (``mamba_eval.models.dtypes``), ``device``, ``batch_size``, ``max_batch_size``,
     ``max_length`` (default 2048), ``add_bos_token``, ``prefix_token_id``. Ours:
 
-    - ``backend``: the op implementations, ``ref`` or ``triton`` (default: ``triton`` on CUDA).
+    - ``backend``: the op implementations, ``ref`` or ``triton`` (default: ``triton`` on CUDA, which
+      it needs).
     - ``share_context`` (default true): requests with the same context tokens run the context
       once and fork its recurrent state for each continuation (``mamba_eval.harness.engine``); false runs
       every request as one sequence, as lm-eval's HF models do. Both give the same scores up to

@@ -238,7 +238,7 @@ def load_model(pretrained, *, revision: str | None = None, dtype="auto", device=
     """
     from mamba_eval.models.invariance import Invariance
     from mamba_eval.models.model import LanguageModel
-    from mamba_eval.models.ops import get_ops
+    from mamba_eval.models.ops import check_backend, get_ops
 
     torch_dtype = parse_dtype(dtype)  # fail on a typo before any I/O
     get_ops(backend)
@@ -246,6 +246,7 @@ def load_model(pretrained, *, revision: str | None = None, dtype="auto", device=
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise MambaEvalError(f"invalid device {device!r}") from e
+    check_backend(backend, device)
     path = resolve_checkpoint(pretrained, revision)
     config = read_config(path)
     state = load_state_dict(path, config)

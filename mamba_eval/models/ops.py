@@ -109,6 +109,22 @@ def default_backend(device) -> str:
     return "triton" if str(device).startswith("cuda") else "ref"
 
 
+def check_backend(name: str, device) -> None:
+    """Raise ``MambaEvalError`` when backend ``name`` cannot run on ``device`` (a ``torch.device``):
+    the Triton kernels need Triton and a CUDA GPU, or Triton's CPU interpreter
+    (``TRITON_INTERPRET=1``, which the tests use). Found here, before the weights load, rather than
+    by Triton's driver lookup in the first forward."""
+    if name != "triton":
+        return
+    from mamba_eval.kernels import utils as kernel_utils
+
+    if kernel_utils.triton is None:
+        raise MambaEvalError("backend=triton needs Triton, which is not installed; use backend=ref")
+    if device.type != "cuda" and not kernel_utils.INTERPRETED:
+        raise MambaEvalError(f"backend=triton needs a CUDA GPU, but the model runs on {device}; "
+                             "use backend=ref (the default off the GPU)")
+
+
 def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
