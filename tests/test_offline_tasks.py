@@ -212,6 +212,39 @@ def test_stock_tags_resolve_to_offline_tasks(offline_tm, include_path):
         assert Path(task.config.metadata["config_source"]).parent == include_path
 
 
+def test_only_the_offline_overrides_are_silent(include_path, tmp_path, no_network):
+    """lm-eval warns when a task config replaces another of the same name. The offline mirrors
+    replacing their stock tasks are silent (the start-up hook installs the filter with lm-eval's
+    task manager); any other replacement still warns: a folder of one's own replacing a stock
+    task, or an offline one."""
+    import logging
+
+    from lm_eval.tasks import TaskManager
+
+    stock = offline._stock_tasks_dir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, stock_yaml in (("sciq", stock / "sciq" / "sciq.yaml"), ("piqa", stock / "piqa" / "piqa.yaml")):
+        (mine / f"{name}.yaml").write_text(f"include: {stock_yaml}\ntask: {name}\n")
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    index_log = logging.getLogger("lm_eval.tasks._index")
+    index_log.addHandler(handler)
+    try:
+        TaskManager(include_path=[str(include_path), str(mine)])
+    finally:
+        index_log.removeHandler(handler)
+    overrides = {}
+    for record in records:
+        message = record.getMessage()
+        if "overrides existing task" in message:
+            overrides[message.split("'")[1]] = message
+    assert set(overrides) == {"sciq", "piqa"}, overrides
+    assert str(mine / "piqa.yaml") in overrides["piqa"] and str(include_path / "piqa.yaml") in overrides["piqa"]
+
+
 def test_wikitext_pages_rebuild_the_original(include_path):
     with (include_path / "data/wikitext/test.jsonl").open(encoding="utf-8") as fh:
         pages = [json.loads(line)["page"] for line in fh]

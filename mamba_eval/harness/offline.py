@@ -42,17 +42,23 @@ The cache folder is ``<cache root>/<key>``; the key hashes the data folder's pat
 mtime of every file used, the layout, and the installed lm-eval (whose absolute path the YAMLs
 contain), so a changed input gives a new folder. The folder is built under a temporary name
 and renamed into place, so an interrupted run never leaves a half-written cache behind.
+
+lm-eval warns that each derived YAML overrides its stock task; :func:`quiet_own_overrides` drops
+exactly those warnings (the replacement is the point) and no other.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.metadata
 import importlib.resources
 import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -70,6 +76,7 @@ __all__ = [
     "default_cache_root",
     "offline_task_names",
     "prepare_offline_tasks",
+    "quiet_own_overrides",
     "rebuild_wikitext_raw",
     "wikitext_pages",
 ]
@@ -407,6 +414,50 @@ def prepare_offline_tasks(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+# --------------------------------------------------------------------------- lm-eval's warnings
+
+
+#: lm-eval's warning when a task config replaces another of the same name (lm_eval.tasks._index).
+_OVERRIDE = re.compile(r"Task '(?P<name>[^']+)' from (?P<new>.+) overrides existing task from (?P<old>.+)")
+_INDEX_LOGGER = "lm_eval.tasks._index"
+
+
+class _OwnOverrides(logging.Filter):
+    """Drops lm-eval's override warning when the overriding config is an offline mirror written
+    here and the config it replaces is its own stock task: replacing it is the mirror's purpose.
+    Every other override warning passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = _OVERRIDE.fullmatch(record.getMessage())
+        if match is None:
+            return True
+        entry = _manifest_tasks(os.path.dirname(os.path.abspath(match["new"]))).get(match["name"])
+        stock = entry.get("stock_config") if isinstance(entry, dict) else None
+        return not (isinstance(stock, str) and os.path.realpath(stock) == os.path.realpath(match["old"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _manifest_tasks(folder: str) -> dict:
+    """The tasks of the offline folder ``folder`` (its manifest's ``tasks``); {} for any other folder."""
+    try:
+        manifest = json.loads((Path(folder) / _MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(manifest, dict) or manifest.get("format") != _CACHE_FORMAT:
+        return {}
+    tasks = manifest.get("tasks")
+    return tasks if isinstance(tasks, dict) else {}
+
+
+def quiet_own_overrides() -> None:
+    """Silence lm-eval's warnings that the offline mirrors override the stock tasks (one per task
+    on every run that indexes them); idempotent. Called by the start-up hook
+    (:mod:`mamba_eval.harness.registration`) once lm-eval's task manager is imported."""
+    index_log = logging.getLogger(_INDEX_LOGGER)
+    if not any(isinstance(f, _OwnOverrides) for f in index_log.filters):
+        index_log.addFilter(_OwnOverrides())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Start-up hook that registers ``mamba`` as an lm-eval model, and the package's long-context probe
-tasks as lm-eval tasks, without any user import. By default it does nothing else.
+tasks as lm-eval tasks, without any user import. By default it does nothing else but silence
+lm-eval's warnings about the package's own offline task configs.
 
 lm-eval 0.4.13 discovers models only through its registry (``lm_eval.api.registry``); it
 scans no entry points. The wheel therefore installs ``mamba_eval_hook.pth`` into
@@ -29,7 +30,9 @@ module. From then on the finder below watches three modules:
     probe tasks (``tasks/probes``: ``mamba_passkey``, ``mamba_mqar``, ...) *before* any
     ``include_path`` of the caller, so the caller's configs of the same name still win. Thus
     ``lm_eval --model mamba --tasks mamba_passkey_16k`` works without ``--include_path``. The
-    instance's ``include_path`` attribute keeps the caller's value.
+    instance's ``include_path`` attribute keeps the caller's value. lm-eval's warnings that the
+    offline mirrors of the stock tasks override them (one per task, every run) are silenced
+    (:func:`mamba_eval.harness.offline.quiet_own_overrides`); every other warning stays.
 
 Opt-in: with ``MAMBA_EVAL_HARNESS_CACHE=1`` (:data:`HARNESS_CACHE_ENV`) lm-eval's task index
 and its compiled prompt templates are also cached once the task manager is imported
@@ -163,6 +166,12 @@ def install_harness_caches():
 def _on_tasks_loaded():
     try:
         wrap_task_manager(sys.modules[_TASKS_MODULE].TaskManager)
+    except Exception as exc:
+        _report(exc)
+    try:
+        from mamba_eval.harness.offline import quiet_own_overrides
+
+        quiet_own_overrides()
     except Exception as exc:
         _report(exc)
     try:
