@@ -33,6 +33,16 @@ class ModelArgsError(MambaEvalError):
     """An unknown or malformed ``--model_args`` value."""
 
 
+def check_tasks_known(task_manager, names) -> None:
+    """Raise ``MambaEvalError`` naming each of ``names`` that lm-eval's ``task_manager`` (a
+    ``TaskManager``) does not know as a task, group or tag."""
+    unknown = [name for name in names if not task_manager.match_tasks([name])]
+    if unknown:
+        listed = ", ".join(repr(name) for name in unknown)
+        raise MambaEvalError(f"unknown task{'s' if len(unknown) > 1 else ''} {listed} "
+                             "(see 'lm-eval ls tasks'; local configs: --include_path)")
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message, for a one-line error report. A
     ``MambaEvalError`` is already written for the user and keeps its text alone; any other

@@ -114,6 +114,80 @@ def test_cuda_device_beyond_the_machines(demo, tmp_path, capsys, monkeypatch):
                     "device='cuda:7': this machine has 1 CUDA device(s), numbered from 0", output)
 
 
+def test_unknown_task_in_run(demo, data_dir, tmp_path, capsys, monkeypatch):
+    """`run` names every unknown task in batch's words, with lm-eval's offline tasks in view
+    (whose override warnings are not shown either)."""
+    monkeypatch.setenv("MAMBA_EVAL_DATA_DIR", str(data_dir))
+    output = tmp_path / "results"
+    status = cli.main(["run", "--model_args", f"pretrained={demo['model']}", "--tasks", "no_such_task,piqa,nor_this",
+                       "--device", "cpu", "--output_path", str(output)])
+    err = capsys.readouterr().err
+    _one_line_error(status, err, "unknown tasks 'no_such_task', 'nor_this' (see 'lm-eval ls tasks'", output)
+    assert "overrides existing task" not in err
+
+
+def _no_lm_eval(*args):
+    raise AssertionError("lm-eval ran: the error should have come before")
+
+
+def test_offline_without_data_folder_fails_before_lm_eval(demo, tmp_path, capsys, monkeypatch):
+    """HF_DATASETS_OFFLINE=1, no data folder, a stock task not in datasets' cache: one line that
+    says how to give a data folder, before lm-eval builds tasks and loads the model."""
+    import datasets
+
+    monkeypatch.delenv("MAMBA_EVAL_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network calls from the tests
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(cli, "_call_lm_eval", _no_lm_eval)
+    output = tmp_path / "results"
+    status = cli.main(["run", "--model_args", f"pretrained={demo['model']}", "--tasks", "hellaswag",
+                       "--output_path", str(output)])
+    _one_line_error(status, capsys.readouterr().err,
+                    "Couldn't reach 'Rowan/hellaswag' on the Hub (OfflineModeIsEnabled); without network "
+                    "access pass --data-dir DIR or set MAMBA_EVAL_DATA_DIR", output)
+
+
+@pytest.mark.parametrize("data_folder", [False, True])
+def test_unreachable_hub_data(data_folder, demo, data_dir, tmp_path, capsys, monkeypatch):
+    """The Hub unreachable without the environment saying so (datasets' ConnectionError, in
+    lm-eval's task building): one line; with a data folder, it names the tasks the folder serves."""
+    import datasets
+
+    from mamba_eval.harness import offline
+
+    monkeypatch.setattr(offline, "hub_offline", lambda: False)  # datasets itself stays offline
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network calls from the tests
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    if data_folder:
+        monkeypatch.setenv("MAMBA_EVAL_DATA_DIR", str(data_dir))
+        task, hint = "sciq", f"the data folder {data_dir} serves only {', '.join(offline.offline_task_names())}"
+    else:
+        monkeypatch.delenv("MAMBA_EVAL_DATA_DIR", raising=False)
+        task, hint = "hellaswag", "without network access pass --data-dir DIR or set MAMBA_EVAL_DATA_DIR"
+    output = tmp_path / "results"
+    status = cli.main(["run", "--model_args", f"pretrained={demo['model']}", "--tasks", task, "--device", "cpu",
+                       "--output_path", str(output)])
+    _one_line_error(status, capsys.readouterr().err, f"on the Hub (OfflineModeIsEnabled); {hint}", output)
+
+
+def test_offline_check_leaves_cached_and_local_tasks_alone(monkeypatch):
+    """The early check asks datasets' own cache lookup: a data set it finds passes, and so does
+    every task that is not a stock task mirrored offline."""
+    import datasets
+
+    from mamba_eval.harness import offline
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda path, name=None: asked.append((path, name)))
+    offline.check_hub_data(["hellaswag", "arc_challenge", DEMO_TASK, "no_such_task"])
+    assert asked == [("Rowan/hellaswag", None), ("allenai/ai2_arc", "ARC-Challenge")]
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # online: lm-eval fetches, nothing to check
+    offline.check_hub_data(["piqa"])
+    assert len(asked) == 2
+
+
 LM_EVAL_COMMANDS = {
     "python -m lm_eval": [sys.executable, "-m", "lm_eval"],
     "console script": [str(Path(sys.executable).parent / "lm_eval")],

@@ -108,7 +108,15 @@ def lm_eval_argv(monkeypatch):
 
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli_evaluate)
     monkeypatch.delenv(cli.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # lm-eval does not run: no Hub data to check first
     return calls
+
+
+def _default_device() -> list[str]:
+    """The ``--device`` that ``run`` passes for ``mamba`` when none is given."""
+    from mamba_eval.harness.model_args import parse_device
+
+    return ["--device", str(parse_device(None))]
 
 
 @pytest.fixture
@@ -129,7 +137,7 @@ def offline_calls(monkeypatch, tmp_path):
 def test_run_forwards_flags_and_defaults_model_to_mamba(lm_eval_argv):
     assert cli.main(["run", "--tasks", "hellaswag", "piqa", "--limit", "2", "--model_args", "pretrained=x"]) == 0
     assert lm_eval_argv == [["lm-eval", "run", "--tasks", "hellaswag", "piqa", "--limit", "2",
-                             "--model_args", "pretrained=x", "--model", "mamba"]]
+                             "--model_args", "pretrained=x", "--model", "mamba", *_default_device()]]
 
 
 @pytest.mark.parametrize("given", [["--model", "hf"], ["--model=hf"], ["-M", "hf"]])
@@ -147,7 +155,8 @@ def test_run_data_dir_adds_the_offline_include_path(lm_eval_argv, offline_calls,
     calls, include = offline_calls
     assert cli.main(["run", "--data-dir", str(tmp_path), "--tasks", "x"]) == 0
     assert calls == [str(tmp_path)]
-    assert lm_eval_argv == [["lm-eval", "run", "--tasks", "x", "--model", "mamba", "--include_path", include]]
+    assert lm_eval_argv == [["lm-eval", "run", "--tasks", "x", "--model", "mamba", *_default_device(),
+                             "--include_path", include]]
 
 
 def test_run_data_dir_defaults_to_the_environment(lm_eval_argv, offline_calls, tmp_path, monkeypatch):
@@ -183,6 +192,53 @@ def test_run_missing_data_dir_is_a_usage_error(lm_eval_argv, tmp_path, capsys):
     assert cli.main(["run", "--data-dir", str(missing), "--tasks", "x"]) == 2
     assert lm_eval_argv == []
     assert str(missing) in capsys.readouterr().err
+
+
+def _passed_device(argv: list[str]) -> str:
+    return argv[max(i for i, a in enumerate(argv) if a == "--device") + 1]  # lm-eval takes the last
+
+
+@pytest.mark.parametrize("flag", [None, "cuda", "cpu"])
+def test_run_passes_the_device_the_model_makes_of_the_flag(lm_eval_argv, flag):
+    """lm-eval records its --device in the results (cuda:0 when not given); for `mamba` it is
+    the device the model resolves the flag to (the CPU for CUDA where there is none)."""
+    from mamba_eval.harness.model_args import parse_device
+
+    assert cli.main(["run", "--tasks", "x", *(["--device", flag] if flag else [])]) == 0
+    assert _passed_device(lm_eval_argv[0]) == str(parse_device(flag))
+
+
+def test_run_passes_model_args_device(lm_eval_argv, caplog):
+    """model_args' device is the one the model uses, over --device (which is then said unused)."""
+    assert cli.main(["run", "--tasks", "x", "--model_args", "pretrained=x,device=meta"]) == 0
+    assert cli.main(["run", "--tasks", "x", "--model_args", "device=meta", "--device", "cpu"]) == 0
+    assert [_passed_device(argv) for argv in lm_eval_argv] == ["meta", "meta"]
+    assert "model_args device=meta is used; the run's device=cpu" in caplog.text
+
+
+def test_run_passes_no_device_for_other_models(lm_eval_argv):
+    assert cli.main(["run", "--model", "hf", "--tasks", "x"]) == 0
+    assert "--device" not in lm_eval_argv[0]
+
+
+def test_results_record_the_device_used(tmp_path, monkeypatch):
+    """A CPU run's results said ``device: cuda:0`` (lm-eval's default flag); model_args'
+    ``batch_size`` and ``device`` beside lm-eval's flags are used, not a ``TypeError``."""
+    from mamba_eval.commands.demo import DEMO_TASK, build_demo
+    from mamba_eval.harness.model_args import parse_device
+
+    monkeypatch.delenv(cli.DATA_DIR_ENV, raising=False)
+    demo = build_demo(tmp_path / "demo")
+    runs = {"default": ([], str(parse_device(None))),
+            "model_args": (["--model_args", f"pretrained={demo['model']},batch_size=4,device=cpu",
+                            "--batch_size", "2"], "cpu")}
+    for name, (given, device) in runs.items():
+        out = tmp_path / name
+        args = given or ["--model_args", f"pretrained={demo['model']}"]
+        assert cli.main(["run", *args, "--tasks", DEMO_TASK, "--include_path", str(demo["tasks"]),
+                         "--limit", "2", "--output_path", str(out)]) == 0
+        results = json.loads(next(out.rglob("results_*.json")).read_text())
+        assert results["config"]["device"] == device, name
 
 
 def test_run_returns_lm_evals_exit_status(monkeypatch):

@@ -10,7 +10,14 @@
         ``--include_path``.
 
     ``--model`` defaults to ``mamba`` (lm-eval's own default is ``hf``) unless a
-    ``--config`` file is given, which then decides.
+    ``--config`` file is given, which then decides. With ``mamba`` and no ``--config``, the
+    ``--device`` lm-eval gets (and records in the results, ``cuda:0`` when none is given) is the
+    device the model uses: model_args' ``device``, else ``--device`` or the default device as the
+    model resolves it (the CPU when CUDA is absent).
+
+    An unknown task name, and task data that ``datasets`` cannot fetch from the Hub, end the
+    run with one line (batch's check of the names; the data error says how to give a data
+    folder); offline without a data folder, the data is checked before the model loads.
 
 ``mamba-eval demo [--out DIR]``
     builds the offline demo (``mamba_eval.commands.demo``) and evaluates it with lm-eval.
@@ -41,7 +48,7 @@ import sys
 import textwrap
 
 from mamba_eval import __version__
-from mamba_eval.errors import MambaEvalError, error_line, traceback_wanted
+from mamba_eval.errors import MambaEvalError, check_tasks_known, error_line, traceback_wanted
 from mamba_eval.harness.registration import HARNESS_CACHE_ENV
 from mamba_eval.utils import DATA_DIR_ENV, data_dir_from_env
 
@@ -74,6 +81,7 @@ _RUN_DESCRIPTION = textwrap.dedent(f"""\
     passed to lm-eval unchanged; lm-eval's own help follows.
 
     --model defaults to '{DEFAULT_MODEL}' (lm-eval's default is 'hf') unless --config is given.
+    With '{DEFAULT_MODEL}', --device defaults to the device the model uses (the results record it).
     """)
 
 
@@ -110,36 +118,105 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print()
         return _call_lm_eval(["--help"])
 
+    from mamba_eval.harness.offline import check_hub_data
+
     forwarded = list(extra)
     if args.config is not None:
         forwarded += ["--config", args.config]
     model = args.model if args.model is not None else (None if args.config else DEFAULT_MODEL)
     if model is not None:
         forwarded += ["--model", model]
-
-    include_path = args.include_path
-    data_dir = args.data_dir if args.data_dir is not None else (data_dir_from_env() or "")
-    if data_dir:
-        if include_path is not None:
-            if args.data_dir is not None:
-                parser.error(
-                    "--data-dir and --include_path cannot be combined (lm-eval takes one "
-                    "include path); put your task configs next to the offline ones instead"
-                )
-            print(
-                f"{PROG}: ignoring ${DATA_DIR_ENV}={data_dir} because --include_path is given",
-                file=sys.stderr,
-            )
-        else:
-            from mamba_eval.harness.offline import prepare_offline_tasks
-
-            try:
-                include_path = str(prepare_offline_tasks(data_dir))
-            except (FileNotFoundError, ValueError) as exc:
-                parser.error(f"--data-dir {data_dir}: {exc}")
+    # With --config the tasks and the device come from its file, which lm-eval reads.
+    flags = None if args.config else _lm_eval_flags(forwarded)
+    if model == DEFAULT_MODEL and flags is not None:
+        forwarded += _device_args(flags)
+    include_path, data_dir = _include_path(args)
     if include_path is not None:
         forwarded += ["--include_path", include_path]
-    return _call_lm_eval(forwarded)
+    tasks = _task_names(flags)
+    if include_path is None:
+        check_hub_data(tasks)
+    return _evaluate(forwarded, tasks, include_path, data_dir)
+
+
+def _evaluate(run_args: list[str], tasks: list[str], include_path: str | None, data_dir: str | None) -> int:
+    """:func:`_call_lm_eval`, with lm-eval's tracebacks for unknown ``tasks`` and for task data
+    it cannot fetch turned into one-line errors."""
+    from mamba_eval.harness.offline import from_datasets, hub_data_error
+
+    try:
+        return _call_lm_eval(run_args)
+    except ConnectionError as exc:
+        if from_datasets(exc):
+            raise hub_data_error(exc, data_dir) from None
+        raise
+    except ValueError as exc:
+        if tasks and not isinstance(exc, MambaEvalError):
+            _check_tasks(tasks, include_path)
+        raise
+
+
+def _include_path(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(lm-eval's include path, the data folder it was prepared from or None): ``--include_path``
+    as given, or the offline tasks of ``--data-dir`` / ``$MAMBA_EVAL_DATA_DIR``."""
+    parser = args.run_parser
+    data_dir = args.data_dir if args.data_dir is not None else (data_dir_from_env() or "")
+    if not data_dir:
+        return args.include_path, None
+    if args.include_path is not None:
+        if args.data_dir is not None:
+            parser.error(
+                "--data-dir and --include_path cannot be combined (lm-eval takes one "
+                "include path); put your task configs next to the offline ones instead"
+            )
+        print(f"{PROG}: ignoring ${DATA_DIR_ENV}={data_dir} because --include_path is given", file=sys.stderr)
+        return args.include_path, None
+    from mamba_eval.harness.offline import prepare_offline_tasks
+
+    try:
+        return str(prepare_offline_tasks(data_dir)), str(data_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(f"--data-dir {data_dir}: {exc}")
+
+
+def _lm_eval_flags(run_args: list[str]) -> argparse.Namespace | None:
+    """lm-eval's own reading of its ``run`` flags, or None when its parser rejects them (lm-eval
+    then says why, as it would without mamba-eval)."""
+    from mamba_eval.commands.batch.plan import lm_eval_run_parser
+
+    try:
+        return lm_eval_run_parser().parse_args(run_args)
+    except MambaEvalError:
+        return None
+
+
+def _task_names(flags: argparse.Namespace | None) -> list[str]:
+    """The task names of lm-eval's ``--tasks`` (not the YAML files or folders of them it also takes)."""
+    tasks = getattr(flags, "tasks", None) or []
+    return [t for t in tasks if t and not t.endswith((".yaml", ".yml")) and not os.path.isdir(t)]
+
+
+def _check_tasks(names: list[str], include_path: str | None) -> None:
+    """The one-line error for the names lm-eval does not know (batch's check), once lm-eval has
+    refused them with a traceback; a run with known tasks pays nothing for it."""
+    from lm_eval.tasks import TaskManager
+
+    check_tasks_known(TaskManager(include_path=include_path), names)
+
+
+def _device_args(flags: argparse.Namespace) -> list[str]:
+    """``--device D`` for lm-eval, so that the results record the device the ``mamba`` model uses:
+    lm-eval records its ``--device`` (``cuda:0`` when not typed), the model takes model_args'
+    device over it and the CPU when CUDA is absent. D is model_args' device when given (with
+    ``merge_run_flags``'s warning when ``--device`` differs), else the device the model makes of
+    ``--device``, or its default device."""
+    from mamba_eval.harness.model_args import merge_run_flags, parse_device
+
+    model_args = flags.model_args or {}
+    if "device" in model_args:
+        merge_run_flags({"device": model_args["device"]}, {"device": flags.device})
+        return ["--device", str(model_args["device"])]
+    return ["--device", str(parse_device(flags.device))]
 
 
 def _call_lm_eval(run_args: list[str]) -> int:

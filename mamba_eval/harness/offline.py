@@ -43,8 +43,11 @@ mtime of every file used, the layout, and the installed lm-eval (whose absolute 
 contain), so a changed input gives a new folder. The folder is built under a temporary name
 and renamed into place, so an interrupted run never leaves a half-written cache behind.
 
-lm-eval warns that each derived YAML overrides its stock task; :func:`quiet_own_overrides` drops
-exactly those warnings (the replacement is the point) and no other.
+Without a data folder the stock tasks read the Hub. When ``datasets`` cannot reach it,
+:func:`hub_data_error` says so in one line with the way out (a data folder), and
+:func:`check_hub_data` finds that out before a run loads its model when the environment is
+offline. lm-eval warns that each derived YAML overrides its stock task; :func:`quiet_own_overrides`
+drops exactly those warnings (the replacement is the point) and no other.
 """
 
 from __future__ import annotations
@@ -68,12 +71,17 @@ from pathlib import Path
 
 import yaml
 
+from mamba_eval.errors import MambaEvalError
 from mamba_eval.utils import DATA_DIR_ENV, data_dir_from_env
 from mamba_eval.utils import cache_dir as package_cache_dir  # (prepare_offline_tasks has a cache_dir argument)
 
 __all__ = [
     "WIKITEXT2_TEST_RAW_MD5",
+    "check_hub_data",
     "default_cache_root",
+    "from_datasets",
+    "hub_data_error",
+    "hub_offline",
     "offline_task_names",
     "prepare_offline_tasks",
     "quiet_own_overrides",
@@ -414,6 +422,61 @@ def prepare_offline_tasks(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+# --------------------------------------------------------------------------- without a data folder
+
+
+def hub_offline() -> bool:
+    """Whether ``datasets`` runs offline, by its own rule (``datasets.config``, which takes seconds
+    to import): ``HF_DATASETS_OFFLINE`` when set, else huggingface_hub's ``HF_HUB_OFFLINE`` (which
+    ``TRANSFORMERS_OFFLINE`` also sets)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_DATASETS_OFFLINE")
+    return constants.HF_HUB_OFFLINE if value is None else value.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def from_datasets(exc: BaseException) -> bool:
+    """Whether ``exc`` is a ``ConnectionError`` raised inside ``datasets``: a task's Hub data set
+    could not be fetched (no network, or offline mode without it in the local cache)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return isinstance(exc, ConnectionError) and module.partition(".")[0] == "datasets"
+
+
+def hub_data_error(exc: BaseException, data_dir) -> MambaEvalError:
+    """The one-line error for task data that ``datasets`` could not fetch (``exc``): with no data
+    folder (``data_dir`` None), how to give one; with one, which tasks it serves."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if data_dir is None:
+        hint = f"without network access pass --data-dir DIR or set {DATA_DIR_ENV} ({_README_HINT})"
+    else:
+        hint = f"the data folder {data_dir} serves only {', '.join(offline_task_names())}"
+    return MambaEvalError(f"{reason}; {hint}")
+
+
+def check_hub_data(task_names: Sequence[str]) -> None:
+    """For a run without a data folder in offline mode (:func:`hub_offline`): raise
+    :func:`hub_data_error` for the first of ``task_names`` that is a stock task mirrored here and
+    whose Hub data set ``datasets`` cannot load from its local cache, before lm-eval loads a
+    model to find out. ``datasets.load_dataset_builder`` is the lookup lm-eval's own
+    ``load_dataset`` starts with, so a run that would work is left alone."""
+    layout = _load_layout()
+    mirrored = [name for name in task_names if name in layout]
+    if not mirrored or not hub_offline():
+        return
+    import datasets
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for name in mirrored:
+        stock = load_yaml(_stock_tasks_dir() / layout[name].stock, resolve_func=False)
+        try:
+            datasets.load_dataset_builder(stock["dataset_path"], stock.get("dataset_name"))
+        except ConnectionError as exc:
+            raise hub_data_error(exc, None) from None
 
 
 # --------------------------------------------------------------------------- lm-eval's warnings

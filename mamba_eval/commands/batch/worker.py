@@ -30,7 +30,7 @@ from pathlib import Path
 
 from mamba_eval.commands.batch.plan import lm_eval_run_parser
 from mamba_eval.commands.batch.store import RESULT_KEY, publish, result_path, staging_dir, write_errors
-from mamba_eval.errors import MambaEvalError, one_line
+from mamba_eval.errors import MambaEvalError, check_tasks_known, one_line
 from mamba_eval.utils import read_json
 
 #: Set by the parent to its pid: the worker watches that it is still its parent.
@@ -191,8 +191,7 @@ def run_worker(spec_path: str) -> int:
         record = {"format": 1, "task": task, "fingerprint": spec["fingerprints"][task],
                   "settings": spec["settings"], "slug": spec["slug"], "name": spec["name"]}
         try:
-            if not task_manager.match_tasks([task]):
-                raise MambaEvalError(f"unknown task {task!r} (see 'lm-eval ls tasks'; local configs: --include_path)")
+            check_tasks_known(task_manager, [task])
             evaluate_task(lm, cfg, task, task_manager, folder, record)
         except Exception as exc:  # noqa: BLE001 - one task failing must not stop the next
             failures += 1
