@@ -205,3 +205,23 @@ def test_worker_saves_with_lm_eval_tracker(tmp_path):
     assert batch.unit_state(folder, "piqa", "0123456789abcdef") == "done"
     assert sorted(p.name for p in folder.iterdir()) == [
         "no_such_task.error", "piqa.json", "piqa.samples.jsonl", "spec.json"]  # no staging folder left
+
+
+def test_worker_records_the_device_the_model_used(tmp_path, ckpts):
+    """lm-eval records its --device flag (cuda:0 when not given) as the run's device; the worker
+    records the device the model took (here model_args' cpu, with no --device)."""
+    from mamba_eval.harness.offline import prepare_offline_tasks
+
+    data = require_data_dir()
+    folder = tmp_path / "model-00000000"
+    folder.mkdir()
+    spec = {"folder": str(folder), "slug": folder.name, "name": "model", "model": "mamba",
+            "model_args": {"pretrained": str(ckpts[0]), "tokenizer": str(data / "tokenizers" / "gpt-neox-20b"),
+                           "dtype": "float32", "device": "cpu"},
+            "tasks": ["piqa"], "settings": {"limit": 2.0}, "fingerprints": {"piqa": "0123456789abcdef"},
+            "lm_eval_args": ["--limit", "2"], "include_path": str(prepare_offline_tasks(data))}
+    (folder / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "mamba_eval.commands.batch", "--worker", str(folder / "spec.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((folder / "piqa.json").read_text())["config"]["device"] == "cpu"

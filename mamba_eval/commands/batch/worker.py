@@ -131,6 +131,8 @@ def evaluate_task(lm, cfg, task: str, task_manager, folder: Path, record: dict) 
         # simple_evaluate names a model given as an object by its class ("CUSTOM" source); the
         # file names the lm-eval model that ran, as `lm-eval run --model NAME` writes it.
         results["config"]["model"] = cfg.model
+        # Its device is the --device flag (cuda:0 when not given), not the one the model took.
+        results["config"]["device"] = str(getattr(lm, "device", cfg.device))
         tracker.general_config_tracker.model_source = cfg.model
         results[RESULT_KEY] = record
         tracker.save_results_aggregated(results=results, samples=samples)
