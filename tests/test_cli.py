@@ -241,6 +241,27 @@ def test_results_record_the_device_used(tmp_path, monkeypatch):
         assert results["config"]["device"] == device, name
 
 
+OUTPUT_FLAG_ARGS = {"demo": [], "batch": [], "table": ["runs/b1"], "probe": []}
+
+
+@pytest.mark.parametrize("command", list(OUTPUT_FLAG_ARGS))
+def test_own_commands_share_the_output_flag(command):
+    """-o/--output everywhere (lm-eval's `run` has -o/--output_path); --out, the former spelling
+    of demo and probe, still works."""
+    parser = cli.build_parser()
+
+    def parsed(*flags):
+        args, extra = parser.parse_known_args([command, *OUTPUT_FLAG_ARGS[command], *flags])
+        assert extra == []
+        return vars(args)
+
+    long = parsed("--output", "somewhere")
+    assert "somewhere" in json.dumps(long, default=str)
+    assert parsed("-o", "somewhere") == long
+    if command in ("demo", "probe"):
+        assert parsed("--out", "somewhere") == long
+
+
 def test_run_returns_lm_evals_exit_status(monkeypatch):
     import lm_eval.__main__
 
@@ -299,7 +320,7 @@ def test_commands_run_with_the_harness_caches_unless_switched_off(monkeypatch, g
 def test_demo_builds_and_evaluates_offline(tmp_path, monkeypatch):
     """The README's offline main job: the demo builds and lm-eval scores its task with `mamba`."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert cli.main(["demo", "-o", str(tmp_path / "demo")]) == 0
     results = list((tmp_path / "demo" / "results").rglob("results_*.json"))
     assert len(results) == 1
     scores = json.loads(results[0].read_text())["results"]["mamba_eval_demo_recall"]

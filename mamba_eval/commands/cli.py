@@ -19,7 +19,7 @@
     run with one line (batch's check of the names; the data error says how to give a data
     folder); offline without a data folder, the data is checked before the model loads.
 
-``mamba-eval demo [--out DIR]``
+``mamba-eval demo [-o DIR]``
     builds the offline demo (``mamba_eval.commands.demo``) and evaluates it with lm-eval.
 
 ``mamba-eval --version`` prints the versions of mamba-eval and lm-eval.
@@ -245,7 +245,8 @@ def _add_demo(subparsers) -> None:
         "access): a byte-level BPE tokenizer, a small Mamba checkpoint in mamba_ssm format, and "
         "an lm-eval task of the project's own. Then 'lm-eval run --model mamba' evaluates it.",
     )
-    parser.add_argument("--out", default="runs/demo", metavar="DIR",
+    # '--out', the former spelling, still works: argparse takes an unambiguous prefix of '--output'.
+    parser.add_argument("-o", "--output", default="runs/demo", metavar="DIR",
                         help="where to build the demo and write results (default: runs/demo)")
     parser.add_argument("--device", default="cpu", help="device for the evaluation (default: cpu)")
     parser.add_argument("--batch_size", default="8", help="lm-eval batch size (default: 8)")
@@ -257,7 +258,7 @@ def _demo(args: argparse.Namespace, extra: list[str]) -> int:
 
     from mamba_eval.commands.demo import build_demo, chance_note, demo_lm_eval_args
 
-    out = Path(args.out)
+    out = Path(args.output)
     paths = build_demo(out)
     run_args = demo_lm_eval_args(paths, device=args.device, batch_size=args.batch_size)
     run_args += ["--output_path", str(out / "results")]

@@ -2,14 +2,14 @@
 
     mamba-eval probe [--family mqar|passkey|passkey_gen|ppl] [--model_args pretrained=...]
                      [--lengths 1k,4k,16k] [--depths 0,0.5,1] [--pairs 4,8,16] [--samples N]
-                     [--text FILE] [--data-dir DIR] [--device cuda] [--batch_size 1] [--out DIR]
+                     [--text FILE] [--data-dir DIR] [--device cuda] [--batch_size 1] [-o DIR]
 
 For every length (and, for MQAR, every number of pairs) it runs one lm-eval task of
 ``mamba_eval.harness.probe_data`` through lm-eval's own ``simple_evaluate`` on one model instance,
 and records the metrics, the documents' measured token counts, the time spent building the
 data and evaluating, and the peak memory of the evaluation: ``torch.cuda.max_memory_allocated``
 on a GPU; on the CPU the process's resident set size, sampled every 10 ms (labelled as such).
-Then it writes into ``--out`` (each file atomically, also after every length, so an interrupted
+Then it writes into ``--output`` (each file atomically, also after every length, so an interrupted
 run keeps what it measured; the report is :mod:`mamba_eval.commands.probe_report`):
 
 - ``report.md``: accuracy (or loss) vs length tables, peak memory and time per length, plots;
@@ -406,7 +406,7 @@ def _environment(torch, lm_eval, device_type: str) -> dict:
 
 _DESCRIPTION = """\
 Run a long-context probe family over context lengths and write a report (tables of accuracy
-or loss vs length, PNG plots, peak memory and time per length) into --out.
+or loss vs length, PNG plots, peak memory and time per length) into --output.
 
 families:
   mqar         multi-query associative recall (mamba_mqar_<len>_p<pairs>)
@@ -446,7 +446,9 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("--batch_size", default=None,
                         help="lm-eval batch size (default: 1 on a GPU, one sequence at a time, so the memory "
                         "figures are per sequence; auto on the CPU)")
-    parser.add_argument("--out", default=None, metavar="DIR", help="report folder (default runs/probe-<family>)")
+    # '--out', the former spelling, still works: argparse takes an unambiguous prefix of '--output'.
+    parser.add_argument("-o", "--output", dest="out", default=None, metavar="DIR",
+                        help="report folder (default runs/probe-<family>)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.set_defaults(handler=_handle)
 
