@@ -158,3 +158,15 @@ def test_slurm_job_array_submission(tmp_path, monkeypatch):
     assert [c["job_id"] for c in status["checkpoints"]] == result.jobs
     with pytest.raises(MambaEvalError, match="--slurm-time"):
         parse_minutes("soon")
+
+
+def test_cluster_executors_without_submitit_say_which_extra(tmp_path, monkeypatch):
+    """submitit is the `slurm` extra: without it, one line names the extra to install."""
+    import sys
+
+    from mamba_eval.commands.batch.executors import make_executor
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # `import submitit` raises ImportError
+    for kind in ("slurm", "submitit-local"):
+        with pytest.raises(MambaEvalError, match=rf"--executor {kind} needs submitit: .*mamba-eval\[slurm\]"):
+            make_executor(kind, tmp_path, n_jobs=1, gpus_per_job=0)

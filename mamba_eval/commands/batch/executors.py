@@ -258,7 +258,10 @@ class SlurmOptions:
 
 def make_executor(kind: str, folder, *, n_jobs: int, gpus_per_job: int, slurm: SlurmOptions | None = None):
     """A submitit executor for ``kind`` ("slurm" or "submitit-local") with the batch's parameters."""
-    import submitit
+    try:
+        import submitit
+    except ImportError:
+        raise MambaEvalError(f"--executor {kind} needs submitit: pip install 'mamba-eval[slurm]'") from None
 
     slurm = slurm or SlurmOptions()
     cluster = {"slurm": "slurm", "submitit-local": "local"}[kind]
