@@ -34,6 +34,12 @@ sys.path.insert(0, str(Path(__file__).parent))  # `from helpers import ...` from
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every lm-eval run in the suite (in this process and the subprocesses it starts) uses the task-index
+# and template caches, which `mamba-eval` turns on for users: without them each run rebuilds lm-eval's
+# task index from ~15,000 YAML files, about 10 CPU-seconds. The caches' exactness is tested against
+# lm-eval's own build (test_harness_cache.py), and the tests of the opt-in itself set the variable.
+os.environ.setdefault("MAMBA_EVAL_HARNESS_CACHE", "1")
+
 
 @dataclass(frozen=True)
 class Spec:
