@@ -140,10 +140,10 @@ def test_scan_splits_few_long_rows(monkeypatch):
 
     monkeypatch.setattr(ss, "_selective_scan_fwd", recording)
     monkeypatch.setattr(ss, "_MIN_CHUNK", 8)
-    monkeypatch.setattr(ss, "sm_count", lambda device: 4)  # fewer than 4 * _SPLIT_BELOW programs: split
+    monkeypatch.setattr(ss, "sm_count", lambda device: 1)  # split below _SPLIT_BELOW programs
     inputs = _scan_inputs(1, 6, 8, 40, torch.float32, "model", seed=4)
     _check_scan(inputs, torch.float32)  # 1 program: split
-    inputs = _scan_inputs(4, 520, 4, 40, torch.float32, "model", seed=4)  # 4 x 17 programs: not split
+    inputs = _scan_inputs(ss._SPLIT_BELOW, 6, 4, 40, torch.float32, "model", seed=4)  # one per row: not split
     _check_scan(inputs, torch.float32)
     assert calls[0] > 1 and calls[1] == 1
 
