@@ -46,8 +46,9 @@ and renamed into place, so an interrupted run never leaves a half-written cache 
 Without a data folder the stock tasks read the Hub. When ``datasets`` cannot reach it,
 :func:`hub_data_error` says so in one line with the way out (a data folder), and
 :func:`check_hub_data` finds that out before a run loads its model when the environment is
-offline. lm-eval warns that each derived YAML overrides its stock task; :func:`quiet_own_overrides`
-drops exactly those warnings (the replacement is the point) and no other.
+offline. lm-eval warns that each derived YAML overrides its stock task; :func:`is_own_override`
+tells exactly those warnings (the replacement is the point) from any other, for the filter that the
+start-up hook puts on lm-eval's task-index logger.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ __all__ = [
     "hub_offline",
     "offline_task_names",
     "prepare_offline_tasks",
-    "quiet_own_overrides",
+    "is_own_override",
     "rebuild_wikitext_raw",
     "wikitext_pages",
 ]
@@ -484,21 +485,17 @@ def check_hub_data(task_names: Sequence[str]) -> None:
 
 #: lm-eval's warning when a task config replaces another of the same name (lm_eval.tasks._index).
 _OVERRIDE = re.compile(r"Task '(?P<name>[^']+)' from (?P<new>.+) overrides existing task from (?P<old>.+)")
-_INDEX_LOGGER = "lm_eval.tasks._index"
 
 
-class _OwnOverrides(logging.Filter):
-    """Drops lm-eval's override warning when the overriding config is an offline mirror written
-    here and the config it replaces is its own stock task: replacing it is the mirror's purpose.
-    Every other override warning passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        match = _OVERRIDE.fullmatch(record.getMessage())
-        if match is None:
-            return True
-        entry = _manifest_tasks(os.path.dirname(os.path.abspath(match["new"]))).get(match["name"])
-        stock = entry.get("stock_config") if isinstance(entry, dict) else None
-        return not (isinstance(stock, str) and os.path.realpath(stock) == os.path.realpath(match["old"]))
+def is_own_override(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is lm-eval's warning that an offline mirror written here overrides its own
+    stock task (replacing it is the mirror's purpose). Every other override is not."""
+    match = _OVERRIDE.fullmatch(record.getMessage())
+    if match is None:
+        return False
+    entry = _manifest_tasks(os.path.dirname(os.path.abspath(match["new"]))).get(match["name"])
+    stock = entry.get("stock_config") if isinstance(entry, dict) else None
+    return isinstance(stock, str) and os.path.realpath(stock) == os.path.realpath(match["old"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -512,15 +509,6 @@ def _manifest_tasks(folder: str) -> dict:
         return {}
     tasks = manifest.get("tasks")
     return tasks if isinstance(tasks, dict) else {}
-
-
-def quiet_own_overrides() -> None:
-    """Silence lm-eval's warnings that the offline mirrors override the stock tasks (one per task
-    on every run that indexes them); idempotent. Called by the start-up hook
-    (:mod:`mamba_eval.harness.registration`) once lm-eval's task manager is imported."""
-    index_log = logging.getLogger(_INDEX_LOGGER)
-    if not any(isinstance(f, _OwnOverrides) for f in index_log.filters):
-        index_log.addFilter(_OwnOverrides())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

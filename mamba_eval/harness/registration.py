@@ -32,7 +32,7 @@ module. From then on the finder below watches three modules:
     ``lm_eval --model mamba --tasks mamba_passkey_16k`` works without ``--include_path``. The
     instance's ``include_path`` attribute keeps the caller's value. lm-eval's warnings that the
     offline mirrors of the stock tasks override them (one per task, every run) are silenced
-    (:func:`mamba_eval.harness.offline.quiet_own_overrides`); every other warning stays.
+    (:class:`_OwnOverrides`); every other warning stays.
 
 Opt-in: with ``MAMBA_EVAL_HARNESS_CACHE=1`` (:data:`HARNESS_CACHE_ENV`) lm-eval's task index
 and its compiled prompt templates are also cached once the task manager is imported
@@ -49,6 +49,7 @@ Every failure inside the hook is swallowed: it must never break an interpreter. 
 ``sys`` and ``os`` until lm-eval's task manager has been imported.
 """
 
+import logging
 import os
 import sys
 
@@ -59,6 +60,7 @@ _REGISTRY_MODULE = "lm_eval.api.registry"
 _MODELS_MODULE = "lm_eval.models"
 _TASKS_MODULE = "lm_eval.tasks.manager"
 _WRAPPED_MARK = "_mamba_eval_probe_tasks"
+_INDEX_LOGGER = "lm_eval.tasks._index"
 
 #: Opt-in switch for the task-index and template caches (``1``/``true``/``yes``/``on``).
 HARNESS_CACHE_ENV = "MAMBA_EVAL_HARNESS_CACHE"
@@ -163,15 +165,28 @@ def install_harness_caches():
         task_cache.install_template_cache(env)
 
 
+class _OwnOverrides(logging.Filter):
+    """Drops lm-eval's warning that an offline mirror of ours overrides its own stock task.
+    ``mamba_eval.harness.offline`` decides, imported only when an override warning is logged, so a
+    run that logs none imports nothing more of mamba-eval."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "overrides existing task" not in str(record.msg):
+            return True
+        from mamba_eval.harness.offline import is_own_override
+
+        return not is_own_override(record)
+
+
 def _on_tasks_loaded():
     try:
         wrap_task_manager(sys.modules[_TASKS_MODULE].TaskManager)
     except Exception as exc:
         _report(exc)
     try:
-        from mamba_eval.harness.offline import quiet_own_overrides
-
-        quiet_own_overrides()
+        index_log = logging.getLogger(_INDEX_LOGGER)
+        if not any(isinstance(f, _OwnOverrides) for f in index_log.filters):
+            index_log.addFilter(_OwnOverrides())
     except Exception as exc:
         _report(exc)
     try:
