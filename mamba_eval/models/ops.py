@@ -105,8 +105,15 @@ _BACKENDS: dict[str, Callable[[Invariance], Ops]] = {
 
 
 def default_backend(device) -> str:
-    """``triton`` on a GPU, ``ref`` elsewhere (Triton's CPU interpreter is for tests only)."""
-    return "triton" if str(device).startswith("cuda") else "ref"
+    """``triton`` on a GPU where Triton is installed, ``ref`` elsewhere (Triton's CPU interpreter
+    is for tests only; Triton is not a requirement of the package, torch's CUDA builds bring it)."""
+    if not str(device).startswith("cuda"):
+        return "ref"
+    try:
+        import triton  # noqa: F401  (the kernels import it anyway once the model is built)
+    except ImportError:
+        return "ref"
+    return "triton"
 
 
 def check_backend(name: str, device) -> None:

@@ -1,5 +1,6 @@
-"""Triton is a dependency on Linux only: without it the references (and the `ref` backend)
-still import and run, and each Triton wrapper says clearly that it needs Triton."""
+"""Triton is not a requirement of the package (torch's CUDA builds bring it): without it the
+references (and the `ref` backend, the default then even on a GPU) still import and run, and each
+Triton wrapper says clearly that it needs Triton."""
 
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import torch
 from mamba_eval.models.ops import get_ops
 from mamba_eval.kernels import conv1d, norm, selective_scan, ssd
 
+from mamba_eval.models.ops import default_backend
+assert default_backend("cuda") == default_backend("cpu") == "ref"
 ops = get_ops("ref")
 y, _ = ops.causal_conv1d(torch.randn(1, 3, 5), torch.randn(3, 4))
 assert y.shape == (1, 3, 5)
