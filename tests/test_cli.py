@@ -315,14 +315,3 @@ def test_commands_run_with_the_harness_caches_unless_switched_off(monkeypatch, g
     assert cli.main(["fake-subcommand"]) == 0
     assert values == [seen]
     assert os.environ.get(HARNESS_CACHE_ENV) == given
-
-
-def test_demo_builds_and_evaluates_offline(tmp_path, monkeypatch):
-    """The README's offline main job: the demo builds and lm-eval scores its task with `mamba`."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert cli.main(["demo", "-o", str(tmp_path / "demo")]) == 0
-    results = list((tmp_path / "demo" / "results").rglob("results_*.json"))
-    assert len(results) == 1
-    scores = json.loads(results[0].read_text())["results"]["mamba_eval_demo_recall"]
-    assert 0.0 <= scores["acc,none"] <= 1.0
-    assert scores["alias"] == "mamba_eval_demo_recall"

@@ -40,7 +40,7 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     printed = io.StringIO()
     with _one_torch_thread(), contextlib.redirect_stdout(printed):
-        status = cli.main(["demo", "--out", str(out)])
+        status = cli.main(["demo", "-o", str(out)])
     assert status == 0
     results = list((out / "results").rglob("results_*.json"))
     assert len(results) == 1
