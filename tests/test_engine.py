@@ -665,7 +665,6 @@ def test_bench_eval_smoke(data_dir, tmp_path):
     assert run["shape"] == "tiny" and run["mode"] == "shared"
     assert run["requests"] == 16 and run["shared_requests"] == 16  # 4 documents x 4 endings
     assert 0 < run["loglikelihood_s"] < run["whole_process_s"]
-    assert 0.0 <= run["metrics"]["acc_norm"] <= 1.0
     assert "whole s" in proc.stdout and "ll s" in proc.stdout
     (inv,) = result["invariance"]
     checks = [v for v in inv.values() if isinstance(v, dict)]

@@ -341,7 +341,7 @@ def test_bench_gen_task_smoke(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["task"] == "mamba_passkey_gen_1k" and row["requests"] == 2
     assert 1 <= row["generated_tokens"] <= 2 * 8 and row["ms_per_generated_token"] > 0
-    assert row["prompt_tokens"] > 2 * 900 and 0.0 <= row["exact_match"] <= 1.0
+    assert row["prompt_tokens"] > 2 * 900 and "exact_match" in row
 
 
 def _counting_forwards(model, monkeypatch):
