@@ -118,12 +118,6 @@ def test_norm_config(op):
     assert varies
 
 
-def test_conv1d_config_has_no_batch():
-    """The conv's tiles follow the layout, channels and length only, and a tile's shape does not
-    change any output's arithmetic (each output is its own bias + sum over the K taps)."""
-    assert list(inspect.signature(conv1d._fwd_config).parameters) == ["channel_first", "channels", "length"]
-
-
 # --------------------------------------------------------------------------------------------
 # Small runs: rows alone, together and shuffled give the same bits
 # --------------------------------------------------------------------------------------------
