@@ -1,42 +1,60 @@
-"""Model forward throughput with all-position logits, the setup of the anchors table.
+"""Model forward throughput with all-position logits, the setup of the anchors' forward table.
 
 For each published shape (random-init weights, bf16, GPU): check the Triton backend against the
 reference backend on the same weights, then time ``backbone_forward`` + LM head over all
 positions (logits in bf16, as mamba_ssm's ``MambaLMHeadModel`` returns them) at the anchors'
-batch shapes, and report tokens/s beside mamba_ssm's figure and the share of the matmul roofline
-(2 FLOP per parameter per token; the scans' FLOPs are small next to the projections').
+batch shapes, and report tokens/s with the share of this GPU's bf16 matmul peak, measured in the
+run (``bench_common.peaks``; 2 FLOP per matmul weight per token: the scans' FLOPs are small next
+to the projections').
+
+When mamba_ssm imports, its ``MambaLMHeadModel`` (random-init, same shape, bf16) is timed the same
+way in the same run, and the table shows its tokens/s and our speed over its. Without it, the
+figure stored in ``scripts/anchors.py`` is shown in a column of its own, with no ratio.
 
 Also reports cold start: the time to the first forward in a process whose Triton cache is
 empty (compilation), then again with the cache filled.
 
-    python scripts/bench_model.py --json bench_model.json [--shapes mamba-130m,mamba2-130m]
+    python scripts/bench_model.py --json bench_model.json [--shapes mamba-130m,mamba2-130m] [--peer off]
+    python scripts/bench_model.py --tiny      # toy sizes on the CPU, Triton interpreted: checks the script
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from mamba_eval.models.releases import release_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import anchors  # noqa: E402
+from bench_common import format_table, import_peer, matmul_share, median_seconds, run_info, write_json  # noqa: E402
+
+from mamba_eval.models.releases import release  # noqa: E402
 
 # Published shapes (mamba_eval.models.releases).
 SHAPES = ("mamba-130m", "mamba-2.8b", "mamba2-130m", "mamba2-2.7b")
 BATCHES = [(64, 128), (256, 128), (16, 2048), (1, 16384)]
-# mamba_ssm on the same GPU kind, tokens/s (reference/anchors.md).
-ANCHOR = {
-    "mamba-130m": [409e3, 623e3, 865e3, 750e3],
-    "mamba-2.8b": [53.5e3, 54.1e3, 68.4e3, 66.1e3],
-    "mamba2-130m": [260e3, 850e3, 763e3, 471e3],
-    "mamba2-2.7b": [72.2e3, 69.0e3, 79.4e3, 80.5e3],
-}
-MATMUL_PEAK = 805e12  # bf16 matmul, measured on the same GPU kind (anchors.md)
+TINY_BATCHES = [(2, 8)]
+TINY = {"d_model": 32, "n_layer": 2}
+VOCAB = 50277
+
+
+def shape_config(shape: str, tiny: bool = False) -> dict:
+    """The release's config.json fields (toy sizes with ``tiny``)."""
+    return release(shape, **(TINY if tiny else {}))
+
+
+def model_config(raw: dict):
+    from mamba_eval.models.formats import config_from_dict
+
+    return config_from_dict(raw, Path("<bench_model>/config.json"))
 
 
 def n_matmul_params(model) -> int:
@@ -54,28 +72,31 @@ def logits_forward(model, ids):
     return torch.nn.functional.linear(hidden, model.lm_head.weight)
 
 
-def time_forward(model, batch: int, length: int, reps: int = 5) -> float:
-    ids = torch.randint(0, 50277, (batch, length), device="cuda")
-    logits_forward(model, ids)  # compile / warm up
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        logits_forward(model, ids)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
+@torch.inference_mode()
+def peer_logits_forward(model, ids):
+    return model(ids).logits
+
+
+def time_forward(forward, model, batch: int, length: int, device, reps: int = 5) -> float:
+    ids = torch.randint(0, VOCAB, (batch, length), device=device)
+    return median_seconds(lambda: forward(model, ids), reps=reps, warmup=1, device=device)
 
 
 @torch.inference_mode()
-def check(tri, ref) -> float:
-    ids = torch.randint(0, 50277, (2, 300), device="cuda")
+def check(tri, ref, device, length: int = 300) -> float:
+    ids = torch.randint(0, VOCAB, (2, length), device=device)
     a, _ = tri(ids)
     b, _ = ref(ids)
     return float((a - b).abs().max() / b.abs().max())
+
+
+def peer_model(mamba_ssm, raw: dict, device):
+    """mamba_ssm's MambaLMHeadModel of the same shape (its own random init), bf16."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+
+    fields = {f.name for f in dataclasses.fields(MambaConfig)}
+    config = MambaConfig(**{k: v for k, v in raw.items() if k in fields})
+    return mamba_ssm.MambaLMHeadModel(config, device=device, dtype=torch.bfloat16).eval()
 
 
 def cold_start(shape: str) -> dict:
@@ -99,67 +120,115 @@ def cold_start(shape: str) -> dict:
 def first_forward(shape: str) -> None:
     from mamba_eval.models.model import LanguageModel
 
-    model = LanguageModel(release_config(shape), backend="triton", device="cuda", dtype=torch.bfloat16)
+    model = LanguageModel(model_config(shape_config(shape)), backend="triton", device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for batch, length in ((4, 128), (1, 2048)):  # two shapes: what a first lm-eval batch compiles
-        logits_forward(model, torch.randint(0, 50277, (batch, length), device="cuda"))
+        logits_forward(model, torch.randint(0, VOCAB, (batch, length), device="cuda"))
     torch.cuda.synchronize()
     print(json.dumps({"first_forward_s": time.perf_counter() - t0}))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--no-cold-start", action="store_true")
-    ap.add_argument("--first-forward", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_model.py needs a CUDA GPU", file=sys.stderr)
-        return 2
-    if args.first_forward:
-        first_forward(args.first_forward)
-        return 0
+def bench_shape(shape: str, args, device, dtype, mamba_ssm, gpu) -> dict:
     from mamba_eval.models.model import LanguageModel
 
-    rows, results = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
-    for shape in args.shapes.split(","):
-        cfg = release_config(shape)
+    raw = shape_config(shape, args.tiny)
+    torch.manual_seed(0)
+    tri = LanguageModel(model_config(raw), backend="triton", device=device, dtype=dtype)
+    ref = LanguageModel(model_config(raw), backend="ref", device=device, dtype=dtype)
+    ref.load_state_dict(tri.state_dict())
+    err = check(tri, ref, device, length=12 if args.tiny else 300)
+    del ref
+    flop_per_token = 2 * n_matmul_params(tri)
+    entry = {"rel_err_vs_ref": err, "flop_per_token": flop_per_token, "runs": []}
+    for batch, length in args.batches:
+        sec = time_forward(logits_forward, tri, batch, length, device, reps=args.reps)
+        tps = batch * length / sec
+        entry["runs"].append({"batch": batch, "length": length, "seconds": sec, "tokens_per_s": tps,
+                              "roofline_share": matmul_share(tps * flop_per_token) if gpu else None})
+    del tri
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if mamba_ssm is not None:
         torch.manual_seed(0)
-        tri = LanguageModel(cfg, backend="triton", device="cuda", dtype=torch.bfloat16)
-        ref = LanguageModel(cfg, backend="ref", device="cuda", dtype=torch.bfloat16)
-        ref.load_state_dict(tri.state_dict())
-        err = check(tri, ref)
-        del ref
+        peer = peer_model(mamba_ssm, raw, device)
+        for run in entry["runs"]:
+            sec = time_forward(peer_logits_forward, peer, run["batch"], run["length"], device, reps=args.reps)
+            run["peer_tokens_per_s"] = run["batch"] * run["length"] / sec
+            run["speed_vs_peer"] = run["tokens_per_s"] / run["peer_tokens_per_s"]
+        del peer
         torch.cuda.empty_cache()
-        flop_per_token = 2 * n_matmul_params(tri)
-        entry = {"rel_err_vs_ref": err, "flop_per_token": flop_per_token, "runs": []}
-        for (batch, length), anchor in zip(BATCHES, ANCHOR[shape]):
-            sec = time_forward(tri, batch, length)
-            tps = batch * length / sec
-            share = tps * flop_per_token / MATMUL_PEAK
-            entry["runs"].append(dict(batch=batch, length=length, seconds=sec, tokens_per_s=tps,
-                                      anchor_tokens_per_s=anchor, roofline_share=share))
-            rows.append((shape, f"B={batch},L={length}", tps, anchor, share, err))
-        if not args.no_cold_start:
-            entry["cold_start"] = cold_start(shape)
-        results["shapes"][shape] = entry
-        del tri
-        torch.cuda.empty_cache()
+    elif not args.tiny:  # stored figures are for the published shapes, not the toy ones
+        for run in entry["runs"]:
+            found = anchors.stored("model", (shape, run["batch"], run["length"]), gpu)
+            if found:
+                run["stored_peer_tokens_per_s"], source = found
+                run["stored_source"] = source.label
+    if device.type == "cuda" and not args.no_cold_start:
+        entry["cold_start"] = cold_start(shape)
+    return entry
 
-    print(f"\n{'shape':<12} {'batch':<13} {'ours tok/s':>11} {'mamba_ssm':>10} {'ratio':>6} {'matmul roofline':>16} {'err vs ref':>10}")
-    for shape, b, tps, anchor, share, err in rows:
-        print(f"{shape:<12} {b:<13} {tps:>11.0f} {anchor:>10.0f} {tps / anchor:>6.2f} {share:>15.1%} {err:>10.1e}")
+
+def print_table(results: dict, peer: str | None) -> None:
+    header = ["shape", "batch", "ours tok/s", "matmul roofline"]
+    header += ["mamba_ssm tok/s", "speed vs mamba_ssm"] if peer else ["stored mamba_ssm tok/s"]
+    header += ["err vs ref"]
+    rows, sources = [], set()
+    for shape, entry in results["shapes"].items():
+        for r in entry["runs"]:
+            row = [shape, f"B={r['batch']},L={r['length']}", f"{r['tokens_per_s']:.0f}",
+                   None if r["roofline_share"] is None else f"{r['roofline_share']:.1%}"]
+            if peer:
+                row += [f"{r['peer_tokens_per_s']:.0f}", f"{r['speed_vs_peer']:.2f}x"]
+            else:
+                stored = r.get("stored_peer_tokens_per_s")
+                row += [None if stored is None else f"{stored:.0f}"]
+                sources.add(r.get("stored_source"))
+            rows.append(row + [f"{entry['rel_err_vs_ref']:.1e}"])
+    print("\n" + format_table(header, rows))
+    for label in sorted(sources - {None}):
+        print(label)
     for shape, entry in results["shapes"].items():
         if "cold_start" in entry:
             cs = entry["cold_start"]
             print(f"cold start {shape}: first forward {cs['cold_first_forward_s']:.1f} s with an empty Triton cache "
                   f"({cs['cold_process_s']:.1f} s process), {cs['warm_first_forward_s']:.1f} s with the cache filled")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--no-cold-start", action="store_true")
+    ap.add_argument("--peer", choices=["auto", "off"], default="auto",
+                    help="auto: time mamba_ssm's model in the same run when it imports")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: checks the script, not the speed")
+    ap.add_argument("--first-forward", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    shapes = [s for s in args.shapes.split(",") if s]
+    if any(s not in SHAPES for s in shapes):
+        ap.error(f"unknown shapes in {args.shapes!r}; known: {', '.join(SHAPES)}")
+    if args.tiny:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported, below
+        device, dtype, args.batches, args.reps = torch.device("cpu"), torch.float32, TINY_BATCHES, 1
+    elif not torch.cuda.is_available():
+        print("bench_model.py needs a CUDA GPU (or --tiny for a CPU check of the script)", file=sys.stderr)
+        return 2
+    else:
+        device, dtype, args.batches = torch.device("cuda"), torch.bfloat16, BATCHES
+    if args.first_forward:
+        first_forward(args.first_forward)
+        return 0
+    mamba_ssm = import_peer("mamba_ssm") if args.peer == "auto" and device.type == "cuda" else None
+    peer = f"mamba_ssm {mamba_ssm.__version__}" if mamba_ssm else None
+    info = run_info(device, with_peaks=True)
+    results = {**info, "peer": peer, "shapes": {}}
+    for shape in shapes:
+        results["shapes"][shape] = bench_shape(shape, args, device, dtype, mamba_ssm, info["gpu"])
+    print_table(results, peer)
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, results)
     return 0
 
 
