@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark the Triton kernels of ``mamba_eval.kernels`` against the roofline and mamba_ssm.
 
-For every kernel, at the shapes of the kernel table of the reference measurements (mamba_ssm
-2.3.2 on one H200, bf16), this script
+For every kernel, at the shapes of the kernel table of the reference measurements (bf16), this
+script
 
 1. checks the kernel against its ``*_ref`` on the same random inputs (the reference runs in fp32
    on the bf16-rounded values) and reports the relative max error of every output;
@@ -13,17 +13,19 @@ For every kernel, at the shapes of the kernel table of the reference measurement
 3. counts the bytes the kernel must move (every input read once, every output written once, an
    in-place state read and written) and, for the Mamba-1 scans, the exponentials (one per batch,
    channel, state and position), for the matrix products the flops (2 M N K). The roofline time
-   is the largest of bytes / 4.27e12 B/s (device copy bandwidth of the H200 measured with the
-   references), exps / exp rate, where the exp rate is measured here by a small Triton kernel,
-   and flops / 989e12 /s (the H200's dense bf16 tensor-core peak). Share = roofline time /
-   measured time.
+   is the largest of bytes / copy bandwidth, exps / exp rate and flops / bf16 matmul rate, each
+   measured on this GPU in this run (the copy and matmul peaks by ``bench_common.peaks``, the exp
+   rate by a small Triton kernel here). Share = roofline time / measured time.
 
-mamba_ssm's time for the same shape is printed beside ours, with its share of the same
-roofline. Kernels that do not exist (yet) are listed as "not available".
+When mamba_ssm and causal_conv1d import, their kernel for the same op runs on the same inputs in
+the same run (checked against our reference, timed the same way), and the table shows its time,
+its share of the same roofline and our speed over it. Without them, the time stored in
+``scripts/anchors.py`` is shown in a column of its own, with no ratio or share. Kernels that do
+not exist (yet) are listed as "not available".
 
 Usage::
 
-    python scripts/bench_kernels.py [--json PATH] [--only SUBSTRING ...] [--no-check] [--graph-steps N]
+    python scripts/bench_kernels.py [--json PATH] [--only SUBSTRING ...] [--no-check] [--graph-steps N] [--peer off]
 
 Needs a CUDA (or ROCm) GPU; exits with status 2 otherwise. Exits with status 1 when a kernel
 disagrees with its reference or fails.
@@ -33,18 +35,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-BANDWIDTH = 4.27e12  # B/s, device copy (read + write) on the H200, measured with the anchors
-EXP_RATE_LEAD = 4.2e12  # /s, 132 SMs x 1.98 GHz x 16: only a lead; the script measures its own
-TENSOR_FLOPS = 989e12  # /s, dense bf16 tensor-core peak of the H200 (NVIDIA's data sheet)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import anchors  # noqa: E402
+from bench_common import Peaks, format_table, import_peer, peaks, run_info, write_json  # noqa: E402
+
 DTYPE = torch.bfloat16
 # Relative max error allowed for every output, fp32 states included: the inputs are bf16 and a
 # kernel may round intermediates to bf16 for tensor-core products (as mamba_ssm's do), so what
@@ -63,7 +66,6 @@ class Case:
     op: str  # public kernel function; its reference is f"{op}_ref"
     shape: str  # label printed in the table
     make: Callable[[torch.device], tuple[tuple, dict]]  # -> (args, kwargs), bf16 activations
-    anchor_ms: float | None = None  # mamba_ssm's median time at this shape (None: not measured)
     exps: int = 0  # exponentials the kernel must compute
     flops: int = 0  # tensor-core flops the kernel must compute (matrix products)
     state_arg: int | None = None  # decode: index of the argument updated in place
@@ -260,30 +262,24 @@ LINEAR_SHAPES = [
 def build_cases() -> list[Case]:
     """The kernel table of the reference measurements, plus the rows our model adds."""
     cases = []
-    anchors_scan = {1536: (0.309, 0.878, 0.565), 5120: (1.004, 2.883, 1.888)}
-    anchors_conv = (0.296, 0.181, 0.095)
-    anchors_ssd = {24: (0.463, 0.534, 0.697), 80: (0.686, 1.665, 0.794)}
-    for i, (b, l) in enumerate(SEQ_SHAPES):
-        cases.append(Case("conv1d", "causal_conv1d", f"C=5120 K=4 B={b} L={l}", _conv_case(b, l), anchors_conv[i]))
-    for i, (b, l) in enumerate(SEQ_SHAPES):
+    for b, l in SEQ_SHAPES:
+        cases.append(Case("conv1d", "causal_conv1d", f"C=5120 K=4 B={b} L={l}", _conv_case(b, l)))
+    for b, l in SEQ_SHAPES:
         cases.append(Case(
             "conv1d", "causal_conv1d", f"C=5120 K=4 B={b} L={l} channel-last", _conv_case(b, l, channel_last=True),
-            anchors_conv[i], note="channel-last: x is a [B, L, C] tensor seen as [B, C, L]; mamba_ssm's time is for [B, C, L]",
+            note="channel-last: x is a [B, L, C] tensor seen as [B, C, L]",
         ))
     for d in (1536, 5120):
-        for i, (b, l) in enumerate(SEQ_SHAPES):
+        for b, l in SEQ_SHAPES:
             cases.append(Case(
                 "selective_scan", "selective_scan", f"D={d} N=16 B={b} L={l}", _selective_scan_case(b, l, d),
-                anchors_scan[d][i], exps=b * d * 16 * l,
+                exps=b * d * 16 * l,
             ))
     for h in (24, 80):
-        for i, (b, l) in enumerate(SEQ_SHAPES):
-            cases.append(Case(
-                "ssd", "ssd_scan", f"H={h} P=64 N=128 B={b} L={l}", _ssd_case(b, l, h), anchors_ssd[h][i],
-                note="mamba_ssm's time includes the z gate (x, z, y read/written)",
-            ))
+        for b, l in SEQ_SHAPES:
+            cases.append(Case("ssd", "ssd_scan", f"H={h} P=64 N=128 B={b} L={l}", _ssd_case(b, l, h)))
     cases += [
-        Case("norm", "add_rmsnorm", "32768 x 2560, fp32 residual", _add_norm_case(32768, 2560), 0.244),
+        Case("norm", "add_rmsnorm", "32768 x 2560, fp32 residual", _add_norm_case(32768, 2560)),
         Case("norm", "add_rmsnorm", "32768 x 768, fp32 residual", _add_norm_case(32768, 768)),
         Case("norm", "add_rmsnorm", "32768 x 2560, first layer", _add_norm_case(32768, 2560, with_residual=False)),
         Case("norm", "add_rmsnorm", "32768 x 2560, final (no residual out)",
@@ -292,17 +288,11 @@ def build_cases() -> list[Case]:
         Case("norm", "gated_rmsnorm", "32768 x 1536, 1 group", _gated_norm_case(32768, 1536, 1536, 3352)),
     ]
     for b in (64, 1):
-        anchor = 0.054 if b == 64 else None
         cases.append(Case(
             "selective_scan", "selective_state_update", f"D=5120 N=16 B={b}", _selective_update_case(b, 5120),
-            anchor, exps=b * 5120 * 16, state_arg=0,
-            note="state fp32 here, bf16 in mamba_ssm's measurement" if anchor else "",
+            exps=b * 5120 * 16, state_arg=0,
         ))
-        anchor = 0.151 if b == 64 else None
-        cases.append(Case(
-            "ssd", "ssd_state_update", f"H=80 P=64 N=128 B={b}", _ssd_update_case(b, 80), anchor, state_arg=0,
-            note="state fp32 here, bf16 in mamba_ssm's measurement" if anchor else "",
-        ))
+        cases.append(Case("ssd", "ssd_state_update", f"H=80 P=64 N=128 B={b}", _ssd_update_case(b, 80), state_arg=0))
         cases.append(Case("conv1d", "causal_conv1d_update", f"C=5120 K=4 B={b}", _conv_update_case(b, 5120),
                           state_arg=1))
         cases.append(Case("conv1d", "causal_conv1d_update", f"C=5376 K=4 B={b}", _conv_update_case(b, 5376),
@@ -404,18 +394,22 @@ def _load(case: Case):
     return kernel, ref
 
 
-def check(case: Case, kernel, ref, args, kwargs) -> tuple[float, bool, list]:
-    """Kernel vs reference (fp32, same rounded inputs): (worst relative max error, ok, kernel outputs)."""
+def check(case: Case, kernel, ref, args, kwargs, fewer_ok: bool = False) -> tuple[float, bool, list]:
+    """Kernel vs reference (fp32, same rounded inputs): (worst relative max error, ok, kernel outputs).
+    ``fewer_ok``: a peer may return only the leading outputs (causal_conv1d's channel-first
+    forward has no final state); those are compared."""
     k_args = _clone_state(args, case.state_arg)
     r_args = _as_fp32(args)
     got = kernel(*k_args, **kwargs)
     want = ref(*r_args, **_as_fp32(kwargs))
     got_t, want_t = _tensors(got), _tensors(want)
+    if fewer_ok and 0 < len(got_t) < len(want_t):
+        want_t = want_t[:len(got_t)]
+    if len(got_t) != len(want_t):
+        raise RuntimeError(f"the kernel returned {len(got_t)} tensors, the reference {len(want_t)}")
     if case.state_arg is not None:  # the updated state is an output too
         got_t.append(k_args[case.state_arg])
         want_t.append(r_args[case.state_arg])
-    if len(got_t) != len(want_t):
-        raise RuntimeError(f"the kernel returned {len(got_t)} tensors, the reference {len(want_t)}")
     worst, ok = 0.0, True
     for g, w in zip(got_t, want_t):
         if g.shape != w.shape:
@@ -508,21 +502,136 @@ def measure_exp_rate(device, iters: int = 2048) -> float:
     return programs * block * iters / (ms * 1e-3)
 
 
-def measure_copy_bandwidth(device) -> float:
-    """Device-to-device copy of 1 GiB, read + write bytes per second (for comparison with 4.27e12)."""
-    import triton.testing
+# ---------------------------------------------------------------------------------------------
+# Peers: mamba_ssm's and causal_conv1d's kernels called with our kernels' arguments, so that they
+# run on the same inputs in the same run. Each asks for the outputs ours produce (final states
+# included) where the peer can return them.
+# ---------------------------------------------------------------------------------------------
 
-    src = torch.empty(2**28, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * _nbytes(src) / (ms * 1e-3)
+
+@torch.no_grad()
+def _peer_causal_conv1d(x, weight, bias=None, activation="silu"):
+    from causal_conv1d import causal_conv1d_fn
+
+    # causal_conv1d returns the final state for channel-last x only.
+    return causal_conv1d_fn(x, weight, bias, activation=activation, return_final_states=x.stride(1) == 1)
+
+
+def _peer_causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu"):
+    from causal_conv1d import causal_conv1d_update
+
+    return causal_conv1d_update(x, conv_state, weight, bias, activation)
+
+
+@torch.no_grad()
+def _peer_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+
+
+@torch.no_grad()
+def _peer_ssd_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=True):
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                     return_final_states=True)
+
+
+@torch.no_grad()
+def _peer_add_rmsnorm(x, residual, weight, bias=None, eps=1e-5, residual_in_fp32=True, is_rms=True,
+                      return_residual=True):
+    from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+
+    return layer_norm_fn(x, weight, bias, residual=residual, eps=eps, prenorm=return_residual,
+                         residual_in_fp32=residual_in_fp32, is_rms_norm=is_rms)
+
+
+@torch.no_grad()
+def _peer_gated_rmsnorm(y, z, weight, eps=1e-5, group_size=None):
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+
+    # RMSNorm(y * silu(z)), as the Mamba-2 block applies it.
+    return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
+
+
+def _peer_selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    return selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+def _peer_ssd_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True):
+    """As mamba_ssm's Mamba2.step calls it: the per-head dt, A, D and dt_bias broadcast over the
+    head and state dimensions with stride 0 (its kernel's fast path for tied values)."""
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    p, n = state.shape[2], state.shape[3]
+    return selective_state_update(
+        state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n), B, C,
+        D=None if D is None else D[:, None].expand(-1, p),
+        dt_bias=None if dt_bias is None else dt_bias[:, None].expand(-1, p), dt_softplus=dt_softplus)
+
+
+def _peer_mamba1_decode(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                        dt_bias, A, D, bcdt_eps=None):
+    """mamba_ssm's ``Mamba.step`` between in_proj and out_proj: causal_conv1d's update, the x_proj
+    and dt_proj products (cuBLAS), mamba_ssm's Triton state update."""
+    import torch.nn.functional as F
+    from causal_conv1d import causal_conv1d_update
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    if bcdt_eps is not None:
+        raise ValueError("mamba_ssm's step has no bcdt norms")
+    u = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, "silu")
+    dt, B, C = F.linear(u, x_proj_weight).split([dt_proj_weight.shape[1], A.shape[1], A.shape[1]], dim=-1)
+    return selective_state_update(ssm_state, u, F.linear(dt, dt_proj_weight), A, B, C, D, z=z, dt_bias=dt_bias,
+                                  dt_softplus=True)
+
+
+#: our op -> (the peer packages it needs, the peer with our op's arguments)
+PEERS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "causal_conv1d": (("causal_conv1d",), _peer_causal_conv1d),
+    "causal_conv1d_update": (("causal_conv1d",), _peer_causal_conv1d_update),
+    "selective_scan": (("mamba_ssm",), _peer_selective_scan),
+    "ssd_scan": (("mamba_ssm",), _peer_ssd_scan),
+    "add_rmsnorm": (("mamba_ssm",), _peer_add_rmsnorm),
+    "gated_rmsnorm": (("mamba_ssm",), _peer_gated_rmsnorm),
+    "selective_state_update": (("mamba_ssm",), _peer_selective_state_update),
+    "ssd_state_update": (("mamba_ssm",), _peer_ssd_state_update),
+    "mamba1_decode": (("mamba_ssm", "causal_conv1d"), _peer_mamba1_decode),
+}
+
+
+def peer_for(case: Case, importable: set[str]) -> tuple[str, Callable] | None:
+    """(the peer packages' names, the peer) for a case's own kernel (not for the op sequences and
+    torch rows beside it), when they import."""
+    if case.kernel is not None or case.op not in PEERS:
+        return None
+    needs, fn = PEERS[case.op]
+    return (" + ".join(needs), fn) if set(needs) <= importable else None
+
+
+def roofline(nbytes: int, exps: int, flops: int, exp_rate: float, chip: Peaks) -> tuple[str, float]:
+    """(the binding limit, its time in ms): the largest of bytes, exps and flops over this chip's rates."""
+    limits_ms = {"bytes": nbytes / chip.copy_bytes_per_s * 1e3, "exp": exps / exp_rate * 1e3,
+                 "flops": flops / chip.matmul_flops * 1e3}
+    bound = max(limits_ms, key=limits_ms.get)
+    return bound, limits_ms[bound]
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def run_case(case: Case, device, exp_rate: float, do_check: bool, graph_steps: int) -> dict:
-    row = {"kernel": case.op, "shape": case.shape, "anchor_ms": case.anchor_ms, "note": case.note}
+def _time(case: Case, kernel, args, kwargs, graph_steps: int) -> float:
+    if case.state_arg is None:
+        return time_prefill(lambda: kernel(*args, **kwargs))
+    return time_decode(case, kernel, args, kwargs, graph_steps)
+
+
+def run_case(case: Case, device, exp_rate: float, chip: Peaks, do_check: bool, graph_steps: int,
+             peer: tuple[str, Callable] | None, gpu: str) -> dict:
+    row = {"kernel": case.op, "shape": case.shape, "note": case.note}
     loaded = _load(case)
     if isinstance(loaded, str):
         return {**row, "status": loaded}
@@ -539,60 +648,69 @@ def run_case(case: Case, device, exp_rate: float, do_check: bool, graph_steps: i
         nbytes = moved_bytes(case, args, kwargs, outputs)
         del outputs
         torch.cuda.empty_cache()
-        if case.state_arg is None:
-            ms = time_prefill(lambda: kernel(*args, **kwargs))
-        else:
-            ms = time_decode(case, kernel, args, kwargs, graph_steps)
+        ms = _time(case, kernel, args, kwargs, graph_steps)
     except Exception as exc:  # noqa: BLE001 - report and go on with the other kernels
         traceback.print_exc()
         return {**row, "status": f"error: {type(exc).__name__}: {exc}"}
     finally:
         torch.cuda.empty_cache()
-    limits_ms = {"bytes": nbytes / BANDWIDTH * 1e3, "exp": case.exps / exp_rate * 1e3,
-                 "flops": case.flops / TENSOR_FLOPS * 1e3}
-    bound = max(limits_ms, key=limits_ms.get)
-    roofline_ms = limits_ms[bound]
-    row.update(
-        ms=ms,
-        bytes=nbytes,
-        exps=case.exps,
-        flops=case.flops,
-        gbps=nbytes / (ms * 1e-3) / 1e9,
-        bound=bound,
-        roofline_ms=roofline_ms,
-        share=roofline_ms / ms,
-        anchor_share=None if case.anchor_ms is None else roofline_ms / case.anchor_ms,
-        speedup=None if case.anchor_ms is None else case.anchor_ms / ms,
-    )
+    bound, roofline_ms = roofline(nbytes, case.exps, case.flops, exp_rate, chip)
+    row.update(ms=ms, bytes=nbytes, exps=case.exps, flops=case.flops, gbps=nbytes / (ms * 1e-3) / 1e9,
+               bound=bound, roofline_ms=roofline_ms, share=roofline_ms / ms)
+    if peer is not None:
+        row["peer"], peer_fn = peer
+        try:
+            peer_err, peer_ok, _ = check(case, peer_fn, ref, args, kwargs, fewer_ok=True)
+            peer_ms = _time(case, peer_fn, args, kwargs, graph_steps)
+            row.update(peer_ms=peer_ms, peer_share=roofline_ms / peer_ms, speed_vs_peer=peer_ms / ms,
+                       peer_max_rel_err=peer_err, peer_status="ok" if peer_ok else "MISMATCH")
+        except Exception as exc:  # noqa: BLE001 - the peer's failure is reported, ours stands
+            traceback.print_exc()
+            row["peer_status"] = f"error: {type(exc).__name__}: {exc}"
+        finally:
+            torch.cuda.empty_cache()
+    else:
+        found = anchors.stored("kernels", (case.op, case.shape), gpu)
+        if found:
+            row["stored_peer_ms"], source = found
+            row["stored_source"] = source.label
+            row["note"] = "; ".join(filter(None, [case.note, anchors.KERNEL_NOTES.get(case.op)]))
     return row
 
 
-def _fmt(value, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
+def _fmt(value, spec: str) -> str | None:
+    return None if value is None else format(value, spec)
 
 
-def print_table(rows: list[dict]) -> None:
-    header = ("kernel", "shape", "check", "ms", "mamba_ssm ms", "speedup", "GB/s", "bound", "roofline ms",
-              "share", "mamba_ssm share")
+def print_table(rows: list[dict], measured_peer: bool) -> None:
+    header = ["kernel", "shape", "check", "ms", "GB/s", "bound", "roofline ms", "share"]
+    header += ["peer", "peer ms", "peer share", "speed vs peer", "peer check"] if measured_peer \
+        else ["stored mamba_ssm ms"]
     lines = []
     for r in rows:
         if "ms" not in r:
-            lines.append((r["kernel"], r["shape"], r["status"]) + ("",) * (len(header) - 3))
             continue
         check_text = r["status"] if r["max_rel_err"] is None else f"{r['status']} {r['max_rel_err']:.1e}"
-        lines.append((
-            r["kernel"], r["shape"], check_text, f"{r['ms']:.4f}", _fmt(r["anchor_ms"], ".3f"),
-            _fmt(r["speedup"], ".2f"), f"{r['gbps']:.0f}", r["bound"], f"{r['roofline_ms']:.4f}",
-            f"{100 * r['share']:.0f}%", _fmt(None if r["anchor_share"] is None else 100 * r["anchor_share"], ".0f"),
-        ))
-    # Long texts (a "not available" reason) run past their column instead of widening it.
-    widths = [max([len(h)] + [len(line[i]) for line in lines if len(line[i]) < 40]) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for line in lines:
-        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
-    notes = sorted({r["note"] for r in rows if r.get("note")})
-    for note in notes:
+        line = [r["kernel"], r["shape"], check_text, f"{r['ms']:.4f}", f"{r['gbps']:.0f}", r["bound"],
+                f"{r['roofline_ms']:.4f}", f"{100 * r['share']:.0f}%"]
+        if measured_peer:
+            peer_check = r.get("peer_status")
+            if r.get("peer_max_rel_err") is not None:
+                peer_check = f"{peer_check} {r['peer_max_rel_err']:.1e}"
+            peer_share = None if "peer_share" not in r else f"{100 * r['peer_share']:.0f}%"
+            line += [r.get("peer"), _fmt(r.get("peer_ms"), ".4f"), peer_share,
+                     _fmt(r.get("speed_vs_peer"), ".2f"), peer_check]
+        else:
+            line += [_fmt(r.get("stored_peer_ms"), ".3f")]
+        lines.append(line)
+    print(format_table(header, lines))
+    for r in rows:
+        if "ms" not in r:  # below the table: a long reason would widen its column
+            print(f"{r['kernel']} {r['shape']}: {r['status']}")
+    for note in sorted({r["note"] for r in rows if r.get("note")}):
         print(f"note: {note}")
+    for label in sorted({r["stored_source"] for r in rows if r.get("stored_source")}):
+        print(label)
 
 
 def main(argv=None) -> int:
@@ -601,33 +719,34 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", metavar="SUBSTRING", help="run the cases whose kernel name contains one")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the references")
     parser.add_argument("--graph-steps", type=int, default=128, help="decode calls per captured CUDA graph")
+    parser.add_argument("--peer", choices=["auto", "off"], default="auto",
+                        help="auto: time mamba_ssm's and causal_conv1d's kernels in the same run when they import")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels.py: no CUDA/ROCm GPU visible to torch (torch.cuda.is_available() is False); "
               "this benchmark times GPU kernels and cannot run here.", file=sys.stderr)
         return 2
-    import triton
-
     device = torch.device("cuda", torch.cuda.current_device())
     cases = [c for c in build_cases() if not args.only or any(s in c.op for s in args.only)]
+    importable = set() if args.peer == "off" else {n for n in ("mamba_ssm", "causal_conv1d") if import_peer(n)}
+    info = run_info(device, with_peaks=True)
+    chip = peaks()
     exp_rate = measure_exp_rate(device)
-    copy_bw = measure_copy_bandwidth(device)
-    print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}, triton {triton.__version__}")
-    print(f"bandwidth for the roofline: {BANDWIDTH:.3g} B/s (device copy measured now: {copy_bw:.3g} B/s)")
-    print(f"exp rate measured now: {exp_rate:.3g} /s (lead: {EXP_RATE_LEAD:.2g} /s)")
+    print(f"device: {info['gpu']}; torch {info['torch']}, triton {info['triton']}; peers: "
+          f"{', '.join(sorted(importable)) or 'none'}")
+    print(f"measured now: copy {chip.copy_bytes_per_s:.3g} B/s, bf16 matmul {chip.matmul_flops:.3g} FLOP/s, "
+          f"exp rate {exp_rate:.3g} /s")
     rows = []
     for case in cases:
         print(f"... {case.op} {case.shape}", file=sys.stderr, flush=True)
-        rows.append(run_case(case, device, exp_rate, not args.no_check, args.graph_steps))
+        rows.append(run_case(case, device, exp_rate, chip, not args.no_check, args.graph_steps,
+                             peer_for(case, importable), info["gpu"]))
     print()
-    print_table(rows)
+    print_table(rows, measured_peer=any("peer_status" in r for r in rows))
     if args.json:
-        meta = {
-            "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-            "bandwidth_Bps": BANDWIDTH, "copy_bandwidth_measured_Bps": copy_bw, "exp_rate_per_s": exp_rate,
-        }
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        info["exp_rate_per_s"] = exp_rate
+        info["peers"] = sorted(importable)
+        write_json(args.json, {"meta": info, "rows": rows})
         print(f"wrote {args.json}")
     failed = [r for r in rows if r["status"] == "MISMATCH" or r["status"].startswith("error")]
     return 1 if failed else 0
