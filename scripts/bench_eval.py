@@ -10,8 +10,11 @@ folder through ``mamba_eval.harness.offline.prepare_offline_tasks``. Each run is
 - whole process: the wall time of that process, start-up, model load and task building included;
 - loglikelihood phase: the time spent inside ``MambaLM.loglikelihood`` (tokenising and scoring);
 
-beside the anchors' figures for lm-eval's ``mamba_ssm`` wrapper, with the engine's counters
-(forwards, tokens run, shared contexts) and the accuracies, and writes everything as JSON.
+with the engine's counters (forwards, tokens run, shared contexts) and the accuracies, and writes
+everything as JSON. When mamba_ssm imports (and ``--peer off`` is not given), lm-eval's own
+``mamba_ssm`` wrapper runs the same task on the same checkpoint in the same run, timed the same way,
+and the table shows its times and our speed over it. Without it, the figures stored in
+``scripts/anchors.py`` are shown in columns of their own, with no ratio.
 
     python scripts/bench_eval.py --json bench_eval.json                       # GPU, both shapes
     python scripts/bench_eval.py --modes shared,unshared --shapes mamba-130m  # context sharing on/off
@@ -34,7 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from mamba_eval.models.releases import release, write_random_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import anchors  # noqa: E402
+from bench_common import format_table, import_peer, run_info, write_json  # noqa: E402
+
+from mamba_eval.models.releases import release, write_random_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,9 +51,6 @@ SHAPES = {
     "mamba-2.8b": release("mamba-2.8b"),
     "tiny": release("mamba-130m", d_model=64, n_layer=2),
 }
-# lm-eval's `mamba_ssm` wrapper on one H200 (anchors.md): (whole process s, loglikelihood phase s).
-ANCHORS = {"mamba-130m": (80.0, 43.0), "mamba-2.8b": (170.0, 137.0)}
-ANCHOR_HF_130M_WHOLE = 77.0  # lm-eval `hf` (transformers + mamba_ssm kernels), mamba-130m
 TASK = "hellaswag"
 MODES = {"shared": "true", "unshared": "false"}
 
@@ -64,12 +68,16 @@ def write_checkpoint(folder: Path, shape: str, device: str) -> Path:
 
 
 def lm_eval_argv(args, checkpoint: Path, tokenizer: Path, include: Path, mode: str, out_dir: Path) -> list[str]:
-    model_args = f"pretrained={checkpoint},tokenizer={tokenizer},dtype={args.dtype},share_context={MODES[mode]}"
-    if args.backend:
-        model_args += f",backend={args.backend}"
-    if args.batch_invariant is not None:
-        model_args += f",batch_invariant={args.batch_invariant}"
-    argv = ["lm_eval", "--model", "mamba", "--model_args", model_args, "--tasks", TASK,
+    """``mode``: shared / unshared (our ``--model mamba``), or ``mamba_ssm`` (lm-eval's wrapper)."""
+    model_args = f"pretrained={checkpoint},tokenizer={tokenizer},dtype={args.dtype}"
+    if mode in MODES:
+        model_args += f",share_context={MODES[mode]}"
+        if args.backend:
+            model_args += f",backend={args.backend}"
+        if args.batch_invariant is not None:
+            model_args += f",batch_invariant={args.batch_invariant}"
+    argv = ["lm_eval", "--model", "mamba" if mode in MODES else "mamba_ssm", "--model_args", model_args,
+            "--tasks", TASK,
             "--include_path", str(include), "--batch_size", str(args.batch_size), "--device", args.device,
             "--output_path", str(out_dir)]
     if args.limit is not None:
@@ -78,7 +86,7 @@ def lm_eval_argv(args, checkpoint: Path, tokenizer: Path, include: Path, mode: s
 
 
 def child(spec_path: str) -> int:
-    """One timed lm_eval process: time MambaLM.loglikelihood and collect the engine's counters."""
+    """One timed lm_eval process: time the model's loglikelihood and, for ours, collect the engine's counters."""
     t_child = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
     import torch
@@ -86,9 +94,13 @@ def child(spec_path: str) -> int:
     import mamba_eval.harness.lm as lm_mod
     from mamba_eval.harness.engine import EngineStats
 
+    if spec["model"] == "mamba":
+        model_cls = lm_mod.MambaLM
+    else:
+        from lm_eval.models.mamba_lm import MambaLMWrapper as model_cls
     timing = {"loglikelihood_s": 0.0, "loglikelihood_calls": 0}
     marks: dict[str, float] = {}
-    original_init = lm_mod.MambaLM.__init__
+    original_init = model_cls.__init__
 
     def timed_init(self, *a, **k):
         marks.setdefault("init_start", time.perf_counter())
@@ -100,7 +112,7 @@ def child(spec_path: str) -> int:
             marks["init_end"] = time.perf_counter()
 
     stats: list[EngineStats] = []
-    original_ll, original_score = lm_mod.MambaLM.loglikelihood, lm_mod.score_continuations
+    original_ll, original_score = model_cls.loglikelihood, lm_mod.score_continuations
 
     def timed_loglikelihood(self, requests, disable_tqdm: bool = False):
         start = time.perf_counter()
@@ -118,8 +130,8 @@ def child(spec_path: str) -> int:
         stats.append(EngineStats())
         return original_score(*a, stats=stats[-1], **k)
 
-    lm_mod.MambaLM.loglikelihood = timed_loglikelihood
-    lm_mod.MambaLM.__init__ = timed_init
+    model_cls.loglikelihood = timed_loglikelihood
+    model_cls.__init__ = timed_init
     lm_mod.score_continuations = counted_score
     from lm_eval.__main__ import cli_evaluate
 
@@ -147,7 +159,8 @@ def child(spec_path: str) -> int:
 
 def run_one(args, shape: str, mode: str, checkpoint: Path, tokenizer: Path, include: Path, work: Path) -> dict:
     out_dir = work / f"out-{shape}-{mode}"
-    spec = {"argv": lm_eval_argv(args, checkpoint, tokenizer, include, mode, out_dir),
+    spec = {"model": "mamba" if mode in MODES else "mamba_ssm",
+            "argv": lm_eval_argv(args, checkpoint, tokenizer, include, mode, out_dir),
             "out_dir": str(out_dir), "result": str(work / f"result-{shape}-{mode}.json")}
     spec_path = work / f"spec-{shape}-{mode}.json"
     spec_path.write_text(json.dumps(spec))
@@ -162,14 +175,28 @@ def run_one(args, shape: str, mode: str, checkpoint: Path, tokenizer: Path, incl
         raise RuntimeError(f"lm_eval run {shape}/{mode} failed (exit {proc.returncode}):\n{tail}")
     result = json.loads(Path(spec["result"]).read_text())
     engine = result.pop("engine")
-    totals = {k: sum(e[k] for e in engine) for k in
-              ("requests", "unique", "shared_requests", "forward_calls", "tokens", "padded_tokens", "ooms")}
-    anchor = ANCHORS.get(shape)
-    return {"shape": shape, "mode": mode, "whole_process_s": whole, **result, **totals,
-            "requests_per_s": totals["requests"] / max(result["loglikelihood_s"], 1e-9),
-            "anchor_whole_process_s": anchor[0] if anchor else None,
-            "anchor_loglikelihood_s": anchor[1] if anchor else None,
-            "argv": spec["argv"]}
+    row = {"shape": shape, "mode": mode, "whole_process_s": whole, **result, "argv": spec["argv"]}
+    if engine:  # our model's counters (lm-eval's wrapper has none)
+        row.update({k: sum(e[k] for e in engine) for k in
+                    ("requests", "unique", "shared_requests", "forward_calls", "tokens", "padded_tokens", "ooms")})
+        row["requests_per_s"] = row["requests"] / max(result["loglikelihood_s"], 1e-9)
+    return row
+
+
+def add_peer(runs: list[dict], peer_runs: list[dict], gpu: str | None, tiny: bool) -> None:
+    """Beside each of our runs: the peer's run of the same shape and repeat, measured in this run,
+    with our speed over it; else the stored figures (no ratio)."""
+    for r in runs:
+        peer = next((p for p in peer_runs if p["shape"] == r["shape"] and p["repeat"] == r["repeat"]), None)
+        if peer is not None:
+            r.update(peer_whole_process_s=peer["whole_process_s"], peer_loglikelihood_s=peer["loglikelihood_s"],
+                     speed_vs_peer_whole=peer["whole_process_s"] / r["whole_process_s"],
+                     speed_vs_peer_loglikelihood=peer["loglikelihood_s"] / r["loglikelihood_s"])
+        elif not peer_runs and not tiny:
+            found = anchors.stored("eval", r["shape"], gpu)
+            if found:
+                (r["stored_peer_whole_process_s"], r["stored_peer_loglikelihood_s"]), source = found
+                r["stored_source"] = source.label
 
 
 def check_invariance(args, shape: str, checkpoint: Path, tokenizer_dir: Path, data: Path, n_docs: int) -> dict:
@@ -214,27 +241,39 @@ def check_invariance(args, shape: str, checkpoint: Path, tokenizer_dir: Path, da
     return out
 
 
-def print_table(runs: list[dict]) -> None:
+def print_table(runs: list[dict], peer_runs: list[dict]) -> None:
     def fmt(v, spec=".1f"):
-        return "-" if v is None else format(v, spec)
+        return None if v is None else format(v, spec)
 
-    print(f"\n{'shape':<11} {'mode':<9} {'whole s':>8} {'anchor':>7} {'ll s':>7} {'anchor':>7} "
-          f"{'req/s':>8} {'tokens run':>11} {'forwards':>8} {'acc':>6} {'acc_norm':>8}")
+    header = ["shape", "mode", "whole s", "ll s", "req/s", "tokens run", "forwards", "acc", "acc_norm"]
+    header += (["mamba_ssm whole s", "mamba_ssm ll s", "speed vs mamba_ssm (whole / ll)"] if peer_runs
+               else ["stored mamba_ssm whole s", "stored mamba_ssm ll s"])
+    rows, phases = [], []
     for r in runs:
         m = r.get("metrics", {})
-        if r.get("phases"):
-            p = r["phases"]
-            r.setdefault("_phase_line", "  where the time goes: interpreter start {:.1f} s, imports + task index {:.1f} s, "
-                         "model load {:.1f} s, task building {:.1f} s, loglikelihood {:.1f} s, metrics + output {:.1f} s".format(
-                             r["whole_process_s"] - p["child_total_s"], p["imports_and_task_index_s"], p["model_load_s"],
-                             p["task_building_s"], p["loglikelihood_s"], p["metrics_and_output_s"]))
-        print(f"{r['shape']:<11} {r['mode']:<9} {r['whole_process_s']:>8.1f} {fmt(r['anchor_whole_process_s']):>7} "
-              f"{r['loglikelihood_s']:>7.1f} {fmt(r['anchor_loglikelihood_s']):>7} {r['requests_per_s']:>8.0f} "
-              f"{r['tokens']:>11} {r['forward_calls']:>8} {fmt(m.get('acc'), '.4f'):>6} {fmt(m.get('acc_norm'), '.4f'):>8}")
-        if r.get("_phase_line"):
-            print(r["_phase_line"])
-    print(f"anchors: lm-eval `mamba_ssm` wrapper on one H200; lm-eval `hf` mamba-130m whole process "
-          f"{ANCHOR_HF_130M_WHOLE:.0f} s. Random weights: accuracies are at chance (~0.25).")
+        row = [r["shape"], r["mode"], fmt(r["whole_process_s"]), fmt(r["loglikelihood_s"]),
+               fmt(r["requests_per_s"], ".0f"), r["tokens"], r["forward_calls"], fmt(m.get("acc"), ".4f"),
+               fmt(m.get("acc_norm"), ".4f")]
+        if peer_runs:
+            row += [fmt(r.get("peer_whole_process_s")), fmt(r.get("peer_loglikelihood_s")),
+                    None if "speed_vs_peer_whole" not in r else
+                    f"{r['speed_vs_peer_whole']:.2f}x / {r['speed_vs_peer_loglikelihood']:.2f}x"]
+        else:
+            row += [fmt(r.get("stored_peer_whole_process_s")), fmt(r.get("stored_peer_loglikelihood_s"))]
+        rows.append(row)
+    for r in runs + peer_runs:
+        p = r.get("phases")
+        if p:
+            start = r["whole_process_s"] - p["child_total_s"]
+            phases.append(f"{r['shape']}/{r['mode']}: interpreter start {start:.1f} s, imports + task index "
+                          f"{p['imports_and_task_index_s']:.1f} s, model load {p['model_load_s']:.1f} s, "
+                          f"task building {p['task_building_s']:.1f} s, loglikelihood {p['loglikelihood_s']:.1f} s, "
+                          f"metrics + output {p['metrics_and_output_s']:.1f} s")
+    print("\n" + format_table(header, rows))
+    print("where the time goes:\n  " + "\n  ".join(phases))
+    for label in sorted({r["stored_source"] for r in runs if r.get("stored_source")}):
+        print(label)
+    print("Random weights: accuracies are at chance (~0.25).")
 
 
 def main() -> int:
@@ -257,6 +296,8 @@ def main() -> int:
     ap.add_argument("--verbose", action="store_true", help="show lm_eval's output")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each (shape, mode) this many times (the first compiles Triton kernels into an empty cache)")
+    ap.add_argument("--peer", choices=["auto", "off"], default="auto",
+                    help="auto: run lm-eval's mamba_ssm wrapper in the same run when mamba_ssm imports")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -290,10 +331,11 @@ def main() -> int:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="bench_eval.")
         work = Path(tmp.name)
-    info = {"torch": torch.__version__, "device": args.device,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "batch_size": args.batch_size, "dtype": args.dtype, "limit": args.limit, "task": TASK}
-    runs, invariance = [], []
+    mamba_ssm = import_peer("mamba_ssm") if args.peer == "auto" and args.device.startswith("cuda") else None
+    peer = f"lm-eval's mamba_ssm wrapper, mamba_ssm {mamba_ssm.__version__}" if mamba_ssm else None
+    info = {**run_info(args.device), "device": args.device, "batch_size": args.batch_size, "dtype": args.dtype,
+            "limit": args.limit, "task": TASK, "peer": peer}
+    runs, peer_runs, invariance = [], [], []
     try:
         for shape in shapes:
             t0 = time.perf_counter()
@@ -306,6 +348,12 @@ def main() -> int:
                     print(f"{shape}/{mode}: whole process {run['whole_process_s']:.1f} s, loglikelihood "
                           f"{run['loglikelihood_s']:.1f} s ({run['requests']} requests)", flush=True)
                     runs.append(run)
+            for rep in range(args.repeat if mamba_ssm else 0):
+                run = run_one(args, shape, "mamba_ssm", checkpoint, tokenizer, include, work)
+                run["repeat"] = rep
+                print(f"{shape}/lm-eval mamba_ssm: whole process {run['whole_process_s']:.1f} s, loglikelihood "
+                      f"{run['loglikelihood_s']:.1f} s", flush=True)
+                peer_runs.append(run)
             if args.invariance:
                 inv = check_invariance(args, shape, checkpoint, tokenizer, data, args.invariance)
                 invariance.append(inv)
@@ -318,11 +366,10 @@ def main() -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    print_table(runs)
+    add_peer(runs, peer_runs, info["gpu"], tiny="tiny" in shapes)
+    print_table(runs, peer_runs)
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"info": info, "runs": runs, "invariance": invariance}, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, {"info": info, "runs": runs, "peer_runs": peer_runs, "invariance": invariance})
     return 0
 
 

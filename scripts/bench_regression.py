@@ -49,6 +49,9 @@ def run_script(tree: Path, measure: str, args, out: Path) -> dict[str, float]:
         cmd += ["--no-cold-start"]
     else:
         cmd += ["--no-eager"]
+    # A peer measured beside each tree would cost time and tell nothing about the trees.
+    if "--peer" in (tree / "scripts" / script).read_text():
+        cmd += ["--peer", "off"]
     log = out.with_suffix(".log")
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=tree, stdout=f, stderr=subprocess.STDOUT)
