@@ -5,8 +5,8 @@ Shapes (random-init weights, bf16, triton backend), read by our loader from the 
 and the hybrid mamba2attn-2.7b. For each: the parameter count (built on the meta device), the
 weights' memory and the peak memory of the runs; the Triton model checked against the reference
 backend on the same weights; forward with all-position logits (bf16, as ``scripts/bench_model.py``
-times it) at B=1, L=2048 and B=8, L=2048 in tokens/s with the share of the bf16 matmul roofline
-(2 FLOP per weight per token); cached greedy decoding through ``mamba_eval.harness.generation.generate``
+times it) at B=1, L=2048 and B=8, L=2048 in tokens/s with the share of this GPU's bf16 matmul
+peak measured in the run (``bench_common.peaks``; 2 FLOP per weight per token); cached greedy decoding through ``mamba_eval.harness.generation.generate``
 (prompt 128, 256 new tokens, no EOS) at batch 1 and 64, eagerly and with CUDA graphs, in ms per
 generated token (whole ``generate`` call after a first call that compiles and captures). Prints a
 table and writes JSON (``--json``).
@@ -21,10 +21,12 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import matmul_share, median_seconds, run_info, write_json  # noqa: E402
 
 # Published config.json fields (mamba_eval.models.releases), by shape.
 CONFIGS = ("mamba-2.8b", "mamba2-2.7b", "mamba2attn-2.7b", "falcon-mamba-7b", "mamba-codestral-7b")
@@ -41,33 +43,9 @@ TINY = {
     "mamba-codestral-7b": {"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 8, "head_dim": 16,
                            "chunk_size": 16, "vocab_size": 512},
 }
-MATMUL_PEAK = 805e12  # bf16 matmul on the H200 (../shared/reference/anchors.md)
 FORWARD_BATCHES = [(1, 2048), (8, 2048)]
 DECODE_BATCHES = [1, 64]
 PROMPT, NEW = 128, 256
-
-
-class Clock:
-    """Wall time of GPU work (CUDA events) or CPU work."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def time(self, fn, reps: int) -> float:
-        """Median seconds of ``reps`` calls after one warm-up call."""
-        fn()
-        self.sync()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            self.sync()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
 
 
 def read_shape(name: str, tiny: bool):
@@ -107,8 +85,7 @@ def check_against_reference(model, device, vocab) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def bench_decode(model, batch: int, cuda_graphs: bool, device, vocab: int, prompt: int, new: int,
-                 clock: Clock) -> dict:
+def bench_decode(model, batch: int, cuda_graphs: bool, device, vocab: int, prompt: int, new: int) -> dict:
     from mamba_eval.harness.generation import generate
 
     prompts = torch.randint(2, vocab, (batch, prompt)).tolist()
@@ -124,13 +101,13 @@ def bench_decode(model, batch: int, cuda_graphs: bool, device, vocab: int, promp
     def run():
         outs[:] = generate(model, prompts, max_new_tokens=new, **kw)
 
-    seconds = clock.time(run, reps=1)
+    seconds = median_seconds(run, reps=1, warmup=1, device=device)
     if any(len(o) != new for o in outs):
         raise RuntimeError(f"expected {new} tokens per row, got {sorted({len(o) for o in outs})}")
     return {"ms_per_token": 1e3 * seconds / new}
 
 
-def bench_shape(name: str, args, device: torch.device, clock: Clock) -> dict:
+def bench_shape(name: str, args, device: torch.device) -> dict:
     from mamba_eval.models.model import LanguageModel
 
     cfg = read_shape(name, args.tiny)
@@ -152,15 +129,15 @@ def bench_shape(name: str, args, device: torch.device, clock: Clock) -> dict:
     out["forward"] = []
     for batch, length in args.forward_batches:
         ids = torch.randint(0, vocab, (batch, length), device=device)
-        seconds = clock.time(lambda: logits_forward(model, ids), reps=args.reps)
+        seconds = median_seconds(lambda: logits_forward(model, ids), reps=args.reps, warmup=1, device=device)
         tps = batch * length / seconds
         out["forward"].append({"batch": batch, "length": length, "tokens_per_s": tps,
-                               "roofline_share": tps * flop_per_token / MATMUL_PEAK})
+                               "roofline_share": matmul_share(tps * flop_per_token) if device.type == "cuda" else None})
     out["decode"] = []
     if not args.no_decode:
         for batch in args.decode_batches:
             for graphs in ([False, True] if device.type == "cuda" else [False]):
-                res = bench_decode(model, batch, graphs, device, vocab, args.prompt, args.new, clock)
+                res = bench_decode(model, batch, graphs, device, vocab, args.prompt, args.new)
                 out["decode"].append({"batch": batch, "cuda_graphs": graphs, **res})
     if device.type == "cuda":
         out["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
@@ -171,7 +148,8 @@ def bench_shape(name: str, args, device: torch.device, clock: Clock) -> dict:
 def print_table(results: list[dict]) -> None:
     print(f"\n{'shape':<20} {'params':>7} {'weights':>8} {'peak':>7}  forward tokens/s (roofline share)")
     for r in results:
-        fwd = "  ".join(f"B={f['batch']},L={f['length']}: {f['tokens_per_s'] / 1e3:.1f}k ({f['roofline_share']:.0%})"
+        fwd = "  ".join(f"B={f['batch']},L={f['length']}: {f['tokens_per_s'] / 1e3:.1f}k "
+                        f"({'-' if f['roofline_share'] is None else format(f['roofline_share'], '.0%')})"
                         for f in r["forward"])
         peak = f"{r['peak_GiB']:.1f}G" if "peak_GiB" in r else "-"
         params = f"{r['params'] / 1e9:.2f}B" if r["params"] >= 1e8 else f"{r['params'] / 1e6:.2f}M"
@@ -214,16 +192,14 @@ def main() -> int:
             return 2
         device = torch.device("cuda")
         args.forward_batches, args.decode_batches, args.prompt, args.new = FORWARD_BATCHES, DECODE_BATCHES, PROMPT, NEW
-    clock = Clock(device)
     results = []
     for name in shapes:
-        results.append(bench_shape(name, args, device, clock))
+        results.append(bench_shape(name, args, device))
         print(json.dumps(results[-1]), flush=True)
     print_table(results)
     if args.json:
-        meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                "torch": torch.__version__, "tiny": args.tiny}
-        Path(args.json).write_text(json.dumps({**meta, "results": results}, indent=1))
+        info = run_info(device, with_peaks=device.type == "cuda")
+        write_json(args.json, {**info, "tiny": args.tiny, "results": results})
     return 0
 
 

@@ -16,7 +16,6 @@ and for decoding alone, and writes JSON. Random weights answer at chance; the ti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import run_info, write_json  # noqa: E402
 from bench_eval import SHAPES, write_checkpoint  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def main() -> int:
                       f"decode {dec if dec is None else round(dec, 3)} ms/token  "
                       f"exact_match {row['exact_match']}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "dtype": args.dtype, "rows": rows}, indent=1))
+        write_json(args.json, {**run_info(args.device), "device": args.device, "dtype": args.dtype, "rows": rows})
     return 0
 
 

@@ -20,11 +20,13 @@ in whichever tokenizer is used, so memory figures are comparable).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import run_info, write_json  # noqa: E402
 
 # Published shapes (mamba_eval.models.releases).
 SHAPES = ("mamba-130m", "mamba-2.8b", "mamba2-130m", "mamba2-2.7b")
@@ -82,8 +84,8 @@ def main() -> int:
         return 2
     workdir = Path(args.workdir)
     tokenizer = args.tokenizer or default_tokenizer(workdir)
-    rows, report = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
-                        "family": args.family, "tokenizer": tokenizer, "shapes": {}}
+    rows, report = [], {**run_info("cuda"), "dtype": args.dtype, "family": args.family, "tokenizer": tokenizer,
+                        "shapes": {}}
     for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
         if shape not in SHAPES:
             print(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", file=sys.stderr)
@@ -117,10 +119,7 @@ def main() -> int:
         print(f"{shape:<12} {name:>7} {tokens or '-':>8} {docs:>4} {gib(peak):>15} {gib(reserved):>13} "
               f"{data_s:>7} {eval_s:>8} {acc_text:>6}  {status}")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-        os.replace(tmp, args.json)
+        write_json(args.json, report)
     return 0
 
 
