@@ -24,17 +24,12 @@ SHAPES = ["mamba-130m", "mamba2-130m"]
 
 
 def _model(name):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from bench_model import SHAPES as BENCH_SHAPES, make_config
-
     from mamba_eval.models.model import LanguageModel
+    from mamba_eval.models.releases import release_config
 
     torch.manual_seed(0)
-    config = make_config(**BENCH_SHAPES[name])
-    model = LanguageModel(config, backend="triton", device="cuda", dtype=torch.bfloat16, batch_invariant=True)
+    model = LanguageModel(release_config(name), backend="triton", device="cuda", dtype=torch.bfloat16,
+                          batch_invariant=True)
     with torch.no_grad():  # a spread-out output distribution
         model.backbone.embedding.weight.normal_(0.0, 0.5)
     return model
