@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .utils import discretise_dt, dot, jit, new_output, require_triton, sm_count, softplus_log1p, tl, triton
+from .utils import discretise_dt, dot, jit, new_output, require_triton, segsum, sm_count, softplus_log1p, tl, triton
 
 
 def _check_shapes(x, dt, A, B, C, D, dt_bias, state, state_name="initial_state"):
@@ -81,21 +81,6 @@ def _check_shapes(x, dt, A, B, C, D, dt_bias, state, state_name="initial_state")
         raise ValueError(
             f"{state_name} must be [B, H, P, N] = {(lead[0], nheads, headdim, d_state)}, got {tuple(state.shape)}"
         )
-
-
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """``out[..., i, j] = a[..., j+1] + ... + a[..., i]`` for j <= i (0 on the diagonal), -inf above it.
-
-    ``exp(_segsum(a))`` is the lower-triangular matrix of decays from position j to position i.
-    Built from masked cumulative sums rather than differences of one cumsum, which would cancel
-    catastrophically for long chunks.
-    """
-    T = a.shape[-1]
-    a = a[..., None].expand(*a.shape, T)  # [..., T(i), T(j)] holding a[i]
-    below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
-    seg = torch.cumsum(a.masked_fill(~below, 0), dim=-2)
-    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=0)
-    return seg.masked_fill(~causal, -torch.inf)
 
 
 def ssd_scan_ref(
@@ -145,7 +130,7 @@ def ssd_scan_ref(
     a_cumsum = torch.cumsum(a, dim=-1)  # [b, h, c, l]
 
     # 1. Diagonal blocks: within a chunk, y = (C B^T ∘ decay mask) X, the "attention" form.
-    decay = torch.exp(_segsum(a))  # [b, h, c, l, s]
+    decay = torch.exp(segsum(a))  # [b, h, c, l, s]
     scores = torch.einsum("bclhn,bcshn->bhcls", Ch, Bh) * decay
     y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, X)
 
@@ -157,7 +142,7 @@ def ssd_scan_ref(
     if initial_state is None:
         initial_state = chunk_states.new_zeros(batch, nheads, headdim, chunk_states.shape[-1])
     chunk_states = torch.cat([initial_state.float()[:, None], chunk_states], dim=1)  # [b, c+1, h, p, n]
-    chunk_decay = torch.exp(_segsum(F.pad(a_cumsum[..., -1], (1, 0))))  # [b, h, c+1, c+1]
+    chunk_decay = torch.exp(segsum(F.pad(a_cumsum[..., -1], (1, 0))))  # [b, h, c+1, c+1]
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, chunk_states)
     states, final_state = states[:, :-1], states[:, -1].clone()  # [b, c, h, p, n], [b, h, p, n]
 

@@ -10,6 +10,7 @@
 - Activations in fp32 inside kernels: ``softplus``, ``softplus_log1p``, ``silu``, ``silu_approx``.
   Each pair differs in its last bits; every kernel keeps the one it was tuned and tested with.
 - ``discretise_dt``: Δ of the references, ``softplus(dt + dt_bias)`` in fp32 (both scans).
+- ``segsum``: the references' segment sums of log decays (the decay matrix of a chunk: SSD, Mamba-3).
 - ``sm_count`` (streaming multiprocessors, for launch configurations) and ``new_output`` (the
   one allocation point of the wrappers' outputs, which the tests fill with NaN).
 """
@@ -62,6 +63,21 @@ def discretise_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, softplus: bool
     if dt_bias is not None:
         dt = dt + dt_bias.float()
     return F.softplus(dt) if softplus else dt
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """``out[..., i, j] = a[..., j+1] + ... + a[..., i]`` for j <= i (0 on the diagonal), -inf above it.
+
+    ``exp(segsum(a))`` is the lower-triangular matrix of decays from position j to position i.
+    Built from masked cumulative sums rather than differences of one cumsum, which would cancel
+    catastrophically for long chunks.
+    """
+    T = a.shape[-1]
+    a = a[..., None].expand(*a.shape, T)  # [..., T(i), T(j)] holding a[i]
+    below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
+    seg = torch.cumsum(a.masked_fill(~below, 0), dim=-2)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=0)
+    return seg.masked_fill(~causal, -torch.inf)
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,335 @@
+"""Mamba-3 SSM: exponential-trapezoidal discretisation, a rotating (complex) state and MIMO
+(Lahoti, Li, Chen, Wang, Bick, Kolter, Dao, Gu 2026, "Mamba-3", arXiv 2603.15569, Sec. 3).
+
+For every batch row and head h (group g = h // (H / G)), with a state of P x N entries, ranks
+r = 1..R (R = 1: SISO), and Δ_t, A_t, λ_t given (the mixer computes them: Δ = softplus(dd_dt +
+dt_bias), A = min(-f(dd_A), -A_floor), λ = sigmoid(trap))::
+
+    θ_t   = θ_{t-1} + π tanh(angles_t) Δ_t   (mod 2π)        S angles per head, θ_{-1}: the state
+    q_t,r = Rot(θ_t) (C[t, r, g] + C_bias[h, r])             the rotary form of a complex state
+    k_t,r = Rot(θ_t) (B[t, r, g] + B_bias[h, r])
+    v_t,r = x_t ⊙ mimo_x[h, r]   (SISO: v_t = x_t)
+    α_t = exp(Δ_t A_t),   β_t = (1 - λ_t) Δ_t α_t,   γ_t = λ_t Δ_t
+    S_t = α_t S_{t-1} + β_t Σ_r v_{t-1,r} k_{t-1,r}^T + γ_t Σ_r v_t,r k_t,r^T        S_t: [P, N]
+    y_t,r = S_t q_t,r + D v_t,r
+
+The β term is the trapezoid (the paper's Eq. for the exponential-trapezoidal rule): the input
+enters at both ends of the step [t-1, t], weighted 1 - λ and λ; λ = 1 is Mamba-2's
+exponential-Euler rule (with B C-normed and biased). ``Rot(θ)`` rotates coordinate pairs by the
+angles θ_j, j < S, and leaves the other N - 2S coordinates unchanged: pairs (2j, 2j+1) in the SISO
+kernels (``pairwise=True``), pairs (j, j + N/2) in the MIMO kernels. The rotation is how the paper
+realises its complex-valued state (Sec. 3.2: a complex diagonal SSM equals a real one whose B and C
+are rotated by the cumulative angles).
+
+The decoding state is four tensors: θ [B, H, S] (fp32), the SSM state S [B, H, P, N] (fp32),
+the previous position's rotated keys k [B, R, H, N] (fp32) and its input x [B, H, P] (x's dtype),
+the last two for the β term of the next position.
+
+Where the facts were read (state-spaces/mamba at e9594ce): the mixer
+``mamba_ssm/modules/mamba3.py`` (split order, A's activation and floor, softplus Δ, B/C RMSNorm,
+biases, MIMO projections, state shapes), the SISO references in
+``tests/ops/triton/test_mamba3_siso.py`` (``mamba3_siso_step_ref``: the recurrence above with
+pairs (2j, 2j+1), angles wrapped to [0, 2π); ``mamba3_siso_fwd_ref``: the chunked form with the
+``shifted_gamma`` correction and the initial-state term ``(1 - λ_0) Δ_0 v_{-1} k_{-1}^T``), the MIMO
+chunk reference in ``tests/ops/tilelang/test_mamba3_mimo.py`` (``mamba3_MIMO_chunk_ref``: pairs
+(j, j + N/2), the rank sum, D on v_r) and the decode rotary kernel
+``ops/triton/mamba3/mamba3_mimo_rotary_step.py`` (MIMO pairs (j, j + N/2) in decoding too).
+
+``mamba3_scan_ref`` computes the chunked form: inside a chunk of C positions the "attention" form
+``y = (q k^T ∘ W) v`` with ``W[t, s] = exp(Σ_{s<u<=t} a_u) w_s`` (a = Δ A; w_s = γ_s + (1 - λ_{s+1})
+Δ_{s+1} for s < t, the two trapezoid weights of k_s v_s, and w_t = γ_t on the diagonal, the next
+position's share not having arrived yet); between chunks a loop carries the state. Padded
+positions (Δ = 0) add exact zeros and multiply by exp(0) = 1, so a row's final state does not
+depend on padding after it. ``mamba3_recurrent_ref`` is the loop over positions (a test oracle),
+``mamba3_step_ref`` one position IN PLACE (decoding).
+
+Shapes (glossary in ``mamba_eval.kernels``; R ranks, S angles):
+    x [B, L, H, P]; dt, A, lam [B, L, H] fp32; B, C [B, L, R, G, N]; angles [B, L, S];
+    B_bias, C_bias [H, R, N]; D [H]; mimo_x [H, R, P] or None (SISO);
+    y [B, L, R, H, P] fp32 (the mixer gates it, contracts the ranks and casts).
+
+Only references so far; Triton kernels will take the same signatures.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .utils import segsum
+
+_TWO_PI = 2 * math.pi
+
+
+def _check_shapes(x, dt, A, lam, B, C, angles, B_bias, C_bias, D, mimo_x, state):
+    """x [*lead, H, P]; dt, A, lam [*lead, H]; B, C [*lead, R, G, N]; angles [*lead, S]; with lead
+    [B, L] (a sequence) or [B] (a step); ``state``: (θ, S, k, v) or None."""
+    *lead, nheads, headdim = x.shape
+    rank, ngroups, d_state = B.shape[-3:]
+    names = "B, L" if len(lead) == 2 else "B"
+    for name, t in (("dt", dt), ("A", A), ("lam", lam)):
+        if t.shape != (*lead, nheads):
+            raise ValueError(f"{name} must be [{names}, H] = {(*lead, nheads)}, got {tuple(t.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        if t.shape != (*lead, rank, ngroups, d_state):
+            raise ValueError(f"{name} must be [{names}, R, G, N] = {(*lead, rank, ngroups, d_state)}, "
+                             f"got {tuple(t.shape)}")
+    if ngroups == 0 or nheads % ngroups:
+        raise ValueError(f"the number of heads H={nheads} must be a multiple of the number of groups G={ngroups}")
+    n_angles = angles.shape[-1]
+    if angles.shape[:-1] != tuple(lead) or not 0 < 2 * n_angles <= d_state:
+        raise ValueError(f"angles must be [{names}, S] with 0 < 2 S <= N = {d_state}, got {tuple(angles.shape)}")
+    for name, t in (("B_bias", B_bias), ("C_bias", C_bias)):
+        if t.shape != (nheads, rank, d_state):
+            raise ValueError(f"{name} must be [H, R, N] = {(nheads, rank, d_state)}, got {tuple(t.shape)}")
+    if D.shape != (nheads,):
+        raise ValueError(f"D must be [H] = ({nheads},), got {tuple(D.shape)}")
+    if mimo_x is None and rank != 1:
+        raise ValueError(f"mimo_x is required for R = {rank} ranks")
+    if mimo_x is not None and mimo_x.shape != (nheads, rank, headdim):
+        raise ValueError(f"mimo_x must be [H, R, P] = {(nheads, rank, headdim)}, got {tuple(mimo_x.shape)}")
+    if state is not None:
+        batch = lead[0]
+        want = ((batch, nheads, n_angles), (batch, nheads, headdim, d_state), (batch, rank, nheads, d_state),
+                (batch, nheads, headdim))
+        for name, t, shape in zip(("angle", "ssm", "k", "v"), state, want):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"state {name} must be {shape}, got {tuple(t.shape)}")
+
+
+def _wrap(theta: torch.Tensor) -> torch.Tensor:
+    """θ reduced to [0, 2π), as the kernels keep it (cos and sin stay accurate however long the text)."""
+    return theta - _TWO_PI * torch.floor(theta / _TWO_PI)
+
+
+def _rotate(t: torch.Tensor, theta: torch.Tensor, pairwise: bool) -> torch.Tensor:
+    """Rotate coordinate pairs of t [..., N] by θ [..., S] (broadcast): pairs (2j, 2j+1) when
+    ``pairwise``, else (j, j + N/2); coordinates of no pair are unchanged."""
+    n, s = t.shape[-1], theta.shape[-1]
+    first = torch.arange(s, device=t.device) * (2 if pairwise else 1)
+    second = first + (1 if pairwise else n // 2)
+    a, b = t[..., first], t[..., second]
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    out = t.expand(*torch.broadcast_shapes(t.shape[:-1], theta.shape[:-1]), n).clone()
+    out[..., first] = a * cos - b * sin
+    out[..., second] = a * sin + b * cos
+    return out
+
+
+def _values(x: torch.Tensor, mimo_x: torch.Tensor | None) -> torch.Tensor:
+    """v [..., R, H, P] fp32 from x [..., H, P]: x ⊙ mimo_x[h, r], or x itself (R = 1)."""
+    x = x.float()[..., None, :, :]
+    return x if mimo_x is None else x * mimo_x.float().transpose(0, 1)
+
+
+def _biased(t: torch.Tensor, bias: torch.Tensor, nheads: int) -> torch.Tensor:
+    """B or C [..., R, G, N] -> per head [..., R, H, N] fp32, plus the bias [H, R, N]."""
+    t = t.float().repeat_interleave(nheads // t.shape[-2], dim=-2)
+    return t + bias.float().transpose(0, 1)
+
+
+def _angle_steps(angles: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """The angle increments π tanh(angles) Δ [..., H, S] (angles [..., S] shared by the heads)."""
+    return math.pi * torch.tanh(angles.float())[..., None, :] * dt[..., None]
+
+
+def _kv(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Σ_r v_r k_r^T: v [B, R, H, P], k [B, R, H, N] -> [B, H, P, N]."""
+    return torch.einsum("brhp,brhn->bhpn", v, k)
+
+
+def _advance(theta, ssm, k_prev, v_prev, q, k, v, dt, A, lam, dtheta, D, pairwise):
+    """One position of the recurrence (module docstring), everything fp32; q, k unrotated.
+    Returns (y [B, R, H, P], θ, S, rotated k)."""
+    theta = _wrap(theta + dtheta)
+    q = _rotate(q, theta[:, None], pairwise)
+    k = _rotate(k, theta[:, None], pairwise)
+    alpha = torch.exp(dt * A)
+    beta = (1 - lam) * dt * alpha
+    gamma = lam * dt
+    ssm = (alpha[..., None, None] * ssm + beta[..., None, None] * _kv(v_prev, k_prev)
+           + gamma[..., None, None] * _kv(v, k))
+    y = torch.einsum("bhpn,brhn->brhp", ssm, q) + D.float()[:, None] * v
+    return y, theta, ssm, k
+
+
+def _zero_state(x, B, n_angles):
+    batch, nheads, headdim = x.shape[0], x.shape[-2], x.shape[-1]
+    rank, d_state = B.shape[-3], B.shape[-1]
+    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=x.device)  # noqa: E731
+    return (zeros(batch, nheads, n_angles), zeros(batch, nheads, headdim, d_state),
+            zeros(batch, rank, nheads, d_state), torch.zeros_like(x[:, 0] if x.ndim == 4 else x))
+
+
+def mamba3_recurrent_ref(
+    x: torch.Tensor,  # [B, L, H, P]
+    dt: torch.Tensor,  # [B, L, H] Δ
+    A: torch.Tensor,  # [B, L, H]
+    lam: torch.Tensor,  # [B, L, H] λ
+    B: torch.Tensor,  # [B, L, R, G, N]
+    C: torch.Tensor,  # [B, L, R, G, N]
+    angles: torch.Tensor,  # [B, L, S]
+    B_bias: torch.Tensor,  # [H, R, N]
+    C_bias: torch.Tensor,  # [H, R, N]
+    D: torch.Tensor,  # [H]
+    mimo_x: torch.Tensor | None = None,  # [H, R, P]
+    *,
+    pairwise: bool = True,
+    initial_state: tuple | None = None,  # (θ, S, k, v)
+) -> tuple[torch.Tensor, tuple]:
+    """The recurrence of the module docstring, one position at a time (slow; a test oracle).
+    Returns (y [B, L, R, H, P] fp32, final (θ, S, k, v))."""
+    _check_shapes(x, dt, A, lam, B, C, angles, B_bias, C_bias, D, mimo_x, initial_state)
+    nheads = x.shape[2]
+    theta, ssm, k_prev, x_prev = initial_state or _zero_state(x, B, angles.shape[-1])
+    theta, ssm, k_prev = theta.float(), ssm.float(), k_prev.float()
+    q, k, v = _biased(C, C_bias, nheads), _biased(B, B_bias, nheads), _values(x, mimo_x)
+    dt, A, lam = dt.float(), A.float(), lam.float()
+    dtheta = _angle_steps(angles, dt)
+    v_prev, ys = _values(x_prev, mimo_x), []
+    for t in range(x.shape[1]):
+        y, theta, ssm, k_prev = _advance(theta, ssm, k_prev, v_prev, q[:, t], k[:, t], v[:, t], dt[:, t], A[:, t],
+                                         lam[:, t], dtheta[:, t], D, pairwise)
+        v_prev = v[:, t]
+        ys.append(y)
+    return torch.stack(ys, dim=1), (theta, ssm, k_prev, x[:, -1].clone())
+
+
+def mamba3_scan_ref(
+    x: torch.Tensor,  # [B, L, H, P]
+    dt: torch.Tensor,  # [B, L, H] Δ
+    A: torch.Tensor,  # [B, L, H]
+    lam: torch.Tensor,  # [B, L, H] λ
+    B: torch.Tensor,  # [B, L, R, G, N]
+    C: torch.Tensor,  # [B, L, R, G, N]
+    angles: torch.Tensor,  # [B, L, S]
+    B_bias: torch.Tensor,  # [H, R, N]
+    C_bias: torch.Tensor,  # [H, R, N]
+    D: torch.Tensor,  # [H]
+    mimo_x: torch.Tensor | None = None,  # [H, R, P]
+    chunk_size: int = 64,
+    *,
+    pairwise: bool = True,
+    initial_state: tuple | None = None,  # (θ, S, k, v)
+    lengths: torch.Tensor | None = None,  # [B]
+) -> tuple[torch.Tensor, tuple]:
+    """The chunked form (module docstring). Returns (y [B, L, R, H, P] fp32, final (θ, S, k, v)).
+
+    L need not be a multiple of ``chunk_size`` (the tail is padded with Δ = 0). ``lengths`` (a
+    LongTensor [B], 1 <= lengths[b] <= L): row b's final state is taken after its own
+    ``lengths[b]`` positions; the caller sets Δ = 0 at the positions past them, which leaves θ and
+    S unchanged there, and θ, k and x are read at position ``lengths[b] - 1``."""
+    _check_shapes(x, dt, A, lam, B, C, angles, B_bias, C_bias, D, mimo_x, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    batch, length, nheads, headdim = x.shape
+    rank, d_state, n_angles = B.shape[2], B.shape[-1], angles.shape[-1]
+    theta0, ssm0, k0, x0 = initial_state or _zero_state(x, B, n_angles)
+
+    q, k, v = _biased(C, C_bias, nheads), _biased(B, B_bias, nheads), _values(x, mimo_x)  # [b, L, R, H, *]
+    dt, A, lam = dt.float(), A.float(), lam.float()
+    dtheta = _angle_steps(angles, dt)  # [b, L, H, S]
+    a = dt * A  # log α                                                              [b, L, H]
+    gamma = lam * dt
+    shifted = F.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))  # (1 - λ_{s+1}) Δ_{s+1}, 0 after the end
+    # The state's key and input enter the first position through β_0 = (1 - λ_0) Δ_0 α_0; α_0 is
+    # applied with the decays below.
+    ssm0 = ssm0.float() + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * _kv(_values(x0, mimo_x), k0.float())
+
+    pad = (-length) % chunk_size
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+        dtheta = F.pad(dtheta, (0, 0, 0, 0, 0, pad))
+        a, gamma, shifted = (F.pad(t, (0, 0, 0, pad)) for t in (a, gamma, shifted))
+    nchunks, T = (length + pad) // chunk_size, chunk_size
+
+    # Angles: cumulative within each chunk, plus the angle entering it (carried, wrapped).
+    within = dtheta.view(batch, nchunks, T, nheads, n_angles).cumsum(2)
+    starts, carry = [], theta0.float()
+    for c in range(nchunks):
+        starts.append(carry)
+        carry = _wrap(carry + within[:, c, -1])
+    theta = _wrap(torch.stack(starts, 1)[:, :, None] + within).view(batch, nchunks * T, nheads, n_angles)
+    q = _rotate(q, theta[:, :, None], pairwise)
+    k = _rotate(k, theta[:, :, None], pairwise)
+    if lengths is None:
+        last = torch.full((batch,), length - 1, dtype=torch.long, device=x.device)
+    else:
+        last = lengths.to(device=x.device, dtype=torch.long) - 1
+    rows = torch.arange(batch, device=x.device)
+    final_theta, final_k, final_x = theta[rows, last], k[rows, last], x[rows, last].clone()
+
+    # Chunks, heads first; a chunk's T positions x R ranks flattened position-major: [b, h, c, T R, *].
+    def chunked(t):
+        return t.view(batch, nchunks, T, rank, nheads, -1).permute(0, 4, 1, 2, 3, 5).reshape(
+            batch, nheads, nchunks, T * rank, t.shape[-1])
+
+    def per_head(t):  # [b, L', H] -> [b, h, c, T]
+        return t.view(batch, nchunks, T, nheads).permute(0, 3, 1, 2)
+
+    qc, kc, vc = chunked(q), chunked(k), chunked(v)
+    a, gamma, weight = per_head(a), per_head(gamma), per_head(gamma + shifted)
+    cum = a.cumsum(-1)  # [b, h, c, T]
+
+    # 1. Inside a chunk: y = (q k^T ∘ W) v, W[t, s] = exp(Σ_{s<u<=t} a_u) (w_s for s < t, γ_t for s = t).
+    diagonal = torch.eye(T, dtype=torch.bool, device=x.device)
+    W = torch.exp(segsum(a)) * torch.where(diagonal, gamma[..., :, None], weight[..., None, :])
+    W = W.repeat_interleave(rank, -1).repeat_interleave(rank, -2)  # every rank pair of (t, s)
+    y = ((qc @ kc.transpose(-1, -2)) * W) @ vc  # [b, h, c, T R, P]
+
+    # 2. Each chunk's own contribution to the state after it (as if it started from zero).
+    to_end = (torch.exp(cum[..., -1:] - cum) * weight).repeat_interleave(rank, -1)  # [b, h, c, T R]
+    chunk_states = vc.transpose(-1, -2) @ (kc * to_end[..., None])  # [b, h, c, P, N]
+
+    # 3. Between chunks: the state entering each chunk. A padded chunk decays by exp(0) = 1 and
+    # adds zeros, so the final state is exactly the state after the last real position.
+    entering, state = [], ssm0
+    for c in range(nchunks):
+        entering.append(state)
+        state = torch.exp(cum[:, :, c, -1])[..., None, None] * state + chunk_states[:, :, c]
+    entering = torch.stack(entering, 2)  # [b, h, c, P, N]
+
+    # 4. Each position reads the state entering its chunk, decayed to it.
+    y = y + (qc @ entering.transpose(-1, -2)) * torch.exp(cum).repeat_interleave(rank, -1)[..., None]
+    y = y.view(batch, nheads, nchunks, T, rank, headdim).permute(0, 2, 3, 4, 1, 5)
+    y = y.reshape(batch, nchunks * T, rank, nheads, headdim)[:, :length]
+    y = y + D.float()[:, None] * v[:, :length]
+    return y, (final_theta, state, final_k, final_x)
+
+
+def mamba3_step_ref(
+    angle_state: torch.Tensor,  # [B, H, S] fp32, updated in place
+    ssm_state: torch.Tensor,  # [B, H, P, N], updated in place
+    k_state: torch.Tensor,  # [B, R, H, N] fp32, updated in place
+    v_state: torch.Tensor,  # [B, H, P], updated in place
+    x: torch.Tensor,  # [B, H, P]
+    dt: torch.Tensor,  # [B, H] Δ
+    A: torch.Tensor,  # [B, H]
+    lam: torch.Tensor,  # [B, H] λ
+    B: torch.Tensor,  # [B, R, G, N]
+    C: torch.Tensor,  # [B, R, G, N]
+    angles: torch.Tensor,  # [B, S]
+    B_bias: torch.Tensor,  # [H, R, N]
+    C_bias: torch.Tensor,  # [H, R, N]
+    D: torch.Tensor,  # [H]
+    mimo_x: torch.Tensor | None = None,  # [H, R, P]
+    *,
+    pairwise: bool = True,
+) -> torch.Tensor:
+    """Advance the recurrence by one position: updates the four state tensors IN PLACE, returns
+    y [B, R, H, P] fp32."""
+    state = (angle_state, ssm_state, k_state, v_state)
+    _check_shapes(x, dt, A, lam, B, C, angles, B_bias, C_bias, D, mimo_x, state)
+    nheads = x.shape[1]
+    dt, A, lam = dt.float(), A.float(), lam.float()
+    y, theta, ssm, k = _advance(
+        angle_state.float(), ssm_state.float(), k_state.float(), _values(v_state, mimo_x),
+        _biased(C, C_bias, nheads), _biased(B, B_bias, nheads), _values(x, mimo_x), dt, A, lam,
+        _angle_steps(angles, dt), D, pairwise)
+    angle_state.copy_(theta)
+    ssm_state.copy_(ssm)
+    k_state.copy_(k)
+    v_state.copy_(x)
+    return y
