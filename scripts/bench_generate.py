@@ -38,11 +38,18 @@ PROMPT, NEW = 128, 256
 TINY_PROMPT, TINY_NEW = 8, 6
 
 
-def bench(model, batch: int, device, cuda_graphs: bool, greedy_steps: int, repeats: int = 3,
-          state_dtype: torch.dtype = torch.float32, prompt: int = PROMPT, new: int = NEW) -> dict:
+def make_prompts(batch: int, prompt: int, seed: int = 0) -> list[list[int]]:
+    """The prompts of one (shape, batch) row: every way of decoding it gets the same ones, so that
+    their tokens can be compared (each drawing its own would compare different prompts)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 50000, (batch, prompt), generator=gen).tolist()
+
+
+def bench(model, prompts: list[list[int]], device, cuda_graphs: bool, greedy_steps: int, repeats: int = 3,
+          state_dtype: torch.dtype = torch.float32, new: int = NEW) -> dict:
     from mamba_eval.harness.generation import DecodeRunner, generate
 
-    prompts = torch.randint(2, 50000, (batch, prompt)).tolist()
+    batch = len(prompts)
     kw = dict(batch_size=batch, device=device, cuda_graphs=cuda_graphs, greedy_steps=greedy_steps,
               state_dtype=state_dtype)
     generate(model, prompts, max_new_tokens=4, **kw)  # compile, capture
@@ -114,14 +121,15 @@ def main() -> int:
         model = LanguageModel(model_config(raw), backend="triton", device=device, dtype=dtype,
                               batch_invariant=args.batch_invariant).eval()
         for batch in batches:
-            eager = None if args.no_eager else bench(model, batch, device, False, 1, repeats=1, **lengths)
+            prompts = make_prompts(batch, lengths["prompt"])
+            eager = None if args.no_eager else bench(model, prompts, device, False, 1, repeats=1, new=lengths["new"])
             row = {"shape": shape, "batch": batch, "prompt": lengths["prompt"], "new_tokens": lengths["new"],
                    "greedy_steps": GREEDY_STEPS,
                    "eager_ms_per_token": eager["ms_per_token"] if eager else None}
             if device.type == "cuda":
-                single = bench(model, batch, device, True, 1)
-                multi = bench(model, batch, device, True, GREEDY_STEPS)
-                half = bench(model, batch, device, True, GREEDY_STEPS, state_dtype=torch.bfloat16)
+                single = bench(model, prompts, device, True, 1)
+                multi = bench(model, prompts, device, True, GREEDY_STEPS)
+                half = bench(model, prompts, device, True, GREEDY_STEPS, state_dtype=torch.bfloat16)
                 tokens = [single["tokens"], multi["tokens"]] + ([eager["tokens"]] if eager else [])
                 row.update(graphs_1_step_ms_per_token=single["ms_per_token"],
                            graphs_ms_per_token=multi["ms_per_token"],
