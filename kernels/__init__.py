@@ -9,6 +9,8 @@ train them.
 - ``conv1d``: depthwise causal convolution over time (+ SiLU), full sequence and one-token update.
 - ``selective_scan``: the Mamba-1 selective SSM (diagonal A per channel), sequence and one step.
 - ``ssd``: the Mamba-2 SSD scan (scalar A per head, chunked), sequence and one step.
+- ``mamba3``: the Mamba-3 SSM (trapezoidal rule, rotated B/C, MIMO ranks): references only so far
+  (chunked form, recurrence, one step).
 - ``mamba1_step``: one Mamba-1 decoding step between the projections (conv update, x_proj,
   dt_proj, state update) in two kernels.
 - ``norm``: fused residual-add + RMSNorm/LayerNorm, and Mamba-2's gated, grouped RMSNorm.
@@ -34,6 +36,8 @@ Shape glossary (used in every docstring and shape comment of this package)
 ``H``   number of heads (Mamba-2), ``d_inner = H * P``
 ``P``   head dimension ``headdim`` (Mamba-2)
 ``G``   number of B/C groups ``ngroups`` (Mamba-2); heads ``g*H/G ... (g+1)*H/G - 1`` share group g
+``R``   MIMO rank (Mamba-3; 1 for SISO)
+``S``   rotary angles per head (Mamba-3)
 ``K``   convolution width ``d_conv``
 ``C``   chunk length of the SSD algorithm; in ``conv1d``, ``C`` is the number of channels
 ======  =================================================================================

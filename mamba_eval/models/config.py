@@ -1,7 +1,7 @@
 """The architecture of a language model of the Mamba family, independent of any checkpoint format.
 
 A model is an embedding, a list of layers and an LM head. Each layer is a block: a pre-norm and
-a *mixer* (a Mamba-1 SSM, a Mamba-2 SSM, causal attention; ``mamba_eval.models.mixers`` has one
+a *mixer* (a Mamba-1, Mamba-2 or Mamba-3 SSM, causal attention; ``mamba_eval.models.mixers`` has one
 module per kind and the registry that builds them), optionally followed by a pre-norm and a gated
 MLP. :class:`ModelConfig` holds the list (:class:`LayerConfig`) and what the whole stack shares
 (width, vocabulary, norm kind, residual precision, tied embeddings). A new family is a new way of
@@ -15,6 +15,8 @@ The released variants, as configurations:
 - Codestral-like Mamba-2 (``n_groups`` 8, untied embeddings): ``Mamba2Config.ngroups``.
 - mamba_ssm hybrids (``mamba2attn-2.7b``): some layers attention (:class:`AttnConfig`), a gated MLP
   after every mixer (:class:`MLPConfig`) when ``d_intermediate > 0``.
+- Mamba-3 (``state-spaces/mamba3-{siso,mimo}-*``): a Mamba-3 mixer (:class:`Mamba3Config`, SISO or
+  MIMO) and a gated MLP in every layer.
 
 :func:`mamba_stack` builds the uniform stack of mamba_ssm's ``MixerModel`` (the shape of all of
 the above) from its familiar arguments. Sizes that follow from others are properties.
@@ -126,6 +128,79 @@ class Mamba2Config:
 
 
 @dataclass(frozen=True)
+class Mamba3Config:
+    """The Mamba-3 mixer (Lahoti et al. 2026, arXiv 2603.15569): in_proj -> [z; x; B; C; Δ; A; λ;
+    angles] (no conv); B and C RMS-normed, biased per head and rotated by data-dependent angles
+    (``rope_fraction`` of the state's coordinates); a data-dependent A per head and position,
+    ``-f(dd_A)`` floored at ``-A_floor``; the exponential-trapezoidal recurrence
+    (``kernels/mamba3.py`` has the equations); ``is_mimo``: ``mimo_rank`` inputs and outputs per
+    head through ``mimo_x``/``mimo_z``/``mimo_o``; gate silu(z), after a per-head RMSNorm when
+    ``is_outproj_norm``; out_proj.
+
+    ``A_activation`` is f: ``"softplus"`` (the code released with the paper, fla) or
+    ``"heavy_tail"`` (mamba_ssm since commit c69aaab: 1 + x for x >= 0, 1 / (1 - x) below); no
+    checkpoint field records which one a model was trained with."""
+
+    kind: ClassVar[str] = "mamba3"
+    d_inner: int
+    d_state: int = 128
+    headdim: int = 64
+    ngroups: int = 1
+    rope_fraction: float = 0.5
+    A_floor: float = 1e-4
+    A_activation: str = "softplus"
+    is_outproj_norm: bool = False
+    is_mimo: bool = False
+    mimo_rank: int = 4  # used only when is_mimo
+    chunk_size: int = 64
+    proj_bias: bool = False  # bias of in_proj / out_proj (fla's use_bias)
+    norm_eps: float = 1e-5  # of the B, C and output norms
+
+    def __post_init__(self):
+        _check_ints(self, ["d_inner", "d_state", "headdim", "ngroups", "mimo_rank", "chunk_size"])
+        _check_positive_float(self, ["A_floor", "norm_eps"])
+        if self.d_inner % self.headdim != 0:
+            raise ValueError(f"d_inner = {self.d_inner} is not a multiple of headdim = {self.headdim}")
+        if self.nheads % self.ngroups != 0:
+            raise ValueError(f"nheads = {self.nheads} is not a multiple of ngroups = {self.ngroups}")
+        if self.rope_fraction not in (0.5, 1.0):
+            raise ValueError(f"rope_fraction must be 0.5 or 1.0 (as in mamba_ssm), got {self.rope_fraction!r}")
+        if self.n_angles < 1:
+            raise ValueError(f"d_state = {self.d_state} leaves no rotary angle at rope_fraction {self.rope_fraction}")
+        if self.A_activation not in ("softplus", "heavy_tail"):
+            raise ValueError(f"A_activation must be 'softplus' or 'heavy_tail', got {self.A_activation!r}")
+        if self.is_mimo and self.d_state % 4:
+            # The MIMO kernels rotate pairs (j, j + N/2) over the first quarter (half) of the state.
+            raise ValueError(f"MIMO needs d_state a multiple of 4, got {self.d_state}")
+
+    @property
+    def nheads(self) -> int:
+        """Heads H = d_inner / headdim."""
+        return self.d_inner // self.headdim
+
+    @property
+    def rank(self) -> int:
+        """R: the MIMO rank, 1 for SISO."""
+        return self.mimo_rank if self.is_mimo else 1
+
+    @property
+    def n_angles(self) -> int:
+        """S: rotary angles per head, half the rotated coordinates (rope_fraction of d_state, made even)."""
+        rotated = int(self.d_state * self.rope_fraction)
+        return (rotated - rotated % 2) // 2
+
+    @property
+    def d_in_proj(self) -> int:
+        """Rows of in_proj: [z; x; B (R G N); C (R G N); Δ (H); A (H); λ (H); angles (S)]."""
+        return 2 * self.d_inner + 2 * self.rank * self.ngroups * self.d_state + 3 * self.nheads + self.n_angles
+
+    @property
+    def ssm_state_shape(self) -> tuple[int, ...]:
+        """One sequence's SSM state: ``[nheads, headdim, d_state]``."""
+        return (self.nheads, self.headdim, self.d_state)
+
+
+@dataclass(frozen=True)
 class AttnConfig:
     """Causal multi-head attention as mamba_ssm's ``MHA`` builds it.
 
@@ -181,8 +256,8 @@ class AttnConfig:
         return self.softmax_scale if self.softmax_scale is not None else self.head_dim ** -0.5
 
 
-MixerConfig = Union[Mamba1Config, Mamba2Config, AttnConfig]
-MIXER_CONFIGS: tuple[type, ...] = (Mamba1Config, Mamba2Config, AttnConfig)
+MixerConfig = Union[Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig]
+MIXER_CONFIGS: tuple[type, ...] = (Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig)
 
 
 @dataclass(frozen=True)
@@ -262,18 +337,24 @@ def mamba_stack(
     conv_bias: bool = True, proj_bias: bool = False, rms_norm: bool = True, norm_eps: float = 1e-5,
     residual_in_fp32: bool = True, tie_embeddings: bool = True, bcdt_rmsnorm: bool = False,
     bcdt_rmsnorm_eps: float = 1e-6, d_intermediate: int = 0, attn_layer_idx=(), attn: AttnConfig | None = None,
+    mamba3: Mamba3Config | None = None,
 ) -> ModelConfig:
     """The uniform stack of mamba_ssm's ``MixerModel``: ``n_layer`` Mamba-1 (``arch="mamba1"``) or
     Mamba-2 (``"mamba2"``) mixers of width ``d_inner = expand * d_model``, the layers of
     ``attn_layer_idx`` attention (``attn``) instead, and a gated MLP of width ``d_intermediate``
     after every mixer when it is positive. Defaults are mamba_ssm's (``d_state`` 16 for Mamba-1,
-    128 for Mamba-2; ``dt_rank`` ``ceil(d_model / 16)``)."""
-    if arch not in ("mamba1", "mamba2"):
-        raise ValueError(f"arch must be 'mamba1' or 'mamba2', got {arch!r}")
+    128 for Mamba-2; ``dt_rank`` ``ceil(d_model / 16)``). ``arch="mamba3"`` takes its mixer whole
+    (``mamba3``, a Mamba3Config; the Mamba-1/2 arguments do not apply to it)."""
+    if arch not in ("mamba1", "mamba2", "mamba3"):
+        raise ValueError(f"arch must be 'mamba1', 'mamba2' or 'mamba3', got {arch!r}")
     _check_ints(type("args", (), {"d_model": d_model, "n_layer": n_layer, "expand": expand})(),
                 ["d_model", "n_layer", "expand"])
     d_inner = expand * d_model
-    if arch == "mamba1":
+    if arch == "mamba3":
+        if not isinstance(mamba3, Mamba3Config):
+            raise ValueError("arch='mamba3' needs mamba3, its Mamba3Config")
+        mixer = mamba3
+    elif arch == "mamba1":
         mixer = Mamba1Config(
             d_inner=d_inner, dt_rank=math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank,
             d_state=16 if d_state is None else d_state, d_conv=d_conv, conv_bias=conv_bias, proj_bias=proj_bias,

@@ -1,7 +1,7 @@
 """The checkpoint dialects: every config format and weight naming read, translated into a
 ``ModelConfig`` and our parameter names. Nothing else in the package reads a checkpoint's config.
 
-Two formats are read, each as a folder with a ``config.json`` and weights:
+The formats read, each as a folder with a ``config.json`` and weights:
 
 - **mamba_ssm** (``state-spaces/mamba-130m``, ``state-spaces/mamba2-130m``,
   ``state-spaces/mamba2attn-2.7b``, ...): config fields ``d_model, d_intermediate, n_layer,
@@ -28,6 +28,26 @@ Two formats are read, each as a folder with a ``config.json`` and weights:
   transformers (Falcon-Mamba-7B's config says expand 16 and intermediate_size 8192 = 2 x 4096).
   Falcon-Mamba is Mamba-1 with weightless RMSNorms of Δ, B and C (eps ``mixer_rms_eps``, 1e-6).
 
+- **Mamba-3** in mamba_ssm's format (``state-spaces/mamba3-{siso,mimo}-*``): ``ssm_cfg["layer"]`` =
+  ``"Mamba3"`` with ``d_state, expand, headdim, ngroups, rope_fraction, A_floor, is_outproj_norm,
+  is_mimo, mimo_rank, chunk_size`` (defaults 128, 2, 64, 1, 0.5, 1e-4, false, false, 4, 64, as in
+  ``mamba_ssm/modules/mamba3.py`` at e9594ce); ``dt_min, dt_max, dt_init_floor`` and
+  ``fuse_pregate_headwise_norm`` (a kernel choice) are ignored, any other key refused (mamba_ssm's
+  ``Mamba3(**kwargs)`` would swallow it silently). Mixer weights ``in_proj, dt_bias, B_bias,
+  C_bias, B_norm, C_norm, D, out_proj`` and, for MIMO, ``mimo_x, mimo_z, mimo_o``, and ``norm``
+  with ``is_outproj_norm``; no conv, no ``A_log``.
+- **fla's Mamba-3** (``model_type`` "mamba3", ``Mamba3ForCausalLM``, fla-org/flash-linear-attention
+  ``fla/models/mamba3`` at bc3b101): ``hidden_size, num_hidden_layers, vocab_size, state_size,
+  head_dim, expand, n_groups, rope_fraction, A_floor, is_outproj_norm, is_mimo, mimo_rank,
+  chunk_size, use_bias, norm_eps, residual_in_fp32, tie_word_embeddings`` (default false); no MLP;
+  ``norm_eps`` is also the eps of the B, C and output norms. The same mixer weight names, under
+  ``backbone.embeddings``.
+
+Both Mamba-3 dialects take ``A_activation`` ("softplus", the default, or "heavy_tail"), a key of
+ours: the activation of Mamba-3's data-dependent A changed in mamba_ssm's source (commit c69aaab,
+after the release) from softplus, which fla keeps, to a heavy-tailed map, and no config field
+records which one a checkpoint was trained with (see ``Mamba3Config``).
+
 Weight keys are mamba_ssm's (``backbone.embedding.weight``, ``backbone.layers.N.mixer.in_proj``,
 ...), which are the names of ``mamba_eval.models.model``; transformers differs only by
 ``backbone.embeddings``. Weights may be ``model.safetensors``, ``pytorch_model.bin`` or either
@@ -41,7 +61,7 @@ import re
 from pathlib import Path
 
 from mamba_eval.errors import MambaEvalError
-from mamba_eval.models.config import AttnConfig, ModelConfig, mamba_stack
+from mamba_eval.models.config import AttnConfig, Mamba3Config, ModelConfig, mamba_stack
 
 
 class CheckpointError(MambaEvalError):
@@ -112,7 +132,14 @@ _SSM_CFG_READ = {
     "Mamba1": {"layer", "d_state", "d_conv", "expand", "dt_rank", "bias", "conv_bias"},
     "Mamba2": {"layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "bias", "conv_bias",
                "d_ssm", "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_limit"},
+    "Mamba3": {"layer", "d_state", "expand", "headdim", "ngroups", "rope_fraction", "A_floor", "is_outproj_norm",
+               "is_mimo", "mimo_rank", "chunk_size", "A_activation"},
 }
+# ssm_cfg keys of mamba_ssm's Mamba3 that only affect training, initialisation or which kernel runs
+# (fuse_pregate_headwise_norm fuses the MIMO output norm into the scan kernel; the references of
+# both paths in mamba_ssm's tests compute the same function).
+_MAMBA3_IGNORED = {"dt_min", "dt_max", "dt_init_floor", "fuse_pregate_headwise_norm", "dropout", "layer_idx",
+                   "n_layer", "device", "dtype"}
 
 
 # attn_cfg keys of mamba_ssm's MHA that only place the module.
@@ -170,6 +197,86 @@ def _attn_layers(f: _Fields, d_model: int, n_layer: int) -> tuple[tuple[int, ...
     return tuple(sorted(set(idx))), attn
 
 
+def _mamba3_mixer(s: _Fields, d_inner: int, names: dict | None = None, **fields) -> Mamba3Config:
+    """The Mamba3Config of a mamba_ssm ``ssm_cfg`` (``s``) with mamba_ssm's defaults, or of another
+    dialect's config whose field names differ (``names``: mamba_ssm's name -> the dialect's);
+    ``fields``: values the dialect sets elsewhere (fla's biases and norm eps)."""
+    n = (names or {}).get
+    rope_fraction = s.float(n("rope_fraction", "rope_fraction"), 0.5)
+    if rope_fraction not in (0.5, 1.0):
+        s.fail(n("rope_fraction", "rope_fraction"), f"= {rope_fraction!r} is not supported (mamba_ssm allows 0.5 and 1.0)")
+    A_activation = s.get("A_activation", "softplus")
+    if A_activation not in ("softplus", "heavy_tail"):
+        s.fail("A_activation", f"= {A_activation!r} is not supported (softplus or heavy_tail)")
+    is_mimo = s.bool(n("is_mimo", "is_mimo"), False)
+    mimo_rank = s.int(n("mimo_rank", "mimo_rank"), 4)
+    if is_mimo and mimo_rank < 1:
+        s.fail(n("mimo_rank", "mimo_rank"), f"must be positive, got {mimo_rank}")
+    d_state = s.int(n("d_state", "d_state"), 128)
+    if d_state < 2:
+        s.fail(n("d_state", "d_state"), f"must be at least 2, got {d_state}")
+    if is_mimo and d_state % 4:
+        s.fail(n("d_state", "d_state"), f"= {d_state} is not supported with MIMO (its rotation needs a multiple of 4)")
+    headdim, ngroups = s.int(n("headdim", "headdim"), 64), s.int(n("ngroups", "ngroups"), 1)
+    if headdim < 1 or d_inner % headdim:
+        s.fail(n("headdim", "headdim"), f"= {headdim} does not divide d_inner = {d_inner}")
+    if ngroups < 1 or (d_inner // headdim) % ngroups:
+        s.fail(n("ngroups", "ngroups"), f"= {ngroups} does not divide the {d_inner // headdim} heads")
+    try:
+        return Mamba3Config(
+            d_inner=d_inner, d_state=d_state, headdim=headdim, ngroups=ngroups, rope_fraction=rope_fraction,
+            A_floor=s.float(n("A_floor", "A_floor"), 1e-4), A_activation=A_activation,
+            is_outproj_norm=s.bool(n("is_outproj_norm", "is_outproj_norm"), False), is_mimo=is_mimo,
+            mimo_rank=mimo_rank if is_mimo else 4, chunk_size=s.int(n("chunk_size", "chunk_size"), 64), **fields)
+    except ValueError as e:
+        raise CheckpointError(f"{s.where}: {e}") from None
+
+
+# fla's Mamba3Config (fla/models/mamba3/configuration_mamba3.py): fields we read, and fields that only
+# affect training, initialisation, kernels or generation defaults.
+_FLA_MAMBA3_READ = {
+    "hidden_size", "num_hidden_layers", "vocab_size", "state_size", "head_dim", "expand", "n_groups", "num_heads",
+    "rope_fraction", "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank", "chunk_size", "use_bias", "norm_eps",
+    "hidden_act", "residual_in_fp32", "tie_word_embeddings", "A_activation",
+}
+_FLA_MAMBA3_IGNORED = {
+    "dt_min", "dt_max", "dt_init_floor", "initializer_range", "rescale_prenorm_residual", "use_cache", "fuse_norm",
+    "fuse_cross_entropy", "fuse_linear_cross_entropy", "use_l2warp", "pad_token_id", "bos_token_id", "eos_token_id",
+}
+_FLA_NAMES = {"d_state": "state_size", "headdim": "head_dim", "ngroups": "n_groups"}
+
+
+def _generic_config_keys() -> set:
+    """What transformers' ``PretrainedConfig`` writes into every config.json (architectures,
+    torch_dtype, transformers_version, generation defaults, ...), taken from the installed version."""
+    from transformers import PretrainedConfig
+
+    return set(PretrainedConfig().to_dict()) | {"architectures", "model_type", "transformers_version", "torch_dtype",
+                                                 "dtype", "_name_or_path", "auto_map"}
+
+
+def _from_fla_mamba3(raw: dict, where: Path) -> ModelConfig:
+    """flash-linear-attention's ``mamba3`` (``Mamba3ForCausalLM``): a Mamba-3 mixer per block, no
+    MLP, pre-norm blocks with RMSNorm of eps ``norm_eps`` (also the B, C and output norms'), keys
+    ``backbone.embeddings``, ``backbone.layers.N.{norm, mixer.*}``, ``backbone.norm_f``, ``lm_head``."""
+    f = _Fields(raw, where)
+    unknown = sorted(set(raw) - _FLA_MAMBA3_READ - _FLA_MAMBA3_IGNORED - _generic_config_keys())
+    if unknown:
+        f.fail(unknown[0], "is not a known setting of fla's Mamba3Config")
+    f.unsupported_unless("hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
+    hidden, expand = f.int("hidden_size", required=True), f.int("expand", 2)
+    norm_eps = f.float("norm_eps", 1e-5)
+    mixer = _mamba3_mixer(f, expand * hidden, names=_FLA_NAMES, proj_bias=f.bool("use_bias", False),
+                          norm_eps=norm_eps)
+    if f.get("num_heads") is not None and f.int("num_heads") != mixer.nheads:
+        f.fail("num_heads", f"= {raw['num_heads']} is not expand * hidden_size / head_dim = {mixer.nheads}")
+    return mamba_stack(
+        arch="mamba3", mamba3=mixer, d_model=hidden, n_layer=f.int("num_hidden_layers", required=True),
+        vocab_size=f.int("vocab_size", required=True), expand=expand, rms_norm=True, norm_eps=norm_eps,
+        residual_in_fp32=f.bool("residual_in_fp32", True), tie_embeddings=f.bool("tie_word_embeddings", False),
+    )
+
+
 def _from_mamba_ssm(raw: dict, where: Path) -> ModelConfig:
     f = _Fields(raw, where)
     d_model = f.int("d_model", required=True)
@@ -185,8 +292,9 @@ def _from_mamba_ssm(raw: dict, where: Path) -> ModelConfig:
     s = _Fields(ssm_cfg, where, prefix="ssm_cfg.")
     layer = s.get("layer", "Mamba1")
     if layer not in _SSM_CFG_READ:
-        s.fail("layer", f"= {layer!r} is not supported (supported: Mamba1, Mamba2)")
-    unknown = sorted(set(ssm_cfg) - _SSM_CFG_READ[layer] - _SSM_CFG_IGNORED)
+        s.fail("layer", f"= {layer!r} is not supported (supported: Mamba1, Mamba2, Mamba3)")
+    ignored = _MAMBA3_IGNORED if layer == "Mamba3" else _SSM_CFG_IGNORED
+    unknown = sorted(set(ssm_cfg) - _SSM_CFG_READ[layer] - ignored)
     if unknown:
         s.fail(unknown[0], f"is not a known {layer} setting")
     pad = f.int("pad_vocab_size_multiple", 8)
@@ -208,6 +316,10 @@ def _from_mamba_ssm(raw: dict, where: Path) -> ModelConfig:
         attn_layer_idx=attn_layer_idx,
         attn=attn,
     )
+    if layer == "Mamba3":
+        for key in ("d_conv", "conv_bias", "proj_bias"):  # Mamba-3 has no conv and no projection biases
+            del common[key]
+        return mamba_stack(arch="mamba3", mamba3=_mamba3_mixer(s, common["expand"] * d_model), **common)
     if layer == "Mamba1":
         dt_rank = s.get("dt_rank", "auto")
         return mamba_stack(
@@ -282,11 +394,14 @@ def config_from_dict(raw: dict, file: Path) -> ModelConfig:
     """The ``ModelConfig`` of a checkpoint's parsed ``config.json`` (``file``, for messages), from
     either dialect."""
     model_type = raw.get("model_type")
-    if model_type is not None and model_type not in _TRANSFORMERS_ARCHS:
-        raise CheckpointError(
-            f"{file}: unsupported model_type {model_type!r} (supported: {', '.join(map(repr, _TRANSFORMERS_ARCHS))})"
-        )
+    if model_type is None and "Mamba3ForCausalLM" in (raw.get("architectures") or []):
+        model_type = "mamba3"
+    if model_type is not None and model_type not in _TRANSFORMERS_ARCHS and model_type != "mamba3":
+        supported = [*_TRANSFORMERS_ARCHS, "mamba3"]
+        raise CheckpointError(f"{file}: unsupported model_type {model_type!r} (supported: {', '.join(map(repr, supported))})")
     try:
+        if model_type == "mamba3":
+            return _from_fla_mamba3(raw, file)
         if "hidden_size" not in raw and "d_model" in raw:
             return _from_mamba_ssm(raw, file)
         if model_type is None:

@@ -14,6 +14,8 @@ of the ``*_ref`` references in ``mamba_eval.kernels``:
 ``add_norm``               ``kernels.norm.add_rmsnorm_ref``
 ``gated_rmsnorm``          ``kernels.norm.gated_rmsnorm_ref``
 ``mamba1_decode``          ``kernels.mamba1_step.mamba1_decode_ref``
+``mamba3_scan``            ``kernels.mamba3.mamba3_scan_ref`` (reference only, in every backend)
+``mamba3_step``            ``kernels.mamba3.mamba3_step_ref`` (reference only, in every backend)
 ``linear``                 ``kernels.matmul.linear_ref`` (``F.linear``)
 ``step_linear``            ``kernels.matmul.linear_step_ref`` (``F.linear``)
 =========================  =====================================================
@@ -53,6 +55,8 @@ class Ops:
     add_norm: Callable
     gated_rmsnorm: Callable
     mamba1_decode: Callable
+    mamba3_scan: Callable
+    mamba3_step: Callable
     linear: Callable
     step_linear: Callable
     invariance: Invariance = Invariance()
@@ -74,9 +78,13 @@ _FUNCTIONS = {
     "add_norm": ("norm", "add_rmsnorm"),
     "gated_rmsnorm": ("norm", "gated_rmsnorm"),
     "mamba1_decode": ("mamba1_step", "mamba1_decode"),
+    "mamba3_scan": ("mamba3", "mamba3_scan"),
+    "mamba3_step": ("mamba3", "mamba3_step"),
     "linear": ("matmul", "linear"),
     "step_linear": ("matmul", "linear_step"),
 }
+# Operators that have no Triton kernel yet: every backend uses their reference.
+_REF_ONLY = ("mamba3_scan", "mamba3_step")
 # Kernels that take ``batch_invariant`` (their references accept and ignore it).
 _INVARIANT_FIELDS = ("selective_scan", "ssd_scan", "add_norm", "gated_rmsnorm")
 
@@ -88,6 +96,8 @@ def _build(name: str, suffix: str, invariance: Invariance) -> Ops:
         mod = importlib.import_module(f"mamba_eval.kernels.{module}")
         if field in ("linear", "step_linear") and not batch_invariant:
             suffix_ = "_ref"  # cuBLAS: fastest when invariance is not asked for
+        elif field in _REF_ONLY:
+            suffix_ = "_ref"
         else:
             suffix_ = suffix
         functions[field] = getattr(mod, function + suffix_)

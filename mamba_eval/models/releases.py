@@ -24,6 +24,25 @@ def _mamba2(d_model: int, n_layer: int, **extra) -> dict:
             "pad_vocab_size_multiple": 16, **extra}
 
 
+def _mamba3(d_model: int, n_layer: int, d_intermediate: int, mimo: bool) -> dict:
+    """The Mamba-3 releases (``state-spaces/mamba3-{siso,mimo}-*``): Llama-3.1 vocabulary, tied,
+    d_state 128, headdim 64, rope_fraction 0.5, a gated MLP per block; MIMO rank 4 with chunk 16.
+
+    The shapes are not published as config files we could read: those of 187m and 1.5b are the
+    third-party reproductions recorded in /work/shared/reference/facts.md (d_intermediate as
+    stored: 1264 and 3824 for MIMO, built as 1280 and 3840); 443m/444m and 893m/894m are derived
+    here as the (d_model, n_layer, d_intermediate) whose parameter count, computed from the
+    modules' definitions, rounds to the names (the Mamba-2 paper's 24-layer widths 1024 and
+    1536; SISO MLP width 2 d_model, MIMO's the multiple of 128 that brings it back to the SISO
+    count). ``tests/test_mamba3.py`` checks the counts."""
+    ssm_cfg = {"layer": "Mamba3", "d_state": 128, "headdim": 64, "rope_fraction": 0.5, "is_mimo": mimo,
+               "chunk_size": 16 if mimo else 64}
+    if mimo:
+        ssm_cfg["mimo_rank"] = 4
+    return {**_MAMBA_SSM, "d_model": d_model, "n_layer": n_layer, "d_intermediate": d_intermediate,
+            "vocab_size": 128256, "ssm_cfg": ssm_cfg, "pad_vocab_size_multiple": 16}
+
+
 #: ``config.json`` of each published checkpoint, by its name on the Hub (``state-spaces/<name>``
 #: for the mamba_ssm-format releases).
 RELEASES: dict[str, dict] = {
@@ -41,6 +60,14 @@ RELEASES: dict[str, dict] = {
         2560, 64, attn_layer_idx=[9, 18, 27, 36, 45, 56],
         attn_cfg={"causal": True, "d_conv": 4, "head_dim": 128, "num_heads": 30, "out_proj_bias": False,
                   "qkv_proj_bias": False, "rotary_emb_dim": 64}),
+    "mamba3-siso-187m": _mamba3(768, 12, 1536, mimo=False),
+    "mamba3-siso-443m": _mamba3(1024, 24, 2048, mimo=False),
+    "mamba3-siso-893m": _mamba3(1536, 24, 3072, mimo=False),
+    "mamba3-siso-1.5b": _mamba3(2048, 24, 4096, mimo=False),
+    "mamba3-mimo-187m": _mamba3(768, 12, 1264, mimo=True),
+    "mamba3-mimo-444m": _mamba3(1024, 24, 1792, mimo=True),
+    "mamba3-mimo-894m": _mamba3(1536, 24, 2816, mimo=True),
+    "mamba3-mimo-1.5b": _mamba3(2048, 24, 3824, mimo=True),
     "falcon-mamba-7b": {
         "architectures": ["FalconMambaForCausalLM"], "model_type": "falcon_mamba", "hidden_size": 4096,
         "num_hidden_layers": 64, "vocab_size": 65024, "state_size": 16, "conv_kernel": 4, "expand": 16,

@@ -14,7 +14,8 @@ preallocated buffers without knowing which mixer made them:
 ``zero_``           back to the state before any token, in place
 ==================  ==========================================================================
 
-:class:`SSMState` is the state of both Mamba mixers (conv window and SSM state);
+:class:`SSMState` is the state of the Mamba-1 and Mamba-2 mixers (conv window and SSM state),
+:class:`Mamba3State` that of the Mamba-3 mixer (angles, SSM state, previous key and input);
 ``mixers.attention.AttnState`` is the key/value cache of an attention layer.
 """
 
@@ -62,5 +63,49 @@ class SSMState:
         return self
 
 
-#: One state per layer, each an :class:`SSMState` or a ``mixers.attention.AttnState``.
+@dataclass
+class Mamba3State:
+    """The recurrent state of one Mamba-3 layer for a batch of sequences (``kernels/mamba3.py``).
+
+    ``angle``: the cumulative rotary angles θ ``[B, nheads, n_angles]``, fp32, in [0, 2π).
+    ``ssm``: the SSM state ``[B, nheads, headdim, d_state]``, fp32 unless allocated otherwise.
+    ``k``: the previous position's rotated keys (B + bias) ``[B, rank, nheads, d_state]``, fp32.
+    ``v``: the previous position's input x ``[B, nheads, headdim]``, model dtype.
+    ``k`` and ``v`` carry the trapezoid's share of the previous position into the next one.
+    """
+
+    angle: torch.Tensor
+    ssm: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def _parts(self):
+        return (self.angle, self.ssm, self.k, self.v)
+
+    @property
+    def batch_size(self) -> int:
+        return self.ssm.shape[0]
+
+    def index_select(self, idx: torch.Tensor | list[int]) -> Mamba3State:
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.ssm.device)
+        return Mamba3State(*(t.index_select(0, idx) for t in self._parts()))
+
+    def clone(self) -> Mamba3State:
+        return Mamba3State(*(t.clone() for t in self._parts()))
+
+    def copy_(self, other: Mamba3State) -> Mamba3State:
+        for mine, theirs in zip(self._parts(), other._parts()):
+            mine.copy_(theirs)
+        return self
+
+    def rows(self, n: int) -> Mamba3State:
+        return Mamba3State(*(t[:n] for t in self._parts()))
+
+    def zero_(self) -> Mamba3State:
+        for t in self._parts():
+            t.zero_()
+        return self
+
+
+#: One state per layer, each an :class:`SSMState`, a :class:`Mamba3State` or a ``mixers.attention.AttnState``.
 ModelState = list

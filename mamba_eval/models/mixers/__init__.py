@@ -29,11 +29,13 @@ from __future__ import annotations
 from mamba_eval.models.mixers.attention import Attention
 from mamba_eval.models.mixers.mamba1 import Mamba1Mixer
 from mamba_eval.models.mixers.mamba2 import Mamba2Mixer
+from mamba_eval.models.mixers.mamba3 import Mamba3Mixer
 
 #: Mixer class of each config ``kind``.
 MIXERS = {
     "mamba1": Mamba1Mixer,
     "mamba2": Mamba2Mixer,
+    "mamba3": Mamba3Mixer,
     "attention": Attention,
 }
 
