@@ -232,7 +232,7 @@ def test_missing_required_field(tmp_path, config, match):
 @pytest.mark.parametrize("extra, match", [
     ({"d_intermediate": -1}, "'d_intermediate'|must be non-negative"),
     ({"attn_layer_idx": [1]}, "'attn_cfg.num_heads'|is required but missing"),
-    ({"ssm_cfg": {"layer": "Mamba3"}}, "'ssm_cfg.layer'|'Mamba3'|not supported"),
+    ({"ssm_cfg": {"layer": "Mamba4"}}, "'ssm_cfg.layer'|'Mamba4'|not supported"),
     ({"ssm_cfg": {"layer": "Mamba2", "norm_before_gate": True}}, "'ssm_cfg.norm_before_gate'|not supported yet"),
     ({"ssm_cfg": {"d_state": 8, "d_sate": 4}}, "'ssm_cfg.d_sate'|not a known Mamba1 setting"),
     ({"ssm_cfg": {"d_state": "16"}}, "'ssm_cfg.d_state'|must be an integer"),
