@@ -303,7 +303,7 @@ def test_bad_runtime_arguments(checkpoint):
 
 
 # The state-spaces Mamba and Mamba-2 releases (mamba_ssm format, no attention layers; Mamba-3's are
-# tested in test_mamba3.py: transformers has no Mamba-3 class).
+# tested in test_mamba3_model.py: transformers has no Mamba-3 class).
 STATE_SPACES = [name for name, raw in RELEASES.items()
                 if "d_model" in raw and not raw["attn_layer_idx"] and raw["ssm_cfg"].get("layer") != "Mamba3"]
 

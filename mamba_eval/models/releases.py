@@ -34,7 +34,7 @@ def _mamba3(d_model: int, n_layer: int, d_intermediate: int, mimo: bool) -> dict
     here as the (d_model, n_layer, d_intermediate) whose parameter count, computed from the
     modules' definitions, rounds to the names (the Mamba-2 paper's 24-layer widths 1024 and
     1536; SISO MLP width 2 d_model, MIMO's the multiple of 128 that brings it back to the SISO
-    count). ``tests/test_mamba3.py`` checks the counts."""
+    count). ``tests/test_mamba3_model.py`` checks the counts."""
     ssm_cfg = {"layer": "Mamba3", "d_state": 128, "headdim": 64, "rope_fraction": 0.5, "is_mimo": mimo,
                "chunk_size": 16 if mimo else 64}
     if mimo:
