@@ -206,3 +206,23 @@ def data_dir():
 def tok_dir(data_dir):
     """The GPT-NeoX-20B tokenizer of the Mamba releases."""
     return data_dir / "tokenizers" / "gpt-neox-20b"
+
+
+@pytest.fixture(scope="session")
+def neox_checkpoint(tmp_path_factory):
+    """A tiny random Mamba-1 in transformers' format with the GPT-NeoX-20B vocabulary (50277
+    tokens padded to 50280 rows), for runs with the real tokenizer, ``--model hf`` beside
+    ``--model mamba``. Its embedding is spread and its LM head untied, so that what it generates
+    varies with the prompt (a tied random model mostly repeats the prompt's last token)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(vocab_size=50280, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                      residual_in_fp32=True, tie_word_embeddings=False,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = transformers.MambaForCausalLM(config)
+    with torch.no_grad():
+        model.backbone.embeddings.weight.normal_(0.0, 0.5)
+    folder = tmp_path_factory.mktemp("neox-checkpoint") / "model"
+    model.save_pretrained(folder)
+    return folder

@@ -99,6 +99,34 @@ def test_mamba_eval_run_reports_one_line(case, demo, tmp_path, capsys, monkeypat
     _one_line_error(status, capsys.readouterr().err, expected, output)
 
 
+GEN_KWARGS_CASES = {
+    "max_gen_toks zero": ({"max_gen_toks": 0}, "generation kwarg max_gen_toks=0: expected a positive integer"),
+    "until not strings": ({"until": [".", 3]},
+                          "generation kwarg until=['.', 3]: expected a string or a list of strings"),
+    "unsupported kwarg": ({"repetition_penalty": 1.2, "until": "."},
+                          "generation kwargs not supported by --model mamba: repetition_penalty (supported: until, "),
+    "no room for the prompt": ({"max_gen_toks": 64},
+                               "max_gen_toks=64 leaves no room for the prompt within max_length=64"),
+}
+
+
+@pytest.mark.parametrize("case", list(GEN_KWARGS_CASES))
+def test_bad_generation_kwargs(case, demo, tmp_path, capsys, monkeypatch):
+    """A generation task's bad gen_kwargs end the run with one line naming the task and the
+    key, before anything is generated (the checks themselves: test_generation.py)."""
+    from helpers_data import write_generation_task
+
+    monkeypatch.delenv("MAMBA_EVAL_DATA_DIR", raising=False)
+    gen_kwargs, expected = GEN_KWARGS_CASES[case]
+    tasks = write_generation_task(tmp_path / "tasks", "mamba_eval_test_bad_gen", ["The key is", "Once upon"],
+                                  gen_kwargs)
+    output = tmp_path / "results"
+    status = cli.main(["run", "--model_args", f"pretrained={demo['model']},max_length=64", "--tasks",
+                       "mamba_eval_test_bad_gen", "--include_path", str(tasks), "--device", "cpu",
+                       "--output_path", str(output)])
+    _one_line_error(status, capsys.readouterr().err, f"task mamba_eval_test_bad_gen: {expected}", output)
+
+
 def test_cuda_device_beyond_the_machines(demo, tmp_path, capsys, monkeypatch):
     """device=cuda:N past the machine's GPUs: one line before any CUDA call (which would fail
     with a traceback), on a machine with one GPU as far as the run can tell."""

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from helpers_data import require_data_dir
+from helpers_data import require_data_dir, write_generation_task
 from mamba_eval.harness.generation import SamplingParams, generate
 from mamba_eval.models.checkpoint import load_model
 
@@ -79,28 +79,9 @@ def test_generate_until_matches_hf_through_lm_eval(tmp_path):
 
     data = require_data_dir()
     rows = [json.loads(line) for line in (data / "hellaswag" / "hellaswag_val.jsonl").open()][:8]
-    task_dir = tmp_path / "tasks"
-    task_dir.mkdir()
-    (task_dir / "docs.jsonl").write_text("".join(json.dumps({"prompt": r["ctx"], "target": r["endings"][0]}) + "\n"
-                                                 for r in rows))
-    (task_dir / "gen.yaml").write_text(f"""task: mamba_eval_test_generate
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {task_dir / 'docs.jsonl'}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: [".", "\\n"]
-  max_gen_toks: 12
-  do_sample: false
-metric_list:
-  - metric: exact_match
-metadata:
-  version: 1
-""")
+    task_dir = write_generation_task(tmp_path / "tasks", "mamba_eval_test_generate", [r["ctx"] for r in rows],
+                                     {"until": [".", "\n"], "max_gen_toks": 12, "do_sample": False},
+                                     targets=[r["endings"][0] for r in rows])
     torch.manual_seed(0)
     cfg = transformers.MambaConfig(vocab_size=50280, hidden_size=64, num_hidden_layers=2, state_size=8,
                                    residual_in_fp32=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -119,6 +100,95 @@ metadata:
     assert len(outputs["mamba"]) == 8
     assert outputs["mamba"] == outputs["hf"]
     assert any(outputs["mamba"]), "every generation is empty: the comparison would prove nothing"
+
+
+BAD_GEN_KWARGS = [
+    ({"max_gen_toks": 0}, "max_gen_toks=0: expected a positive integer"),
+    ({"max_gen_toks": -3}, "max_gen_toks=-3: expected a positive integer"),
+    ({"max_gen_toks": 1.5}, "max_gen_toks=1.5: expected a positive integer"),
+    ({"max_new_tokens": "many"}, "max_new_tokens='many': expected a positive integer"),
+    ({"max_gen_toks": True}, "max_gen_toks=True: expected a positive integer"),
+    ({"until": 5}, "until=5: expected a string or a list of strings"),
+    ({"until": [".", ["\n"]]}, "until=['.', ['\\n']]: expected a string or a list of strings"),
+    ({"do_sample": "yes"}, "do_sample='yes': expected true or false"),
+    ({"temperature": "hot"}, "temperature='hot': expected a number >= 0"),
+    ({"temperature": -1}, "temperature=-1: expected a number >= 0"),
+    ({"top_p": 1.5}, "top_p=1.5: expected a number from 0 to 1"),
+    ({"top_k": -1}, "top_k=-1: expected an integer >= 0"),
+    ({"seed": "x"}, "seed='x': expected an integer"),
+    ({"num_beams": 4}, "num_beams=4: beam search is not implemented"),
+    ({"repetition_penalty": 1.2, "length_penalty": 1.0},
+     "generation kwargs not supported by --model mamba: length_penalty, repetition_penalty (supported: until, "),
+    ({"max_length": 64}, "not supported by --model mamba: max_length (supported: until, max_gen_toks, max_new_tokens, "
+                         "max_tokens, max_completion_tokens, do_sample, temperature, top_k, top_p, seed, num_beams); "
+                         "max_length: give the tokens to generate as max_gen_toks"),
+    ("until=.", "generation kwargs 'until=.': expected a mapping"),
+]
+
+
+@pytest.mark.parametrize("gen_kwargs, message", BAD_GEN_KWARGS, ids=[m.split(":")[0] for _, m in BAD_GEN_KWARGS])
+def test_bad_gen_kwargs_are_one_line(gen_kwargs, message):
+    from mamba_eval.errors import MambaEvalError
+    from mamba_eval.harness.generation import parse_gen_kwargs
+
+    with pytest.raises(MambaEvalError) as err:
+        parse_gen_kwargs(gen_kwargs, default_max_gen_toks=256, eos="<|endoftext|>", where="task t")
+    text = str(err.value)
+    assert text.startswith("task t: ") and message in text and "\n" not in text, text
+
+
+def test_gen_kwargs_read_as_lm_eval_reads_them():
+    """lm-eval's own normalisation (aliases of max_gen_toks, do_sample and temperature made
+    consistent, the EOS text among the stop strings); None is not given; num_beams=1 is what
+    the decoder does."""
+    from mamba_eval.harness.generation import GenerationSettings, SamplingParams, parse_gen_kwargs
+
+    def parse(**kwargs):
+        return parse_gen_kwargs(kwargs, default_max_gen_toks=256, eos="<E>")
+
+    assert parse() == GenerationSettings(["<E>"], 256, SamplingParams())
+    assert parse(until="\n\n", max_new_tokens=32, num_beams=1, top_p=None) == GenerationSettings(
+        ["\n\n", "<E>"], 32, SamplingParams())
+    assert parse(until=[".", "<E>"], max_gen_toks=8.0, max_tokens=99) == GenerationSettings(
+        [".", "<E>"], 8, SamplingParams())
+    assert parse(temperature=0.7, top_k=40, top_p=0.9, seed=3).params == SamplingParams(
+        do_sample=True, temperature=0.7, top_k=40, top_p=0.9, seed=3)
+    assert parse(do_sample=False, temperature=0.7).params.greedy
+
+
+@torch.inference_mode()
+def test_sampling_edge_values_stay_finite():
+    """A temperature so small that logits / temperature overflow, and top_p=0 (only the top
+    token, as in transformers), pick the argmax instead of failing on NaN probabilities (a
+    device-side assert on CUDA)."""
+    from mamba_eval.harness.generation import sample_next
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 10
+    generator = torch.Generator().manual_seed(1)
+    for params in (SamplingParams(do_sample=True, temperature=1e-40),
+                   SamplingParams(do_sample=True, temperature=1.0, top_p=0.0)):
+        assert torch.equal(sample_next(logits, params, generator), logits.argmax(dim=-1)), params
+
+
+def test_long_prompts_are_left_truncated_as_hf(neox_checkpoint, data_dir, tok_dir, caplog):
+    """A prompt longer than max_length - max_gen_toks keeps its last tokens, with a warning, and
+    the text generated equals lm-eval's ``hf`` model's at the same max_length."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from mamba_eval.harness.lm import MambaLM
+
+    rows = [json.loads(line) for line in (data_dir / "hellaswag" / "hellaswag_val.jsonl").open()][1:3]
+    requests = [Instance("generate_until", doc={}, idx=i, arguments=(r["ctx"], {"until": ["\n"], "max_gen_toks": 6}))
+                for i, r in enumerate(rows)]
+    args = dict(pretrained=str(neox_checkpoint), tokenizer=str(tok_dir), dtype="float32", device="cpu")
+    short = MambaLM(max_length=16, **args)
+    assert all(len(short.tok_encode(r["ctx"])) > 10 for r in rows)  # longer than the 10 tokens left
+    with caplog.at_level("WARNING", logger="mamba_eval.harness.lm"):
+        ours = short.generate_until(requests, disable_tqdm=True)
+    assert "2 prompt(s) longer than max_length 16 - max_gen_toks 6 were cut to their last 10 tokens" in caplog.text
+    assert short.generation_stats.prompt_tokens == 2 * 10  # what the model was given
+    assert ours == HFLM(max_length=16, **args).generate_until(requests, disable_tqdm=True)
 
 
 def _generate_reallocating(model, prompts, max_new_tokens, eos_id=None, is_stopped=None, batch_size=16):

@@ -46,6 +46,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from mamba_eval.errors import MambaEvalError
+from mamba_eval.harness.model_args import as_integer
 from mamba_eval.models.rows import can_share_padded_pass, padded_shape
 
 #: A prefill group of prompts of different lengths is cut before its padded area (rows x the
@@ -97,19 +99,107 @@ class SamplingParams:
         return not self.do_sample or self.temperature <= 0.0
 
 
+#: lm-eval's names for the number of tokens to generate, by priority (``normalize_gen_kwargs``).
+MAX_TOKENS_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+#: The generation kwargs ``--model mamba`` carries out. ``hf`` hands any other one to
+#: transformers' ``generate``; this decoder has no such options, so another key is an error
+#: rather than silently ignored.
+GEN_KWARGS = ("until", *MAX_TOKENS_KEYS, "do_sample", "temperature", "top_k", "top_p", "seed", "num_beams")
+_UNSUPPORTED_HINTS = {"max_length": "give the tokens to generate as max_gen_toks"}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """A ``generate_until`` request's ``gen_kwargs``, checked: the stop strings (the EOS text
+    among them, as lm-eval adds it), the most tokens to generate, and how tokens are picked."""
+
+    until: list[str]
+    max_gen_toks: int
+    params: SamplingParams
+
+
+def parse_gen_kwargs(gen_kwargs, *, default_max_gen_toks: int, eos: str | None, where: str = "") -> GenerationSettings:
+    """Check lm-eval's ``gen_kwargs`` of a ``generate_until`` request and read them as lm-eval's
+    own ``normalize_gen_kwargs`` and ``handle_stop_sequences`` do (``max_gen_toks`` also under
+    its aliases, ``do_sample`` and ``temperature`` made consistent, ``default_max_gen_toks``
+    when no count is given). A key given as None counts as not given.
+
+    Anything the decoder cannot carry out raises ``MambaEvalError`` in one line that names the
+    key (``where`` first, e.g. the task): a key outside :data:`GEN_KWARGS`, ``num_beams`` other
+    than 1, a token count that is not a positive integer, ``until`` not a string or a list of
+    strings, ``do_sample`` not a bool, ``temperature`` not a number >= 0, ``top_p`` not in
+    [0, 1], ``top_k`` not an integer >= 0, ``seed`` not an integer.
+    """
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+    prefix = f"{where}: " if where else ""
+    if not isinstance(gen_kwargs, dict):
+        raise MambaEvalError(f"{prefix}generation kwargs {gen_kwargs!r}: expected a mapping")
+    given = {key: value for key, value in gen_kwargs.items() if value is not None}
+    unknown = sorted(set(given) - set(GEN_KWARGS), key=str)
+    if unknown:
+        hints = "".join(f"; {key}: {_UNSUPPORTED_HINTS[key]}" for key in unknown if key in _UNSUPPORTED_HINTS)
+        raise MambaEvalError(f"{prefix}generation kwargs not supported by --model mamba: "
+                             f"{', '.join(map(str, unknown))} (supported: {', '.join(GEN_KWARGS)}){hints}")
+
+    def bad(key: str, expected: str) -> MambaEvalError:
+        return MambaEvalError(f"{prefix}generation kwarg {key}={given[key]!r}: {expected}")
+
+    def number(key: str, low: float, high: float = float("inf")) -> bool:
+        value = given.get(key)
+        return (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and low <= value <= high))
+
+    if as_integer(given.get("num_beams", 1)) != 1:
+        raise bad("num_beams", "beam search is not implemented (num_beams=1 only)")
+    given.pop("num_beams", None)  # one beam: what the decoder does
+    until = given.get("until")
+    if until is not None and not isinstance(until, str) and not (
+            isinstance(until, list) and all(isinstance(stop, str) for stop in until)):
+        raise bad("until", "expected a string or a list of strings")
+    for key in MAX_TOKENS_KEYS:
+        if key in given and (as_integer(given[key]) or 0) < 1:
+            raise bad(key, "expected a positive integer")
+    if not isinstance(given.get("do_sample", False), bool):
+        raise bad("do_sample", "expected true or false")
+    if not number("temperature", 0.0):
+        raise bad("temperature", "expected a number >= 0")
+    if not number("top_p", 0.0, 1.0):
+        raise bad("top_p", "expected a number from 0 to 1")
+    if "top_k" in given and (as_integer(given["top_k"]) is None or as_integer(given["top_k"]) < 0):
+        raise bad("top_k", "expected an integer >= 0 (0: no top-k cut)")
+    if "seed" in given and as_integer(given["seed"]) is None:
+        raise bad("seed", "expected an integer")
+
+    kwargs = normalize_gen_kwargs(given, default_max_gen_toks)
+    seed = kwargs.get("seed")
+    params = SamplingParams(
+        do_sample=kwargs["do_sample"],
+        temperature=float(kwargs.get("temperature", 0.0)),
+        top_k=as_integer(kwargs.get("top_k", 0)),
+        top_p=float(kwargs.get("top_p", 1.0)),
+        seed=None if seed is None else as_integer(seed),  # None: the global RNG, seeded by --seed
+    )
+    until = handle_stop_sequences(kwargs["until"], eos=eos)
+    return GenerationSettings(until=until, max_gen_toks=kwargs["max_gen_toks"], params=params)
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
     """Pick one token per row of ``logits`` [B, V] (fp32)."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Shifted so that the largest is 0: a tiny temperature then gives -inf, never inf - inf.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (keep at least one).
+        # Drop a token when the tokens ranked above it already reach top_p; the first is always
+        # kept (top_p=0 keeps only it, as in transformers).
         drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)

@@ -19,15 +19,11 @@ from typing import Any
 import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.models.utils import (
-    handle_stop_sequences,
-    normalize_gen_kwargs,
-    postprocess_generated_text,
-)
+from lm_eval.models.utils import postprocess_generated_text
 from tqdm import tqdm
 
-from mamba_eval.errors import ModelArgsError, install_cli_excepthook
-from mamba_eval.harness.generation import GenerateTimes, SamplingParams, generate, tail_stop_checker
+from mamba_eval.errors import MambaEvalError, ModelArgsError, install_cli_excepthook
+from mamba_eval.harness.generation import GenerateTimes, generate, parse_gen_kwargs, tail_stop_checker
 from mamba_eval.harness.engine import DEFAULT_CONTEXT_CHUNK, gc_paused, score_continuations, score_documents
 from mamba_eval.harness.model_args import (
     check_extra_keys,
@@ -408,35 +404,40 @@ class MambaLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """lm-eval's ``generate_until``: each request's prompt, left-truncated as ``hf`` does to
+        leave ``max_gen_toks`` tokens within ``max_length``, continued until a stop string, EOS
+        or ``max_gen_toks`` tokens; its gen_kwargs checked by ``generation.parse_gen_kwargs``."""
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
-            groups.setdefault(repr(sorted(req.args[1].items(), key=str)), []).append(i)
+            kwargs = req.args[1]
+            groups.setdefault(repr(sorted(kwargs.items(), key=str) if isinstance(kwargs, dict) else kwargs),
+                              []).append(i)
         results: list[str | None] = [None] * len(requests)
         batch = self.batch_size_arg if isinstance(self.batch_size_arg, int) else self.max_batch_size
         stats = GenerationStats()
         with self._progress(len(requests), "Running generate_until requests", disable_tqdm) as bar:
             for indices in groups.values():
-                gen_kwargs = requests[indices[0]].args[1]
-                kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-                max_gen = int(kwargs.pop("max_gen_toks"))
-                params = SamplingParams(
-                    do_sample=bool(kwargs.pop("do_sample", False)),
-                    temperature=float(kwargs.pop("temperature", 0.0) or 0.0),
-                    top_k=int(kwargs.pop("top_k", 0) or 0),
-                    top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
-                    seed=kwargs.pop("seed", None),  # None: the global RNG, seeded by --seed
-                )
-                if kwargs:
-                    log.warning("generation kwargs ignored by --model mamba: %s", sorted(kwargs))
+                first = requests[indices[0]]
+                task = getattr(first, "task_name", None)
+                settings = parse_gen_kwargs(first.args[1], default_max_gen_toks=self.max_gen_toks, eos=eos_text,
+                                            where=f"task {task}" if task else "")
+                until, max_gen = settings.until, settings.max_gen_toks
+                where = f"task {task}: " if task else ""
                 max_ctx = self.max_length - max_gen
                 if max_ctx < 1:
-                    raise ModelArgsError(
-                        f"max_gen_toks={max_gen} leaves no room for the prompt within max_length="
-                        f"{self.max_length}"
-                    )
-                prompts = [self.tok_encode(requests[i].args[0])[-max_ctx:] for i in indices]
+                    raise ModelArgsError(f"{where}max_gen_toks={max_gen} leaves no room for the prompt within "
+                                         f"max_length={self.max_length}")
+                prompts = [self.tok_encode(requests[i].args[0]) for i in indices]
+                if not all(prompts):
+                    raise MambaEvalError(f"{where}a prompt of no tokens: generation needs at least one token "
+                                         "to start from")
+                cut = sum(len(p) > max_ctx for p in prompts)
+                if cut:
+                    log.warning("generate_until: %d prompt(s) longer than max_length %d - max_gen_toks %d were cut "
+                                "to their last %d tokens, as lm-eval's hf model does",
+                                cut, self.max_length, max_gen, max_ctx)
+                    prompts = [p[-max_ctx:] for p in prompts]
                 stops = [s for s in until if s]
                 # Each step decodes only a tail of the generated tokens (same answer as the whole).
                 stopped = tail_stop_checker(
@@ -446,7 +447,7 @@ class MambaLM(TemplateLM):
                 start = time.perf_counter()
                 times = GenerateTimes()
                 outs = generate(
-                    self.model, prompts, max_new_tokens=max_gen, params=params,
+                    self.model, prompts, max_new_tokens=max_gen, params=settings.params,
                     eos_id=self.eot_token_id, is_stopped=stopped,
                     batch_size=batch, device=self._device, prefill_chunk=self.context_chunk,
                     state_dtype=self.decode_state_dtype, times=times,

@@ -84,7 +84,7 @@ def parse_bool(name: str, value) -> bool:
     raise ModelArgsError(f"{name}={value!r}: expected true or false")
 
 
-def _as_integer(value) -> int | None:
+def as_integer(value) -> int | None:
     """``value`` as an int when it is a whole number: an int, its text, or a float with no
     fractional part (lm-eval's parser turns ``1e3`` into 1000.0); None for anything else, bools
     included (lm-eval turns ``true`` into True, which ``int`` would take as 1)."""
@@ -99,7 +99,7 @@ def _as_integer(value) -> int | None:
 
 
 def parse_int(name: str, value) -> int:
-    number = _as_integer(value)
+    number = as_integer(value)
     if number is None:
         raise ModelArgsError(f"{name}={value!r}: expected an integer")
     return number
@@ -109,7 +109,7 @@ def parse_positive(name: str, value) -> int | None:
     """A positive integer, or None for None (the key not given)."""
     if value is None:
         return None
-    number = _as_integer(value)
+    number = as_integer(value)
     if number is None or number < 1:
         raise ModelArgsError(f"{name}={value!r}: expected a positive integer")
     return number
@@ -127,10 +127,10 @@ def parse_batch_size(value) -> int | str:
     if value is None:
         return 1
     text = str(value)
-    every = _as_integer(text[len("auto:"):]) if text.startswith("auto:") else None
+    every = as_integer(text[len("auto:"):]) if text.startswith("auto:") else None
     if text == "auto" or (every is not None and every >= 1):
         return "auto"
-    size = _as_integer(value)
+    size = as_integer(value)
     if size is None:
         raise ModelArgsError(f"batch_size={value!r}: expected an integer or 'auto'")
     if size < 1:
