@@ -209,6 +209,14 @@ def tok_dir(data_dir):
 
 
 @pytest.fixture(scope="session")
+def chat_tok_dir(tok_dir, tmp_path_factory):
+    """The GPT-NeoX-20B tokenizer with a chat template (``helpers_data.CHAT_TEMPLATE``)."""
+    from helpers_data import write_chat_tokenizer
+
+    return write_chat_tokenizer(tok_dir, tmp_path_factory.mktemp("chat-tokenizer") / "tokenizer")
+
+
+@pytest.fixture(scope="session")
 def neox_checkpoint(tmp_path_factory):
     """A tiny random Mamba-1 in transformers' format with the GPT-NeoX-20B vocabulary (50277
     tokens padded to 50280 rows), for runs with the real tokenizer, ``--model hf`` beside

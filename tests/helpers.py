@@ -1,6 +1,8 @@
-"""The one numerical-comparison helper of the test suite."""
+"""The comparison helpers of the test suite: tensors (one relative-error rule) and lm-eval runs."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -36,3 +38,30 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol_max: float =
             f"(max |a-e| = {diff.max().item():.3e} at {where}: actual {actual[where].item():.6g}, "
             f"expected {expected[where].item():.6g}; max |e| = {e.abs().max().item():.3e})"
         )
+
+
+def assert_same_lm_eval_run(ours: dict, theirs: dict, task: str, rtol: float = 1e-4) -> None:
+    """Two lm-eval runs of ``task`` (``simple_evaluate`` results with ``log_samples``, e.g.
+    ``--model mamba`` and ``--model hf``) agree sample by sample: the same documents and request
+    arguments (prompts), log-likelihoods within ``rtol`` (relative; absolute below 1) with the
+    same is_greedy, equal generated texts; and equal metrics (perplexities within ``rtol``)."""
+    r_ours, r_theirs = ours["results"][task], theirs["results"][task]
+    for key, value in r_theirs.items():
+        if key.endswith(",none") and "stderr" not in key and isinstance(value, float):
+            if "perplexity" in key or "bits_per_byte" in key:
+                assert math.isclose(r_ours[key], value, rel_tol=rtol), (task, key, r_ours[key], value)
+            else:
+                assert r_ours[key] == value, (task, key, r_ours[key], value)
+    s_ours, s_theirs = ours["samples"][task], theirs["samples"][task]
+    assert len(s_ours) == len(s_theirs) > 0
+    for a, b in zip(s_ours, s_theirs):
+        assert a["doc_id"] == b["doc_id"] and a["arguments"] == b["arguments"], (task, a["doc_id"])
+        for ra, rb in zip(a["resps"], b["resps"]):
+            va = ra[0][0] if isinstance(ra[0], (list, tuple)) else ra[0]
+            vb = rb[0][0] if isinstance(rb[0], (list, tuple)) else rb[0]
+            if isinstance(vb, str):  # generate_until
+                assert va == vb, (task, a["doc_id"], va, vb)
+                continue
+            assert abs(va - vb) <= rtol * max(1.0, abs(vb)), (task, a["doc_id"], va, vb)
+            if isinstance(ra[0], (list, tuple)):  # loglikelihood: is_greedy must agree too
+                assert ra[0][1] == rb[0][1], (task, a["doc_id"])

@@ -1,4 +1,5 @@
-"""Where the tests find real task data and the real tokenizer; small tasks made from them.
+"""Where the tests find real task data and the real tokenizer; small tasks and a chat tokenizer made
+from them.
 
 ``MAMBA_EVAL_DATA_DIR`` names the data folder (laid out as documented in tasks/README.md);
 it defaults to ``../shared/data`` beside the repository. Without it the tests that need it skip
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,22 @@ def require_data_dir() -> Path:
     if not (path / "tokenizers" / "gpt-neox-20b" / "tokenizer.json").is_file():
         pytest.skip(f"data folder not found: {path} (set MAMBA_EVAL_DATA_DIR)")
     return path
+
+
+#: A chat template in the plain style of instruct checkpoints: each message a turn ended by the EOS
+#: text, the assistant's turn opened on request.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def write_chat_tokenizer(tok_dir: Path, out_dir: Path, chat_template: str = CHAT_TEMPLATE) -> Path:
+    """A copy of the tokenizer folder ``tok_dir`` whose ``tokenizer_config.json`` carries
+    ``chat_template``, as an instruct checkpoint's does."""
+    shutil.copytree(tok_dir, out_dir)
+    config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
 
 
 def write_generation_task(folder: Path, name: str, prompts: list[str], generation_kwargs: dict,

@@ -127,6 +127,18 @@ def test_bad_generation_kwargs(case, demo, tmp_path, capsys, monkeypatch):
     _one_line_error(status, capsys.readouterr().err, f"task mamba_eval_test_bad_gen: {expected}", output)
 
 
+def test_chat_template_without_template(demo, tmp_path, capsys, monkeypatch):
+    """--apply_chat_template with a tokenizer that has no chat template (``hf`` fails with
+    transformers' traceback): one line that names the tokenizer."""
+    monkeypatch.delenv("MAMBA_EVAL_DATA_DIR", raising=False)
+    output = tmp_path / "results"
+    status = cli.main(["run", "--model_args", f"pretrained={demo['model']}", "--tasks", DEMO_TASK,
+                       "--include_path", str(demo["tasks"]), "--device", "cpu", "--limit", "2",
+                       "--apply_chat_template", "--output_path", str(output)])
+    _one_line_error(status, capsys.readouterr().err,
+                    f"--apply_chat_template: the tokenizer '{demo['model']}' has no chat template", output)
+
+
 def test_cuda_device_beyond_the_machines(demo, tmp_path, capsys, monkeypatch):
     """device=cuda:N past the machine's GPUs: one line before any CUDA call (which would fail
     with a traceback), on a machine with one GPU as far as the run can tell."""

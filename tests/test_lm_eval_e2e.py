@@ -7,12 +7,12 @@ random-init checkpoint must agree sample by sample.
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 import torch
 
+from helpers import assert_same_lm_eval_run
 from helpers_data import require_data_dir
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -65,26 +65,6 @@ def _run(model_name, ckpt, tok_dir, tasks, limit, include_path):
     )
 
 
-def _compare(ours, theirs, task):
-    r_ours, r_theirs = ours["results"][task], theirs["results"][task]
-    for key, value in r_theirs.items():
-        if key.endswith(",none") and "stderr" not in key and isinstance(value, float):
-            if "perplexity" in key or "bits_per_byte" in key or "byte_perplexity" in key:
-                assert math.isclose(r_ours[key], value, rel_tol=1e-4), (task, key, r_ours[key], value)
-            else:
-                assert r_ours[key] == value, (task, key, r_ours[key], value)
-    s_ours, s_theirs = ours["samples"][task], theirs["samples"][task]
-    assert len(s_ours) == len(s_theirs) > 0
-    for a, b in zip(s_ours, s_theirs):
-        assert a["doc_id"] == b["doc_id"]
-        for ra, rb in zip(a["resps"], b["resps"]):
-            va = ra[0][0] if isinstance(ra[0], (list, tuple)) else ra[0]
-            vb = rb[0][0] if isinstance(rb[0], (list, tuple)) else rb[0]
-            assert abs(va - vb) <= 1e-4 * max(1.0, abs(vb)), (task, a["doc_id"], va, vb)
-            if isinstance(ra[0], (list, tuple)):  # loglikelihood: is_greedy must agree too
-                assert ra[0][1] == rb[0][1], (task, a["doc_id"])
-
-
 @pytest.mark.parametrize(
     "arch,tasks,limit",
     [
@@ -104,4 +84,4 @@ def test_mamba_equals_hf(tmp_path, offline_tasks, arch, tasks, limit):
     ours = _run("mamba", ckpt, tok_dir, tasks, limit, offline_tasks)
     theirs = _run("hf", ckpt, tok_dir, tasks, limit, offline_tasks)
     for task in tasks:
-        _compare(ours, theirs, task)
+        assert_same_lm_eval_run(ours, theirs, task)

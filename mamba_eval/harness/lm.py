@@ -220,7 +220,6 @@ class MambaLM(TemplateLM):
         )
         self.model.eval()
         self.tokenizer = load_tokenizer(tokenizer, path, revision)
-        self.tok = BatchTokenizer(self.tokenizer, add_special_tokens=self.add_bos_token)
         vocab_rows = self.model.config.vocab_size
         if len(self.tokenizer) > vocab_rows:
             raise ModelArgsError(
@@ -230,6 +229,9 @@ class MambaLM(TemplateLM):
         prefix = self.custom_prefix_token_id
         if prefix is not None and not 0 <= prefix < vocab_rows:
             raise ModelArgsError(f"prefix_token_id={prefix}: not a token id of this model (0 to {vocab_rows - 1})")
+        prefix = self.prefix_token_id
+        self.tok = BatchTokenizer(self.tokenizer, add_special_tokens=self.add_bos_token,
+                                  bos_text=None if prefix is None else self.tokenizer.decode([prefix]))
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> MambaLM:
@@ -334,6 +336,11 @@ class MambaLM(TemplateLM):
         """lm-eval's (context tokens, continuation tokens) of each (context, continuation) pair,
         for all pairs at once (``BatchTokenizer.encode_pairs``)."""
         return self.tok.encode_pairs(pairs, self.prefix_token_id)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """A chat rendered by the tokenizer's chat template, as ``hf`` renders it
+        (``BatchTokenizer.apply_chat_template``); lm-eval calls it under ``--apply_chat_template``."""
+        return self.tok.apply_chat_template(chat_history, add_generation_prompt)
 
     # -- requests ---------------------------------------------------------------------------------
     def _progress(self, total: int, desc: str, disable: bool) -> _ProgressBar:

@@ -5,7 +5,8 @@ strings at once.
 ``tok_encode``; ``encode_many`` gives the same ids for a list of strings in one call of the Rust
 tokenizer (in threads over slices); ``encode_pairs`` makes lm-eval's (context, continuation)
 token pairs of ``TemplateLM.loglikelihood`` with two or three such calls for all requests instead
-of two calls per request. No lm-eval import: the rules it follows are restated where used.
+of two calls per request; ``apply_chat_template`` renders a chat as lm-eval's ``hf`` model does
+(``--apply_chat_template``). No lm-eval import: the rules it follows are restated where used.
 
 (Named ``tokenization``, not ``tokenize``: a script run from this folder would otherwise shadow
 the standard library's ``tokenize``, which ``inspect`` and ``linecache`` import.)
@@ -14,9 +15,12 @@ the standard library's ``tokenize``, which ``inspect`` and ``linecache`` import.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
-from mamba_eval.errors import MambaEvalError, ModelArgsError
+from mamba_eval.errors import MambaEvalError, ModelArgsError, one_line
+
+log = logging.getLogger(__name__)
 
 #: The tokenizer of the Mamba releases, used when a checkpoint carries none (mamba_ssm format).
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
@@ -69,41 +73,91 @@ class BatchTokenizer:
     """A Hugging Face tokenizer (``.tokenizer``) that encodes many strings at once.
 
     ``add_special_tokens`` is the default for every call (lm-eval's ``add_bos_token``): None
-    leaves it to the tokenizer. Each call's ``add_special_tokens`` overrides it."""
+    leaves it to the tokenizer. Each call's ``add_special_tokens`` overrides it.
 
-    def __init__(self, tokenizer, add_special_tokens: bool | None = None):
+    ``bos_text``: the text of the token lm-eval's ``hf`` model puts before a document (the
+    decoded ``prefix_token_id``). A string that already starts with it gets no special tokens
+    when the call leaves ``add_special_tokens`` unset, as in ``hf``'s ``tok_encode``: a chat
+    template that writes the BOS token itself (``{{ bos_token }}...``) must not get a second one
+    from a tokenizer that adds it."""
+
+    def __init__(self, tokenizer, add_special_tokens: bool | None = None, bos_text: str | None = None):
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
+        self.bos_text = bos_text or None
         self._encoders: dict[bool, object] = {}  # per add_special_tokens: the backend's batch encoder
         self._splits: bool | None = None
 
-    def _special_tokens_kwargs(self, add_special_tokens: bool | None) -> dict:
+    def _special_tokens_kwargs(self, add_special_tokens: bool | None, text: str | None = None) -> dict:
         if add_special_tokens is not None:
             return {"add_special_tokens": add_special_tokens}
+        if text is not None and self.bos_text is not None and text.startswith(self.bos_text):
+            return {"add_special_tokens": False}
         if self.add_special_tokens is not None:
             return {"add_special_tokens": self.add_special_tokens}
         return {}
 
     def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
         """The ids of one string (lm-eval's ``tok_encode``)."""
-        return self.tokenizer.encode(text, **self._special_tokens_kwargs(add_special_tokens))
+        return self.tokenizer.encode(text, **self._special_tokens_kwargs(add_special_tokens, text))
 
     def decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def encode_many(self, texts: list[str], add_special_tokens: bool | None = None) -> list[list[int]]:
-        """:meth:`encode` of each string, in one call of the fast tokenizer (each distinct string once)."""
-        unique = list(dict.fromkeys(texts))
-        if not unique:
-            return []
-        kwargs = self._special_tokens_kwargs(add_special_tokens)
-        backend = self._backend_encoder(kwargs)
-        if backend is not None:
-            ids = _encode_in_threads(backend, unique)
-        else:
-            ids = self.tokenizer(unique, return_attention_mask=False, **kwargs)["input_ids"]
-        table = dict(zip(unique, ids))
+        """:meth:`encode` of each string, in one call of the fast tokenizer per setting of special
+        tokens (each distinct string once)."""
+        groups: dict[bool | None, list[str]] = {}
+        for text in dict.fromkeys(texts):
+            kwargs = self._special_tokens_kwargs(add_special_tokens, text)
+            groups.setdefault(kwargs.get("add_special_tokens"), []).append(text)
+        table: dict[str, list[int]] = {}
+        for special, unique in groups.items():
+            kwargs = {} if special is None else {"add_special_tokens": special}
+            backend = self._backend_encoder(kwargs)
+            if backend is not None:
+                ids = _encode_in_threads(backend, unique)
+            else:
+                ids = self.tokenizer(unique, return_attention_mask=False, **kwargs)["input_ids"]
+            table.update(zip(unique, ids))
         return [table[s] for s in texts]
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text of a chat (lm-eval's ``apply_chat_template``), rendered as lm-eval's
+        ``hf`` model renders it: the tokenizer's chat template, untokenised, with the
+        assistant's turn opened (``add_generation_prompt``) or else the last message left open
+        to be continued. A template that fails with a template error (many refuse the system
+        role) is rendered again without the system messages, with a warning, as ``hf`` does.
+
+        A tokenizer without a chat template, a template that fails without the system messages
+        too, or a chat transformers refuses (several templates and none named ``default``, say)
+        raises ``MambaEvalError`` (``hf`` ends with transformers' traceback)."""
+        import jinja2
+
+        name = self.tokenizer.name_or_path
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise MambaEvalError(
+                f"--apply_chat_template: the tokenizer {name!r} has no chat template (instruct checkpoints "
+                "carry one in tokenizer_config.json; choose such a tokenizer with model_args tokenizer=...)")
+
+        def render(messages):
+            try:
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                    continue_final_message=not add_generation_prompt)
+            except ValueError as err:  # transformers' checks of the templates and the chat
+                raise MambaEvalError(f"--apply_chat_template: tokenizer {name!r}: {one_line(err)}") from None
+
+        try:
+            return render(chat_history)
+        except jinja2.exceptions.TemplateError as err:
+            log.warning("the chat template of tokenizer %r failed (%s); rendering the chat without its system "
+                        "messages, as lm-eval's hf model does", name, err)
+        try:
+            return render([message for message in chat_history if message["role"] != "system"])
+        except jinja2.exceptions.TemplateError as err:
+            raise MambaEvalError(f"--apply_chat_template: the chat template of tokenizer {name!r} failed: "
+                                 f"{one_line(err)}") from None
 
     def _backend_encoder(self, kwargs: dict):
         """The Rust tokenizer's ``encode_batch`` behind a fast tokenizer (``encode_batch_fast``
