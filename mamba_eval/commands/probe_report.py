@@ -13,7 +13,7 @@ from mamba_eval.harness.probe_common import length_name, parse_length
 from mamba_eval.harness.probe_passkey import PASSKEY_CANDIDATES, depth_label
 from mamba_eval.utils import atomic_write, atomic_write_json
 
-__all__ = ["gib", "ok_tasks", "resource_table", "result_table", "write_outputs"]
+__all__ = ["figures", "gib", "ok_tasks", "resource_table", "result_table", "write_outputs"]
 
 
 def gib(n: int | None) -> str:
@@ -213,8 +213,10 @@ def _csv(results: dict) -> str:
     return csv_table(head, [[text(v) for v in row] for row in rows])
 
 
-def _plots(out: Path, results: dict) -> list[str]:
-    """Write the PNG plots; returns their file names (relative to ``out``)."""
+def figures(results: dict) -> dict:
+    """The report's plots as matplotlib figures, by file name: accuracy (or loss) vs length
+    (``accuracy_vs_length.png`` or ``loss_vs_position.png``), when a task finished, and
+    ``memory_time_vs_length.png``, when any ran. The caller closes them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,17 +224,21 @@ def _plots(out: Path, results: dict) -> list[str]:
 
     family, tasks = results["family"], results["tasks"]
     ok = ok_tasks(tasks)
-    files = []
+    out = {}
     if ok:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         if family == "ppl":
+            mids = []
             for t in ok:
                 points = sorted(
                     (_bucket_mid(m), v) for m, v in t["metrics"].items()
                     if m.startswith("loss_") and not m.endswith("_stderr") and isinstance(v, (int, float))
                 )
+                mids += [p for p, _ in points]
                 ax.plot([p for p, _ in points], [v for _, v in points], marker="o", label=f"window {_length_label(t['length'])}")
-            ax.set_xscale("log", base=2)
+            if mids:
+                low, high = math.floor(math.log2(min(mids))), math.ceil(math.log2(max(mids)))
+                _log2_axis(ax, [2 ** k for k in range(low, high + 1)])
             ax.set_xlabel("position in the window (tokens, bucket middle)")
             ax.set_ylabel("loss (nats/token)")
             ax.set_title("Loss by position")
@@ -240,11 +246,11 @@ def _plots(out: Path, results: dict) -> list[str]:
         else:
             metric = _main_metric(family)
             series: dict[str, list[tuple[int, float]]] = {}
+            pairs_of: dict[str, int] = {}  # MQAR series -> pair count
             if family == "mqar":
                 for t in ok:
+                    pairs_of[f"{t['pairs']} pairs"] = t["pairs"]
                     series.setdefault(f"{t['pairs']} pairs", []).append((t["length"], t["metrics"].get(metric)))
-                for p in sorted({t["pairs"] for t in ok}):
-                    ax.axhline(1 / p, linestyle=":", linewidth=0.8, color="gray")
             else:
                 for t in ok:
                     series.setdefault("all depths", []).append((t["length"], t["metrics"].get(metric)))
@@ -253,9 +259,16 @@ def _plots(out: Path, results: dict) -> list[str]:
                             (t["length"], t["metrics"].get(f"{metric}_depth_{depth_label(d)}")))
             for label, points in series.items():
                 points = [(x, y) for x, y in points if isinstance(y, (int, float))]
-                ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label,
-                        linewidth=2.5 if label == "all depths" else 1.2)
-            ax.set_xscale("log", base=2)
+                (line,) = ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label,
+                                  linewidth=2.5 if label == "all depths" else 1.2)
+                if label in pairs_of:  # "one of the P values seen", in the colour of its pair count
+                    p = pairs_of[label]
+                    ax.axhline(1 / p, linestyle=":", linewidth=1, color=line.get_color(),
+                               label=f"chance, {p} pairs (1/{p})")
+            if family == "passkey":
+                ax.axhline(1 / PASSKEY_CANDIDATES, linestyle=":", linewidth=1, color="gray",
+                           label=f"chance (1/{PASSKEY_CANDIDATES} candidates)")
+            _log2_axis(ax, [t["length"] for t in ok])
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel(metric)
@@ -264,34 +277,75 @@ def _plots(out: Path, results: dict) -> list[str]:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        _save_fig(fig, out / name)
-        plt.close(fig)
-        files.append(name)
+        out[name] = fig
     if tasks:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.3))
         by_length: dict[int, dict] = {}
         for t in tasks:  # the largest figure per length (several MQAR pair counts share a length)
             cur = by_length.setdefault(t["length"], {"mem": 0, "time": 0.0})
             cur["mem"] = max(cur["mem"], t["peak_memory"]["peak_bytes"] or 0)
             cur["time"] = max(cur["time"], t["eval_seconds"])
+        pairs = sorted({t["pairs"] for t in tasks if t["pairs"] is not None})
+        several = len(pairs) > 1
         xs = sorted(by_length)
         ax1.plot(xs, [by_length[x]["mem"] / 2 ** 30 for x in xs], marker="o")
-        ax1.set_xscale("log", base=2)
         ax1.set_ylim(bottom=0)
-        ax1.set_xlabel("context length (tokens)")
-        ax1.set_ylabel("peak memory (GiB)")
+        ax1.set_ylabel("peak memory (GiB)" + (", max over pair counts" if several else ""))
         ax1.set_title(tasks[0]["peak_memory"]["kind"], fontsize=9)
         ax2.plot(xs, [by_length[x]["time"] for x in xs], marker="o")
-        ax2.set_xscale("log", base=2)
         ax2.set_yscale("log")
-        ax2.set_xlabel("context length (tokens)")
-        ax2.set_ylabel("evaluation time per task (s)")
+        _plain_log_ticks(ax2.yaxis)
+        ax2.set_ylabel("evaluation time (s)" + (", slowest pair count" if several else ""))
         for a in (ax1, ax2):
+            _log2_axis(a, xs)
+            a.set_xlabel("context length (tokens)")
             a.grid(True, alpha=0.3)
+        fig.suptitle("Peak memory and evaluation time per length"
+                     + (f": the maximum over the {', '.join(map(str, pairs))} pair tasks of each length"
+                        if several else ""), fontsize=10)
         fig.tight_layout()
-        _save_fig(fig, out / "memory_time_vs_length.png")
+        out["memory_time_vs_length.png"] = fig
+    return out
+
+
+def _tick_label(x: float) -> str:
+    """256, 1K, 4K, 16K, 1M (binary K and M), else the number."""
+    n = int(round(x))
+    return length_name(n).upper() if n > 0 and abs(x - n) < 1e-6 else f"{x:g}"
+
+
+def _log2_axis(ax, ticks) -> None:
+    """A base-2 log x axis with ticks at ``ticks`` (thinned to at most 8), labelled by
+    :func:`_tick_label`, and no minor ticks: matplotlib's default labels them 2^8, 2^10, ..."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ticks = sorted(set(ticks))
+    ticks = ticks[::math.ceil(len(ticks) / 8)] if ticks else ticks
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _tick_label(x)))
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _plain_log_ticks(axis) -> None:
+    """Ticks at 1, 2 and 5 times the powers of ten, labelled 0.5, 1, 20 (not 10^0 and unlabelled
+    minor ticks)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}"))
+    axis.set_minor_locator(NullLocator())
+
+
+def _plots(out: Path, results: dict) -> list[str]:
+    """Write the PNG plots; returns their file names (relative to ``out``)."""
+    import matplotlib.pyplot as plt
+
+    files = []
+    for name, fig in figures(results).items():
+        _save_fig(fig, out / name)
         plt.close(fig)
-        files.append("memory_time_vs_length.png")
+        files.append(name)
     return files
 
 
