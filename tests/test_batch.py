@@ -17,6 +17,7 @@ import pytest
 
 from helpers_data import require_data_dir
 from mamba_eval.commands import batch
+from mamba_eval.errors import MambaEvalError
 
 SCRIPT = Path(sys.executable).parent / "mamba-eval"
 VOCAB_ROWS = 50280  # GPT-NeoX-20B's 50277 tokens padded to a multiple of 8
@@ -42,9 +43,9 @@ def ckpts(tmp_path_factory):
     return [_tiny_checkpoint(root / "run1" / "model", 1), _tiny_checkpoint(root / "run2" / "model", 2)]
 
 
-def _batch_args(out: Path, *extra: str) -> list[str]:
+def _batch_args(out: Path, *extra: str, tokenizer: Path | None = None) -> list[str]:
     data = require_data_dir()
-    tokenizer = data / "tokenizers" / "gpt-neox-20b"
+    tokenizer = tokenizer or data / "tokenizers" / "gpt-neox-20b"
     return [str(SCRIPT), "batch", "--output", str(out), "--data-dir", str(data), "--gpus", "none",
             "--model_args", f"tokenizer={tokenizer},dtype=float32", "--limit", "4", "--batch_size", "4",
             "--device", "cpu", *extra]
@@ -171,6 +172,36 @@ def test_submitit_local_executor_with_a_failing_checkpoint(tmp_path, ckpts):
                            lm_eval_args=["--limit", "4", "--batch_size", "4", "--device", "cpu"],
                            stream=open(os.devnull, "w"))
     assert sorted(plan.states.values()) == ["done", "pending"]
+
+
+def test_chat_template_flags_reach_the_worker(tmp_path, ckpts, chat_tok_dir):
+    """--apply_chat_template, --fewshot_as_multiturn and --system_instruction pass through to the
+    evaluation process, whose prompts are rendered with the tokenizer's chat template; they are
+    among the recorded settings, so a result made without them is stale for a run with them."""
+    out = tmp_path / "out"
+    chat = ["--apply_chat_template", "--fewshot_as_multiturn", "--system_instruction", "Be brief."]
+    proc = subprocess.run(_batch_args(out, "--checkpoints", str(ckpts[0]), "--tasks", "arc_easy", "--num_fewshot", "1",
+                                      "--log_samples", *chat, tokenizer=chat_tok_dir),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    result = json.loads((folder / "arc_easy.json").read_text())
+    assert result[batch.RESULT_KEY]["settings"] == {"apply_chat_template": True, "limit": 4.0, "num_fewshot": 1,
+                                                    "system_instruction": "Be brief."}
+    assert result["config"]["model"] == "mamba" and result["n-samples"]["arc_easy"]["effective"] == 4
+    rows = [json.loads(line) for line in (folder / "arc_easy.samples.jsonl").read_text().splitlines()]
+    prompt = rows[0]["arguments"]["gen_args_0"]["arg_0"]
+    assert prompt.startswith("<|system|>\nBe brief.<|endoftext|>\n<|user|>\n") and prompt.count("<|user|>") == 2
+
+    plain = dict(model_args={"tokenizer": str(chat_tok_dir), "dtype": "float32"}, dry_run=True,
+                 data_dir=str(require_data_dir()), stream=open(os.devnull, "w"))
+    again = batch.run_batch(batch.expand_checkpoints([ckpts[0]]), ["arc_easy"], out,
+                            lm_eval_args=["--limit", "4", "--num_fewshot", "1", "--apply_chat_template",
+                                          "--system_instruction", "Be brief."], **plain)
+    assert list(again.states.values()) == ["done"]  # --fewshot_as_multiturn is the default with a template
+    with pytest.raises(MambaEvalError, match="made with other settings: .*apply_chat_template: True -> None"):
+        batch.run_batch(batch.expand_checkpoints([ckpts[0]]), ["arc_easy"], out,
+                        lm_eval_args=["--limit", "4", "--num_fewshot", "1"], **plain)
 
 
 def test_worker_saves_with_lm_eval_tracker(tmp_path):

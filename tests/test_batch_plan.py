@@ -75,9 +75,27 @@ def test_lm_eval_flags_are_checked_and_recorded(tmp_path):
     job = batch.plan_jobs(ckpts, ["piqa"], tmp_path, lm_eval_args=["--limit", "4", "--batch_size", "8"])[0]
     assert job.settings == {"limit": 4.0}  # the batch size does not change results
     for args, message in [(["--frobnicate"], "unrecognized arguments"), (["--output_path", "x"], "use --output"),
-                          (["--limit", "many"], "lm-eval argument")]:
+                          (["--limit", "many"], "lm-eval argument"),
+                          (["--fewshot_as_multiturn"], "--fewshot_as_multiturn needs --apply_chat_template")]:
         with pytest.raises(MambaEvalError, match=message):
             batch.plan_jobs(ckpts, ["piqa"], tmp_path, lm_eval_args=args)
+
+
+def test_chat_settings_are_recorded_as_lm_eval_applies_them(tmp_path):
+    """Chat-template flags change results, so they are settings; --fewshot_as_multiturn only
+    where it differs from lm-eval's default for the run (true exactly with a chat template)."""
+    ckpts = [batch.Checkpoint("state-spaces/mamba-130m")]
+
+    def settings(*args):
+        return batch.plan_jobs(ckpts, ["piqa"], tmp_path, lm_eval_args=list(args))[0].settings
+
+    chat = {"apply_chat_template": True}
+    assert settings("--apply_chat_template") == settings("--apply_chat_template", "--fewshot_as_multiturn") == chat
+    assert settings("--apply_chat_template", "--fewshot_as_multiturn", "false") == {
+        **chat, "fewshot_as_multiturn": False}
+    assert settings("--fewshot_as_multiturn", "false") == {}
+    assert settings("--apply_chat_template", "chatml") == {"apply_chat_template": "chatml"}
+    assert settings("--system_instruction", "Be brief.") == {"system_instruction": "Be brief."}
     with pytest.raises(MambaEvalError, match="batch takes task names"):
         batch.plan_jobs(ckpts, ["my/task.yaml"], tmp_path)
     with pytest.raises(MambaEvalError, match="must not set 'pretrained'"):

@@ -273,6 +273,13 @@ def _lm_eval_settings(lm_eval_args) -> tuple[dict, str | None]:
             raise MambaEvalError(f"lm-eval's --{dest} cannot be used with batch ({why})")
     settings = {k: _jsonable(v) for k, v in sorted(values.items())
                 if k not in _NO_EFFECT and v != defaults.get(k, None)}
+    # lm-eval's rule (EvaluatorConfig): few-shot examples are turns of the chat exactly when a
+    # chat template is applied, unless --fewshot_as_multiturn says otherwise; true needs one.
+    chat = bool(settings.get("apply_chat_template"))
+    if settings.get("fewshot_as_multiturn") is True and not chat:
+        raise MambaEvalError("lm-eval's --fewshot_as_multiturn needs --apply_chat_template")
+    if settings.get("fewshot_as_multiturn") == chat:  # the default spelt out: the same results
+        del settings["fewshot_as_multiturn"]
     return settings, values.get("include_path")
 
 
