@@ -1,20 +1,41 @@
-"""The probe model (mamba_eval/commands/probe_model.py): autograd through the reference ops, the word
-tokenizer, and a short training run that clearly beats chance, checked through lm-eval's own
-MQAR task at the training length."""
+"""The probe model (mamba_eval/commands/probe_model.py): autograd through the reference ops, and the
+model shipped in the package: data files only, the settings and first training steps of the code
+that trains it (scripts/train_probe_model.py), the held-out accuracy its record states, the
+default of ``mamba-eval probe``, and part of the wheel.
+
+Full retraining (4-5 minutes) is ``python scripts/train_probe_model.py --check``, not a test."""
 
 from __future__ import annotations
 
+import configparser
 import json
 import math
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-from mamba_eval.commands.probe_model import TrainConfig, default_probe_model, evaluate_recall, train_probe_model
+from helpers import assert_close
 
+from mamba_eval.commands.probe_model import (
+    RECORD_FILE,
+    SHIPPED_DIR,
+    TRAIN_VERSION,
+    TrainConfig,
+    build_tokenizer,
+    default_probe_model,
+    evaluate_recall,
+    model_config,
+    train,
+)
 
 # Many small forwards: one intra-op thread (fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+#: Training steps the prefix test replays (the first 300 steps are short sequences: about 5 s).
+PREFIX_STEPS = 30
 
 
 def _tiny(arch: str):
@@ -53,57 +74,91 @@ def test_autograd_runs_through_the_reference_ops(arch):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A short training run: 400 steps at 64 tokens, 1-4 pairs, constant learning rate, one thread
-    (about 25 s; seeds 0-3 reached 0.87-0.99 at 2 pairs and 0.62-0.86 at 4 pairs)."""
-    out = tmp_path_factory.mktemp("probe_model")
-    config = TrainConfig(steps=400, warm_steps=0, length=64, max_pairs=4, batch_size=32, cosine=False, threads=1,
-                         eval_samples=200, eval_pairs=(2, 4))
-    record = train_probe_model(out, config, log=None)
-    return out, record
+def record() -> dict:
+    return json.loads((SHIPPED_DIR / RECORD_FILE).read_text())
 
 
-def test_short_training_beats_chance_clearly(trained):
-    out, record = trained
-    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
-    assert json.loads((out / "probe_model.json").read_text()) == json.loads(json.dumps(record))
-    acc = record["heldout_accuracy_at_train_length"]
-    # Chance: 1/90 for a uniform guess over the values, 1/P for "one of the P values seen earlier";
-    # with 200 samples one binomial standard deviation is at most 0.035.
-    assert acc["2"] > 0.75 and acc["4"] > 0.45, record
+def test_shipped_model_is_data_files_of_this_code(record, tmp_path):
+    """JSON and safetensors only (nothing a loader could execute), the config and tokenizer this
+    code writes, and a record of this code's training version and default settings."""
+    names = {p.name for p in SHIPPED_DIR.iterdir()}
+    assert names == {"config.json", "model.safetensors", RECORD_FILE, *TOKENIZER_FILES}
+    assert sum(p.stat().st_size for p in SHIPPED_DIR.iterdir()) < 2 ** 20
+    assert json.loads((SHIPPED_DIR / "config.json").read_text()) == model_config()
+    build_tokenizer(tmp_path)
+    for name in TOKENIZER_FILES:
+        assert (SHIPPED_DIR / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    assert record["train_version"] == TRAIN_VERSION
+    assert record["config"] == TrainConfig().as_dict()
+    assert len(record["losses"]) == record["config"]["steps"]
 
 
-def test_trained_checkpoint_scores_through_lm_eval(trained, tmp_path):
-    """The saved folder is a normal checkpoint: --model mamba loads it with its own tokenizer, and
-    the mamba_mqar task at the training length gives what the direct evaluation gives."""
+def test_first_training_steps_are_those_of_the_shipped_run(record):
+    """The script's training, replayed for its first steps, gives the recorded losses: data, model,
+    initialisation, optimiser and schedule are still those that trained the shipped weights. (On
+    the torch and processor of the record the losses are identical; elsewhere rounding may differ
+    in the last bits.)"""
+    _, losses = train(TrainConfig(), steps=PREFIX_STEPS)
+    assert len(losses) == PREFIX_STEPS
+    assert_close(torch.tensor(losses, dtype=torch.float64),
+                 torch.tensor(record["losses"][:PREFIX_STEPS], dtype=torch.float64), rtol_max=1e-4,
+                 name="first training losses")
+
+
+def test_shipped_model_reaches_its_recorded_accuracy(record, monkeypatch):
+    """Loaded without unpickling anything, the shipped weights give the held-out accuracy the
+    record states (the script's own evaluation), clearly above chance."""
     from mamba_eval.models.checkpoint import load_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the probe model must load without unpickling")
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(module, name, refuse)
+    model = load_model(SHIPPED_DIR)
+    config, samples = record["config"], record["heldout_samples"]
+    for pairs, recorded in record["heldout_accuracy_at_train_length"].items():
+        acc = evaluate_recall(model, config["length"], int(pairs), samples, seed=config["seed"])
+        assert abs(acc - recorded) <= 2 / samples, (pairs, acc, recorded)  # an argmax tie may round either way
+        chance = 1 / int(pairs)
+        assert acc > chance + 4 * math.sqrt(chance * (1 - chance) / samples), (pairs, acc)
+
+
+def test_default_probe_run_uses_the_shipped_model(record, tmp_path):
+    """``mamba-eval probe`` without --model_args evaluates the shipped folder through lm-eval, and
+    lm-eval's accuracy at the training length agrees with the record's direct evaluation."""
     from mamba_eval.commands.probe import run_probe
 
-    out, record = trained
-    model = load_model(out)
-    direct = evaluate_recall(model, 64, 2, 200, seed=123)
-    results = run_probe("mqar", model_args=f"pretrained={out}", lengths="64", pairs="2", samples=60,
-                        device="cpu", out=tmp_path / "report", plots=False, log=lambda m: None)
+    samples = 60
+    results = run_probe("mqar", lengths="256", pairs="2", samples=samples, device="cpu", out=tmp_path,
+                        plots=False, log=lambda m: None)
+    assert results["model_args"]["pretrained"] == str(SHIPPED_DIR)
+    trained = results["trained_probe_model"]
+    assert trained["train_version"] == TRAIN_VERSION and "losses" not in trained
     acc = results["tasks"][0]["metrics"]["acc"]
-    assert acc > 0.7, acc  # chance 0.5
+    direct = record["heldout_accuracy_at_train_length"]["2"]
     # Different samples, same distribution: within a few binomial standard deviations.
-    sd = math.sqrt(direct * (1 - direct) / 60 + direct * (1 - direct) / 200) + 1e-9
+    sd = math.sqrt(direct * (1 - direct) * (1 / samples + 1 / record["heldout_samples"]))
     assert abs(acc - direct) < 4 * sd + 0.05, (acc, direct)
 
 
-def test_default_model_is_cached(tmp_path, monkeypatch):
-    """default_probe_model trains once into <cache>/v<version>-seed<seed> and reuses the folder."""
+def test_a_stale_shipped_model_is_refused(monkeypatch):
     import mamba_eval.commands.probe_model as pm
+    from mamba_eval.errors import MambaEvalError
 
-    calls = []
+    assert default_probe_model() == SHIPPED_DIR
+    monkeypatch.setattr(pm, "TRAIN_VERSION", TRAIN_VERSION + 1)
+    with pytest.raises(MambaEvalError, match="scripts/train_probe_model.py"):
+        default_probe_model()
 
-    def fake_train(folder, config, log=None):
-        calls.append(config.seed)
-        (folder / "probe_model.json").write_text("{}")
-        return {}
 
-    monkeypatch.setattr(pm, "train_probe_model", fake_train)
-    first = default_probe_model(tmp_path, seed=5, log=None)
-    second = default_probe_model(tmp_path, seed=5, log=None)
-    assert first == second == tmp_path / f"v{pm.TRAIN_VERSION}-seed5" and calls == [5]
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folder left behind
+def test_package_data_includes_the_shipped_model():
+    """setup.cfg's package_data patterns for mamba_eval.commands match every shipped file (the
+    wheel installs them beside the module)."""
+    setup_cfg = Path(__file__).resolve().parent.parent / "setup.cfg"
+    parser = configparser.ConfigParser()
+    parser.read(setup_cfg)
+    patterns = [p.strip() for p in parser["options.package_data"].get("mamba_eval.commands", "").split(",")]
+    package = SHIPPED_DIR.parent
+    matched = {p for pattern in patterns if pattern for p in package.glob(pattern) if p.is_file()}
+    assert set(SHIPPED_DIR.iterdir()) <= matched

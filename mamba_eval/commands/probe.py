@@ -18,10 +18,10 @@ run keeps what it measured; the report is :mod:`mamba_eval.commands.probe_report
 - ``lm_eval/<task>.json``: lm-eval's own output per task;
 - ``accuracy_vs_length.png`` (or ``loss_vs_position.png``) and ``memory_time_vs_length.png``.
 
-Without ``--model_args`` the MQAR family runs on the probe model (``mamba_eval.commands.probe_model``),
-trained on first use into a cache folder. ``max_length`` is set from the longest length unless
-given; for ``--model mamba``, ``batch_invariant`` defaults to false (see ``run_probe``). An out-of-memory error at one length is recorded as that length's result and the run
-goes on. Bad input raises :class:`~mamba_eval.errors.MambaEvalError`.
+Without ``--model_args`` the MQAR family runs on the probe model shipped in the package
+(``mamba_eval.commands.probe_model``). ``max_length`` is set from the longest length unless
+given; for ``--model mamba``, ``batch_invariant`` defaults to false (see ``run_probe``). An
+out-of-memory error at one length is recorded as that length's result and the run goes on. Bad input raises :class:`~mamba_eval.errors.MambaEvalError`.
 
 This module's top level imports only the standard library (the CLI starts fast).
 """
@@ -265,13 +265,14 @@ def run_probe(
     if default_model:
         if model != "mamba" or family != "mqar":
             raise MambaEvalError(
-                f"give --model_args pretrained=... for the {family} family (the offline default model, "
-                f"trained on MQAR's word vocabulary, runs the mqar family only)"
+                f"give --model_args pretrained=... for the {family} family (the default model, the shipped "
+                f"probe model trained on MQAR's word vocabulary, runs the mqar family only)"
             )
-        from mamba_eval.commands.probe_model import default_probe_model
+        from mamba_eval.commands.probe_model import RECORD_FILE, default_probe_model
 
-        args["pretrained"] = str(default_probe_model(log=log))
-        trained = json.loads((Path(args["pretrained"]) / "probe_model.json").read_text())
+        args["pretrained"] = str(default_probe_model())
+        trained = json.loads((Path(args["pretrained"]) / RECORD_FILE).read_text())
+        trained.pop("losses", None)  # the training curve stays with the model
     for key, value in (("device", device), ("batch_size", batch_size)):
         if value is not None:
             if key in args and str(args[key]) != str(value):
@@ -279,11 +280,13 @@ def run_probe(
             args[key] = value
     if "batch_size" not in args:
         # One sequence at a time on a GPU, so the memory figures are those of one sequence; the
-        # CPU's budget (a share of free memory) keeps its many small forwards fast.
+        # CPU's budget (a share of free memory) batches a large model's many small forwards. Not
+        # the probe model's: its batches of many rows only move memory (the default run took 2-3x
+        # as long on 2 busy cores as with one row at a time).
         import torch
 
         wanted = str(args.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-        args["batch_size"] = 1 if wanted.startswith("cuda") else "auto"
+        args["batch_size"] = 1 if wanted.startswith("cuda") or default_model else "auto"
     if model == "mamba":
         # The CPU's batch-invariance filler gives a lone long context up to 64 x threads rows
         # (mamba_eval.harness.engine.forward_shape): 10x the memory and 17x the time at 16K tokens on
@@ -322,64 +325,69 @@ def run_probe(
 
     import datetime as _dt
 
-    results: dict[str, Any] = {
-        "format": RESULTS_FORMAT,
-        "family": family,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model,
-        "model_args": {k: v for k, v in args.items()},
-        "model_load_seconds": round(load_seconds, 2),
-        "trained_probe_model": trained,
-        "device": str(lm_device),
-        "environment": _environment(torch, lm_eval, device_type),
-        "spec": {"lengths": spec.lengths, "pairs": spec.pairs, "depths": spec.depths,
-                 "samples": spec.samples, "seed": spec.seed, "text": spec.text, "data_dir": spec.data_dir},
-        "data_version": PROBE_DATA_VERSION,
-        "tasks": [],
-    }
-    for entry in tasks:
-        name = entry["task"]
-        log(f"{name}: building data")
-        record: dict[str, Any] = {"task": name, "length": entry["length"], "pairs": entry["pairs"],
-                                  "length_name": length_name(entry["length"])}
-        t0 = time.perf_counter()
-        task_obj = manager.load([name])["tasks"][name]
-        record["data_seconds"] = round(time.perf_counter() - t0, 2)
-        record.update(_doc_stats(task_obj, family))
-        log(f"{name}: evaluating {record['n_docs']} documents")
-        import gc
+    # The probe model's forwards are small kernels: a second OpenMP thread buys little and, on
+    # a CPU busy with other work, makes every kernel wait for the slower thread.
+    from mamba_eval.commands.probe_model import torch_threads
 
-        gc.collect()
-        if device_type == "cuda":
-            torch.cuda.empty_cache()
-        peak = _PeakMemory(device_type)
-        t1 = time.perf_counter()
-        try:
-            with peak:
-                result = lm_eval.simple_evaluate(
-                    model=lm, tasks=[task_obj], task_manager=manager, bootstrap_iters=1000,
-                    log_samples=False, verbosity=None,
-                )
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not (isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()):
-                raise
-            record.update(status="out of memory", error=str(err).splitlines()[0][:300])
-            log(f"{name}: out of memory")
-        else:
-            record["status"] = "ok"
-            record["metrics"] = _metrics_of(result, name)
-            keep = {k: v for k, v in result.items() if k != "samples"}
-            (out / "lm_eval").mkdir(exist_ok=True)
-            atomic_write_json(out / "lm_eval" / f"{name}.json", keep)
-        record["eval_seconds"] = round(time.perf_counter() - t1, 2)
-        record["tokens_per_second"] = (
-            round(record["context_tokens_total"] / record["eval_seconds"]) if record["eval_seconds"] > 0 else None
-        )
-        record["peak_memory"] = peak.as_dict()
-        results["tasks"].append(record)
-        log(f"{name}: {record['status']}, {record['eval_seconds']} s, peak {gib(record['peak_memory']['peak_bytes'])}")
-        write_outputs(out, results, plots=False)
-    write_outputs(out, results, plots=plots)
+    with torch_threads(1 if default_model and device_type == "cpu" else None):
+        results: dict[str, Any] = {
+            "format": RESULTS_FORMAT,
+            "family": family,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": model,
+            "model_args": {k: v for k, v in args.items()},
+            "model_load_seconds": round(load_seconds, 2),
+            "trained_probe_model": trained,
+            "device": str(lm_device),
+            "environment": _environment(torch, lm_eval, device_type),
+            "spec": {"lengths": spec.lengths, "pairs": spec.pairs, "depths": spec.depths,
+                     "samples": spec.samples, "seed": spec.seed, "text": spec.text, "data_dir": spec.data_dir},
+            "data_version": PROBE_DATA_VERSION,
+            "tasks": [],
+        }
+        for entry in tasks:
+            name = entry["task"]
+            log(f"{name}: building data")
+            record: dict[str, Any] = {"task": name, "length": entry["length"], "pairs": entry["pairs"],
+                                      "length_name": length_name(entry["length"])}
+            t0 = time.perf_counter()
+            task_obj = manager.load([name])["tasks"][name]
+            record["data_seconds"] = round(time.perf_counter() - t0, 2)
+            record.update(_doc_stats(task_obj, family))
+            log(f"{name}: evaluating {record['n_docs']} documents")
+            import gc
+
+            gc.collect()
+            if device_type == "cuda":
+                torch.cuda.empty_cache()
+            peak = _PeakMemory(device_type)
+            t1 = time.perf_counter()
+            try:
+                with peak:
+                    result = lm_eval.simple_evaluate(
+                        model=lm, tasks=[task_obj], task_manager=manager, bootstrap_iters=1000,
+                        log_samples=False, verbosity=None,
+                    )
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not (isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()):
+                    raise
+                record.update(status="out of memory", error=str(err).splitlines()[0][:300])
+                log(f"{name}: out of memory")
+            else:
+                record["status"] = "ok"
+                record["metrics"] = _metrics_of(result, name)
+                keep = {k: v for k, v in result.items() if k != "samples"}
+                (out / "lm_eval").mkdir(exist_ok=True)
+                atomic_write_json(out / "lm_eval" / f"{name}.json", keep)
+            record["eval_seconds"] = round(time.perf_counter() - t1, 2)
+            record["tokens_per_second"] = (
+                round(record["context_tokens_total"] / record["eval_seconds"]) if record["eval_seconds"] > 0 else None
+            )
+            record["peak_memory"] = peak.as_dict()
+            results["tasks"].append(record)
+            log(f"{name}: {record['status']}, {record['eval_seconds']} s, peak {gib(record['peak_memory']['peak_bytes'])}")
+            write_outputs(out, results, plots=False)
+        write_outputs(out, results, plots=plots)
     return results
 
 
@@ -415,8 +423,8 @@ families:
   ppl          loss by position in windows of a long text (mamba_ppl_position_<len>)
 
 Lengths are tokens of the model's tokenizer (4096, 4k, 1m). Without --model_args the mqar
-family runs on the offline probe model, trained into ~/.cache/mamba_eval/probe_model on first
-use (a few minutes on a CPU).
+family runs on the probe model shipped in the package (a tiny Mamba-2 trained on MQAR at 256
+tokens; scripts/train_probe_model.py regenerates it).
 """
 
 
@@ -429,13 +437,13 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("--model", default="mamba", help="lm-eval model name (default: mamba)")
     parser.add_argument("--model_args", default=None,
                         help="lm-eval model_args; max_length is set from the lengths unless given "
-                        "(default for mqar: the offline probe model)")
+                        "(default for mqar: the probe model shipped in the package)")
     parser.add_argument("--lengths", default=None,
                         help="comma-separated lengths in tokens, e.g. 1k,4k,16k (default per family: "
                         + "; ".join(f"{k} {v}" for k, v in DEFAULT_LENGTHS.items()) + ")")
     parser.add_argument("--depths", default=None, help="passkey depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
     parser.add_argument("--pairs", default=None, help=f"MQAR key-value pairs (default {DEFAULT_PAIRS}; "
-                        f"{PROBE_MODEL_PAIRS} on the offline probe model, its training range)")
+                        f"{PROBE_MODEL_PAIRS} on the shipped probe model, its training range)")
     parser.add_argument("--samples", type=int, default=None,
                         help="documents per task (passkey: per depth; ppl: windows); default depends on length")
     parser.add_argument("--seed", type=int, default=None, help="data seed (default 1234)")

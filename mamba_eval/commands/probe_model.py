@@ -1,6 +1,6 @@
 """The probe model: a tiny Mamba trained on multi-query associative recall, on the CPU.
 
-It is the offline default of ``mamba-eval probe`` and the end-to-end check that the probes
+It is the default model of ``mamba-eval probe`` and the end-to-end check that the probes
 measure something: the model solves MQAR at its training length (256 tokens) and the probe
 report shows how its accuracy holds as the distance to the recalled pair grows far beyond it
 (the Mamba paper's induction-heads experiment, Gu & Dao 2023, section 4.1.2, trained at 256
@@ -17,44 +17,56 @@ and tested up to 1M tokens).
   dialect, trained with the reference ops (plain PyTorch; autograd runs through them) on the
   CPU. Mamba-2 because its reference scan is chunked and vectorised: a training step costs
   about a fifth of the Mamba-1 reference's step-by-step loop.
-- Checkpoint: ``config.json`` (mamba_ssm dialect) + ``model.safetensors`` + tokenizer files +
-  ``probe_model.json`` (training record: seed, steps, time, held-out accuracy).
+- Checkpoint: ``config.json`` (mamba_ssm dialect) + ``model.safetensors`` (fp32) + tokenizer
+  files + ``probe_model.json`` (training record: settings, every step's loss, held-out accuracy,
+  and under ``"run"`` what differs between machines: time, torch version, processor). Loading it
+  reads JSON and safetensors only: no pickle, no code.
 
-:func:`default_probe_model` returns the cached checkpoint folder
-``$XDG_CACHE_HOME/mamba_eval/probe_model/v<TRAIN_VERSION>-seed<seed>``, training it on first
-use (a few minutes on 2 cores; written under a temporary name and renamed into place).
+The trained model ships inside the package, in :data:`SHIPPED_DIR` (package data, about 0.3 MB),
+so ``mamba-eval probe`` starts evaluating at once. ``scripts/train_probe_model.py`` regenerates
+it: training is deterministic (fixed seeds, one torch thread, CPU, fp32), and the script's
+``--check`` retrains and compares every file with the shipped ones. Any change to the data,
+model or schedule bumps :data:`TRAIN_VERSION` and needs the shipped folder regenerated (the
+tests compare the shipped record with the code's settings and the first training steps).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mamba_eval.utils import atomic_write_json, cache_dir
+from mamba_eval.utils import atomic_write_json
 
 __all__ = [
     "MODEL_CONFIG",
+    "RECORD_FILE",
+    "SHIPPED_DIR",
     "TRAIN_LENGTH",
     "TRAIN_VERSION",
     "TrainConfig",
     "build_tokenizer",
     "default_probe_model",
     "evaluate_recall",
-    "probe_cache_root",
+    "model_config",
+    "torch_threads",
+    "train",
     "train_probe_model",
     "vocabulary",
 ]
 
-#: Bumped whenever training (data, model, schedule) changes, so cached models are not reused.
+#: Bumped whenever training (data, model, schedule) changes; the shipped record carries it.
 TRAIN_VERSION = 1
+#: The shipped checkpoint folder (package data; see setup.cfg).
+SHIPPED_DIR = Path(__file__).resolve().with_name("probe_checkpoint")
+RECORD_FILE = "probe_model.json"
 TRAIN_LENGTH = 256
 TRAIN_MAX_PAIRS = 8
 DEFAULT_TRAIN_SEED = 0
@@ -76,6 +88,11 @@ MODEL_CONFIG: dict = {
     "pad_vocab_size_multiple": 16,
     "tie_embeddings": True,
 }
+
+
+def model_config() -> dict:
+    """The probe model's ``config.json`` (mamba_ssm dialect)."""
+    return {**MODEL_CONFIG, "vocab_size": len(vocabulary())}
 
 
 def vocabulary() -> list[str]:
@@ -132,7 +149,10 @@ class TrainConfig:
     threads: int | None = 1
     eval_samples: int = 256  # held-out samples per pair count for the final accuracy
     eval_pairs: tuple[int, ...] = (2, 4, 8)
-    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """JSON-ready (tuples as lists), as the record stores it."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 def _batch(rng: random.Random, ids: dict[str, int], n: int, length: int, max_pairs: int, pairs: int | None = None):
@@ -178,121 +198,152 @@ def evaluate_recall(model, length: int, pairs: int, samples: int, seed: int, bat
     return correct / samples
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """``threads`` torch threads (None: as they are) inside the block. The same count gives the
+    same result: a CPU reduction split over threads adds in another order."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train(config: TrainConfig = TrainConfig(), steps: int | None = None,
+          log: Callable[[str], None] | None = None):
+    """Train the probe model in memory, reproducibly (torch seeded with ``config.seed`` in a fork
+    of its generator, ``config.threads`` threads); returns ``(model, losses)``. ``steps`` stops
+    after that many steps of ``config``'s schedule, the first steps of the full run."""
+    import torch
+
+    with torch_threads(config.threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _train(config, steps, log or (lambda _msg: None))
+
+
+def _train(config: TrainConfig, steps: int | None, log: Callable[[str], None]):
+    import torch
+    import torch.nn.functional as F
+
+    from mamba_eval.models.formats import config_from_dict
+    from mamba_eval.models.model import LanguageModel
+
+    ids = {w: i for i, w in enumerate(vocabulary())}
+    model = LanguageModel(config_from_dict(model_config(), Path("<probe model>")), backend="ref", device="cpu",
+                          dtype=torch.float32)
+    model.requires_grad_(True)
+    model.train()
+    params = list(model.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # norms, A_log, D, Δ bias, conv bias
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.98),
+    )
+    rng = random.Random(f"probe_model:train:{config.seed}")
+    start = time.perf_counter()
+    losses: list[float] = []
+    for step in range(config.steps if steps is None else min(steps, config.steps)):
+        warm = min(1.0, (step + 1) / max(1, config.warmup))
+        cosine = 0.5 * (1 + math.cos(math.pi * step / config.steps)) if config.cosine else 1.0
+        for group in opt.param_groups:
+            group["lr"] = config.lr * warm * cosine
+        if step < config.warm_steps:
+            length, pairs = config.warm_length, min(config.warm_pairs, config.max_pairs)
+        else:
+            length, pairs = config.length, config.max_pairs
+        x, y = _batch(rng, ids, config.batch_size, length, pairs)
+        hidden, _ = model.backbone_forward(x)
+        mask = y != -100
+        loss = F.cross_entropy(model.lm_logits(hidden[mask]), y[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == config.steps - 1:
+            log(f"step {step:5d}/{config.steps}  length {length}  loss {losses[-1]:.3f}  "
+                f"{time.perf_counter() - start:6.1f} s")
+    model.requires_grad_(False)
+    model.eval()
+    return model, losses
+
+
 def train_probe_model(out_dir: str | os.PathLike, config: TrainConfig = TrainConfig(),
                       log: Callable[[str], None] | None = print) -> dict:
     """Train the probe model and save it into ``out_dir`` (created); returns the training record
-    (also written to ``probe_model.json``)."""
-    import torch
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
+    (also written to :data:`RECORD_FILE`). The same ``config`` on the same torch gives the same
+    files, byte for byte, but for the record's ``"run"``."""
+    import platform
 
-    from mamba_eval.models.checkpoint import read_config
-    from mamba_eval.models.model import LanguageModel
+    import torch
+    from safetensors.torch import save_file
 
     log = log or (lambda _msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out)
-    atomic_write_json(out / "config.json", {**MODEL_CONFIG, "vocab_size": tokenizer.get_vocab_size()})
-    ids = {w: i for i, w in enumerate(vocabulary())}
-
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            model = LanguageModel(read_config(out), backend="ref", device="cpu", dtype=torch.float32)
-            model.requires_grad_(True)
-            model.train()
-            params = list(model.parameters())
-            decay = [p for p in params if p.ndim >= 2]
-            no_decay = [p for p in params if p.ndim < 2]  # norms, A_log, D, Δ bias, conv bias
-            opt = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=config.lr, betas=(0.9, 0.98),
-            )
-            rng = random.Random(f"probe_model:train:{config.seed}")
-            start = time.perf_counter()
-            losses = []
-            for step in range(config.steps):
-                warm = min(1.0, (step + 1) / max(1, config.warmup))
-                decay = 0.5 * (1 + math.cos(math.pi * step / config.steps)) if config.cosine else 1.0
-                lr = config.lr * warm * decay
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                if step < config.warm_steps:
-                    length = config.warm_length
-                    pairs = min(config.warm_pairs, config.max_pairs)
-                else:
-                    length, pairs = config.length, config.max_pairs
-                x, y = _batch(rng, ids, config.batch_size, length, pairs)
-                hidden, _ = model.backbone_forward(x)
-                mask = y != -100
-                logits = model.lm_logits(hidden[mask])
-                loss = F.cross_entropy(logits, y[mask])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                losses.append(loss.item())
-                if step % 100 == 0 or step == config.steps - 1:
-                    log(f"step {step:5d}/{config.steps}  length {length}  loss {losses[-1]:.3f}  "
-                        f"{time.perf_counter() - start:6.1f} s")
-            train_seconds = time.perf_counter() - start
-            accuracy = {
-                str(p): evaluate_recall(model, config.length, p, config.eval_samples, seed=config.seed)
-                for p in config.eval_pairs
-            }
-    finally:
-        torch.set_num_threads(threads)
-    model.requires_grad_(False)
+    build_tokenizer(out)
+    atomic_write_json(out / "config.json", model_config())
+    start = time.perf_counter()
+    model, losses = train(config, log=log)
+    train_seconds = time.perf_counter() - start
+    with torch_threads(config.threads):
+        accuracy = {
+            str(p): evaluate_recall(model, config.length, p, config.eval_samples, seed=config.seed)
+            for p in config.eval_pairs
+        }
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     state.pop("lm_head.weight", None)  # tied: the loader takes the embedding
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     record = {
         "train_version": TRAIN_VERSION,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
-        "train_seconds": round(train_seconds, 1),
-        "torch_threads": config.threads or threads,
+        "config": config.as_dict(),
         "final_loss": losses[-1] if losses else None,
         "heldout_accuracy_at_train_length": accuracy,
         "heldout_samples": config.eval_samples,
+        "losses": losses,
+        "run": {"train_seconds": round(train_seconds, 1), "torch": torch.__version__,
+                "machine": platform.machine(), "processor": _processor()},
     }
-    atomic_write_json(out / "probe_model.json", record)
+    atomic_write_json(out / RECORD_FILE, record)
     log(f"trained in {train_seconds:.0f} s; held-out accuracy at {config.length} tokens by pairs: {accuracy}")
     return record
 
 
-def probe_cache_root() -> Path:
-    """``$XDG_CACHE_HOME/mamba_eval/probe_model`` (``~/.cache`` when XDG_CACHE_HOME is unset)."""
-    return cache_dir("probe_model")
+def _processor() -> str:
+    """The CPU's model name (Linux), else what the platform module says."""
+    import platform
 
-
-def default_probe_model(cache_root: str | os.PathLike | None = None, seed: int = DEFAULT_TRAIN_SEED,
-                        log: Callable[[str], None] | None = print) -> Path:
-    """The default probe model's folder, trained into the cache on first use."""
-    root = Path(cache_root).expanduser() if cache_root else probe_cache_root()
-    final = root / f"v{TRAIN_VERSION}-seed{seed}"
-    if (final / "probe_model.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    if log:
-        log(f"training the probe model into {final} (once; a few minutes on a 2-core CPU)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
-        tmp.chmod(0o755)
-        train_probe_model(tmp, TrainConfig(seed=seed), log=log)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "probe_model.json").is_file():
-                raise
-            shutil.rmtree(tmp)  # another process finished the same model first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def default_probe_model() -> Path:
+    """The shipped probe model's folder (:data:`SHIPPED_DIR`), checked to be there and to be
+    the one this code trains."""
+    import json
+
+    from mamba_eval.errors import MambaEvalError
+
+    record = SHIPPED_DIR / RECORD_FILE
+    regenerate = f"regenerate it with `python scripts/train_probe_model.py --out {SHIPPED_DIR}`"
+    if not (record.is_file() and (SHIPPED_DIR / "model.safetensors").is_file()):
+        raise MambaEvalError(f"the probe model is missing from {SHIPPED_DIR} (an incomplete installation?); {regenerate}")
+    version = json.loads(record.read_text()).get("train_version")
+    if version != TRAIN_VERSION:
+        raise MambaEvalError(f"the shipped probe model has training version {version}, the code {TRAIN_VERSION}; "
+                             f"{regenerate}")
+    return SHIPPED_DIR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -137,11 +137,10 @@ def _report(results: dict, plot_files: list[str]) -> str:
     if trained:
         acc = trained.get("heldout_accuracy_at_train_length", {})
         lines += [
-            f"The model is the offline probe model (`mamba_eval.commands.probe_model`, training version "
-            f"{trained.get('train_version')}): trained on MQAR at {trained['config']['length']} tokens with "
-            f"1-{trained['config']['max_pairs']} pairs, {trained['config']['steps']} steps in "
-            f"{trained['train_seconds']} s; held-out accuracy at the training length: "
-            + ", ".join(f"{v:.3f} ({p} pairs)" for p, v in acc.items()) + ".",
+            f"The model is the probe model shipped in the package (`mamba_eval.commands.probe_model`, "
+            f"training version {trained.get('train_version')}): trained on MQAR at {trained['config']['length']} "
+            f"tokens with 1-{trained['config']['max_pairs']} pairs, {trained['config']['steps']} steps; held-out "
+            "accuracy at the training length: " + ", ".join(f"{v:.3f} ({p} pairs)" for p, v in acc.items()) + ".",
             "",
         ]
     if results.get("status") == "running" or len(results["tasks"]) < _expected_tasks(results):
