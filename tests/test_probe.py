@@ -129,6 +129,11 @@ def test_passkey_probe_through_the_command(neox_model, tmp_path, capsys):
     assert f"report: {out / 'report.md'}" in printed
     results = json.loads((out / "results.json").read_text())
     _check_report(out, results, 2)
+    # Short lengths: the output and the report say how to run the long ones.
+    command = results["longer"]["command"]
+    assert command.startswith("mamba-eval probe --family passkey ") and "--lengths " in command
+    assert f"    {command}" in printed.splitlines()
+    assert command in (out / "report.md").read_text()
     for t in results["tasks"]:
         assert set(t["metrics"]) >= {"acc", "acc_depth_0", "acc_depth_100"} and t["n_docs"] == 2
         assert t["length"] - 5 < t["context_tokens_min"] <= t["length"]

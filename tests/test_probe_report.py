@@ -1,11 +1,13 @@
-"""The probe report's plots (mamba_eval/commands/probe_report.py), on hand-made results: no model runs."""
+"""The probe report's plots and its pointer to the long lengths (mamba_eval/commands/probe_report.py),
+on hand-made results: no model runs."""
 
 from __future__ import annotations
 
 import pytest
 
-from mamba_eval.commands.probe_report import figures
-from mamba_eval.harness.probe_common import length_name
+from mamba_eval.commands.probe import LONG_LENGTHS, _longer_run
+from mamba_eval.commands.probe_report import figures, longer_run_lines
+from mamba_eval.harness.probe_common import length_name, parse_lengths
 
 LENGTHS = [256, 1024, 4096, 16384]
 
@@ -114,3 +116,20 @@ def test_time_axis_has_plain_number_labels(figs):
     ax = figs(_mqar())["memory_time_vs_length.png"].axes[1]
     labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
     assert labels and all(float(label) > 0 for label in labels)  # "2", "5", "10", not "$10^{1}$"
+
+
+@pytest.mark.parametrize("family", sorted(LONG_LENGTHS))
+def test_longer_run_names_the_flag_and_the_long_lengths(family):
+    long = parse_lengths(LONG_LENGTHS[family])
+    short = [min(long) // 4]
+    longer = _longer_run(family, "mamba", {"pretrained": "some/model", "max_length": short[0]}, short)
+    assert longer["lengths"] == long
+    assert longer["command"].startswith("mamba-eval probe ")
+    assert f"--lengths {','.join(map(length_name, long))}" in longer["command"]
+    assert "pretrained=some/model" in longer["command"] and "max_length" not in longer["command"]
+    assert ("--family" in longer["command"]) == (family != "mqar")
+    lines = longer_run_lines({"longer": longer})
+    assert "--lengths" in lines[0] and lines[-1].strip() == longer["command"]
+    # Past the longest long length: nothing to suggest.
+    assert _longer_run(family, "mamba", {}, [max(long)]) is None
+    assert longer_run_lines({"longer": None}) == []

@@ -18,10 +18,13 @@ run keeps what it measured; the report is :mod:`mamba_eval.commands.probe_report
 - ``lm_eval/<task>.json``: lm-eval's own output per task;
 - ``accuracy_vs_length.png`` (or ``loss_vs_position.png``) and ``memory_time_vs_length.png``.
 
-Without ``--model_args`` the MQAR family runs on the probe model shipped in the package
-(``mamba_eval.commands.probe_model``). ``max_length`` is set from the longest length unless
-given; for ``--model mamba``, ``batch_invariant`` defaults to false (see ``run_probe``). An
-out-of-memory error at one length is recorded as that length's result and the run goes on. Bad input raises :class:`~mamba_eval.errors.MambaEvalError`.
+The default lengths are short (:data:`DEFAULT_LENGTHS`: about a minute on 2 CPU cores for the
+probe model); the report and the command's output name the long ones (:data:`LONG_LENGTHS`) and
+the ``--lengths`` that runs them. Without ``--model_args`` the MQAR family runs on the probe model
+shipped in the package (``mamba_eval.commands.probe_model``). ``max_length`` is set from the
+longest length unless given; for ``--model mamba``, ``batch_invariant`` defaults to false (see
+``run_probe``). An out-of-memory error at one length is recorded as that length's result and the
+run goes on. Bad input raises :class:`~mamba_eval.errors.MambaEvalError`.
 
 This module's top level imports only the standard library (the CLI starts fast).
 """
@@ -36,17 +39,25 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["DEFAULT_LENGTHS", "ProbeSpec", "add_subcommand", "run_probe"]
+__all__ = ["DEFAULT_LENGTHS", "LONG_LENGTHS", "ProbeSpec", "add_subcommand", "run_probe"]
 
 PROG = "mamba-eval probe"
 FAMILY_NAMES = ("mqar", "passkey", "passkey_gen", "ppl")
 
-#: Default lengths per family (tokens), chosen to run on a CPU in minutes for the small models.
+#: Default lengths per family (tokens): short, so that a first run on a CPU takes about a minute
+#: (the probe model) or a few (a 130M model).
 DEFAULT_LENGTHS = {
-    "mqar": "256,512,1k,2k,4k,16k",
-    "passkey": "1k,4k,16k",
-    "passkey_gen": "1k,4k,16k",
-    "ppl": "4k,16k",
+    "mqar": "256,512,1k,2k",
+    "passkey": "1k,2k,4k",
+    "passkey_gen": "1k,2k,4k",
+    "ppl": "4k",
+}
+#: The long lengths the output suggests (``--lengths``): minutes per length on a CPU, seconds on a GPU.
+LONG_LENGTHS = {
+    "mqar": "4k,16k,64k",
+    "passkey": "16k,64k,256k,1m",
+    "passkey_gen": "16k,64k,256k,1m",
+    "ppl": "16k,64k",
 }
 DEFAULT_PAIRS = "4,8,16"
 #: The probe model's training pair counts: its default MQAR grid.
@@ -261,6 +272,7 @@ def run_probe(
         pairs = PROBE_MODEL_PAIRS
     spec = ProbeSpec(family, lengths, depths=depths, pairs=pairs, samples=samples, seed=seed,
                      text=text, data_dir=data_dir)
+    longer = _longer_run(family, model, args, spec.lengths)
     trained = None
     if default_model:
         if model != "mamba" or family != "mqar":
@@ -343,6 +355,7 @@ def run_probe(
             "spec": {"lengths": spec.lengths, "pairs": spec.pairs, "depths": spec.depths,
                      "samples": spec.samples, "seed": spec.seed, "text": spec.text, "data_dir": spec.data_dir},
             "data_version": PROBE_DATA_VERSION,
+            "longer": longer,
             "tasks": [],
         }
         for entry in tasks:
@@ -391,6 +404,29 @@ def run_probe(
     return results
 
 
+def _longer_run(family: str, model: str, user_args: dict, lengths: list[int]) -> dict | None:
+    """The family's long lengths beyond the run's longest, and a command that runs them (the
+    run's family, model and model_args as given; ``max_length`` is left to be set from the new
+    lengths), or None when the run reached them."""
+    import shlex
+
+    from mamba_eval.harness.probe_common import length_name, parse_lengths
+
+    longer = [n for n in parse_lengths(LONG_LENGTHS[family]) if n > max(lengths)]
+    if not longer:
+        return None
+    words = []
+    if family != "mqar":
+        words += ["--family", family]
+    if model != "mamba":
+        words += ["--model", model]
+    kept = {k: v for k, v in user_args.items() if k != "max_length"}
+    if kept:
+        words += ["--model_args", ",".join(f"{k}={v}" for k, v in kept.items())]
+    words += ["--lengths", ",".join(length_name(n) for n in longer)]
+    return {"lengths": longer, "command": " ".join([PROG, *map(shlex.quote, words)])}
+
+
 def _environment(torch, lm_eval, device_type: str) -> dict:
     import platform
 
@@ -422,9 +458,10 @@ families:
   passkey_gen  the same documents, greedy generation (mamba_passkey_gen_<len>)
   ppl          loss by position in windows of a long text (mamba_ppl_position_<len>)
 
-Lengths are tokens of the model's tokenizer (4096, 4k, 1m). Without --model_args the mqar
-family runs on the probe model shipped in the package (a tiny Mamba-2 trained on MQAR at 256
-tokens; scripts/train_probe_model.py regenerates it).
+Lengths are tokens of the model's tokenizer (4096, 4k, 1m). The default lengths are short; the
+long ones (--lengths, e.g. --lengths 4k,16k) take minutes per length on a CPU. Without
+--model_args the mqar family runs on the probe model shipped in the package (a tiny Mamba-2
+trained on MQAR at 256 tokens; scripts/train_probe_model.py regenerates it).
 """
 
 
@@ -439,8 +476,9 @@ def add_subcommand(subparsers) -> None:
                         help="lm-eval model_args; max_length is set from the lengths unless given "
                         "(default for mqar: the probe model shipped in the package)")
     parser.add_argument("--lengths", default=None,
-                        help="comma-separated lengths in tokens, e.g. 1k,4k,16k (default per family: "
-                        + "; ".join(f"{k} {v}" for k, v in DEFAULT_LENGTHS.items()) + ")")
+                        help="comma-separated lengths in tokens, e.g. 1k,4k,16k (default, short, per family: "
+                        + "; ".join(f"{k} {v}" for k, v in DEFAULT_LENGTHS.items()) + "; long ones: "
+                        + "; ".join(f"{k} {v}" for k, v in LONG_LENGTHS.items()) + ")")
     parser.add_argument("--depths", default=None, help="passkey depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
     parser.add_argument("--pairs", default=None, help=f"MQAR key-value pairs (default {DEFAULT_PAIRS}; "
                         f"{PROBE_MODEL_PAIRS} on the shipped probe model, its training range)")
@@ -468,13 +506,16 @@ def _handle(args: argparse.Namespace, extra: list[str]) -> int:
         device=args.device, batch_size=args.batch_size, out=args.out or f"runs/probe-{args.family}",
         plots=not args.no_plots,
     )
-    from mamba_eval.commands.probe_report import ok_tasks, resource_table, result_table
+    from mamba_eval.commands.probe_report import longer_run_lines, ok_tasks, resource_table, result_table
 
     out = Path(args.out or f"runs/probe-{args.family}")
     print("\n".join(result_table(results)))
     print()
     print("\n".join(resource_table(results)))
     print(f"\nreport: {out / 'report.md'}")
+    hint = longer_run_lines(results)
+    if hint:
+        print("\n" + "\n".join(hint))
     return 0 if ok_tasks(results["tasks"]) else 1
 
 

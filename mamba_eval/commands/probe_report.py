@@ -13,7 +13,7 @@ from mamba_eval.harness.probe_common import length_name, parse_length
 from mamba_eval.harness.probe_passkey import PASSKEY_CANDIDATES, depth_label
 from mamba_eval.utils import atomic_write, atomic_write_json
 
-__all__ = ["figures", "gib", "ok_tasks", "resource_table", "result_table", "write_outputs"]
+__all__ = ["figures", "gib", "longer_run_lines", "ok_tasks", "resource_table", "result_table", "write_outputs"]
 
 
 def gib(n: int | None) -> str:
@@ -163,6 +163,9 @@ def _report(results: dict, plot_files: list[str]) -> str:
         ]
     for f in plot_files:
         lines += [f"![{f}]({f})", ""]
+    longer = results.get("longer")
+    if longer:
+        lines += ["## Longer contexts", "", _longer_sentence(longer), "", "```sh", longer["command"], "```", ""]
     # lm_eval passes --device and --batch_size to the model itself; model_args must not repeat them.
     lm_eval_args = {k: v for k, v in results["model_args"].items() if k not in ("device", "batch_size")}
     lines += [
@@ -180,6 +183,17 @@ def _report(results: dict, plot_files: list[str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _longer_sentence(longer: dict) -> str:
+    return (f"This run stopped short of the family's long lengths ({', '.join(map(_tick_label, longer['lengths']))} "
+            "tokens: minutes per length on a CPU, seconds on a GPU); `--lengths` runs them, e.g.:")
+
+
+def longer_run_lines(results: dict) -> list[str]:
+    """How to run the long lengths this run left out (plain text lines; none when it ran them)."""
+    longer = results.get("longer")
+    return [_longer_sentence(longer), f"    {longer['command']}"] if longer else []
 
 
 def _expected_tasks(results: dict) -> int:
