@@ -151,7 +151,7 @@ def main() -> int:
         checkpoint = bench_eval.write_checkpoint(work / f"ckpt-{args.shape}", args.shape, "cpu")
         run_args = argparse.Namespace(dtype=args.dtype, backend=None, batch_invariant=None,
                                       batch_size=args.batch_size, device=args.device, limit=args.limit)
-        spec = {"argv": bench_eval.lm_eval_argv(run_args, checkpoint, tokenizer, include, "shared", work / "out"),
+        spec = {"model": "mamba", "argv": bench_eval.lm_eval_argv(run_args, checkpoint, tokenizer, include, "shared", work / "out"),
                 "out_dir": str(work / "out"), "result": str(work / "result.json")}
         (work / "spec.json").write_text(json.dumps(spec))
         torch_table = None
