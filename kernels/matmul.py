@@ -50,11 +50,13 @@ linear_step_ref = linear_ref
 # ---------------------------------------------------------------------------------------------
 #
 # One program computes one [BLOCK_M, BLOCK_N] tile of y, walking K in BLOCK_K steps with an fp32
-# accumulator: acc += x[tile rows, k:k+BK] @ W[tile cols, k:k+BK]^T. Rows past M and columns past N
-# are read as copies of valid ones (index modulo M or N, so the loads need no mask) and never
-# stored; only the last K step of a K that is not a multiple of BLOCK_K is masked (zeros, which
-# add nothing). Programs are numbered in groups of GROUP_M row blocks, so that programs that run
-# together share W's and x's tiles in L2 (Triton tutorial 03). Under Triton's CPU interpreter,
+# accumulator: acc += x[tile rows, k:k+BK] @ W[tile cols, k:k+BK]^T. Columns past N are read as
+# copies of valid ones (index modulo N, so the loads need no mask) and never stored. Rows past M
+# likewise, or, with MASK_M (few rows, where a tile is mostly past M), read as zeros: a masked
+# load moves no bytes, where copies of the one row of a decoding step would re-read it BLOCK_M
+# times from L2. Only the last K step of a K that is not a multiple of BLOCK_K is masked (zeros,
+# which add nothing). Programs are numbered in groups of GROUP_M row blocks, so that programs that
+# run together share W's and x's tiles in L2 (Triton tutorial 03). Under Triton's CPU interpreter,
 # ``dot_acc`` forms the products so that a row's bits do not depend on where it sits in the tile
 # there either (``utils``).
 
@@ -70,6 +72,7 @@ def _linear_fwd_kernel(
     stride_w_n, stride_w_k,
     stride_y_m,
     TWO_LEVEL: tl.constexpr,  # rows of x are (outer, inner) pairs, not one stride apart
+    MASK_M: tl.constexpr,  # rows past M read as zeros (else as copies of valid rows)
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no mask on the K steps
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -83,7 +86,11 @@ def _linear_fwd_kernel(
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
 
-    offs_m = (pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # [BM] (past M: a valid row)
+    out_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] unwrapped, for the masks
+    if MASK_M:
+        offs_m = out_m  # past M: masked, never dereferenced
+    else:
+        offs_m = out_m % M  # past M: a valid row
     offs_n = (pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # [BN]
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     if TWO_LEVEL:
@@ -93,14 +100,21 @@ def _linear_fwd_kernel(
     x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * stride_x_k  # [BM, BK]
     w_ptrs = w_ptr + offs_n[None, :] * stride_w_n + offs_k[:, None] * stride_w_k  # [BK, BN]
 
+    row_ok = out_m[:, None] < M  # [BM, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            a = tl.load(x_ptrs)
+            if MASK_M:
+                a = tl.load(x_ptrs, mask=row_ok, other=0.0)
+            else:
+                a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
         else:
             k_left = K - i * BLOCK_K
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            if MASK_M:
+                a = tl.load(x_ptrs, mask=row_ok & (offs_k[None, :] < k_left), other=0.0)
+            else:
+                a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = dot_acc(acc, a, b, "ieee")  # "ieee" only matters for fp32 operands
         x_ptrs += BLOCK_K * stride_x_k
@@ -108,12 +122,11 @@ def _linear_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
-    out_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] unwrapped, for the store mask
     out_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     tl.store(
         y_ptr + out_m[:, None] * stride_y_m + out_n[None, :],
         acc.to(y_ptr.dtype.element_ty),
-        mask=(out_m[:, None] < M) & (out_n[None, :] < N),
+        mask=row_ok & (out_n[None, :] < N),
     )
 
 
@@ -152,45 +165,52 @@ def _linear_config(n: int, k: int, dtype: torch.dtype, hip: bool = False) -> dic
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"linear supports float16, bfloat16 and float32, got {dtype}")
     if dtype == torch.float32:
-        cfg = dict(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=3)
+        cfg = dict(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=3, mask_m=False)
     else:
         block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(max(k, 1)))
         if n > 256:
-            cfg = dict(block_m=128, block_n=256, block_k=block_k, group_m=8, num_warps=8, num_stages=3)
+            cfg = dict(block_m=128, block_n=256, block_k=block_k, group_m=8, num_warps=8, num_stages=3,
+                       mask_m=False)
             if hip:
                 cfg["block_k"] = min(block_k, 32)
         else:
             cfg = dict(block_m=128, block_n=_fit_block(n, (64, 32)), block_k=block_k, group_m=8, num_warps=4,
-                       num_stages=4)
+                       num_stages=4, mask_m=False)
     if hip:
         cfg["num_stages"] = 2
     return cfg
 
 
 # Few rows (decoding steps: one row per sequence of the batch): the products are bound by reading
-# W, so the tiles are thin in N (many programs stream W side by side) and one BLOCK_M-row block
-# covers a whole decoding batch (W is read once). BLOCK_M stays 64 whatever M is: a row's
-# arithmetic is then the same at batch 1 and at batch 64, as in ``linear``.
-_STEP_BLOCK_M = 64
-_STEP_MIN_PROGRAMS = 264  # about two per SM of an H200
+# W once, so what matters is how many bytes of W are in flight. Tiles are 16 rows (the smallest
+# tensor-core tile) and thin in N, so that many programs stream W side by side, several per SM
+# (4 stages of a 16 x 32 x 128 tile take 48 KiB of shared memory); rows past M are masked, so a
+# one-row step reads its row once. BLOCK_M stays 16 whatever M is: a row's arithmetic is the same
+# at batch 1 and at batch 64, as in ``linear``. A larger batch runs several row blocks; GROUP_M
+# covers them all, so the row blocks of one column block run together and W comes from HBM once.
+_STEP_BLOCK_M = 16
+_STEP_BLOCK_K = 128
+_STEP_GROUP_M = 64  # row blocks numbered together: decoding batches up to 1024 rows
+_STEP_MIN_PROGRAMS = 264  # about two per SM of an H100/H200
 
 
 def _step_config(n: int, k: int, dtype: torch.dtype, hip: bool = False) -> dict:
     """Launch configuration of ``linear_step`` for weight [N, K] in ``dtype``: a function of these
-    only, like ``_linear_config``.
+    only, like ``_linear_config``; never a split of K.
 
-    16-bit inputs: 64-row tiles; BLOCK_N the widest of 64, 32, 16 that still gives at least
-    ``_STEP_MIN_PROGRAMS`` column blocks (16 when none does); BLOCK_K 256 (the next power of two
-    >= K, at least 16, for a smaller K), 4 warps, 3 stages. fp32 inputs: ``_linear_config``'s
-    (exact products on the FMA units). AMD: BLOCK_K at most 64 and 2 stages (64 KiB of shared
-    memory per program)."""
+    16-bit inputs: 16-row tiles, rows past M masked; BLOCK_N the widest of 64, 32, 16 that still
+    gives at least ``_STEP_MIN_PROGRAMS`` column blocks (16 when none does); BLOCK_K 128 (the next
+    power of two >= K, at least 16, for a smaller K); 4 warps, 4 stages. fp32 inputs:
+    ``_linear_config``'s (exact products on the FMA units). AMD: BLOCK_K at most 64 and 2 stages
+    (64 KiB of shared memory per program)."""
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"linear supports float16, bfloat16 and float32, got {dtype}")
     if dtype == torch.float32:
         return _linear_config(n, k, dtype, hip)
     block_n = next((b for b in (64, 32) if -(-n // b) >= _STEP_MIN_PROGRAMS), 16)
-    block_k = 256 if k >= 256 else max(16, triton.next_power_of_2(max(k, 1)))
-    cfg = dict(block_m=_STEP_BLOCK_M, block_n=block_n, block_k=block_k, group_m=1, num_warps=4, num_stages=3)
+    block_k = _STEP_BLOCK_K if k >= _STEP_BLOCK_K else max(16, triton.next_power_of_2(max(k, 1)))
+    cfg = dict(block_m=_STEP_BLOCK_M, block_n=block_n, block_k=block_k, group_m=_STEP_GROUP_M, num_warps=4,
+               num_stages=4, mask_m=True)
     if hip:
         cfg.update(block_k=min(block_k, 64), num_stages=2)
     return cfg
@@ -278,7 +298,7 @@ def _linear(x, weight, bias, config, op: str) -> torch.Tensor:
         stride_outer, stride_inner, x.stride(-1),
         weight.stride(0), weight.stride(1),
         n,
-        TWO_LEVEL=m_inner < m, HAS_BIAS=bias is not None, EVEN_K=k % cfg["block_k"] == 0,
+        TWO_LEVEL=m_inner < m, MASK_M=cfg["mask_m"], HAS_BIAS=bias is not None, EVEN_K=k % cfg["block_k"] == 0,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

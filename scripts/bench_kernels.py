@@ -215,9 +215,9 @@ def _mamba1_step_case(batch, d_inner, dt_rank, d_state=16, width=4):
 
 
 def _mamba1_decode_unfused(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                           dt_bias, A, D, bcdt_eps=None):
-    """The Mamba-1 step as the model ran it before ``mamba1_decode``: conv update, x_proj GEMM,
-    dt_proj GEMM (cuBLAS), state update (no bcdt norms)."""
+                           dt_bias, A, D, bcdt_eps=None, linear=None):
+    """The Mamba-1 step as four ops: conv update, x_proj GEMM, dt_proj GEMM (``linear``: cuBLAS's
+    F.linear by default), state update (no bcdt norms)."""
     import torch.nn.functional as F
 
     from mamba_eval.kernels.conv1d import causal_conv1d_update
@@ -225,10 +225,18 @@ def _mamba1_decode_unfused(x, z, conv_state, ssm_state, conv_weight, conv_bias, 
 
     if bcdt_eps is not None:
         raise ValueError("the unfused baseline has no bcdt norms")
+    linear = linear or F.linear
     u = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, "silu")
-    dt, B, C = F.linear(u, x_proj_weight).split([dt_proj_weight.shape[1], A.shape[1], A.shape[1]], dim=-1)
-    return selective_state_update(ssm_state, u, F.linear(dt, dt_proj_weight), A, B, C, D, z,
+    dt, B, C = linear(u, x_proj_weight).split([dt_proj_weight.shape[1], A.shape[1], A.shape[1]], dim=-1)
+    return selective_state_update(ssm_state, u, linear(dt, dt_proj_weight), A, B, C, D, z,
                                   dt_bias=dt_bias, dt_softplus=True)
+
+
+def _mamba1_decode_unfused_invariant(*args, **kwargs):
+    """``_mamba1_decode_unfused`` with the batch-invariant ``linear_step`` for both GEMMs."""
+    from mamba_eval.kernels.matmul import linear_step
+
+    return _mamba1_decode_unfused(*args, **kwargs, linear=linear_step)
 
 
 def _linear_case(rows, k, n, row_stride=None):
@@ -310,6 +318,9 @@ def build_cases() -> list[Case]:
                               kernel=_mamba1_decode_unfused,
                               note="unfused: conv update, x_proj and dt_proj GEMMs (cuBLAS), state update: "
                                    "4 kernels + cuBLAS's split-K reduce; rounds u, dt, B, C to bf16"))
+            cases.append(Case("mamba1_step", "mamba1_decode", f"{shape}, unfused invariant", make, **step,
+                              kernel=_mamba1_decode_unfused_invariant,
+                              note="unfused invariant: the same 4 ops with linear_step for x_proj and dt_proj"))
     # The batch-invariant matrix product (a tiling fixed per (N, K)) against torch's F.linear, whose
     # cuBLAS algorithm is chosen per shape; M = tokens of a forward.
     for m in (4096, 65536):
@@ -327,7 +338,7 @@ def build_cases() -> list[Case]:
             shape = f"{layer} M={m} K={k} N={n}"
             make, flops = _linear_case(m, k, n), 2 * m * n * k
             cases.append(Case("matmul", "linear_step", shape, make, flops=flops, state_arg=1, in_place=False,
-                              note="linear_step: Triton, 64-row tiles fixed per (N, K), rows bitwise "
+                              note="linear_step: Triton, 16-row tiles fixed per (N, K), rows bitwise "
                                    "independent of the batch"))
             cases.append(Case("matmul", "linear_step", f"{shape}, torch", make, flops=flops, state_arg=1,
                               in_place=False, kernel=_torch_linear, note="torch: F.linear (cuBLAS)"))

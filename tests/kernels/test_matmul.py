@@ -81,7 +81,7 @@ def test_linear_matches_reference(case, dtype):
     _matches_reference(mm.linear, case, dtype)
 
 
-# linear_step's tiles (64 x {16, 32, 64} x up to 256) on a few of the cases, 16-bit (fp32 takes
+# linear_step's tiles (16 x {16, 32, 64} x up to 128, rows past M masked) on a few of the cases, 16-bit (fp32 takes
 # linear's configuration).
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[6]],
@@ -193,13 +193,16 @@ def test_configurations_of_the_real_shapes(hip, function):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for name, k, n in REAL_SHAPES:
             cfg = config(n, k, dtype, hip=hip)
-            assert set(cfg) == {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages"}, name
+            assert set(cfg) == {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages",
+                                "mask_m"}, name
             for key in ("block_m", "block_n", "block_k"):
                 assert cfg[key] >= 16 and cfg[key] & (cfg[key] - 1) == 0, (name, cfg)
             elem = torch.finfo(dtype).bits // 8
             smem = cfg["num_stages"] * (cfg["block_m"] + cfg["block_n"]) * cfg["block_k"] * elem
             assert smem <= (64 if hip else 227) * 1024, (name, dtype, cfg)
-    if function == "linear_step":  # enough column blocks to keep the SMs reading W
+    if function == "linear_step":  # enough column blocks to keep the SMs reading W; 16-row tiles, masked
+        assert all(config(n, k, torch.bfloat16)["block_m"] == 16 for _, k, n in REAL_SHAPES)
+        assert all(config(n, k, torch.bfloat16)["mask_m"] for _, k, n in REAL_SHAPES)
         assert mm._step_config(10240, 2560, torch.bfloat16)["block_n"] == 32  # 320 blocks
         assert mm._step_config(2560, 5120, torch.bfloat16)["block_n"] == 16  # 160 blocks
         assert mm._step_config(50280, 2560, torch.bfloat16)["block_n"] == 64
