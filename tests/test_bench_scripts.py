@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -184,12 +185,19 @@ def test_every_test_file_with_a_cuda_path_is_in_the_gpu_check():
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("bench_*.py") if p.name != "bench_common.py")
-                         + ["probe_memory.py", "gpu_check.py"])
+                         + ["probe_memory.py", "gpu_check.py", "tune_step_gemm.py"])
 def test_help(script, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, "--help"])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(SCRIPTS / script), run_name="__main__")
     assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
+def test_tuning_sweep_says_it_needs_a_gpu():
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "tune_step_gemm.py"), "--only", "x_proj"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == "tune_step_gemm.py needs a CUDA GPU"
 
 
 @pytest.mark.parametrize("script,check", [
