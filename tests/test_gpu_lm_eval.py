@@ -1,6 +1,9 @@
 """On a GPU: lm-eval on real documents of hellaswag, piqa, arc_easy, winogrande and
-lambada_openai gives the same accuracies with our Triton kernels as with the reference ops, on
-the same bf16 weights at the published 130m shapes.
+lambada_openai gives the same answers with our Triton kernels as with the reference ops, on the
+same bf16 weights at the published 130m shapes, except at near-ties: two implementations in bf16
+differ by rounding (about 1e-3 of a loglikelihood), and a random-init model's choices are often
+that close, so an answer may flip where, and only where, the two best choices are within that
+difference (at most 1% of the documents).
 
 Skipped without CUDA (CI has no GPU); run on the GPU machine with
 ``python -m pytest -q -s tests/test_gpu_lm_eval.py``. ``MAMBA_EVAL_GPU_DOCS`` sets the number of
@@ -68,9 +71,32 @@ def test_triton_and_ref_score_alike(tmp_path, name):
                for a, b in zip(out["ref"]["samples"][task], out["triton"]["samples"][task])
                for i in range(len(a["resps"]))]
         worst = max(abs(x - y) / max(1.0, abs(x)) for x, y in lls)
+        flips = _flips_at_near_ties(out["ref"]["samples"][task], out["triton"]["samples"][task])
         accs = {k: (ref[k], tri[k]) for k in ("acc,none", "acc_norm,none") if k in ref}
         print(f"{name} {task}: ref / triton {accs}; worst relative loglikelihood difference {worst:.2e} "
-              f"over {len(lls)} requests")
-        for key, (a, b) in accs.items():
-            assert a == b, (task, key, a, b)
+              f"over {len(lls)} requests; {flips} answer(s) flipped at near-ties")
         assert worst < 2e-2, task
+        assert flips <= max(1, len(out["ref"]["samples"][task]) // 100), task
+
+
+def _flips_at_near_ties(ref_samples, tri_samples) -> int:
+    """Documents whose acc or acc_norm differ between the backends. Each must be a near-tie: the
+    reference's two best choices closer than twice the largest difference between the backends'
+    (normalised) loglikelihoods of that document, which bf16 rounding can reorder."""
+    flips = 0
+    for a, b in zip(ref_samples, tri_samples):
+        for key in ("acc", "acc_norm"):
+            if key not in a or a[key] == b[key]:
+                continue
+            flips += 1
+            if len(a["resps"]) < 2:  # lambada: acc is whether the continuation is greedy (no margin here)
+                continue
+            ll_a = torch.tensor([float(r[0][0]) for r in a["resps"]], dtype=torch.float64)
+            ll_b = torch.tensor([float(r[0][0]) for r in b["resps"]], dtype=torch.float64)
+            if key == "acc_norm":  # lm-eval divides by the choice's length in characters
+                chars = torch.tensor([float(len(cont.removeprefix(" "))) for _, cont in a["arguments"]],
+                                     dtype=torch.float64)
+                ll_a, ll_b = ll_a / chars, ll_b / chars
+            top2 = ll_a.topk(2).values
+            assert top2[0] - top2[1] <= 2 * (ll_a - ll_b).abs().max(), (key, a["doc_id"], ll_a, ll_b)
+    return flips
