@@ -67,10 +67,13 @@ def _linear_fwd_kernel(
     w_ptr,  # [N, K]
     b_ptr,  # [N] (read if HAS_BIAS)
     y_ptr,  # [M, N], rows stride_y_m apart, unit column stride
+    part_ptr,  # [SPLIT_K, M, N] fp32 partial sums (written if SPLIT_K > 1, instead of y)
     M, N, K, M_INNER,
     stride_x_outer, stride_x_inner, stride_x_k,
     stride_w_n, stride_w_k,
     stride_y_m,
+    K_PER_SPLIT,  # a multiple of BLOCK_K (with SPLIT_K > 1)
+    SPLIT_K: tl.constexpr,  # programs along K (axis 1 of the grid); 1: no split
     TWO_LEVEL: tl.constexpr,  # rows of x are (outer, inner) pairs, not one stride apart
     MASK_M: tl.constexpr,  # rows past M read as zeros (else as copies of valid rows)
     HAS_BIAS: tl.constexpr,
@@ -97,12 +100,18 @@ def _linear_fwd_kernel(
         x_rows = (offs_m // M_INNER) * stride_x_outer + (offs_m % M_INNER) * stride_x_inner
     else:
         x_rows = offs_m * stride_x_inner
-    x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * stride_x_k  # [BM, BK]
-    w_ptrs = w_ptr + offs_n[None, :] * stride_w_n + offs_k[:, None] * stride_w_k  # [BK, BN]
+    if SPLIT_K > 1:  # this program's share of K: [k_lo, k_lo + K_PER_SPLIT)
+        k_lo = tl.program_id(1).to(tl.int64) * K_PER_SPLIT
+        k_len = tl.minimum(K - k_lo, K_PER_SPLIT)
+    else:
+        k_lo = 0
+        k_len = K
+    x_ptrs = x_ptr + x_rows[:, None] + (k_lo + offs_k[None, :]) * stride_x_k  # [BM, BK]
+    w_ptrs = w_ptr + offs_n[None, :] * stride_w_n + (k_lo + offs_k[:, None]) * stride_w_k  # [BK, BN]
 
     row_ok = out_m[:, None] < M  # [BM, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(tl.cdiv(K, BLOCK_K)):
+    for i in range(tl.cdiv(k_len, BLOCK_K)):
         if EVEN_K:
             if MASK_M:
                 a = tl.load(x_ptrs, mask=row_ok, other=0.0)
@@ -110,7 +119,7 @@ def _linear_fwd_kernel(
                 a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
         else:
-            k_left = K - i * BLOCK_K
+            k_left = k_len - i * BLOCK_K
             if MASK_M:
                 a = tl.load(x_ptrs, mask=row_ok & (offs_k[None, :] < k_left), other=0.0)
             else:
@@ -120,14 +129,38 @@ def _linear_fwd_kernel(
         x_ptrs += BLOCK_K * stride_x_k
         w_ptrs += BLOCK_K * stride_w_k
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
     out_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    tl.store(
-        y_ptr + out_m[:, None] * stride_y_m + out_n[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=row_ok & (out_n[None, :] < N),
-    )
+    out_mask = row_ok & (out_n[None, :] < N)
+    if SPLIT_K > 1:  # the partial sum, reduced by _split_sum_kernel
+        part_ptrs = part_ptr + tl.program_id(1).to(tl.int64) * M * N + out_m[:, None] * N + out_n[None, :]
+        tl.store(part_ptrs, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
+        tl.store(y_ptr + out_m[:, None] * stride_y_m + out_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@jit(do_not_specialize=["M"])
+def _split_sum_kernel(
+    part_ptr,  # [SPLIT_K, M, N] fp32
+    b_ptr,  # [N] (read if HAS_BIAS)
+    y_ptr,  # [M, N], unit column stride
+    M, N,
+    stride_y_m,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """y = sum over s = 0, 1, ..., SPLIT_K - 1 of part[s] (+ bias), in that order, rounded once."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < M * N
+    acc = tl.load(part_ptr + idx, mask=mask, other=0.0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * M * N + idx, mask=mask, other=0.0)
+    n = idx % N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + (idx // N) * stride_y_m + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,44 +198,51 @@ def _linear_config(n: int, k: int, dtype: torch.dtype, hip: bool = False) -> dic
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"linear supports float16, bfloat16 and float32, got {dtype}")
     if dtype == torch.float32:
-        cfg = dict(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=3, mask_m=False)
+        cfg = dict(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=3, mask_m=False,
+                   split_k=1)
     else:
         block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(max(k, 1)))
         if n > 256:
             cfg = dict(block_m=128, block_n=256, block_k=block_k, group_m=8, num_warps=8, num_stages=3,
-                       mask_m=False)
+                       mask_m=False, split_k=1)
             if hip:
                 cfg["block_k"] = min(block_k, 32)
         else:
             cfg = dict(block_m=128, block_n=_fit_block(n, (64, 32)), block_k=block_k, group_m=8, num_warps=4,
-                       num_stages=4, mask_m=False)
+                       num_stages=4, mask_m=False, split_k=1)
     if hip:
         cfg["num_stages"] = 2
     return cfg
 
 
 # Few rows (decoding steps: one row per sequence of the batch): the products are bound by reading
-# W once, so what matters is how many bytes of W are in flight. Tiles are 16 rows (the smallest
-# tensor-core tile) and thin in N, so that many programs stream W side by side, several per SM
-# (4 stages of a 16 x 32 x 128 tile take 48 KiB of shared memory); rows past M are masked, so a
-# one-row step reads its row once. BLOCK_M stays 16 whatever M is: a row's arithmetic is the same
-# at batch 1 and at batch 64, as in ``linear``. A larger batch runs several row blocks; GROUP_M
+# W once, and a program reads only as fast as the bytes it keeps in flight (its pipeline stages)
+# allow, so what matters is that many programs stream W side by side. Tiles are 16 rows (the
+# smallest tensor-core tile) and thin in N, several programs fit an SM (4 stages of a
+# 16 x 32 x 128 tile take 48 KiB of shared memory), and rows past M are masked, so a one-row step
+# reads its row once. A weight with few column blocks (x_proj, out_proj) is also cut along K into
+# a fixed number of splits, whose fp32 partial sums a second kernel adds in split order. BLOCK_M
+# stays 16 whatever M is, and the splits depend on (N, K) only: a row's arithmetic is the same at
+# batch 1 and at batch 64, as in ``linear``. A larger batch runs several row blocks; GROUP_M
 # covers them all, so the row blocks of one column block run together and W comes from HBM once.
 _STEP_BLOCK_M = 16
 _STEP_BLOCK_K = 128
 _STEP_GROUP_M = 64  # row blocks numbered together: decoding batches up to 1024 rows
 _STEP_MIN_PROGRAMS = 264  # about two per SM of an H100/H200
+_STEP_MAX_SPLIT = 16
 
 
 def _step_config(n: int, k: int, dtype: torch.dtype, hip: bool = False) -> dict:
     """Launch configuration of ``linear_step`` for weight [N, K] in ``dtype``: a function of these
-    only, like ``_linear_config``; never a split of K.
+    only, like ``_linear_config``.
 
     16-bit inputs: 16-row tiles, rows past M masked; BLOCK_N the widest of 64, 32, 16 that still
     gives at least ``_STEP_MIN_PROGRAMS`` column blocks (16 when none does); BLOCK_K 128 (the next
-    power of two >= K, at least 16, for a smaller K); 4 warps, 4 stages. fp32 inputs:
-    ``_linear_config``'s (exact products on the FMA units). AMD: BLOCK_K at most 64 and 2 stages
-    (64 KiB of shared memory per program)."""
+    power of two >= K, at least 16, for a smaller K); 4 warps, 4 stages; and, when the column
+    blocks are fewer than ``_STEP_MIN_PROGRAMS``, K cut into as many splits (of whole BLOCK_K steps,
+    at most ``_STEP_MAX_SPLIT``) as make up the difference. fp32 inputs: ``_linear_config``'s
+    (exact products on the FMA units). AMD: BLOCK_K at most 64 and 2 stages (64 KiB of shared
+    memory per program)."""
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"linear supports float16, bfloat16 and float32, got {dtype}")
     if dtype == torch.float32:
@@ -213,7 +253,17 @@ def _step_config(n: int, k: int, dtype: torch.dtype, hip: bool = False) -> dict:
                num_stages=4, mask_m=True)
     if hip:
         cfg.update(block_k=min(block_k, 64), num_stages=2)
+    cfg["split_k"] = _step_splits(n, k, block_n, cfg["block_k"])
     return cfg
+
+
+def _step_splits(n: int, k: int, block_n: int, block_k: int) -> int:
+    """Splits of K (whole BLOCK_K steps, at most ``_STEP_MAX_SPLIT``) that bring the column blocks
+    up to about ``_STEP_MIN_PROGRAMS`` programs; 1 when there are that many already."""
+    wanted = min(_STEP_MAX_SPLIT, -(-_STEP_MIN_PROGRAMS // -(-max(n, 1) // block_n)))
+    steps = max(1, -(-k // block_k))
+    per_split = -(-steps // max(1, min(wanted, steps)))
+    return -(-steps // per_split)
 
 
 def _rows_view(x: torch.Tensor) -> tuple[int, int, int] | None:
@@ -291,15 +341,26 @@ def _linear(x, weight, bias, config, op: str) -> torch.Tensor:
         x = x.contiguous()
         view = _rows_view(x)
     m_inner, stride_outer, stride_inner = view
-    grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]),)
+    split = cfg["split_k"]
+    k_per_split = -(-max(k, 1) // (split * cfg["block_k"])) * cfg["block_k"]  # whole BLOCK_K steps
+    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]), split)
     _linear_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, y,
+        x, weight, bias if bias is not None else weight, y, part,
         m, n, k, m_inner,
         stride_outer, stride_inner, x.stride(-1),
         weight.stride(0), weight.stride(1),
         n,
-        TWO_LEVEL=m_inner < m, MASK_M=cfg["mask_m"], HAS_BIAS=bias is not None, EVEN_K=k % cfg["block_k"] == 0,
+        k_per_split,
+        SPLIT_K=split, TWO_LEVEL=m_inner < m, MASK_M=cfg["mask_m"], HAS_BIAS=bias is not None,
+        EVEN_K=k % cfg["block_k"] == 0,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if split > 1:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(m * n, block),)](
+            part, bias if bias is not None else weight, y, m, n, n,
+            SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        )
     return y

@@ -3,7 +3,8 @@
 products) at the model's projection shapes, to choose ``_step_config``'s rule from measurements.
 
 For every shape of ``bench_kernels.LINEAR_SHAPES`` (or those named with ``--only``) and every
-candidate configuration (BLOCK_M x BLOCK_N x BLOCK_K x stages x warps; rows past M masked):
+candidate configuration (BLOCK_M x BLOCK_N x BLOCK_K x stages x warps x splits of K, where
+``--split auto`` is ``_step_config``'s rule for that tile; rows past M masked):
 
 1. checks the product against F.linear in fp32 on the same bf16 inputs (relative max error
    within bf16 rounding), and that each row's bits at M = 1 and M = 8 equal the same rows among
@@ -18,7 +19,7 @@ candidate configuration (BLOCK_M x BLOCK_N x BLOCK_K x stages x warps; rows past
 Usage (a CUDA GPU)::
 
     python scripts/tune_step_gemm.py [--only in_proj out_proj ...] [--block-m 16,64] [--block-n 16,32,64]
-        [--block-k 128,256] [--stages 3,4,6] [--warps 4] [--json PATH]
+        [--block-k 128,256] [--stages 3,4,6] [--warps 4] [--split 1,auto] [--json PATH]
 """
 
 from __future__ import annotations
@@ -42,21 +43,25 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-def candidates(args, k: int) -> list[dict]:
+def candidates(args, n: int, k: int) -> list[dict]:
+    import mamba_eval.kernels.matmul as mm
+
     out = []
-    for bm, bn, bkk, stages, warps in itertools.product(args.block_m, args.block_n, args.block_k, args.stages,
-                                                        args.warps):
+    for bm, bn, bkk, stages, warps, split in itertools.product(args.block_m, args.block_n, args.block_k, args.stages,
+                                                               args.warps, args.split):
         bkk = min(bkk, max(16, 1 << (max(k, 1) - 1).bit_length()))  # no wider than the next power of two >= K
         smem = stages * (bm + bn) * bkk * 2
+        split = mm._step_splits(n, k, bn, bkk) if split == "auto" else int(split)
         cfg = dict(block_m=bm, block_n=bn, block_k=bkk, group_m=64, num_warps=warps, num_stages=stages,
-                   mask_m=True)
+                   mask_m=True, split_k=split)
         if smem <= SMEM_LIMIT and cfg not in out:
             out.append(cfg)
     return out
 
 
 def label(cfg: dict) -> str:
-    return f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} w{cfg['num_warps']} s{cfg['num_stages']}"
+    return (f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            f" split {cfg['split_k']}")
 
 
 def _run(cfg, x, w):
@@ -83,6 +88,8 @@ def main() -> int:
     ap.add_argument("--block-k", type=_ints, default=[128, 256])
     ap.add_argument("--stages", type=_ints, default=[3, 4, 6])
     ap.add_argument("--warps", type=_ints, default=[4])
+    ap.add_argument("--split", type=lambda t: t.split(","), default=["1", "auto"],
+                    help="splits of K: numbers, or auto (the rule of _step_config)")
     ap.add_argument("--graph-steps", type=int, default=200)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -101,7 +108,7 @@ def main() -> int:
         bound_ms = n * k * 2 / bandwidth * 1e3
         today = mm._step_config(n, k, torch.bfloat16)
         variants = [("cuBLAS", None)] + [(label(c) + (" (today)" if c == today else ""), c)
-                                         for c in candidates(args, k)]
+                                         for c in candidates(args, n, k)]
         if today not in [c for _, c in variants]:
             variants.append((label(today) + " (today)", today))
         today_y = _run(today, x64, w)

@@ -82,9 +82,13 @@ def test_linear_matches_reference(case, dtype):
 
 
 # linear_step's tiles (16 x {16, 32, 64} x up to 128, rows past M masked) on a few of the cases, 16-bit (fp32 takes
-# linear's configuration).
+# linear's configuration), and two with K cut into splits: 3 of 128, and 6 with the last K step masked.
+STEP_CASES = [CASES[0], CASES[1], CASES[3], CASES[6], ((7,), 300, 40, True, "contiguous"),
+              ((2, 5), 700, 24, False, "transposed")]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[6]],
+@pytest.mark.parametrize("case", STEP_CASES,
                          ids=lambda c: f"{'x'.join(map(str, c[0])) or 'vec'}-K{c[1]}-N{c[2]}-{c[4]}")
 def test_linear_step_matches_reference(case, dtype):
     _matches_reference(mm.linear_step, case, dtype)
@@ -138,7 +142,7 @@ def _rows_are_independent(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
 
 @pytest.mark.parametrize("function", list(FUNCTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kn", [(100, 300), (48, 80)], ids=["wide", "narrow"])
+@pytest.mark.parametrize("kn", [(100, 300), (48, 80), (300, 40)], ids=["wide", "narrow", "long"])
 def test_rows_do_not_depend_on_the_other_rows(kn, dtype, function):
     """M = 1, 5, 64 out of 200 rows (several row blocks, the last partial), and all rows shuffled."""
     fn = FUNCTIONS[function][0]
@@ -194,7 +198,7 @@ def test_configurations_of_the_real_shapes(hip, function):
         for name, k, n in REAL_SHAPES:
             cfg = config(n, k, dtype, hip=hip)
             assert set(cfg) == {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages",
-                                "mask_m"}, name
+                                "mask_m", "split_k"}, name
             for key in ("block_m", "block_n", "block_k"):
                 assert cfg[key] >= 16 and cfg[key] & (cfg[key] - 1) == 0, (name, cfg)
             elem = torch.finfo(dtype).bits // 8
@@ -206,6 +210,14 @@ def test_configurations_of_the_real_shapes(hip, function):
         assert mm._step_config(10240, 2560, torch.bfloat16)["block_n"] == 32  # 320 blocks
         assert mm._step_config(2560, 5120, torch.bfloat16)["block_n"] == 16  # 160 blocks
         assert mm._step_config(50280, 2560, torch.bfloat16)["block_n"] == 64
+        # Few column blocks: K split into whole 128-wide steps, enough programs, no empty split.
+        assert mm._step_config(10240, 2560, torch.bfloat16)["split_k"] == 1
+        for n, k in ((2560, 5120), (192, 5120), (80, 1536), (768, 1536)):
+            cfg = mm._step_config(n, k, torch.bfloat16)
+            steps, split = -(-k // 128), cfg["split_k"]
+            assert 1 < split <= 16 and (split - 1) * -(-steps // split) < steps, (n, k, cfg)
+        assert mm._step_config(2560, 5120, torch.bfloat16)["split_k"] == 2  # 160 column blocks x 2
+        assert mm._step_config(192, 5120, torch.bfloat16)["split_k"] == 14  # 12 x 14: 3 steps each
         return
     assert mm._linear_config(80, 1536, torch.bfloat16)["block_n"] == 32  # 3 x 32 = 96 columns for 80
     assert mm._linear_config(192, 5120, torch.bfloat16)["block_n"] == 64  # 3 x 64, no waste
