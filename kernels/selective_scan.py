@@ -31,7 +31,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .utils import discretise_dt, jit, new_output, require_triton, silu_approx, sm_count, softplus, tl, triton
+from .utils import (
+    affine_scan, discretise_dt, jit, last_row, new_output, require_triton, silu_approx, sm_count, softplus, tl, triton,
+)
 
 
 def selective_scan_ref(
@@ -138,16 +140,6 @@ def selective_state_update_ref(
 # prod(dA) per (t, n, d), one exp each again: no cheaper.)
 
 
-@jit
-def _affine(a1, b1, a2, b2):
-    """Composition of x -> a1 x + b1 then x -> a2 x + b2 (the recurrence's scan operator)."""
-    return a1 * a2, a2 * b1 + b2
-
-
-@jit
-def _right(a, b):
-    """Reduction operator that keeps the later element (tl.reduce with it picks the last row)."""
-    return b
 
 
 @jit
@@ -215,8 +207,8 @@ def _scan_tile(
     Bf, Cf = tl.split(tl.join(Bt.to(tl.float32), Ct.to(tl.float32)))  # [BL, BN] each
     dBu = (dt * u)[:, None, :] * Bf[:, :, None]  # [BL, BN, BD]
     dBu = tl.where((rl == 0)[:, None, None], dA * h[None, :, :] + dBu, dBu)  # carry the state in
-    _, hs = tl.associative_scan((dA, dBu), 0, _affine)  # hs[t] = h_t  [BL, BN, BD]
-    h = tl.reduce(hs, 0, _right)  # h at the tile's last position [BN, BD]
+    hs = affine_scan(dA, dBu)  # hs[t] = h_t  [BL, BN, BD]
+    h = last_row(hs)  # h at the tile's last position [BN, BD]
     if WRITE_Y:
         y = tl.sum(hs * Cf[:, :, None], axis=1)  # [BL, BD]
         if HAS_D:

@@ -135,6 +135,68 @@ else:
 
 
 # ---------------------------------------------------------------------------------------------
+# The linear recurrence along a tile: a scan on a GPU; under the interpreter, a vectorised loop
+# ---------------------------------------------------------------------------------------------
+#
+# ``affine_scan(a, b)`` over axis 0 of [L, ...] tiles returns h with h[0] = b[0] and
+# h[t] = a[t] * h[t-1] + b[t]; ``last_row(x)`` is x[L-1]. On a GPU they are tl.associative_scan
+# with the composition of affine maps and tl.reduce keeping the later element. The interpreter
+# runs a scan or reduce with a user-defined operator one element at a time in Python (a Mamba-1
+# model test spent minutes there); its loop below does the same products and sums in the same
+# order, once per position for the whole tile.
+
+
+@jit
+def _affine(a1, b1, a2, b2):
+    """Composition of x -> a1 x + b1 then x -> a2 x + b2 (the recurrence's scan operator)."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@jit
+def _right(a, b):
+    """Reduction operator that keeps the later element (tl.reduce with it picks the last row)."""
+    return b
+
+
+if triton is not None and INTERPRETED:
+
+    @triton.jit
+    def _row(x, t):
+        """x[t] of a [L, BN, BD] tile (one row selected by a mask; adding zeros is exact)."""
+        rows = tl.arange(0, x.shape[0])
+        return tl.sum(tl.where((rows == t)[:, None, None], x, 0.0), axis=0)
+
+    @triton.jit
+    def affine_scan(a, b):
+        """h[t] = a[t] h[t-1] + b[t] along axis 0 of [L, BN, BD] tiles (interpreter: a loop over t)."""
+        rows = tl.arange(0, a.shape[0])
+        h = _row(b, 0)
+        hs = tl.where((rows == 0)[:, None, None], h[None, :, :], 0.0)
+        for t in range(1, a.shape[0]):  # the interpreter runs this as Python
+            h = _row(a, t) * h + _row(b, t)
+            hs = tl.where((rows == t)[:, None, None], h[None, :, :], hs)
+        return hs
+
+    @triton.jit
+    def last_row(x):
+        """x[L-1] of a [L, BN, BD] tile (interpreter: a masked sum)."""
+        return _row(x, x.shape[0] - 1)
+
+else:
+
+    @jit
+    def affine_scan(a, b):
+        """h[t] = a[t] h[t-1] + b[t] along axis 0 (h[0] = b[0]): an associative scan."""
+        _, hs = tl.associative_scan((a, b), 0, _affine)
+        return hs
+
+    @jit
+    def last_row(x):
+        """x[L-1] along axis 0."""
+        return tl.reduce(x, 0, _right)
+
+
+# ---------------------------------------------------------------------------------------------
 # Activations (fp32 in, fp32 out)
 # ---------------------------------------------------------------------------------------------
 
