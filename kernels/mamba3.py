@@ -48,7 +48,8 @@ Shapes (glossary in ``mamba_eval.kernels``; R ranks, S angles):
     B_bias, C_bias [H, R, N]; D [H]; mimo_x [H, R, P] or None (SISO);
     y [B, L, R, H, P] fp32 (the mixer gates it, contracts the ranks and casts).
 
-Only references so far; Triton kernels will take the same signatures.
+``mamba3_step`` is the Triton version of ``mamba3_step_ref`` (one program per batch row and
+head); the chunked scan has only its reference so far.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .utils import segsum
+from .utils import jit, new_output, require_triton, segsum, tl, triton
 
 _TWO_PI = 2 * math.pi
 
@@ -332,4 +333,175 @@ def mamba3_step_ref(
     ssm_state.copy_(ssm)
     k_state.copy_(k)
     v_state.copy_(x)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: the decoding step
+# ---------------------------------------------------------------------------------------------
+#
+# One program per (batch row, head) holds the head's state S [P, N] in registers, split by the
+# rotation's pairs into the first and the second coordinate of every pair j < N/2 (pairs (2j,
+# 2j+1) when PAIRWISE, else (j, j + N/2)): a rotation is then element-wise on the two halves.
+# Pairs j >= S get the angle 0, whose cosine 1 and sine 0 leave them exactly unchanged. Every
+# value is fp32; the state is rounded once when stored, the previous input kept in x's dtype.
+
+
+@jit
+def _tanh(x):
+    """tanh in fp32 from one exp2: sign(x) (1 - e) / (1 + e), e = exp(-2|x|) (absolute error ~1e-7)."""
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # 2 log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@jit
+def _mamba3_step_kernel(
+    theta_ptr, ssm_ptr, k_ptr, v_ptr,  # states: [B, H, S], [B, H, P, N], [B, R, H, N], [B, H, P]
+    x_ptr, dt_ptr, a_ptr, lam_ptr, b_ptr, c_ptr, ang_ptr,  # [B, H, P], [B, H] x3, [B, R, G, N] x2, [B, S]
+    bb_ptr, cb_ptr, d_ptr, mx_ptr,  # [H, R, N] x2, [H], [H, R, P] (MIMO)
+    y_ptr,  # [B, R, H, P] fp32 out
+    H, P, N, S, HEADS_PER_GROUP,
+    s_th_b, s_th_h, s_th_s,
+    s_ss_b, s_ss_h, s_ss_p, s_ss_n,
+    s_k_b, s_k_r, s_k_h, s_k_n,
+    s_v_b, s_v_h, s_v_p,
+    s_x_b, s_x_h, s_x_p,
+    s_dt_b, s_dt_h, s_a_b, s_a_h, s_l_b, s_l_h,
+    s_b_b, s_b_r, s_b_g, s_b_n,
+    s_c_b, s_c_r, s_c_g, s_c_n,
+    s_ang_b, s_ang_s,
+    R: tl.constexpr, PAIRWISE: tl.constexpr, MIMO: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    g = h // HEADS_PER_GROUP
+    half = N // 2
+    j = tl.arange(0, BLOCK_J)  # pair index
+    mask_j = j < half
+    if PAIRWISE:
+        first = 2 * j
+        second = first + 1
+    else:
+        first = j
+        second = j + half
+    p = tl.arange(0, BLOCK_P)
+    mask_p = p < P
+    mask_pj = mask_p[:, None] & mask_j[None, :]
+
+    dt = tl.load(dt_ptr + b * s_dt_b + h * s_dt_h).to(tl.float32)
+    a = tl.load(a_ptr + b * s_a_b + h * s_a_h).to(tl.float32)
+    lam = tl.load(lam_ptr + b * s_l_b + h * s_l_h).to(tl.float32)
+    alpha = tl.exp(dt * a)
+    beta = (1.0 - lam) * dt * alpha
+    gamma = lam * dt
+
+    # θ_t = wrap(θ_{t-1} + π tanh(angles) Δ) for the S rotated pairs; 0 (no rotation) for the rest.
+    mask_s = j < S
+    ang = tl.load(ang_ptr + b * s_ang_b + j * s_ang_s, mask=mask_s, other=0.0).to(tl.float32)
+    theta = tl.load(theta_ptr + b * s_th_b + h * s_th_h + j * s_th_s, mask=mask_s, other=0.0)
+    theta = theta + 3.141592653589793 * _tanh(ang) * dt
+    theta = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
+    theta = tl.where(mask_s, theta, 0.0)
+    tl.store(theta_ptr + b * s_th_b + h * s_th_h + j * s_th_s, theta, mask=mask_s)
+    cos = tl.cos(theta)
+    sin = tl.sin(theta)
+
+    ss = ssm_ptr + b * s_ss_b + h * s_ss_h + p[:, None] * s_ss_p
+    s1 = alpha * tl.load(ss + first[None, :] * s_ss_n, mask=mask_pj, other=0.0).to(tl.float32)  # [BP, BJ]
+    s2 = alpha * tl.load(ss + second[None, :] * s_ss_n, mask=mask_pj, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * s_x_b + h * s_x_h + p * s_x_p, mask=mask_p, other=0.0)
+    xf = x.to(tl.float32)
+    x_prev = tl.load(v_ptr + b * s_v_b + h * s_v_h + p * s_v_p, mask=mask_p, other=0.0).to(tl.float32)
+    for r in tl.static_range(R):
+        v = xf
+        v_prev = x_prev
+        if MIMO:
+            mx = tl.load(mx_ptr + (h * R + r) * P + p, mask=mask_p, other=0.0).to(tl.float32)
+            v = xf * mx
+            v_prev = x_prev * mx
+        kp = k_ptr + b * s_k_b + r * s_k_r + h * s_k_h
+        k1_prev = tl.load(kp + first * s_k_n, mask=mask_j, other=0.0)
+        k2_prev = tl.load(kp + second * s_k_n, mask=mask_j, other=0.0)
+        bp = b_ptr + b * s_b_b + r * s_b_r + g * s_b_g
+        bias = bb_ptr + (h * R + r) * N
+        kb1 = tl.load(bp + first * s_b_n, mask=mask_j, other=0.0).to(tl.float32) + \
+            tl.load(bias + first, mask=mask_j, other=0.0).to(tl.float32)
+        kb2 = tl.load(bp + second * s_b_n, mask=mask_j, other=0.0).to(tl.float32) + \
+            tl.load(bias + second, mask=mask_j, other=0.0).to(tl.float32)
+        k1 = kb1 * cos - kb2 * sin
+        k2 = kb1 * sin + kb2 * cos
+        tl.store(kp + first * s_k_n, k1, mask=mask_j)
+        tl.store(kp + second * s_k_n, k2, mask=mask_j)
+        s1 += beta * v_prev[:, None] * k1_prev[None, :] + gamma * v[:, None] * k1[None, :]
+        s2 += beta * v_prev[:, None] * k2_prev[None, :] + gamma * v[:, None] * k2[None, :]
+    tl.store(ss + first[None, :] * s_ss_n, s1.to(ssm_ptr.dtype.element_ty), mask=mask_pj)
+    tl.store(ss + second[None, :] * s_ss_n, s2.to(ssm_ptr.dtype.element_ty), mask=mask_pj)
+    tl.store(v_ptr + b * s_v_b + h * s_v_h + p * s_v_p, x, mask=mask_p)
+
+    d = tl.load(d_ptr + h).to(tl.float32)
+    for r in tl.static_range(R):
+        v = xf
+        if MIMO:
+            v = xf * tl.load(mx_ptr + (h * R + r) * P + p, mask=mask_p, other=0.0).to(tl.float32)
+        cp = c_ptr + b * s_c_b + r * s_c_r + g * s_c_g
+        bias = cb_ptr + (h * R + r) * N
+        qb1 = tl.load(cp + first * s_c_n, mask=mask_j, other=0.0).to(tl.float32) + \
+            tl.load(bias + first, mask=mask_j, other=0.0).to(tl.float32)
+        qb2 = tl.load(cp + second * s_c_n, mask=mask_j, other=0.0).to(tl.float32) + \
+            tl.load(bias + second, mask=mask_j, other=0.0).to(tl.float32)
+        q1 = qb1 * cos - qb2 * sin
+        q2 = qb1 * sin + qb2 * cos
+        y = tl.sum(s1 * q1[None, :], axis=1) + tl.sum(s2 * q2[None, :], axis=1) + d * v
+        tl.store(y_ptr + ((b * R + r) * H + h) * P + p, y, mask=mask_p)
+
+
+def mamba3_step(
+    angle_state: torch.Tensor,  # [B, H, S] fp32, updated in place
+    ssm_state: torch.Tensor,  # [B, H, P, N], updated in place
+    k_state: torch.Tensor,  # [B, R, H, N] fp32, updated in place
+    v_state: torch.Tensor,  # [B, H, P], updated in place
+    x: torch.Tensor,  # [B, H, P]
+    dt: torch.Tensor,  # [B, H] Δ
+    A: torch.Tensor,  # [B, H]
+    lam: torch.Tensor,  # [B, H] λ
+    B: torch.Tensor,  # [B, R, G, N]
+    C: torch.Tensor,  # [B, R, G, N]
+    angles: torch.Tensor,  # [B, S]
+    B_bias: torch.Tensor,  # [H, R, N]
+    C_bias: torch.Tensor,  # [H, R, N]
+    D: torch.Tensor,  # [H]
+    mimo_x: torch.Tensor | None = None,  # [H, R, P]
+    *,
+    pairwise: bool = True,
+) -> torch.Tensor:
+    """Triton version of ``mamba3_step_ref`` (same arguments, results and in-place updates): one
+    launch, no host synchronisation (CUDA-graph safe). Any strides for every tensor but the
+    weights (B_bias, C_bias, D, mimo_x are made contiguous: they are small)."""
+    require_triton("mamba3_step")
+    state = (angle_state, ssm_state, k_state, v_state)
+    _check_shapes(x, dt, A, lam, B, C, angles, B_bias, C_bias, D, mimo_x, state)
+    batch, nheads, headdim = x.shape
+    rank, ngroups, d_state = B.shape[-3:]
+    n_angles = angles.shape[-1]
+    if d_state % 2:
+        raise ValueError(f"mamba3_step needs an even d_state (coordinate pairs), got N={d_state}")
+    if angle_state.dtype != torch.float32 or k_state.dtype != torch.float32:
+        raise ValueError("the angle and key states must be float32")
+    y = new_output((batch, rank, nheads, headdim), torch.float32, x.device)
+    if batch == 0:
+        return y
+    B_bias, C_bias, D = B_bias.contiguous(), C_bias.contiguous(), D.contiguous()
+    mimo = mimo_x is not None
+    mx = mimo_x.contiguous() if mimo else x
+    _mamba3_step_kernel[(batch, nheads)](
+        angle_state, ssm_state, k_state, v_state, x, dt, A, lam, B, C, angles, B_bias, C_bias, D, mx, y,
+        nheads, headdim, d_state, n_angles, nheads // ngroups,
+        *angle_state.stride(), *ssm_state.stride(), *k_state.stride(), *v_state.stride(), *x.stride(),
+        *dt.stride(), *A.stride(), *lam.stride(), *B.stride(), *C.stride(), *angles.stride(),
+        R=rank, PAIRWISE=pairwise, MIMO=mimo,
+        BLOCK_P=max(2, triton.next_power_of_2(headdim)), BLOCK_J=max(2, triton.next_power_of_2(d_state // 2)),
+        num_warps=4,
+    )
     return y
