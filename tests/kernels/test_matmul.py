@@ -83,8 +83,8 @@ def test_linear_matches_reference(case, dtype):
 
 # linear_step's tiles (16 x {16, 32, 64} x up to 128, rows past M masked) on a few of the cases, 16-bit (fp32 takes
 # linear's configuration), and two with K cut into splits: 3 of 128, and 6 with the last K step masked.
-STEP_CASES = [CASES[0], CASES[1], CASES[3], CASES[6], ((7,), 300, 40, True, "contiguous"),
-              ((2, 5), 700, 24, False, "transposed")]
+STEP_CASES = [CASES[0], ((37,), 100, 300, True, "contiguous"), CASES[3], CASES[6],
+              ((7,), 300, 40, True, "contiguous"), ((2, 5), 700, 24, False, "transposed")]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -144,10 +144,11 @@ def _rows_are_independent(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kn", [(100, 300), (48, 80), (300, 40)], ids=["wide", "narrow", "long"])
 def test_rows_do_not_depend_on_the_other_rows(kn, dtype, function):
-    """M = 1, 5, 64 out of 200 rows (several row blocks, the last partial), and all rows shuffled."""
+    """M = 1, 5, 64 out of 200 rows for linear, 70 for linear_step (a decoding batch; several row
+    blocks, the last partial), and all rows shuffled."""
     fn = FUNCTIONS[function][0]
     k, n = kn
-    x = _randn(200, k, dtype=dtype, seed=3)
+    x = _randn(200 if function == "linear" else 70, k, dtype=dtype, seed=3)
     w = _randn(n, k, dtype=dtype, seed=4, scale=k ** -0.5)
     _rows_are_independent(x, w, _randn(n, dtype=dtype, seed=5), subsets=(1, 5, 64), fn=fn)
     # The same rows read through a strided view (a column slice of a wider tensor) give the same bits.
