@@ -34,6 +34,13 @@ sys.path.insert(0, str(Path(__file__).parent))  # `from helpers import ...` from
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the README's test command runs one worker per core) each worker, and every
+# process it starts, computes on one thread: two workers with a thread per core each would put two
+# OpenMP threads on every core, and those wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # Every lm-eval run in the suite (in this process and the subprocesses it starts) uses the task-index
 # and template caches, which `mamba-eval` turns on for users: without them each run rebuilds lm-eval's
 # task index from ~15,000 YAML files, about 10 CPU-seconds. The caches' exactness is tested against

@@ -682,7 +682,7 @@ def test_prof_eval_smoke(data_dir, tmp_path):
     out = tmp_path / "prof.json"
     proc = subprocess.run(
         [sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--limit", "4",
-         "--batch-size", "8", "--data-dir", str(data_dir), "--interval", "0.001", "--json", str(out)],
+         "--batch-size", "8", "--data-dir", str(data_dir), "--interval", "0.005", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
