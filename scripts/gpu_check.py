@@ -16,6 +16,7 @@ Workflow (the GPU machine takes one command of at most 10 minutes, 30 minutes a 
 
 1. On the CPU machine, from the repository root:
        ../shared/device/wheelhouse.sh          # .whl/: lm-eval and what else the GPU image lacks
+       pip download --no-deps -d .whl pytest-xdist execnet   # optional: the tests on several workers
        ../shared/device/peers.sh fetch         # .whl/peers/: mamba_ssm and causal_conv1d sources
        python scripts/gpu_check.py --prepare   # runs/gpu_check/: the commit stamp and the data
 2. On the GPU machine, carrying ``.whl`` and ``runs/gpu_check``, one call after the other (the
@@ -134,9 +135,20 @@ def parse_junit(path: Path) -> dict:
             "skipped": counts["skipped"], "failures": sorted(failures), "skip_reasons": dict(sorted(skips.items()))}
 
 
+def test_workers() -> list[str]:
+    """pytest-xdist arguments when it is installed: the tests' time there goes mostly to compiling
+    Triton kernels on the CPU, so a few workers sharing the one GPU finish in a fraction of the time."""
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        return []
+    return ["-n", str(max(1, min(6, (os.cpu_count() or 1) // 2)))]
+
+
 def run_tests(group: str, env: dict, log: Path, work: Path, timeout: float) -> dict:
     xml = work / f"{group}.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *GPU_TESTS[group]]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *test_workers(),
+           *GPU_TESTS[group]]
     rc, seconds = run_logged(cmd, {**env, "MAMBA_EVAL_TEST_SIZES": "real"}, log, timeout)
     entry = {"command": "MAMBA_EVAL_TEST_SIZES=real python -m pytest " + " ".join(GPU_TESTS[group]),
              "seconds": round(seconds, 1)}
