@@ -82,8 +82,7 @@ BENCHES = {
     "kernels": ("Kernels", ["scripts/bench_kernels.py"]),
     "eval": ("Full HellaSwag through lm_eval", ["scripts/bench_eval.py"]),
     "7b": ("7B shapes", ["scripts/bench_7b.py"]),
-    "gen-task": ("Generation task through lm-eval", ["scripts/bench_gen_task.py", "--shapes", "mamba-130m,mamba-2.8b",
-                                                     "--lengths", "1k,4k"]),
+    "gen-task": ("Generation task through lm-eval (128 answers of 256 tokens)", ["scripts/bench_gen_task.py"]),
     "memory": ("Passkey probe memory", ["scripts/probe_memory.py", "--lengths", "16k,1m"]),
 }
 PARTS = [*GPU_TESTS, *BENCHES]
@@ -312,11 +311,13 @@ def summarize_7b(data: dict) -> dict:
 
 
 def summarize_gen_task(data: dict) -> dict:
-    columns = [_col("model", "model"), _col("task", "task"), _col("requests", "requests"),
-               _col("generated_tokens", "generated tokens"), _col("ms_per_generated_token", "ms/token", ".3f"),
-               _col("decode_ms_per_generated_token", "decode ms/token", ".3f"),
-               _col("exact_match", "exact_match", ".3f")]
-    return {"columns": columns, "rows": [{c[0]: r.get(c[0]) for c in columns} for r in data["rows"]], "peer": None}
+    columns = [_col("shape", "shape"), _col("model", "model"), _col("whole_process_s", "whole process s", ".1f"),
+               _col("generation_s", "generation s", ".2f"), _col("generated_tokens", "generated tokens"),
+               _col("tokens_per_s", "tok/s", ",.0f"), _col("same_as_hf", "same answers as hf"),
+               _col("same_as_ours", "same answers as ours")]
+    peers = [m for m in data.get("models", []) if m != "mamba"]
+    return {"columns": columns, "rows": [{c[0]: r.get(c[0]) for c in columns} for r in data["rows"]],
+            "peer": ", ".join(peers) or None}
 
 
 def summarize_memory(data: dict) -> dict:

@@ -213,3 +213,20 @@ def test_tiny_cpu_run(script, check, tmp_path):
     data = json.loads(out.read_text())
     assert check(data) and data["peer"] is None and "commit" in data
     assert "speed vs" not in proc.stdout and "stored:" not in proc.stdout  # toy shapes: no peer, no stored figure
+
+
+def test_generation_task_through_lm_eval_beside_hf(tmp_path, data_dir):
+    """bench_gen_task.py on the CPU: the repo's long-answer task through ``lm_eval --model mamba`` and
+    ``--model hf`` on the same tensors; both decode every requested token, and in fp32 the two
+    independent implementations give the same greedy answers."""
+    out = tmp_path / "gen.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_gen_task.py"), "--shapes", "tiny", "--device", "cpu",
+                           "--dtype", "float32", "--models", "mamba,hf", "--limit", "3", "--max-gen-toks", "12",
+                           "--batch-size", "3", "--data-dir", str(data_dir), "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"mamba", "hf"}
+    for r in rows.values():
+        assert r["requests"] == 3 and r["generated_tokens"] == 3 * 12 and r["generation_s"] > 0
+    assert rows["mamba"]["same_as_hf"] == "3/3" and rows["hf"]["same_as_ours"] == "3/3"
