@@ -59,7 +59,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .utils import jit, new_output, require_triton, segsum, tl, triton
+from .utils import dot, jit, new_output, require_triton, segsum, tl, triton
 
 _TWO_PI = 2 * math.pi
 
@@ -198,6 +198,55 @@ def mamba3_recurrent_ref(
     return torch.stack(ys, dim=1), (theta, ssm, k_prev, x[:, -1].clone())
 
 
+def _scan_inputs(x, dt, A, lam, B, C, angles, B_bias, C_bias, D, mimo_x, chunk_size, pairwise, initial_state,
+                 lengths) -> dict:
+    """What the chunked form consumes, shared by ``mamba3_scan_ref`` and ``mamba3_scan``: the rotated
+    q, k and the values v [b, L', R, H, *] fp32, the log-decay a, the diagonal weight γ and the
+    off-diagonal weight w [b, L', H] (L' = L padded to a multiple of ``chunk_size`` with Δ = 0), the
+    initial SSM state with the carried key and input folded in, and the final θ, k and x."""
+    _check_shapes(x, dt, A, lam, B, C, angles, B_bias, C_bias, D, mimo_x, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    batch, length, nheads, _ = x.shape
+    n_angles = angles.shape[-1]
+    theta0, ssm0, k0, x0 = initial_state or _zero_state(x, B, n_angles)
+
+    q, k, v = _biased(C, C_bias, nheads), _biased(B, B_bias, nheads), _values(x, mimo_x)  # [b, L, R, H, *]
+    dt, A, lam = dt.float(), A.float(), lam.float()
+    dtheta = _angle_steps(angles, dt)  # [b, L, H, S]
+    a = dt * A  # log α                                                              [b, L, H]
+    gamma = lam * dt
+    shifted = F.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))  # (1 - λ_{s+1}) Δ_{s+1}, 0 after the end
+    # The state's key and input enter the first position through β_0 = (1 - λ_0) Δ_0 α_0; α_0 is
+    # applied with the decays.
+    ssm0 = ssm0.float() + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * _kv(_values(x0, mimo_x), k0.float())
+
+    pad = (-length) % chunk_size
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+        dtheta = F.pad(dtheta, (0, 0, 0, 0, 0, pad))
+        a, gamma, shifted = (F.pad(t, (0, 0, 0, pad)) for t in (a, gamma, shifted))
+    nchunks, T = (length + pad) // chunk_size, chunk_size
+
+    # Angles: cumulative within each chunk, plus the angle entering it (carried, wrapped), so that
+    # θ stays accurate however long the sequence.
+    within = dtheta.view(batch, nchunks, T, nheads, n_angles).cumsum(2)
+    starts, carry = [], theta0.float()
+    for c in range(nchunks):
+        starts.append(carry)
+        carry = _wrap(carry + within[:, c, -1])
+    theta = _wrap(torch.stack(starts, 1)[:, :, None] + within).view(batch, nchunks * T, nheads, n_angles)
+    q = _rotate(q, theta[:, :, None], pairwise)
+    k = _rotate(k, theta[:, :, None], pairwise)
+    if lengths is None:
+        last = torch.full((batch,), length - 1, dtype=torch.long, device=x.device)
+    else:
+        last = lengths.to(device=x.device, dtype=torch.long) - 1
+    rows = torch.arange(batch, device=x.device)
+    return dict(q=q, k=k, v=v, a=a, gamma=gamma, weight=gamma + shifted, ssm0=ssm0, nchunks=nchunks,
+                final_theta=theta[rows, last], final_k=k[rows, last], final_x=x[rows, last].clone())
+
+
 def mamba3_scan_ref(
     x: torch.Tensor,  # [B, L, H, P]
     dt: torch.Tensor,  # [B, L, H] Δ
@@ -222,45 +271,10 @@ def mamba3_scan_ref(
     LongTensor [B], 1 <= lengths[b] <= L): row b's final state is taken after its own
     ``lengths[b]`` positions; the caller sets Δ = 0 at the positions past them, which leaves θ and
     S unchanged there, and θ, k and x are read at position ``lengths[b] - 1``."""
-    _check_shapes(x, dt, A, lam, B, C, angles, B_bias, C_bias, D, mimo_x, initial_state)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    inp = _scan_inputs(x, dt, A, lam, B, C, angles, B_bias, C_bias, D, mimo_x, chunk_size, pairwise,
+                       initial_state, lengths)
     batch, length, nheads, headdim = x.shape
-    rank, d_state, n_angles = B.shape[2], B.shape[-1], angles.shape[-1]
-    theta0, ssm0, k0, x0 = initial_state or _zero_state(x, B, n_angles)
-
-    q, k, v = _biased(C, C_bias, nheads), _biased(B, B_bias, nheads), _values(x, mimo_x)  # [b, L, R, H, *]
-    dt, A, lam = dt.float(), A.float(), lam.float()
-    dtheta = _angle_steps(angles, dt)  # [b, L, H, S]
-    a = dt * A  # log α                                                              [b, L, H]
-    gamma = lam * dt
-    shifted = F.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))  # (1 - λ_{s+1}) Δ_{s+1}, 0 after the end
-    # The state's key and input enter the first position through β_0 = (1 - λ_0) Δ_0 α_0; α_0 is
-    # applied with the decays below.
-    ssm0 = ssm0.float() + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * _kv(_values(x0, mimo_x), k0.float())
-
-    pad = (-length) % chunk_size
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (q, k, v))
-        dtheta = F.pad(dtheta, (0, 0, 0, 0, 0, pad))
-        a, gamma, shifted = (F.pad(t, (0, 0, 0, pad)) for t in (a, gamma, shifted))
-    nchunks, T = (length + pad) // chunk_size, chunk_size
-
-    # Angles: cumulative within each chunk, plus the angle entering it (carried, wrapped).
-    within = dtheta.view(batch, nchunks, T, nheads, n_angles).cumsum(2)
-    starts, carry = [], theta0.float()
-    for c in range(nchunks):
-        starts.append(carry)
-        carry = _wrap(carry + within[:, c, -1])
-    theta = _wrap(torch.stack(starts, 1)[:, :, None] + within).view(batch, nchunks * T, nheads, n_angles)
-    q = _rotate(q, theta[:, :, None], pairwise)
-    k = _rotate(k, theta[:, :, None], pairwise)
-    if lengths is None:
-        last = torch.full((batch,), length - 1, dtype=torch.long, device=x.device)
-    else:
-        last = lengths.to(device=x.device, dtype=torch.long) - 1
-    rows = torch.arange(batch, device=x.device)
-    final_theta, final_k, final_x = theta[rows, last], k[rows, last], x[rows, last].clone()
+    rank, nchunks, T = B.shape[2], inp["nchunks"], chunk_size
 
     # Chunks, heads first; a chunk's T positions x R ranks flattened position-major: [b, h, c, T R, *].
     def chunked(t):
@@ -270,8 +284,8 @@ def mamba3_scan_ref(
     def per_head(t):  # [b, L', H] -> [b, h, c, T]
         return t.view(batch, nchunks, T, nheads).permute(0, 3, 1, 2)
 
-    qc, kc, vc = chunked(q), chunked(k), chunked(v)
-    a, gamma, weight = per_head(a), per_head(gamma), per_head(gamma + shifted)
+    qc, kc, vc = chunked(inp["q"]), chunked(inp["k"]), chunked(inp["v"])
+    a, gamma, weight = per_head(inp["a"]), per_head(inp["gamma"]), per_head(inp["weight"])
     cum = a.cumsum(-1)  # [b, h, c, T]
 
     # 1. Inside a chunk: y = (q k^T ∘ W) v, W[t, s] = exp(Σ_{s<u<=t} a_u) (w_s for s < t, γ_t for s = t).
@@ -286,7 +300,7 @@ def mamba3_scan_ref(
 
     # 3. Between chunks: the state entering each chunk. A padded chunk decays by exp(0) = 1 and
     # adds zeros, so the final state is exactly the state after the last real position.
-    entering, state = [], ssm0
+    entering, state = [], inp["ssm0"]
     for c in range(nchunks):
         entering.append(state)
         state = torch.exp(cum[:, :, c, -1])[..., None, None] * state + chunk_states[:, :, c]
@@ -296,8 +310,169 @@ def mamba3_scan_ref(
     y = y + (qc @ entering.transpose(-1, -2)) * torch.exp(cum).repeat_interleave(rank, -1)[..., None]
     y = y.view(batch, nheads, nchunks, T, rank, headdim).permute(0, 2, 3, 4, 1, 5)
     y = y.reshape(batch, nchunks * T, rank, nheads, headdim)[:, :length]
-    y = y + D.float()[:, None] * v[:, :length]
-    return y, (final_theta, state, final_k, final_x)
+    y = y + D.float()[:, None] * inp["v"][:, :length]
+    return y, (inp["final_theta"], state, inp["final_k"], inp["final_x"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: the chunked scan (prefill)
+# ---------------------------------------------------------------------------------------------
+#
+# ``_scan_inputs`` prepares the rotated q, k, the values v and the per-position a, γ, w (element-
+# wise work and a cumulative sum of the angles). One program per (batch row, head, P block) then
+# walks the whole sequence in steps of BLOCK_T positions x R ranks (flattened position-major, as
+# in the reference's chunks), with the [P block, N] state in fp32 registers. For the flattened
+# indices m of a step (position t_m), with s the cumulative a from the step start (a counted once
+# per position)::
+#
+#     y_m = exp(s_m) q_m · S + Σ_{t_k <= t_m} (k_k · q_m) exp(s_m - s_k) W_km v_k + D v_m
+#     S  <- exp(s_last) S + Σ_k exp(s_last - s_k) w_k v_k ⊗ k_k
+#
+# W_km = γ_k where t_k = t_m (every rank pair of one position), w_k where t_k < t_m. The state
+# carries w_k, which already holds the next position's trapezoid share (1 - λ) Δ of v_k k_k, as the
+# reference's chunk states do. Products run on tensor cores in the activation dtype with fp32
+# accumulation (fp32 operands: full precision); the step is a chunk of the reference's form.
+
+
+@jit(do_not_specialize=["L"])
+def _mamba3_scan_kernel(
+    q_ptr, k_ptr, v_ptr, a_ptr, g_ptr, w_ptr, d_ptr, h0_ptr,  # inputs
+    y_ptr, final_ptr,  # outputs
+    L, H, P, N,
+    s_q_b, s_q_l, s_q_r, s_q_h, s_q_n,
+    s_k_b, s_k_l, s_k_r, s_k_h, s_k_n,
+    s_v_b, s_v_l, s_v_r, s_v_h, s_v_p,
+    s_a_b, s_a_l, s_a_h,
+    s_h0_b, s_h0_h, s_h0_p, s_h0_n,
+    s_y_b, s_y_l, s_y_r, s_y_h, s_y_p,
+    s_f_b, s_f_h, s_f_p, s_f_n,
+    R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n_pblocks = tl.cdiv(P, BLOCK_P)
+    pid_h = pid % H  # heads vary fastest
+    rest = pid // H
+    pid_p = rest % n_pblocks
+    pid_b = rest // n_pblocks
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    TR: tl.constexpr = BLOCK_T * R
+    idx = tl.arange(0, TR)
+    step_of = idx // R  # position inside the step of each flattened index
+    rank_of = idx % R
+
+    q_ptr += pid_b * s_q_b + pid_h * s_q_h
+    k_ptr += pid_b * s_k_b + pid_h * s_k_h
+    v_ptr += pid_b * s_v_b + pid_h * s_v_h
+    y_ptr += pid_b * s_y_b + pid_h * s_y_h
+    a_ptr += pid_b * s_a_b + pid_h * s_a_h
+    g_ptr += pid_b * s_a_b + pid_h * s_a_h
+    w_ptr += pid_b * s_a_b + pid_h * s_a_h
+    d = tl.load(d_ptr + pid_h).to(tl.float32)
+    dot_dtype = q_ptr.dtype.element_ty
+
+    state = tl.load(
+        h0_ptr + pid_b * s_h0_b + pid_h * s_h0_h + offs_p[:, None] * s_h0_p + offs_n[None, :] * s_h0_n,
+        mask=mask_p[:, None] & mask_n[None, :], other=0.0,
+    ).to(tl.float32)  # [BLOCK_P, BLOCK_N]
+    same_or_before = step_of[:, None] <= step_of[None, :]  # [k, m]
+    same = step_of[:, None] == step_of[None, :]
+    for t0 in range(0, L, BLOCK_T):
+        t = t0 + step_of  # [TR]
+        valid = t < L
+        a = tl.load(a_ptr + t * s_a_l, mask=valid & (rank_of == 0), other=0.0)  # once per position
+        gam = tl.load(g_ptr + t * s_a_l, mask=valid, other=0.0)
+        w = tl.load(w_ptr + t * s_a_l, mask=valid, other=0.0)
+        cs = tl.cumsum(a, axis=0)  # [TR]
+        total = tl.sum(a, axis=0)
+
+        qT = tl.load(
+            q_ptr + t[None, :] * s_q_l + rank_of[None, :] * s_q_r + offs_n[:, None] * s_q_n,
+            mask=mask_n[:, None] & valid[None, :], other=0.0,
+        )  # [BLOCK_N, TR]
+        k = tl.load(
+            k_ptr + t[:, None] * s_k_l + rank_of[:, None] * s_k_r + offs_n[None, :] * s_k_n,
+            mask=valid[:, None] & mask_n[None, :], other=0.0,
+        )  # [TR, BLOCK_N]
+        vT = tl.load(
+            v_ptr + t[None, :] * s_v_l + rank_of[None, :] * s_v_r + offs_p[:, None] * s_v_p,
+            mask=mask_p[:, None] & valid[None, :], other=0.0,
+        )  # [BLOCK_P, TR]
+
+        acc = dot(state.to(dot_dtype), qT, DOT_PRECISION) * tl.exp(cs)[None, :]  # [BLOCK_P, TR]
+        kq = dot(k, qT, DOT_PRECISION)  # [k, m]
+        keep = same_or_before & valid[:, None]
+        decay = tl.exp(tl.where(keep, cs[None, :] - cs[:, None], float("-inf")))
+        weights = tl.where(keep, kq * decay * tl.where(same, gam[:, None], w[:, None]), 0.0)
+        acc += dot(vT, weights.to(dot_dtype), DOT_PRECISION)
+        acc += d * vT.to(tl.float32)
+        tl.store(
+            y_ptr + t[None, :] * s_y_l + rank_of[None, :] * s_y_r + offs_p[:, None] * s_y_p,
+            acc, mask=mask_p[:, None] & valid[None, :],
+        )
+
+        to_end = tl.exp(total - cs) * w  # 0 where not valid
+        state = state * tl.exp(total)
+        state += dot((vT.to(tl.float32) * to_end[None, :]).to(dot_dtype), k, DOT_PRECISION)
+
+    tl.store(
+        final_ptr + pid_b * s_f_b + pid_h * s_f_h + offs_p[:, None] * s_f_p + offs_n[None, :] * s_f_n,
+        state, mask=mask_p[:, None] & mask_n[None, :],
+    )
+
+
+def mamba3_scan(
+    x: torch.Tensor,  # [B, L, H, P]
+    dt: torch.Tensor,  # [B, L, H] Δ
+    A: torch.Tensor,  # [B, L, H]
+    lam: torch.Tensor,  # [B, L, H] λ
+    B: torch.Tensor,  # [B, L, R, G, N]
+    C: torch.Tensor,  # [B, L, R, G, N]
+    angles: torch.Tensor,  # [B, L, S]
+    B_bias: torch.Tensor,  # [H, R, N]
+    C_bias: torch.Tensor,  # [H, R, N]
+    D: torch.Tensor,  # [H]
+    mimo_x: torch.Tensor | None = None,  # [H, R, P]
+    chunk_size: int = 64,
+    *,
+    pairwise: bool = True,
+    initial_state: tuple | None = None,  # (θ, S, k, v)
+    lengths: torch.Tensor | None = None,  # [B]
+) -> tuple[torch.Tensor, tuple]:
+    """Triton version of ``mamba3_scan_ref`` (same arguments and results): the preparation in
+    PyTorch, then one kernel. The launch depends on the shapes but the batch (one program per
+    row, head and P block walks the whole sequence), so a row's results do not depend on the other
+    rows. With bf16/fp16 x the products take q, k and v rounded to x's dtype, as mamba_ssm's
+    kernels do; the state, decays and sums stay fp32."""
+    require_triton("mamba3_scan")
+    inp = _scan_inputs(x, dt, A, lam, B, C, angles, B_bias, C_bias, D, mimo_x, chunk_size, pairwise,
+                       initial_state, lengths)
+    batch, length, nheads, headdim = x.shape
+    rank, d_state = B.shape[2], B.shape[-1]
+    if rank & (rank - 1):
+        raise ValueError(f"mamba3_scan needs a power-of-two MIMO rank, got R={rank}")
+    narrow = x.dtype in (torch.float16, torch.bfloat16)
+    operand = x.dtype if narrow else torch.float32
+    q, k, v = (inp[n].to(operand) for n in ("q", "k", "v"))
+    a, gamma, weight = (inp[n].contiguous() for n in ("a", "gamma", "weight"))
+    y = new_output((batch, length, rank, nheads, headdim), torch.float32, x.device)
+    final = new_output((batch, nheads, headdim, d_state), torch.float32, x.device)
+    h0 = inp["ssm0"]
+    block_t = max(1, (64 if narrow else 32) // rank)
+    block_p = min(64 if narrow else 32, max(16, triton.next_power_of_2(headdim)))
+    block_n = max(16, triton.next_power_of_2(d_state))
+    grid = (batch * triton.cdiv(headdim, block_p) * nheads,)
+    _mamba3_scan_kernel[grid](
+        q, k, v, a, gamma, weight, D.float().contiguous(), h0, y, final,
+        length, nheads, headdim, d_state,
+        *q.stride(), *k.stride(), *v.stride(), *a.stride(), *h0.stride(), *y.stride(), *final.stride(),
+        R=rank, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PRECISION="ieee",
+        num_warps=4, num_stages=1 if not narrow else 2,
+    )
+    return y, (inp["final_theta"], final, inp["final_k"], inp["final_x"])
 
 
 def mamba3_step_ref(
