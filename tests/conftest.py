@@ -29,6 +29,8 @@ _REPO = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO]
 sys.path.insert(0, str(Path(__file__).parent))  # `from helpers import ...` from any test folder
 
+from helpers import perturb  # noqa: E402
+
 # Without a GPU, Triton kernels run in Triton's interpreter. The variable is read when a kernel is
 # decorated (its module first imported), so it is set here, before any test imports one.
 if not torch.cuda.is_available():
@@ -91,28 +93,6 @@ class Checkpoint:
         return {"transformers": self.hf_dir, "mamba_ssm": self.ssm_dir}[fmt]
 
 
-@torch.no_grad()
-def _perturb(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """Move the parameters transformers initialises to constants (norm weights 1, D 1, biases 0) off
-    those constants, so that a mix-up of any of them shows in the logits. A_log and the Δ bias keep
-    transformers' realistic values, jittered."""
-
-    def noise(p, scale):
-        return torch.randn(p.shape, generator=gen) * scale
-
-    for name, p in model.named_parameters():
-        if name.endswith(("norm.weight", "norm_f.weight")):
-            p.copy_(1 + noise(p, 0.3))
-        elif name.endswith("mixer.D"):
-            p.copy_(1 + noise(p, 0.5))
-        elif name.endswith("A_log"):
-            p.add_(noise(p, 0.1))
-        elif name.endswith(("dt_bias", "dt_proj.bias")):
-            p.add_(noise(p, 0.2))
-        elif name.endswith("bias"):  # conv and projection biases
-            p.copy_(noise(p, 0.2))
-
-
 def _mamba_ssm_config(spec: Spec) -> dict:
     hf = spec.hf
     if spec.arch == "mamba1":
@@ -164,7 +144,7 @@ def build_checkpoint(name: str, root: Path) -> Checkpoint:
     config = cls_config(vocab_size=spec.stored_vocab, layer_norm_epsilon=1e-5, **spec.hf)
     torch.manual_seed(1234)
     model = cls_model(config).eval()
-    _perturb(model, torch.Generator().manual_seed(5678))
+    perturb(model, torch.Generator().manual_seed(5678))
     hf_dir, ssm_dir = root / name / "transformers", root / name / "mamba_ssm"
     model.save_pretrained(hf_dir)
     write_mamba_ssm_checkpoint(model, spec, ssm_dir)

@@ -1,4 +1,5 @@
-"""The comparison helpers of the test suite: tensors (one relative-error rule) and lm-eval runs."""
+"""The comparison helpers of the test suite: tensors (one relative-error rule) and lm-eval runs; and
+``perturb``, which moves a freshly initialised transformers model off its constant parameters."""
 
 from __future__ import annotations
 
@@ -65,3 +66,25 @@ def assert_same_lm_eval_run(ours: dict, theirs: dict, task: str, rtol: float = 1
             assert abs(va - vb) <= rtol * max(1.0, abs(vb)), (task, a["doc_id"], va, vb)
             if isinstance(ra[0], (list, tuple)):  # loglikelihood: is_greedy must agree too
                 assert ra[0][1] == rb[0][1], (task, a["doc_id"])
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Move the parameters transformers initialises to constants (norm weights 1, D 1, biases 0) off
+    those constants, so that a mix-up of any of them shows in the logits. A_log and the Δ bias keep
+    transformers' realistic values, jittered."""
+
+    def noise(p, scale):
+        return torch.randn(p.shape, generator=gen) * scale
+
+    for name, p in model.named_parameters():
+        if name.endswith(("norm.weight", "norm_f.weight", "layernorm.weight")):
+            p.copy_(1 + noise(p, 0.3))
+        elif name.endswith(".D"):
+            p.copy_(1 + noise(p, 0.5))
+        elif name.endswith("A_log"):
+            p.add_(noise(p, 0.1))
+        elif name.endswith(("dt_bias", "dt_proj.bias")):
+            p.add_(noise(p, 0.2))
+        elif name.endswith("bias"):  # conv and projection biases
+            p.copy_(noise(p, 0.2))

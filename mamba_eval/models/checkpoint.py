@@ -24,7 +24,7 @@ import torch
 from mamba_eval.errors import MambaEvalError, one_line
 from mamba_eval.models.config import ModelConfig
 from mamba_eval.models.dtypes import parse_dtype
-from mamba_eval.models.formats import CheckpointError, config_from_dict, drop_placeholders, rename_key
+from mamba_eval.models.formats import CheckpointError, config_from_dict, weights_to_ours
 from mamba_eval.utils import looks_like_path
 
 CONFIG_FILE = "config.json"
@@ -182,17 +182,16 @@ def load_state_dict(path, config: ModelConfig) -> dict[str, torch.Tensor]:
     Tensors keep their stored dtype and live on the CPU (memory-mapped where the format allows).
     """
     path = Path(path)
-    state: dict[str, torch.Tensor] = {}
+    stored: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         for key, tensor in _read_weights(file).items():
-            ours = rename_key(key)
-            if ours in state:
-                raise CheckpointError(f"{file}: weight {key!r} appears twice (as {ours!r})")
-            state[ours] = tensor
+            if key in stored:
+                raise CheckpointError(f"{file}: weight {key!r} appears in two files")
+            stored[key] = tensor
+    state = weights_to_ours(stored, _read_json(_config_file(path)), config, path)
     expected = expected_shapes(config)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    drop_placeholders(state, config, path)
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} weight(s) missing from the checkpoint: {_list(missing)}")

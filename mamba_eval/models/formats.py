@@ -60,67 +60,9 @@ import math
 import re
 from pathlib import Path
 
-from mamba_eval.errors import MambaEvalError
 from mamba_eval.models.config import AttnConfig, Mamba3Config, ModelConfig, mamba_stack
-
-
-class CheckpointError(MambaEvalError):
-    """A checkpoint cannot be used; the message (one line) names the path and the problem."""
-
-
-class _Fields:
-    """Reads fields of one config dict, naming the file and the field in every error."""
-
-    def __init__(self, raw: dict, where: Path, prefix: str = ""):
-        self.raw, self.where, self.prefix = raw, where, prefix
-
-    def fail(self, key, msg):
-        raise CheckpointError(f"{self.where}: field {self.prefix + key!r} {msg}")
-
-    def get(self, key, default=None, *, required=False):
-        if key not in self.raw or self.raw[key] is None:
-            if required:
-                self.fail(key, "is required but missing")
-            return default
-        return self.raw[key]
-
-    def int(self, key, default=None, *, required=False) -> int:
-        value = self.get(key, default, required=required)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            self.fail(key, f"must be an integer, got {value!r}")
-        return value
-
-    def bool(self, key, default) -> bool:
-        value = self.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(key, f"must be true or false, got {value!r}")
-        return value
-
-    def float(self, key, default) -> float:
-        value = self.get(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            self.fail(key, f"must be a number, got {value!r}")
-        return float(value)
-
-    def unsupported_unless(self, key, ok, what: str):
-        if key in self.raw and not ok(self.raw[key]):
-            self.fail(key, f"= {self.raw[key]!r} ({what}) is not supported yet")
-
-
-def _as_float(value) -> float | None:
-    """A JSON number, or transformers' encoding of non-finite floats ({"__float__": "Infinity"})."""
-    if isinstance(value, dict) and set(value) == {"__float__"}:
-        value = value["__float__"]
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _is_default_dt_limit(value) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and [_as_float(v) for v in value] == [0.0, math.inf]
+from mamba_eval.models.config_fields import CheckpointError, Fields, generic_config_keys, is_default_dt_limit
+from mamba_eval.models.hf_hybrids import FAMILIES
 
 
 # ssm_cfg keys of mamba_ssm's Mamba / Mamba2 modules that only affect training or initialisation.
@@ -150,7 +92,7 @@ _ATTN_CFG_READ = {
 }
 
 
-def _attn_layers(f: _Fields, d_model: int, n_layer: int) -> tuple[tuple[int, ...], AttnConfig | None]:
+def _attn_layers(f: Fields, d_model: int, n_layer: int) -> tuple[tuple[int, ...], AttnConfig | None]:
     """``attn_layer_idx`` and ``attn_cfg`` of a mamba_ssm config (mamba_ssm's MHA defaults)."""
     idx = f.get("attn_layer_idx", [])
     if not isinstance(idx, list) or any(not isinstance(i, int) or isinstance(i, bool) for i in idx):
@@ -163,7 +105,7 @@ def _attn_layers(f: _Fields, d_model: int, n_layer: int) -> tuple[tuple[int, ...
     attn_cfg = f.get("attn_cfg", {})
     if not isinstance(attn_cfg, dict):
         f.fail("attn_cfg", f"must be an object, got {attn_cfg!r}")
-    a = _Fields(attn_cfg, f.where, prefix="attn_cfg.")
+    a = Fields(attn_cfg, f.where, prefix="attn_cfg.")
     unknown = sorted(set(attn_cfg) - _ATTN_CFG_READ - _ATTN_CFG_IGNORED)
     if unknown:
         a.fail(unknown[0], "is not a known setting of mamba_ssm's MHA")
@@ -197,7 +139,7 @@ def _attn_layers(f: _Fields, d_model: int, n_layer: int) -> tuple[tuple[int, ...
     return tuple(sorted(set(idx))), attn
 
 
-def _mamba3_mixer(s: _Fields, d_inner: int, names: dict | None = None, **fields) -> Mamba3Config:
+def _mamba3_mixer(s: Fields, d_inner: int, names: dict | None = None, **fields) -> Mamba3Config:
     """The Mamba3Config of a mamba_ssm ``ssm_cfg`` (``s``) with mamba_ssm's defaults, or of another
     dialect's config whose field names differ (``names``: mamba_ssm's name -> the dialect's);
     ``fields``: values the dialect sets elsewhere (fla's biases and norm eps)."""
@@ -246,21 +188,12 @@ _FLA_MAMBA3_IGNORED = {
 _FLA_NAMES = {"d_state": "state_size", "headdim": "head_dim", "ngroups": "n_groups"}
 
 
-def _generic_config_keys() -> set:
-    """What transformers' ``PretrainedConfig`` writes into every config.json (architectures,
-    torch_dtype, transformers_version, generation defaults, ...), taken from the installed version."""
-    from transformers import PretrainedConfig
-
-    return set(PretrainedConfig().to_dict()) | {"architectures", "model_type", "transformers_version", "torch_dtype",
-                                                 "dtype", "_name_or_path", "auto_map"}
-
-
 def _from_fla_mamba3(raw: dict, where: Path) -> ModelConfig:
     """flash-linear-attention's ``mamba3`` (``Mamba3ForCausalLM``): a Mamba-3 mixer per block, no
     MLP, pre-norm blocks with RMSNorm of eps ``norm_eps`` (also the B, C and output norms'), keys
     ``backbone.embeddings``, ``backbone.layers.N.{norm, mixer.*}``, ``backbone.norm_f``, ``lm_head``."""
-    f = _Fields(raw, where)
-    unknown = sorted(set(raw) - _FLA_MAMBA3_READ - _FLA_MAMBA3_IGNORED - _generic_config_keys())
+    f = Fields(raw, where)
+    unknown = sorted(set(raw) - _FLA_MAMBA3_READ - _FLA_MAMBA3_IGNORED - generic_config_keys())
     if unknown:
         f.fail(unknown[0], "is not a known setting of fla's Mamba3Config")
     f.unsupported_unless("hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
@@ -278,7 +211,7 @@ def _from_fla_mamba3(raw: dict, where: Path) -> ModelConfig:
 
 
 def _from_mamba_ssm(raw: dict, where: Path) -> ModelConfig:
-    f = _Fields(raw, where)
+    f = Fields(raw, where)
     d_model = f.int("d_model", required=True)
     n_layer = f.int("n_layer", required=True)
     vocab_size = f.int("vocab_size", required=True)
@@ -289,7 +222,7 @@ def _from_mamba_ssm(raw: dict, where: Path) -> ModelConfig:
     ssm_cfg = f.get("ssm_cfg", {})
     if not isinstance(ssm_cfg, dict):
         f.fail("ssm_cfg", f"must be an object, got {ssm_cfg!r}")
-    s = _Fields(ssm_cfg, where, prefix="ssm_cfg.")
+    s = Fields(ssm_cfg, where, prefix="ssm_cfg.")
     layer = s.get("layer", "Mamba1")
     if layer not in _SSM_CFG_READ:
         s.fail("layer", f"= {layer!r} is not supported (supported: Mamba1, Mamba2, Mamba3)")
@@ -331,7 +264,7 @@ def _from_mamba_ssm(raw: dict, where: Path) -> ModelConfig:
     s.unsupported_unless("D_has_hdim", lambda v: v is False, "D per channel")
     s.unsupported_unless("rmsnorm", lambda v: v is True, "no gated norm")
     s.unsupported_unless("norm_before_gate", lambda v: v is False, "norm before gate")
-    s.unsupported_unless("dt_limit", _is_default_dt_limit, "clamped Δ")
+    s.unsupported_unless("dt_limit", is_default_dt_limit, "clamped Δ")
     return mamba_stack(
         arch="mamba2", d_state=s.int("d_state", 128), headdim=s.int("headdim", 64), ngroups=s.int("ngroups", 1),
         chunk_size=s.int("chunk_size", 256), **common,
@@ -339,7 +272,7 @@ def _from_mamba_ssm(raw: dict, where: Path) -> ModelConfig:
 
 
 def _from_transformers(raw: dict, arch: str, where: Path, falcon: bool = False) -> ModelConfig:
-    f = _Fields(raw, where)
+    f = Fields(raw, where)
     hidden = f.int("hidden_size", required=True)
     expand = f.int("expand", 2)
     f.unsupported_unless("hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
@@ -371,7 +304,7 @@ def _from_transformers(raw: dict, arch: str, where: Path, falcon: bool = False) 
             tie_embeddings=f.bool("tie_word_embeddings", True), bcdt_rmsnorm=falcon,
             bcdt_rmsnorm_eps=f.float("mixer_rms_eps", 1e-6) if falcon else 1e-6, **common,
         )
-    f.unsupported_unless("time_step_limit", _is_default_dt_limit, "clamped Δ")
+    f.unsupported_unless("time_step_limit", is_default_dt_limit, "clamped Δ")
     head_dim, num_heads = f.int("head_dim", 64), f.int("num_heads", 128)
     if num_heads * head_dim != expand * hidden:
         raise CheckpointError(
@@ -386,6 +319,7 @@ def _from_transformers(raw: dict, arch: str, where: Path, falcon: bool = False) 
 
 
 _TRANSFORMERS_ARCHS = {"mamba": "mamba1", "mamba2": "mamba2", "falcon_mamba": "mamba1"}
+_OTHER_TYPES = ("mamba3", *FAMILIES)
 _TRANSFORMERS_CLASSES = {"MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamba2",
                          "FalconMambaForCausalLM": "falcon_mamba"}  # -> model_type
 
@@ -396,10 +330,12 @@ def config_from_dict(raw: dict, file: Path) -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type is None and "Mamba3ForCausalLM" in (raw.get("architectures") or []):
         model_type = "mamba3"
-    if model_type is not None and model_type not in _TRANSFORMERS_ARCHS and model_type != "mamba3":
-        supported = [*_TRANSFORMERS_ARCHS, "mamba3"]
+    if model_type is not None and model_type not in _TRANSFORMERS_ARCHS and model_type not in _OTHER_TYPES:
+        supported = [*_TRANSFORMERS_ARCHS, *_OTHER_TYPES]
         raise CheckpointError(f"{file}: unsupported model_type {model_type!r} (supported: {', '.join(map(repr, supported))})")
     try:
+        if model_type in FAMILIES:
+            return FAMILIES[model_type][0](raw, file)
         if model_type == "mamba3":
             return _from_fla_mamba3(raw, file)
         if "hidden_size" not in raw and "d_model" in raw:
@@ -426,14 +362,30 @@ _RENAMES = ((re.compile(r"^backbone\.embeddings\."), "backbone.embedding."),)
 _FALCON_PLACEHOLDERS = re.compile(r"^backbone\.layers\.\d+\.mixer\.(b|c|dt)_layernorm\.weight$")
 
 
-def rename_key(key: str) -> str:
-    """Our (mamba_ssm's) name of a stored weight."""
+def _rename_key(key: str) -> str:
+    """Our (mamba_ssm's) name of a stored weight of the Mamba / Mamba-2 / Mamba-3 dialects."""
     for pattern, replacement in _RENAMES:
         key = pattern.sub(replacement, key)
     return key
 
 
-def drop_placeholders(state: dict, config: ModelConfig, path) -> None:
+def weights_to_ours(state: dict, raw: dict, config: ModelConfig, path) -> dict:
+    """The stored tensors of a checkpoint (its ``config.json``: ``raw``) under our names: renamed,
+    fused where a family stores one of our weights in parts, placeholders dropped."""
+    family = FAMILIES.get(raw.get("model_type"))
+    if family is not None:
+        return family[1].apply(state, path)
+    out = {}
+    for key, tensor in state.items():
+        ours = _rename_key(key)
+        if ours in out:
+            raise CheckpointError(f"{path}: weight {key!r} appears twice (as {ours!r})")
+        out[ours] = tensor
+    _drop_placeholders(out, config, path)
+    return out
+
+
+def _drop_placeholders(state: dict, config: ModelConfig, path) -> None:
     """Remove stored weights that the model does not have but a format writes as placeholders
     (Falcon-Mamba's all-ones norm weights), IN PLACE; any other value of them is refused."""
     if not any(getattr(layer.mixer, "bcdt_rmsnorm", False) for layer in config.layers):
