@@ -30,6 +30,18 @@ def _write_checkpoint(out_dir, arch: str):
             bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
         model = transformers.MambaForCausalLM(cfg)
+    elif arch == "bamba":  # a hybrid in transformers' own format: Mamba-2, attention, gated MLPs
+        cfg = transformers.BambaConfig(
+            vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1,
+            mamba_d_state=16, mamba_chunk_size=32, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+            pad_token_id=0,
+        )
+        model = transformers.BambaForCausalLM(cfg)
+        with torch.no_grad():
+            model.model.embed_tokens.weight.normal_(0.0, 0.5)
+        model.save_pretrained(out_dir)
+        return out_dir
     else:
         cfg = transformers.Mamba2Config(
             vocab_size=VOCAB_ROWS, hidden_size=64, num_hidden_layers=2, state_size=16,
@@ -74,6 +86,7 @@ def _run(model_name, ckpt, tok_dir, tasks, limit, include_path):
         # Whole documents, several 2048-token windows each: two are enough.
         ("mamba1", ["wikitext"], 2),
         ("mamba2", ["hellaswag", "piqa", "lambada_openai", "arc_easy", "winogrande"], 120),
+        ("bamba", ["hellaswag", "lambada_openai"], 40),
     ],
 )
 def test_mamba_equals_hf(tmp_path, offline_tasks, arch, tasks, limit):
