@@ -392,28 +392,6 @@ def test_decode_state_dtype_model_arg_reaches_generation(arg, dtype, expected, t
     assert stats.prompt_tokens == len(lm.tok_encode("The cat"))
 
 
-def test_bench_gen_task_smoke(tmp_path):
-    """scripts/bench_gen_task.py end to end on the CPU: the passkey generation probe through lm-eval
-    (found without an include path), with the generated-token count and time per token."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    data = require_data_dir()
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_gen_task.py"
-    out = tmp_path / "gen.json"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--shapes", "tiny", "--device", "cpu", "--dtype", "float32", "--lengths", "1k",
-         "--limit", "2", "--batch-size", "2", "--data-dir", str(data), "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["task"] == "mamba_passkey_gen_1k" and row["requests"] == 2
-    assert 1 <= row["generated_tokens"] <= 2 * 8 and row["ms_per_generated_token"] > 0
-    assert row["prompt_tokens"] > 2 * 900 and "exact_match" in row
-
-
 def _counting_forwards(model, monkeypatch):
     """Record every ``backbone_forward`` as (rows, length, with lengths or not)."""
     calls = []
