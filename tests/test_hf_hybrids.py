@@ -106,3 +106,95 @@ def test_bamba_missing_projection_part_is_named(bamba, tmp_path):
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"lacks the 'k' part of 'backbone.layers.2.mixer.in_proj.weight'"):
         load_model(folder)
+
+
+# ----------------------------------------------------------------------------- Granite 4.0-H
+
+GRANITE = dict(vocab_size=96, hidden_size=64, intermediate_size=24, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, layer_types=["mamba", "attention", "mamba", "mamba"], mamba_n_heads=8,
+               mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8, num_local_experts=5,
+               num_experts_per_tok=2, shared_intermediate_size=40, embedding_multiplier=3.0,
+               residual_multiplier=0.4, attention_multiplier=0.3, logits_scaling=2.5, rms_norm_eps=1e-6,
+               tie_word_embeddings=True)
+GRANITES = {
+    "moe-rope": dict(GRANITE, position_embedding_type="rope", rope_parameters={"rope_type": "default",
+                                                                               "rope_theta": 300.0}),
+    "dense-nope": dict(GRANITE, num_local_experts=0, position_embedding_type="nope",
+                       layer_types=["attention", "mamba", "mamba", "attention"]),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(GRANITES))
+def granite(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"granite-{request.param}")
+    torch.manual_seed(0)
+    model = transformers.GraniteMoeHybridForCausalLM(
+        transformers.GraniteMoeHybridConfig(**GRANITES[request.param])).eval()
+    perturb(model, torch.Generator().manual_seed(1))
+    with torch.no_grad():  # spread the logits, and the routers' logits so that the choice varies by token
+        model.model.embed_tokens.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+        for name, p in model.named_parameters():
+            if "router" in name or "experts" in name:
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
+    model.save_pretrained(folder)
+    return request.param, folder, model
+
+
+def test_granite_config(granite):
+    name, folder, _ = granite
+    cfg = read_config(folder)
+    attn = cfg.mixers("attention")[0]
+    assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logits_multiplier) == (3.0, 0.4, 1 / 2.5)
+    assert attn.scale == 0.3 and cfg.tie_embeddings and not cfg.residual_in_fp32
+    if name == "moe-rope":
+        moe = cfg.layers[0].mlp
+        assert (moe.num_experts, moe.top_k, moe.d_expert, moe.d_shared) == (5, 2, 24, 40)
+        assert (attn.rotary_emb_dim, attn.rotary_emb_base) == (16, 300.0) and cfg.layer_indices("attention") == (1,)
+    else:
+        assert cfg.layers[0].mlp.d_intermediate == 40 and attn.rotary_emb_dim == 0
+        assert cfg.layer_indices("attention") == (0, 3)
+
+
+def test_granite_logits_and_decoding(granite):
+    name, folder, theirs = granite
+    ours = load_model(folder, dtype="float32")
+    ids = _ids(GRANITE["vocab_size"], batch=3)
+    with torch.no_grad():
+        expected = theirs(ids, use_cache=False).logits
+        full, _ = ours(ids)
+        state = ours.allocate_state(3, max_length=LENGTH)
+        stepped = torch.stack([ours.step(ids[:, t], state) for t in range(LENGTH)], dim=1)
+    assert expected.std() > 0.1
+    assert_close(full, expected, rtol_max=1e-4, name=f"Granite {name} vs GraniteMoeHybridForCausalLM")
+    assert_close(stepped, full, rtol_max=1e-5, name="step by step vs one forward")
+
+
+def test_granite_scores_are_batch_invariant(granite):
+    """The scoring engine under the invariance policy: batch sizes 1, 3 and auto give the same
+    bits (the experts' products included), and the scores equal the plain model's to rounding."""
+    from mamba_eval.harness.engine import score_continuations
+
+    name, folder, _ = granite
+    gen = torch.Generator().manual_seed(4)
+    pairs = [(torch.randint(0, 96, (int(n),), generator=gen).tolist(),
+              torch.randint(0, 96, (int(m),), generator=gen).tolist())
+             for n, m in zip(torch.randint(3, 15, (7,), generator=gen), torch.randint(1, 4, (7,), generator=gen))]
+    model = load_model(folder, dtype="float32", batch_invariant=True)
+    runs = {bs: score_continuations(model, pairs, max_length=64, batch_size=bs, device=torch.device("cpu"))
+            for bs in (1, 3, "auto")}
+    assert runs[3] == runs[1] and runs["auto"] == runs[1]
+    plain = score_continuations(load_model(folder, dtype="float32"), pairs, max_length=64, batch_size=1,
+                                device=torch.device("cpu"))
+    for (a, _), (b, _) in zip(runs[1], plain):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(b))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(layer_types=["mamba", "mlp", "mamba", "mamba"]), r"field 'layer_types' holds 'mlp'"),
+    (dict(layer_types=["mamba"]), r"field 'layer_types' must list one type per layer \(4\)"),
+    (dict(normalization_function="layernorm"), r"field 'normalization_function' = 'layernorm'"),
+    (dict(router_jitter=0.1), r"field 'router_jitter' is not a known setting"),
+])
+def test_granite_refuses_what_it_does_not_implement(granite, tmp_path, changes, match):
+    with pytest.raises(CheckpointError, match=match):
+        load_model(_bad(granite[1], tmp_path, **changes))

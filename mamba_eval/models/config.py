@@ -272,18 +272,38 @@ class MLPConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A mixture of gated-MLP experts after a mixer (Granite 4.0-H's): a router ``[num_experts, D]``
+    whose fp32 logits pick ``top_k`` experts per token, weighted by the softmax over the chosen
+    logits; each expert is ``fc2_e(y * silu(gate))``, ``[y; gate] = fc1_e(x)``, width
+    ``d_expert``; plus, when ``d_shared > 0``, a shared gated MLP of that width that every token
+    runs. No biases."""
+
+    num_experts: int
+    top_k: int
+    d_expert: int
+    d_shared: int = 0
+
+    def __post_init__(self):
+        _check_ints(self, ["num_experts", "top_k", "d_expert"])
+        _check_ints(self, ["d_shared"], minimum=0)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k = {self.top_k} exceeds num_experts = {self.num_experts}")
+
+
+@dataclass(frozen=True)
 class LayerConfig:
     """One block: ``residual += x; x = mixer(norm(residual))``, then with an MLP
     ``residual += x; x = mlp(norm2(residual))``."""
 
     mixer: MixerConfig
-    mlp: MLPConfig | None = None
+    mlp: MLPConfig | MoEConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.mixer, MIXER_CONFIGS):
             raise ValueError(f"mixer must be one of {[c.__name__ for c in MIXER_CONFIGS]}, got {self.mixer!r}")
-        if self.mlp is not None and not isinstance(self.mlp, MLPConfig):
-            raise ValueError(f"mlp must be an MLPConfig or None, got {self.mlp!r}")
+        if self.mlp is not None and not isinstance(self.mlp, (MLPConfig, MoEConfig)):
+            raise ValueError(f"mlp must be an MLPConfig, a MoEConfig or None, got {self.mlp!r}")
 
 
 @dataclass(frozen=True)
@@ -303,10 +323,15 @@ class ModelConfig:
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
+    # µP-style scalings (Granite 4.0-H): the embedding output, every mixer's and MLP's output
+    # before it joins the residual stream, and the logits.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_multiplier: float = 1.0
 
     def __post_init__(self):
         _check_ints(self, ["d_model", "vocab_size"])
-        _check_positive_float(self, ["norm_eps"])
+        _check_positive_float(self, ["norm_eps", "embedding_multiplier", "residual_multiplier", "logits_multiplier"])
         if not isinstance(self.layers, tuple) or not self.layers:
             raise ValueError(f"layers must be a non-empty tuple of LayerConfig, got {self.layers!r}")
         for i, layer in enumerate(self.layers):

@@ -1,4 +1,4 @@
-"""Small building blocks of a layer: the norm's parameters and the gated MLP."""
+"""Small building blocks of a layer: the norm's parameters, the gated MLP and the mixture of experts."""
 
 from __future__ import annotations
 
@@ -34,3 +34,77 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
         y, gate = linear(x, self.fc1.weight).chunk(2, dim=-1)
         return linear(y * F.silu(gate), self.fc2.weight)
+
+    step = forward  # a decoding step: the same products
+
+
+class MoE(nn.Module):
+    """A mixture of gated-MLP experts (``MoEConfig``), and the shared expert when there is one.
+
+    Parameters: ``router.weight`` [E, D]; ``fc1`` [E, 2 I, D] (rows [y; gate] per expert, as
+    GatedMLP's) and ``fc2`` [E, D, I]; ``shared.fc1/fc2`` (a GatedMLP). A token's output is the sum,
+    in expert order, of its ``top_k`` experts' outputs times their routing weights (the softmax of
+    the chosen fp32 logits, rounded to the activation dtype as transformers does), plus the shared
+    expert's. Each expert's products run on the rows routed to it, with the model's ``linear``: a
+    token's result does not depend on which other tokens share the batch when ``linear`` is
+    batch-invariant (on a GPU under the model's invariance policy). ``dense``: every expert runs on
+    every row instead (the CPU's invariance policy: there a product's rows are exact only in
+    batches shaped by the engine, which an expert's share of the rows is not)."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, d_expert: int, d_shared: int,
+                 dense: bool = False, **factory):
+        super().__init__()
+        self.top_k, self.dense = top_k, dense
+        self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
+        self.fc1 = nn.Parameter(torch.empty(num_experts, 2 * d_expert, d_model, **factory))
+        self.fc2 = nn.Parameter(torch.empty(num_experts, d_model, d_expert, **factory))
+        self.shared = GatedMLP(d_model, d_shared, **factory) if d_shared > 0 else None
+
+    def reset_parameters(self):
+        for w in (self.fc1, self.fc2):
+            nn.init.normal_(w, std=w.shape[-1] ** -0.5)
+
+    def active_fraction(self) -> float:
+        """The share of the expert weights one token runs (for cost estimates)."""
+        return self.top_k / self.fc1.shape[0]
+
+    def _route(self, x, linear):
+        """(top_k expert indices [N, k], their weights [N, k] in x's dtype)."""
+        top_logits, top_idx = linear(x, self.router.weight).float().topk(self.top_k, dim=-1)
+        return top_idx, torch.softmax(top_logits, dim=-1).to(x.dtype)
+
+    def _expert(self, e: int, x, linear):
+        y, gate = linear(x, self.fc1[e]).chunk(2, dim=-1)
+        return linear(y * F.silu(gate), self.fc2[e])
+
+    def _finish(self, out, x, linear, shape):
+        if self.shared is not None:
+            out += self.shared(x, linear).float()
+        return out.to(x.dtype).reshape(shape)
+
+    def forward(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        if self.dense:
+            return self.step(x, linear)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        top_idx, weights = self._route(x, linear)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in torch.unique(top_idx).tolist():  # ascending: every token sums its experts in one order
+            rows, slot = torch.nonzero(top_idx == e, as_tuple=True)
+            out.index_add_(0, rows, (self._expert(e, x[rows], linear) * weights[rows, slot, None]).float())
+        return self._finish(out, x, linear, shape)
+
+    def step(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        """A decoding step without host synchronisation or data-dependent shapes (a CUDA graph can
+        hold it): every expert runs on every row, weighted 0 where not chosen. Per-row products
+        are those of ``forward`` and the zero terms add exactly nothing, so the bits are
+        ``forward``'s (with a batch-invariant ``linear``)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        top_idx, weights = self._route(x, linear)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in range(self.fc1.shape[0]):
+            w = (weights * (top_idx == e)).sum(-1, keepdim=True)  # the expert's weight, 0 if not chosen
+            out += (self._expert(e, x, linear) * w).float()
+        return self._finish(out, x, linear, shape)
+

@@ -10,9 +10,11 @@ renaming (``mamba_eval.models.formats`` maps the other formats onto these names)
     backbone.norm_f              final norm
     lm_head                      [V, D], the embedding itself when tie_embeddings
 
-A block computes ``residual = x + residual; x = mixer(norm(residual))`` and then, with an MLP,
-``residual = x + residual; x = mlp(norm2(residual))``; the residual stream is kept in fp32 when
-``config.residual_in_fp32``. The SSM parameters (``A_log``, ``D`` and the Δ bias) stay fp32
+A block computes ``residual = x + residual; x = mixer(norm(residual))`` and then, with an MLP
+(or a mixture of experts), ``residual = x + residual; x = mlp(norm2(residual))``; each branch's x
+is scaled by ``config.residual_multiplier`` before it joins the stream, the embedding output by
+``embedding_multiplier`` and the logits by ``logits_multiplier`` (all 1 but for Granite 4.0-H);
+the residual stream is kept in fp32 when ``config.residual_in_fp32``. The SSM parameters (``A_log``, ``D`` and the Δ bias) stay fp32
 whatever the model dtype, as the scans consume them in fp32.
 
 The interface the scoring engine and generation use, and nothing else of the model:
@@ -41,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mamba_eval.models.config import LayerConfig, ModelConfig
+from mamba_eval.models.config import LayerConfig, ModelConfig, MoEConfig
 from mamba_eval.models.invariance import Invariance
-from mamba_eval.models.layers import GatedMLP, Norm
+from mamba_eval.models.layers import GatedMLP, MoE, Norm
 from mamba_eval.models.mixers import build_mixer
 from mamba_eval.models.mixers.ssm import padding_mask
 from mamba_eval.models.ops import Ops, get_ops
@@ -73,42 +75,52 @@ class Block(nn.Module):
     """``residual = x + residual; x = mixer(norm(residual))`` (add and norm fused, as in mamba_ssm),
     then with an MLP ``residual = x + residual; x = mlp(norm2(residual))``."""
 
-    def __init__(self, layer: LayerConfig, config: ModelConfig, ops: Ops, **factory):
+    def __init__(self, layer: LayerConfig, config: ModelConfig, ops: Ops, dense_moe: bool = False, **factory):
         super().__init__()
         self.ops = ops
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
         self.mixer = build_mixer(layer.mixer, config.d_model, ops, **factory)
+        self.scale = config.residual_multiplier  # of each branch's output, before the residual add
         self.norm2 = self.mlp = None
-        if layer.mlp is not None:
+        if isinstance(layer.mlp, MoEConfig):
+            m = layer.mlp
+            self.norm2 = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
+            self.mlp = MoE(config.d_model, m.num_experts, m.top_k, m.d_expert, m.d_shared, dense=dense_moe, **factory)
+        elif layer.mlp is not None:
             self.norm2 = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
             self.mlp = GatedMLP(config.d_model, layer.mlp.d_intermediate, **factory)
 
-    def _mlp(self, x, residual, linear):
+    def _scaled(self, x):
+        return x if self.scale == 1.0 else x * self.scale
+
+    def _mlp(self, x, residual, linear, step: bool):
+        x = self._scaled(x)
         if self.mlp is None:
             return x, residual
         x, residual = self.norm2.add_norm(self.ops, x, residual, self.residual_in_fp32)
-        return self.mlp(x, linear), residual
+        return self._scaled((self.mlp.step if step else self.mlp)(x, linear)), residual
 
     def forward(self, x, residual, state, **mixer_args):
-        """``mixer_args``: the mixer's ``lengths`` and ``padded`` (see ``backbone_forward``)."""
+        """``mixer_args``: the mixer's ``lengths`` and ``padded`` (see ``backbone_forward``).
+        Returns the branch output already scaled by the residual multiplier."""
         x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
         x, state = self.mixer(x, state, **mixer_args)
-        x, residual = self._mlp(x, residual, self.ops.linear)
+        x, residual = self._mlp(x, residual, self.ops.linear, step=False)
         return x, residual, state
 
     def step(self, x, residual, state):
         x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
-        return self._mlp(self.mixer.step(x, state), residual, self.ops.step_linear)
+        return self._mlp(self.mixer.step(x, state), residual, self.ops.step_linear, step=True)
 
 
 class Backbone(nn.Module):
     """Embedding, the blocks and the final norm (mamba_ssm's ``MixerModel``)."""
 
-    def __init__(self, config: ModelConfig, ops: Ops, **factory):
+    def __init__(self, config: ModelConfig, ops: Ops, dense_moe: bool = False, **factory):
         super().__init__()
         self.embedding = nn.Embedding(config.vocab_size, config.d_model, **factory)
-        self.layers = nn.ModuleList(Block(layer, config, ops, **factory) for layer in config.layers)
+        self.layers = nn.ModuleList(Block(layer, config, ops, dense_moe, **factory) for layer in config.layers)
         self.norm_f = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
 
 
@@ -134,7 +146,7 @@ class LanguageModel(nn.Module):
                                                               batch_invariant)
         self.ops = get_ops(backend, self.invariance)
         factory = {"device": device, "dtype": dtype}
-        self.backbone = Backbone(config, self.ops, **factory)
+        self.backbone = Backbone(config, self.ops, dense_moe=self.invariance.pads_batches, **factory)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, **factory)
         self.tie_weights()
         if self.backbone.embedding.weight.device.type != "meta":
@@ -155,6 +167,8 @@ class LanguageModel(nn.Module):
                 module.reset_parameters()
                 if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, MoE):
+                module.reset_parameters()
             elif isinstance(module, Norm):
                 module.weight.fill_(1.0)
                 if module.bias is not None:
@@ -192,6 +206,9 @@ class LanguageModel(nn.Module):
         kv = sum(m.kv_bytes(elem) for m in mixers)
         skip = {id(self.backbone.embedding.weight), id(self.lm_head.weight)}
         weights = sum(p.numel() for p in self.parameters() if id(p) not in skip)
+        for layer in self.backbone.layers:  # a token runs only its chosen experts
+            if isinstance(layer.mlp, MoE):
+                weights -= round((1 - layer.mlp.active_fraction()) * (layer.mlp.fc1.numel() + layer.mlp.fc2.numel()))
         return CostHints(
             token_bytes=4 * 3 * self.config.d_model + max(m.activation_bytes() for m in mixers) + kv,
             state_bytes=sum(m.state_bytes(elem) for m in mixers),
@@ -217,6 +234,11 @@ class LanguageModel(nn.Module):
                 raise ValueError(
                     f"state of layer {i} is a {type(layer_state).__name__}, the layer needs a {expected.__name__}"
                 )
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.backbone.embedding.weight)
+        m = self.config.embedding_multiplier
+        return x if m == 1.0 else x * m
 
     def backbone_forward(
         self, input_ids: torch.Tensor, state: ModelState | None = None, return_state: bool = False,
@@ -261,7 +283,7 @@ class LanguageModel(nn.Module):
             if lengths.device != input_ids.device:
                 raise ValueError(f"lengths is on {lengths.device}, input_ids on {input_ids.device}")
             mixer_args = {"lengths": lengths, "padded": padding_mask(lengths, input_ids.shape[1])}
-        x, residual = F.embedding(input_ids, self.backbone.embedding.weight), None
+        x, residual = self._embed(input_ids), None
         final_states = [] if return_state else None
         for i, layer in enumerate(self.backbone.layers):
             x, residual, layer_state = layer(x, residual, None if state is None else state[i], **mixer_args)
@@ -279,7 +301,9 @@ class LanguageModel(nn.Module):
         """hidden [..., D] -> logits [..., V] in fp32 (matmul in the weight dtype), over all stored
         rows; ``linear`` (default ``ops.linear``) is the matrix product used."""
         weight = self.lm_head.weight
-        return (linear or self.ops.linear)(hidden.to(weight.dtype), weight).float()
+        logits = (linear or self.ops.linear)(hidden.to(weight.dtype), weight).float()
+        m = self.config.logits_multiplier
+        return logits if m == 1.0 else logits * m
 
     def forward(
         self, input_ids: torch.Tensor, state: ModelState | None = None, return_state: bool = False
@@ -309,7 +333,7 @@ class LanguageModel(nn.Module):
         if input_ids.ndim != 1:
             raise ValueError(f"step takes one token per sequence, input_ids [B]; got shape {tuple(input_ids.shape)}")
         self._check_state(state, input_ids.shape[0])
-        x, residual = F.embedding(input_ids, self.backbone.embedding.weight), None
+        x, residual = self._embed(input_ids), None
         for layer, layer_state in zip(self.backbone.layers, state):
             x, residual = layer.step(x, residual, layer_state)
         hidden, _ = self.backbone.norm_f.add_norm(self.ops, x, residual, self.config.residual_in_fp32)
