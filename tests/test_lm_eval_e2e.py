@@ -42,6 +42,23 @@ def _write_checkpoint(out_dir, arch: str):
             model.model.embed_tokens.weight.normal_(0.0, 0.5)
         model.save_pretrained(out_dir)
         return out_dir
+    elif arch == "granite":  # Granite 4.0-H: mixture of experts, multipliers, attention without rotary
+        cfg = transformers.GraniteMoeHybridConfig(
+            vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=8, mamba_d_head=16,
+            mamba_d_state=16, mamba_chunk_size=32, num_local_experts=4, num_experts_per_tok=2,
+            shared_intermediate_size=48, embedding_multiplier=4.0, residual_multiplier=0.5,
+            attention_multiplier=0.25, logits_scaling=2.0, position_embedding_type="nope",
+            tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        model = transformers.GraniteMoeHybridForCausalLM(cfg)
+        with torch.no_grad():
+            model.model.embed_tokens.weight.normal_(0.0, 0.5)
+            for name, p in model.named_parameters():
+                if "router" in name:
+                    p.normal_(0.0, 0.5)
+        model.save_pretrained(out_dir)
+        return out_dir
     else:
         cfg = transformers.Mamba2Config(
             vocab_size=VOCAB_ROWS, hidden_size=64, num_hidden_layers=2, state_size=16,
@@ -87,6 +104,7 @@ def _run(model_name, ckpt, tok_dir, tasks, limit, include_path):
         ("mamba1", ["wikitext"], 2),
         ("mamba2", ["hellaswag", "piqa", "lambada_openai", "arc_easy", "winogrande"], 120),
         ("bamba", ["hellaswag", "lambada_openai"], 40),
+        ("granite", ["hellaswag", "lambada_openai"], 40),
     ],
 )
 def test_mamba_equals_hf(tmp_path, offline_tasks, arch, tasks, limit):

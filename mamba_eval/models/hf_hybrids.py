@@ -11,6 +11,17 @@ their weight names as ours. ``mamba_eval.models.formats`` dispatches here by ``m
   Weights ``model.embed_tokens``, ``model.layers.N.{input_layernorm, pre_ff_layernorm, mamba.*,
   self_attn.{q,k,v,o}_proj, feed_forward.{gate,up,down}_proj}``, ``model.final_layernorm``,
   ``lm_head``: q/k/v become the attention's ``in_proj`` rows and [up; gate] the MLP's ``fc1``.
+- **Granite 4.0-H** (``model_type`` "granitemoehybrid", ``GraniteMoeHybridForCausalLM``): Mamba-2 and
+  attention layers by ``layer_types`` ("mamba"/"linear_attention", "attention"/"full_attention";
+  the older key ``layers_block_type``), attention with no positional encoding unless
+  ``position_embedding_type`` is "rope" (then full rotary), ``attention_multiplier`` as its scale;
+  after every mixer a mixture of experts (``num_local_experts``, ``num_experts_per_tok``, experts of
+  width ``intermediate_size``, a shared expert of ``shared_intermediate_size``) or, with no experts,
+  the shared MLP alone; ``embedding_multiplier``, ``residual_multiplier`` and 1 / ``logits_scaling``
+  as the model's multipliers. Weights ``model.layers.N.{input_layernorm, post_attention_layernorm,
+  mamba.*, self_attn.*, block_sparse_moe.{router.layer, input_linear, output_linear},
+  shared_mlp.{input_linear, output_linear}}``, ``model.norm``; Granite's gated rows are [gate; up],
+  ours [y; gate], so their halves swap.
 
 Each family is a reader of its config (known fields read, fields of training or of the runtime
 ignored, anything else refused with one line naming it) and a table of weight names
