@@ -198,3 +198,63 @@ def test_granite_scores_are_batch_invariant(granite):
 def test_granite_refuses_what_it_does_not_implement(granite, tmp_path, changes, match):
     with pytest.raises(CheckpointError, match=match):
         load_model(_bad(granite[1], tmp_path, **changes))
+
+
+# ----------------------------------------------------------------------------- Nemotron-H
+
+NEMOTRON = dict(vocab_size=96, hidden_size=48, hybrid_override_pattern="M*-M-*M", num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, mamba_num_heads=5, mamba_head_dim=16, ssm_state_size=8,
+                n_groups=5, conv_kernel=3, chunk_size=8, intermediate_size=72, mlp_bias=True,
+                layer_norm_epsilon=1e-6)
+
+
+@pytest.fixture(scope="module")
+def nemotron(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nemotron")
+    torch.manual_seed(0)
+    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**NEMOTRON)).eval()
+    perturb(model, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.model.embeddings.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def test_nemotron_h_config(nemotron):
+    cfg = read_config(nemotron[0])
+    assert cfg.kinds == ("mamba2", "attention", "mlp")
+    assert cfg.layer_indices("mlp") == (2, 4) and cfg.layer_indices("attention") == (1, 5)
+    m = cfg.mixers("mamba2")[0]
+    # d_inner = 5 heads x 16 = 80, not a multiple of hidden_size 48 (as in Nemotron-H-4B)
+    assert (m.d_inner, m.ngroups, m.d_conv, m.chunk_size, m.norm_eps) == (80, 5, 3, 8, 1e-6)
+    a = cfg.mixers("attention")[0]
+    assert (a.head_dim, a.rotary_emb_dim, a.qkv_proj_bias) == (16, 0, False)
+    assert cfg.mixers("mlp")[0].bias and not cfg.tie_embeddings and not cfg.residual_in_fp32
+
+
+def test_nemotron_h_logits_and_decoding(nemotron):
+    folder, theirs = nemotron
+    ours = load_model(folder, dtype="float32")
+    ids = _ids(NEMOTRON["vocab_size"])
+    with torch.no_grad():
+        expected = theirs(ids, use_cache=False).logits
+        full, _ = ours(ids)
+        state = ours.allocate_state(2, max_length=LENGTH)
+        stepped = torch.stack([ours.step(ids[:, t], state) for t in range(LENGTH)], dim=1)
+    assert expected.std() > 0.1
+    assert_close(full, expected, rtol_max=1e-4, name="Nemotron-H vs NemotronHForCausalLM")
+    assert_close(stepped, full, rtol_max=1e-5, name="step by step vs one forward")
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(hybrid_override_pattern="M*EM-*M"), r"mixture-of-experts layers, which are not supported for Nemotron-H"),
+    (dict(hybrid_override_pattern="M*X"), r"field 'hybrid_override_pattern' holds 'X'"),
+    (dict(mlp_hidden_act="gelu"), r"field 'mlp_hidden_act' = 'gelu'"),
+])
+def test_nemotron_h_refuses_what_it_does_not_implement(nemotron, tmp_path, changes, match):
+    raw = json.loads((nemotron[0] / "config.json").read_text())
+    raw.pop("layers_block_type", None)  # the older spelling, so that the pattern decides
+    folder = _bad(nemotron[0], tmp_path)
+    (folder / "config.json").write_text(json.dumps({**raw, **changes}))
+    with pytest.raises(CheckpointError, match=match):
+        load_model(folder)

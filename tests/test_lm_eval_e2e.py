@@ -42,6 +42,17 @@ def _write_checkpoint(out_dir, arch: str):
             model.model.embed_tokens.weight.normal_(0.0, 0.5)
         model.save_pretrained(out_dir)
         return out_dir
+    elif arch == "nemotron_h":  # one sublayer per block: Mamba-2, attention without positions, squared-ReLU MLP
+        cfg = transformers.NemotronHConfig(
+            vocab_size=VOCAB_ROWS, hidden_size=64, hybrid_override_pattern="M*-M", num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
+            n_groups=2, chunk_size=32, intermediate_size=96, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        model = transformers.NemotronHForCausalLM(cfg)
+        with torch.no_grad():
+            model.model.embeddings.weight.normal_(0.0, 0.5)
+        model.save_pretrained(out_dir)
+        return out_dir
     elif arch == "granite":  # Granite 4.0-H: mixture of experts, multipliers, attention without rotary
         cfg = transformers.GraniteMoeHybridConfig(
             vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -105,6 +116,7 @@ def _run(model_name, ckpt, tok_dir, tasks, limit, include_path):
         ("mamba2", ["hellaswag", "piqa", "lambada_openai", "arc_easy", "winogrande"], 120),
         ("bamba", ["hellaswag", "lambada_openai"], 40),
         ("granite", ["hellaswag", "lambada_openai"], 40),
+        ("nemotron_h", ["hellaswag", "lambada_openai"], 40),
     ],
 )
 def test_mamba_equals_hf(tmp_path, offline_tasks, arch, tasks, limit):

@@ -256,8 +256,25 @@ class AttnConfig:
         return self.softmax_scale if self.softmax_scale is not None else self.head_dim ** -0.5
 
 
-MixerConfig = Union[Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig]
-MIXER_CONFIGS: tuple[type, ...] = (Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig)
+@dataclass(frozen=True)
+class MLPMixerConfig:
+    """A block whose only sublayer is a plain MLP (Nemotron-H's "-" layers): ``fc2(act(fc1(x)))``
+    of width ``d_intermediate``, ``act`` squared ReLU (``"relu2"``); no state. It takes a mixer's
+    place in the block, after the block's norm."""
+
+    kind: ClassVar[str] = "mlp"
+    d_intermediate: int
+    activation: str = "relu2"
+    bias: bool = False
+
+    def __post_init__(self):
+        _check_ints(self, ["d_intermediate"])
+        if self.activation != "relu2":
+            raise ValueError(f"activation must be 'relu2', got {self.activation!r}")
+
+
+MixerConfig = Union[Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig, MLPMixerConfig]
+MIXER_CONFIGS: tuple[type, ...] = (Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig, MLPMixerConfig)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,13 @@ their weight names as ours. ``mamba_eval.models.formats`` dispatches here by ``m
   mamba.*, self_attn.*, block_sparse_moe.{router.layer, input_linear, output_linear},
   shared_mlp.{input_linear, output_linear}}``, ``model.norm``; Granite's gated rows are [gate; up],
   ours [y; gate], so their halves swap.
+- **Nemotron-H** (``model_type`` "nemotron_h", ``NemotronHForCausalLM``): one sublayer per block after
+  the block's norm, by ``hybrid_override_pattern`` (``M`` Mamba-2, ``*`` attention, ``-`` MLP, ``E``
+  MoE, refused for now) or ``layers_block_type``; the Mamba-2 width is ``mamba_num_heads *
+  mamba_head_dim``; attention has no positional encoding and no biases; the MLP is
+  ``down(relu(up(x))^2)`` (a mixer of kind "mlp"); the LM head is never tied. Weights are ours but
+  ``backbone.embeddings``, ``mixer.{q,k,v,o}_proj`` and ``mixer.{up,down}_proj``; ``mtp.*`` (the
+  multi-token-prediction head) is not read.
 
 Each family is a reader of its config (known fields read, fields of training or of the runtime
 ignored, anything else refused with one line naming it) and a table of weight names
@@ -36,7 +43,9 @@ from pathlib import Path
 
 import torch
 
-from mamba_eval.models.config import AttnConfig, LayerConfig, MLPConfig, ModelConfig, MoEConfig, mamba_stack
+from mamba_eval.models.config import (
+    AttnConfig, LayerConfig, Mamba2Config, MLPConfig, MLPMixerConfig, ModelConfig, MoEConfig, mamba_stack,
+)
 from mamba_eval.models.config_fields import CheckpointError, Fields, generic_config_keys, is_default_dt_limit
 
 
@@ -49,12 +58,15 @@ class WeightMap:
     renames: tuple[tuple[str, str], ...]
     fusions: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
     swap_halves: tuple[str, ...] = ()  # stored keys whose two halves of rows (dim -2) we store the other way round
+    drops: tuple[str, ...] = ()  # stored keys that are not part of the language model
 
     def apply(self, state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         pending: dict[str, dict[str, torch.Tensor]] = {}
         order: dict[str, tuple[str, ...]] = {}
         for key, tensor in state.items():
+            if any(re.match(pattern, key) for pattern in self.drops):
+                continue
             if any(re.match(pattern, key) for pattern in self.swap_halves):
                 first, second = tensor.chunk(2, dim=-2)
                 tensor = torch.cat([second, first], dim=-2)
@@ -274,10 +286,98 @@ def granite_config(raw: dict, where: Path) -> ModelConfig:
         raise CheckpointError(f"{where}: {e}") from None
 
 
+# ----------------------------------------------------------------------------- Nemotron-H
+
+_NEMOTRON_READ = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "hybrid_override_pattern", "layers_block_type",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "attention_head_dim", "mamba_num_heads",
+    "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel", "chunk_size", "use_conv_bias", "use_bias",
+    "layer_norm_epsilon", "time_step_limit", "mamba_hidden_act", "intermediate_size", "mlp_hidden_act", "mlp_bias",
+    "expand", "tie_word_embeddings",
+}
+# Fields of training, initialisation, kernels, the runtime, the multi-token-prediction head (its
+# weights are not part of the language model), and of MoE layers (checked where the pattern has one).
+_NEMOTRON_IGNORED = {
+    "initializer_range", "use_cache", "max_position_embeddings", "attention_dropout", "hidden_dropout",
+    "pad_token_id", "bos_token_id", "eos_token_id", "num_logits_to_keep", "rescale_prenorm_residual",
+    "residual_in_fp32", "time_step_min", "time_step_max", "time_step_floor", "use_mamba_kernels",
+    "mamba_ssm_cache_dtype", "attention_bias", "mamba_proj_bias", "sliding_window", "mtp_layers_block_type",
+    "num_nextn_predict_layers", "moe_intermediate_size", "moe_latent_size", "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_overlap", "n_group", "n_routed_experts", "n_shared_experts", "norm_topk_prob",
+    "num_experts_per_tok", "output_router_logits", "routed_scaling_factor", "topk_group", "num_local_experts",
+    "router_aux_loss_coef", "mamba_chunk_size", "mamba_d_conv", "mamba_n_groups", "mamba_dt_limit",
+    "mamba_conv_bias",
+}
+_NEMOTRON_PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+_NEMOTRON_TYPES = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention",
+                   "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
+
+_NEMOTRON_WEIGHTS = WeightMap(
+    renames=(
+        (r"^(model|backbone)\.embeddings\.", "backbone.embedding."),
+        (r"^model\.", "backbone."),
+        (r"^backbone\.layers\.(\d+)\.mixer\.o_proj\.", r"backbone.layers.\1.mixer.out_proj."),
+        (r"^backbone\.layers\.(\d+)\.mixer\.up_proj\.", r"backbone.layers.\1.mixer.fc1."),
+        (r"^backbone\.layers\.(\d+)\.mixer\.down_proj\.", r"backbone.layers.\1.mixer.fc2."),
+    ),
+    fusions=(
+        (r"^(?:model|backbone)\.layers\.(\d+)\.mixer\.(?P<part>[qkv])_proj\.(weight|bias)$",
+         r"backbone.layers.\1.mixer.in_proj.\3", ("q", "k", "v")),
+    ),
+    drops=(r"^mtp\.",),
+)
+
+
+def nemotron_h_config(raw: dict, where: Path) -> ModelConfig:
+    f = Fields(raw, where)
+    unknown = sorted(set(raw) - _NEMOTRON_READ - _NEMOTRON_IGNORED - generic_config_keys())
+    if unknown:
+        f.fail(unknown[0], "is not a known setting of transformers' NemotronHConfig")
+    f.unsupported_unless("mamba_hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
+    f.unsupported_unless("mlp_hidden_act", lambda v: v == "relu2", "an MLP activation other than squared ReLU")
+    f.unsupported_unless("time_step_limit", is_default_dt_limit, "clamped Δ")
+    if raw.get("layers_block_type") is not None:
+        key, types = "layers_block_type", f.get("layers_block_type")
+        if not isinstance(types, list) or any(t not in _NEMOTRON_TYPES for t in types):
+            bad = next((t for t in types if t not in _NEMOTRON_TYPES), types) if isinstance(types, list) else types
+            f.fail(key, f"holds {bad!r}, not a block type we know (mamba, attention, mlp, moe)")
+        types = [_NEMOTRON_TYPES[t] for t in types]
+    else:
+        key, pattern = "hybrid_override_pattern", f.get("hybrid_override_pattern", required=True)
+        bad = next((c for c in str(pattern) if c not in _NEMOTRON_PATTERN), None)
+        if not isinstance(pattern, str) or not pattern or bad is not None:
+            f.fail(key, f"holds {bad!r}, not a block type we know (M, *, -, E)")
+        types = [_NEMOTRON_PATTERN[c] for c in pattern]
+    if "moe" in types:
+        f.fail(key, "has mixture-of-experts layers, which are not supported for Nemotron-H yet")
+    hidden = f.int("hidden_size", required=True)
+    heads = f.int("num_attention_heads", 32)
+    head_dim = f.int("head_dim", f.int("attention_head_dim", 128))
+    d_inner = f.int("mamba_num_heads", 128) * f.int("mamba_head_dim", 64)
+    eps = f.float("layer_norm_epsilon", 1e-5)
+    try:
+        mixers = {
+            "mamba": Mamba2Config(
+                d_inner=d_inner, d_state=f.int("ssm_state_size", 128), d_conv=f.int("conv_kernel", 4),
+                headdim=f.int("mamba_head_dim", 64), ngroups=f.int("n_groups", 8), chunk_size=f.int("chunk_size", 128),
+                conv_bias=f.bool("use_conv_bias", True), proj_bias=f.bool("use_bias", False), norm_eps=eps),
+            "attention": AttnConfig(num_heads=heads, num_heads_kv=f.int("num_key_value_heads", 8), head_dim=head_dim,
+                                    qkv_proj_bias=False, out_proj_bias=False),  # no rotary: no positional encoding
+            "mlp": MLPMixerConfig(d_intermediate=f.int("intermediate_size", 21504), bias=f.bool("mlp_bias", False)),
+        }
+        # lm_head is never tied in transformers' NemotronH (whatever tie_word_embeddings says).
+        return ModelConfig(d_model=hidden, vocab_size=f.int("vocab_size", required=True),
+                           layers=tuple(LayerConfig(mixers[t]) for t in types), rms_norm=True, norm_eps=eps,
+                           residual_in_fp32=False, tie_embeddings=False)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
 # ----------------------------------------------------------------------------- the families
 
 #: model_type -> (config reader, the weight names of a config)
 FAMILIES = {
     "bamba": (bamba_config, lambda config: _BAMBA_WEIGHTS),
     "granitemoehybrid": (granite_config, _granite_weights),
+    "nemotron_h": (nemotron_h_config, lambda config: _NEMOTRON_WEIGHTS),
 }

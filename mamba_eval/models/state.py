@@ -107,5 +107,33 @@ class Mamba3State:
         return self
 
 
-#: One state per layer, each an :class:`SSMState`, a :class:`Mamba3State` or a ``mixers.attention.AttnState``.
+@dataclass
+class NoState:
+    """The state of a layer that carries nothing from one position to the next (an MLP block):
+    only its batch size, so that forking and the decoder's buffers treat it like any state."""
+
+    batch: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch
+
+    def index_select(self, idx) -> NoState:
+        return NoState(len(idx))
+
+    def clone(self) -> NoState:
+        return NoState(self.batch)
+
+    def copy_(self, other: NoState) -> NoState:
+        return self
+
+    def rows(self, n: int) -> NoState:
+        return NoState(n)
+
+    def zero_(self) -> NoState:
+        return self
+
+
+#: One state per layer, each an :class:`SSMState`, a :class:`Mamba3State`, a ``mixers.attention.AttnState`` or a
+#: :class:`NoState`.
 ModelState = list

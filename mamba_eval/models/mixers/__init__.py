@@ -30,6 +30,7 @@ from mamba_eval.models.mixers.attention import Attention
 from mamba_eval.models.mixers.mamba1 import Mamba1Mixer
 from mamba_eval.models.mixers.mamba2 import Mamba2Mixer
 from mamba_eval.models.mixers.mamba3 import Mamba3Mixer
+from mamba_eval.models.mixers.mlp import MLPMixer
 
 #: Mixer class of each config ``kind``.
 MIXERS = {
@@ -37,6 +38,7 @@ MIXERS = {
     "mamba2": Mamba2Mixer,
     "mamba3": Mamba3Mixer,
     "attention": Attention,
+    "mlp": MLPMixer,
 }
 
 
