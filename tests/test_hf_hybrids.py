@@ -208,16 +208,38 @@ NEMOTRON = dict(vocab_size=96, hidden_size=48, hybrid_override_pattern="M*-M-*M"
                 layer_norm_epsilon=1e-6)
 
 
-@pytest.fixture(scope="module")
-def nemotron(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("nemotron")
+# Nemotron 3's mixture of experts: squared-ReLU experts, a shared expert, the sigmoid router with a
+# correction bias choosing among the best 2 of 3 groups of experts, normalised and scaled weights.
+NEMOTRON_MOE = dict(NEMOTRON, hybrid_override_pattern="ME*EM", n_routed_experts=6, num_experts_per_tok=2,
+                    moe_intermediate_size=20, moe_shared_expert_intermediate_size=28, n_group=3, topk_group=2,
+                    routed_scaling_factor=1.7)
+
+
+def _nemotron(folder, config):
     torch.manual_seed(0)
-    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**NEMOTRON)).eval()
+    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**config)).eval()
     perturb(model, torch.Generator().manual_seed(1))
     with torch.no_grad():
         model.model.embeddings.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+        gen = torch.Generator().manual_seed(3)
+        for name, p in model.named_parameters():
+            if ".gate." in name or ".experts." in name:
+                p.normal_(0.0, 0.5, generator=gen)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.3, generator=gen)
     model.save_pretrained(folder)
     return folder, model
+
+
+@pytest.fixture(scope="module")
+def nemotron(tmp_path_factory):
+    return _nemotron(tmp_path_factory.mktemp("nemotron"), NEMOTRON)
+
+
+@pytest.fixture(scope="module")
+def nemotron_moe(tmp_path_factory):
+    return _nemotron(tmp_path_factory.mktemp("nemotron-moe"), NEMOTRON_MOE)
 
 
 def test_nemotron_h_config(nemotron):
@@ -232,8 +254,9 @@ def test_nemotron_h_config(nemotron):
     assert cfg.mixers("mlp")[0].bias and not cfg.tie_embeddings and not cfg.residual_in_fp32
 
 
-def test_nemotron_h_logits_and_decoding(nemotron):
-    folder, theirs = nemotron
+@pytest.mark.parametrize("which", ["nemotron", "nemotron_moe"])
+def test_nemotron_h_logits_and_decoding(which, request):
+    folder, theirs = request.getfixturevalue(which)
     ours = load_model(folder, dtype="float32")
     ids = _ids(NEMOTRON["vocab_size"])
     with torch.no_grad():
@@ -247,7 +270,7 @@ def test_nemotron_h_logits_and_decoding(nemotron):
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(hybrid_override_pattern="M*EM-*M"), r"mixture-of-experts layers, which are not supported for Nemotron-H"),
+    (dict(hybrid_override_pattern="M*EM-*M", moe_latent_size=16), r"field 'moe_latent_size' = 16 \(latent"),
     (dict(hybrid_override_pattern="M*X"), r"field 'hybrid_override_pattern' holds 'X'"),
     (dict(mlp_hidden_act="gelu"), r"field 'mlp_hidden_act' = 'gelu'"),
 ])
@@ -258,3 +281,24 @@ def test_nemotron_h_refuses_what_it_does_not_implement(nemotron, tmp_path, chang
     (folder / "config.json").write_text(json.dumps({**raw, **changes}))
     with pytest.raises(CheckpointError, match=match):
         load_model(folder)
+
+
+def test_nemotron_h_moe_config_and_invariance(nemotron_moe):
+    """The "E" layers read as experts; engine scores bit-identical across batch sizes."""
+    from mamba_eval.harness.engine import score_continuations
+
+    folder = nemotron_moe[0]
+    cfg = read_config(folder)
+    moe = cfg.mixers("moe")[0].moe
+    assert cfg.layer_indices("moe") == (1, 3)
+    assert (moe.num_experts, moe.top_k, moe.d_expert, moe.d_shared, moe.experts, moe.router) == (
+        6, 2, 20, 28, "relu2", "sigmoid")
+    assert (moe.n_group, moe.topk_group, moe.norm_topk, moe.scaling) == (3, 2, True, 1.7)
+    gen = torch.Generator().manual_seed(4)
+    pairs = [(torch.randint(0, 96, (n,), generator=gen).tolist(), torch.randint(0, 96, (2,), generator=gen).tolist())
+             for n in (5, 9, 9, 14, 3)]
+    model = load_model(folder, dtype="float32", batch_invariant=True)
+    runs = [score_continuations(model, pairs, max_length=64, batch_size=bs, device=torch.device("cpu"))
+            for bs in (1, 4)]
+    assert runs[0] == runs[1]
+

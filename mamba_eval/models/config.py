@@ -273,8 +273,22 @@ class MLPMixerConfig:
             raise ValueError(f"activation must be 'relu2', got {self.activation!r}")
 
 
-MixerConfig = Union[Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig, MLPMixerConfig]
-MIXER_CONFIGS: tuple[type, ...] = (Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig, MLPMixerConfig)
+@dataclass(frozen=True)
+class MoEMixerConfig:
+    """A block whose only sublayer is a mixture of experts (Nemotron-H's "E" layers): ``moe``, a
+    :class:`MoEConfig`; no state. It takes a mixer's place in the block, after the block's norm."""
+
+    kind: ClassVar[str] = "moe"
+    moe: "MoEConfig"
+
+    def __post_init__(self):
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"moe must be a MoEConfig, got {self.moe!r}")
+
+
+MixerConfig = Union[Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig, MLPMixerConfig, MoEMixerConfig]
+MIXER_CONFIGS: tuple[type, ...] = (Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig, MLPMixerConfig,
+                                   MoEMixerConfig)
 
 
 @dataclass(frozen=True)
@@ -290,22 +304,42 @@ class MLPConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """A mixture of gated-MLP experts after a mixer (Granite 4.0-H's): a router ``[num_experts, D]``
-    whose fp32 logits pick ``top_k`` experts per token, weighted by the softmax over the chosen
-    logits; each expert is ``fc2_e(y * silu(gate))``, ``[y; gate] = fc1_e(x)``, width
-    ``d_expert``; plus, when ``d_shared > 0``, a shared gated MLP of that width that every token
-    runs. No biases."""
+    """A mixture of experts: a router ``[num_experts, D]`` picks ``top_k`` experts per token; each
+    expert is an MLP of width ``d_expert``; when ``d_shared > 0`` a shared expert of that width runs
+    for every token. No biases but the shared expert's (``shared_bias``).
+
+    ``experts``: ``"gated"`` (Granite 4.0-H: ``fc2_e(y * silu(gate))``, ``[y; gate] = fc1_e(x)``;
+    the shared expert gated too) or ``"relu2"`` (Nemotron-H: ``fc2_e(relu(fc1_e(x))^2)``, and the
+    shared expert). ``router``: ``"softmax"`` (logits in the model dtype, then fp32; the weights are
+    the softmax over the chosen logits) or ``"sigmoid"`` (Nemotron-H: fp32 logits, scores
+    ``sigmoid``; the choice by score plus a learned correction bias, among the ``topk_group`` of
+    ``n_group`` groups of experts whose two best biased scores sum highest; weights the chosen
+    scores, divided by their sum when ``norm_topk``, times ``scaling``)."""
 
     num_experts: int
     top_k: int
     d_expert: int
     d_shared: int = 0
+    experts: str = "gated"
+    router: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk: bool = True
+    scaling: float = 1.0
+    shared_bias: bool = False
 
     def __post_init__(self):
-        _check_ints(self, ["num_experts", "top_k", "d_expert"])
+        _check_ints(self, ["num_experts", "top_k", "d_expert", "n_group", "topk_group"])
         _check_ints(self, ["d_shared"], minimum=0)
+        _check_positive_float(self, ["scaling"])
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k = {self.top_k} exceeds num_experts = {self.num_experts}")
+        if self.experts not in ("gated", "relu2") or self.router not in ("softmax", "sigmoid"):
+            raise ValueError(f"experts must be 'gated' or 'relu2' and router 'softmax' or 'sigmoid', got "
+                             f"{self.experts!r} and {self.router!r}")
+        if self.num_experts % self.n_group or self.topk_group > self.n_group:
+            raise ValueError(f"n_group = {self.n_group} must divide num_experts = {self.num_experts} and be at "
+                             f"least topk_group = {self.topk_group}")
 
 
 @dataclass(frozen=True)

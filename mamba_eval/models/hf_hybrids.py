@@ -24,10 +24,14 @@ their weight names as ours. ``mamba_eval.models.formats`` dispatches here by ``m
   ours [y; gate], so their halves swap.
 - **Nemotron-H** (``model_type`` "nemotron_h", ``NemotronHForCausalLM``): one sublayer per block after
   the block's norm, by ``hybrid_override_pattern`` (``M`` Mamba-2, ``*`` attention, ``-`` MLP, ``E``
-  MoE, refused for now) or ``layers_block_type``; the Mamba-2 width is ``mamba_num_heads *
+  mixture of experts) or ``layers_block_type``; the Mamba-2 width is ``mamba_num_heads *
   mamba_head_dim``; attention has no positional encoding and no biases; the MLP is
-  ``down(relu(up(x))^2)`` (a mixer of kind "mlp"); the LM head is never tied. Weights are ours but
-  ``backbone.embeddings``, ``mixer.{q,k,v,o}_proj`` and ``mixer.{up,down}_proj``; ``mtp.*`` (the
+  ``down(relu(up(x))^2)`` (a mixer of kind "mlp"); the MoE layers (kind "moe") have squared-ReLU
+  experts, a shared expert and the sigmoid router with a correction bias and expert groups; the LM
+  head is never tied. Weights are ours but
+  ``backbone.embeddings``, ``mixer.{q,k,v,o}_proj``, ``mixer.{up,down}_proj``, ``mixer.gate.{weight,
+  e_score_correction_bias}``, ``mixer.experts.J.{up,down}_proj`` (stacked) and
+  ``mixer.shared_experts.*``; ``mtp.*`` (the
   multi-token-prediction head) is not read.
 
 Each family is a reader of its config (known fields read, fields of training or of the runtime
@@ -44,7 +48,8 @@ from pathlib import Path
 import torch
 
 from mamba_eval.models.config import (
-    AttnConfig, LayerConfig, Mamba2Config, MLPConfig, MLPMixerConfig, ModelConfig, MoEConfig, mamba_stack,
+    AttnConfig, LayerConfig, Mamba2Config, MLPConfig, MLPMixerConfig, ModelConfig, MoEConfig, MoEMixerConfig,
+    mamba_stack,
 )
 from mamba_eval.models.config_fields import CheckpointError, Fields, generic_config_keys, is_default_dt_limit
 
@@ -59,13 +64,20 @@ class WeightMap:
     fusions: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
     swap_halves: tuple[str, ...] = ()  # stored keys whose two halves of rows (dim -2) we store the other way round
     drops: tuple[str, ...] = ()  # stored keys that are not part of the language model
+    stacks: tuple[tuple[str, str], ...] = ()  # (regex with a numeric group ``part``, target): stacked in order
 
     def apply(self, state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         pending: dict[str, dict[str, torch.Tensor]] = {}
+        stacked: dict[str, dict[int, torch.Tensor]] = {}
         order: dict[str, tuple[str, ...]] = {}
         for key, tensor in state.items():
             if any(re.match(pattern, key) for pattern in self.drops):
+                continue
+            stack = next(((m, target) for pattern, target in self.stacks if (m := re.match(pattern, key))), None)
+            if stack is not None:
+                m, target = stack
+                stacked.setdefault(m.expand(target), {})[int(m.group("part"))] = tensor
                 continue
             if any(re.match(pattern, key) for pattern in self.swap_halves):
                 first, second = tensor.chunk(2, dim=-2)
@@ -87,6 +99,11 @@ class WeightMap:
             if missing:
                 raise CheckpointError(f"{where}: the checkpoint lacks the {missing[0]!r} part of {name!r}")
             out[name] = torch.cat([got[p] for p in order[name]], dim=0)
+        for name, got in stacked.items():
+            missing = sorted(set(range(max(got) + 1)) - set(got))
+            if missing:
+                raise CheckpointError(f"{where}: the checkpoint lacks part {missing[0]} of {name!r}")
+            out[name] = torch.stack([got[i] for i in range(len(got))])
         return out
 
 
@@ -319,6 +336,16 @@ _NEMOTRON_WEIGHTS = WeightMap(
         (r"^backbone\.layers\.(\d+)\.mixer\.o_proj\.", r"backbone.layers.\1.mixer.out_proj."),
         (r"^backbone\.layers\.(\d+)\.mixer\.up_proj\.", r"backbone.layers.\1.mixer.fc1."),
         (r"^backbone\.layers\.(\d+)\.mixer\.down_proj\.", r"backbone.layers.\1.mixer.fc2."),
+        (r"^backbone\.layers\.(\d+)\.mixer\.gate\.weight$", r"backbone.layers.\1.mixer.router.weight"),
+        (r"^backbone\.layers\.(\d+)\.mixer\.gate\.e_score_correction_bias$", r"backbone.layers.\1.mixer.router_bias"),
+        (r"^backbone\.layers\.(\d+)\.mixer\.shared_experts\.up_proj\.", r"backbone.layers.\1.mixer.shared.fc1."),
+        (r"^backbone\.layers\.(\d+)\.mixer\.shared_experts\.down_proj\.", r"backbone.layers.\1.mixer.shared.fc2."),
+    ),
+    stacks=(
+        (r"^(?:model|backbone)\.layers\.(\d+)\.mixer\.experts\.(?P<part>\d+)\.up_proj\.weight$",
+         r"backbone.layers.\1.mixer.fc1"),
+        (r"^(?:model|backbone)\.layers\.(\d+)\.mixer\.experts\.(?P<part>\d+)\.down_proj\.weight$",
+         r"backbone.layers.\1.mixer.fc2"),
     ),
     fusions=(
         (r"^(?:model|backbone)\.layers\.(\d+)\.mixer\.(?P<part>[qkv])_proj\.(weight|bias)$",
@@ -326,6 +353,21 @@ _NEMOTRON_WEIGHTS = WeightMap(
     ),
     drops=(r"^mtp\.",),
 )
+
+
+def _nemotron_moe(f: Fields) -> MoEMixerConfig:
+    """The "E" layers: squared-ReLU experts and shared expert, the sigmoid router with its
+    correction bias and groups (NemotronHTopkRouter)."""
+    f.unsupported_unless("moe_latent_size", lambda v: v is None, "latent projections around the experts")
+    experts = f.int("n_routed_experts", f.int("num_local_experts", 8))
+    try:
+        return MoEMixerConfig(MoEConfig(
+            num_experts=experts, top_k=f.int("num_experts_per_tok", 2), d_expert=f.int("moe_intermediate_size", 7688),
+            d_shared=f.int("moe_shared_expert_intermediate_size", 7688), experts="relu2", router="sigmoid",
+            n_group=f.int("n_group", 1), topk_group=f.int("topk_group", 1), norm_topk=f.bool("norm_topk_prob", True),
+            scaling=f.float("routed_scaling_factor", 1.0), shared_bias=f.bool("mlp_bias", False)))
+    except ValueError as e:
+        raise CheckpointError(f"{f.where}: {e}") from None
 
 
 def nemotron_h_config(raw: dict, where: Path) -> ModelConfig:
@@ -348,8 +390,7 @@ def nemotron_h_config(raw: dict, where: Path) -> ModelConfig:
         if not isinstance(pattern, str) or not pattern or bad is not None:
             f.fail(key, f"holds {bad!r}, not a block type we know (M, *, -, E)")
         types = [_NEMOTRON_PATTERN[c] for c in pattern]
-    if "moe" in types:
-        f.fail(key, "has mixture-of-experts layers, which are not supported for Nemotron-H yet")
+    moe = _nemotron_moe(f) if "moe" in types else None
     hidden = f.int("hidden_size", required=True)
     heads = f.int("num_attention_heads", 32)
     head_dim = f.int("head_dim", f.int("attention_head_dim", 128))
@@ -364,6 +405,7 @@ def nemotron_h_config(raw: dict, where: Path) -> ModelConfig:
             "attention": AttnConfig(num_heads=heads, num_heads_kv=f.int("num_key_value_heads", 8), head_dim=head_dim,
                                     qkv_proj_bias=False, out_proj_bias=False),  # no rotary: no positional encoding
             "mlp": MLPMixerConfig(d_intermediate=f.int("intermediate_size", 21504), bias=f.bool("mlp_bias", False)),
+            "moe": moe,
         }
         # lm_head is never tied in transformers' NemotronH (whatever tie_word_embeddings says).
         return ModelConfig(d_model=hidden, vocab_size=f.int("vocab_size", required=True),

@@ -38,6 +38,20 @@ class GatedMLP(nn.Module):
     step = forward  # a decoding step: the same products
 
 
+class ReluSquaredMLP(nn.Module):
+    """``fc2(relu(fc1(x))^2)`` (Nemotron-H's MLP), biases optional."""
+
+    def __init__(self, d_model: int, hidden: int, bias: bool = False, **factory):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden, bias=bias, **factory)
+        self.fc2 = nn.Linear(hidden, d_model, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        return linear(torch.square(F.relu(linear(x, self.fc1.weight, self.fc1.bias))), self.fc2.weight, self.fc2.bias)
+
+    step = forward
+
+
 class MoE(nn.Module):
     """A mixture of gated-MLP experts (``MoEConfig``), and the shared expert when there is one.
 
@@ -51,29 +65,54 @@ class MoE(nn.Module):
     every row instead (the CPU's invariance policy: there a product's rows are exact only in
     batches shaped by the engine, which an expert's share of the rows is not)."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, d_expert: int, d_shared: int,
-                 dense: bool = False, **factory):
+    def __init__(self, d_model: int, cfg, dense: bool = False, **factory):
         super().__init__()
-        self.top_k, self.dense = top_k, dense
-        self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
-        self.fc1 = nn.Parameter(torch.empty(num_experts, 2 * d_expert, d_model, **factory))
-        self.fc2 = nn.Parameter(torch.empty(num_experts, d_model, d_expert, **factory))
-        self.shared = GatedMLP(d_model, d_shared, **factory) if d_shared > 0 else None
+        self.cfg, self.top_k, self.dense = cfg, cfg.top_k, dense
+        E, gated = cfg.num_experts, cfg.experts == "gated"
+        sigmoid = cfg.router == "sigmoid"
+        # Nemotron-H keeps its router in fp32, with the correction bias of the choice.
+        router_factory = {**factory, "dtype": torch.float32} if sigmoid else factory
+        self.router = nn.Linear(d_model, E, bias=False, **router_factory)
+        self.router_bias = nn.Parameter(torch.empty(E, **router_factory)) if sigmoid else None
+        self.fc1 = nn.Parameter(torch.empty(E, (2 if gated else 1) * cfg.d_expert, d_model, **factory))
+        self.fc2 = nn.Parameter(torch.empty(E, d_model, cfg.d_expert, **factory))
+        self.shared = None
+        if cfg.d_shared > 0:
+            self.shared = (GatedMLP(d_model, cfg.d_shared, **factory) if gated else
+                           ReluSquaredMLP(d_model, cfg.d_shared, cfg.shared_bias, **factory))
 
     def reset_parameters(self):
         for w in (self.fc1, self.fc2):
             nn.init.normal_(w, std=w.shape[-1] ** -0.5)
+        if self.router_bias is not None:
+            nn.init.zeros_(self.router_bias)
 
     def active_fraction(self) -> float:
         """The share of the expert weights one token runs (for cost estimates)."""
         return self.top_k / self.fc1.shape[0]
 
     def _route(self, x, linear):
-        """(top_k expert indices [N, k], their weights [N, k] in x's dtype)."""
-        top_logits, top_idx = linear(x, self.router.weight).float().topk(self.top_k, dim=-1)
-        return top_idx, torch.softmax(top_logits, dim=-1).to(x.dtype)
+        """(top_k expert indices [N, k], their weights [N, k]: x's dtype for softmax, fp32 for sigmoid)."""
+        c = self.cfg
+        if c.router == "softmax":
+            top_logits, top_idx = linear(x, self.router.weight).float().topk(self.top_k, dim=-1)
+            return top_idx, torch.softmax(top_logits, dim=-1).to(x.dtype)
+        scores = torch.sigmoid(linear(x.float(), self.router.weight))
+        choice = scores + self.router_bias
+        if c.n_group > 1:
+            groups = choice.view(-1, c.n_group, c.num_experts // c.n_group)
+            best = groups.topk(2, dim=-1)[0].sum(-1).topk(c.topk_group, dim=-1)[1]  # [N, topk_group]
+            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = groups.masked_fill(~keep[..., None], float("-inf")).view(-1, c.num_experts)
+        top_idx = choice.topk(self.top_k, dim=-1)[1]
+        weights = scores.gather(1, top_idx)
+        if c.norm_topk:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return top_idx, weights * c.scaling
 
     def _expert(self, e: int, x, linear):
+        if self.cfg.experts == "relu2":
+            return linear(torch.square(F.relu(linear(x, self.fc1[e]))), self.fc2[e])
         y, gate = linear(x, self.fc1[e]).chunk(2, dim=-1)
         return linear(y * F.silu(gate), self.fc2[e])
 
@@ -84,7 +123,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
         if self.dense:
-            return self.step(x, linear)
+            return self._all_experts(x, linear)
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         top_idx, weights = self._route(x, linear)
@@ -94,7 +133,7 @@ class MoE(nn.Module):
             out.index_add_(0, rows, (self._expert(e, x[rows], linear) * weights[rows, slot, None]).float())
         return self._finish(out, x, linear, shape)
 
-    def step(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+    def _all_experts(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
         """A decoding step without host synchronisation or data-dependent shapes (a CUDA graph can
         hold it): every expert runs on every row, weighted 0 where not chosen. Per-row products
         are those of ``forward`` and the zero terms add exactly nothing, so the bits are
@@ -108,3 +147,4 @@ class MoE(nn.Module):
             out += (self._expert(e, x, linear) * w).float()
         return self._finish(out, x, linear, shape)
 
+    step = _all_experts

@@ -75,7 +75,7 @@ class Block(nn.Module):
     """``residual = x + residual; x = mixer(norm(residual))`` (add and norm fused, as in mamba_ssm),
     then with an MLP ``residual = x + residual; x = mlp(norm2(residual))``."""
 
-    def __init__(self, layer: LayerConfig, config: ModelConfig, ops: Ops, dense_moe: bool = False, **factory):
+    def __init__(self, layer: LayerConfig, config: ModelConfig, ops: Ops, **factory):
         super().__init__()
         self.ops = ops
         self.residual_in_fp32 = config.residual_in_fp32
@@ -86,7 +86,7 @@ class Block(nn.Module):
         if isinstance(layer.mlp, MoEConfig):
             m = layer.mlp
             self.norm2 = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
-            self.mlp = MoE(config.d_model, m.num_experts, m.top_k, m.d_expert, m.d_shared, dense=dense_moe, **factory)
+            self.mlp = MoE(config.d_model, m, dense=ops.invariance.pads_batches, **factory)
         elif layer.mlp is not None:
             self.norm2 = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
             self.mlp = GatedMLP(config.d_model, layer.mlp.d_intermediate, **factory)
@@ -117,10 +117,10 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     """Embedding, the blocks and the final norm (mamba_ssm's ``MixerModel``)."""
 
-    def __init__(self, config: ModelConfig, ops: Ops, dense_moe: bool = False, **factory):
+    def __init__(self, config: ModelConfig, ops: Ops, **factory):
         super().__init__()
         self.embedding = nn.Embedding(config.vocab_size, config.d_model, **factory)
-        self.layers = nn.ModuleList(Block(layer, config, ops, dense_moe, **factory) for layer in config.layers)
+        self.layers = nn.ModuleList(Block(layer, config, ops, **factory) for layer in config.layers)
         self.norm_f = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
 
 
@@ -146,7 +146,7 @@ class LanguageModel(nn.Module):
                                                               batch_invariant)
         self.ops = get_ops(backend, self.invariance)
         factory = {"device": device, "dtype": dtype}
-        self.backbone = Backbone(config, self.ops, dense_moe=self.invariance.pads_batches, **factory)
+        self.backbone = Backbone(config, self.ops, **factory)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, **factory)
         self.tie_weights()
         if self.backbone.embedding.weight.device.type != "meta":
@@ -206,9 +206,8 @@ class LanguageModel(nn.Module):
         kv = sum(m.kv_bytes(elem) for m in mixers)
         skip = {id(self.backbone.embedding.weight), id(self.lm_head.weight)}
         weights = sum(p.numel() for p in self.parameters() if id(p) not in skip)
-        for layer in self.backbone.layers:  # a token runs only its chosen experts
-            if isinstance(layer.mlp, MoE):
-                weights -= round((1 - layer.mlp.active_fraction()) * (layer.mlp.fc1.numel() + layer.mlp.fc2.numel()))
+        for moe in (m for layer in self.backbone.layers for m in (layer.mixer, layer.mlp) if isinstance(m, MoE)):
+            weights -= round((1 - moe.active_fraction()) * (moe.fc1.numel() + moe.fc2.numel()))  # only chosen experts run
         return CostHints(
             token_bytes=4 * 3 * self.config.d_model + max(m.activation_bytes() for m in mixers) + kv,
             state_bytes=sum(m.state_bytes(elem) for m in mixers),

@@ -30,7 +30,7 @@ from mamba_eval.models.mixers.attention import Attention
 from mamba_eval.models.mixers.mamba1 import Mamba1Mixer
 from mamba_eval.models.mixers.mamba2 import Mamba2Mixer
 from mamba_eval.models.mixers.mamba3 import Mamba3Mixer
-from mamba_eval.models.mixers.mlp import MLPMixer
+from mamba_eval.models.mixers.mlp import MLPMixer, MoEMixer
 
 #: Mixer class of each config ``kind``.
 MIXERS = {
@@ -39,6 +39,7 @@ MIXERS = {
     "mamba3": Mamba3Mixer,
     "attention": Attention,
     "mlp": MLPMixer,
+    "moe": MoEMixer,
 }
 
 

@@ -1,5 +1,6 @@
-"""A block whose only sublayer is a plain MLP (``MLPMixerConfig``: Nemotron-H's "-" layers), with
-the mixer interface so that it takes a mixer's place; it has no state (``NoState``).
+"""Blocks whose only sublayer is a plain MLP (``MLPMixerConfig``: Nemotron-H's "-" layers) or a
+mixture of experts (``MoEMixerConfig``: its "E" layers), with the mixer interface so that they
+take a mixer's place; they have no state (``NoState``).
 
 Parameters::
 
@@ -11,25 +12,20 @@ Parameters::
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from mamba_eval.models.config import MLPMixerConfig
+from mamba_eval.models.config import MLPMixerConfig, MoEMixerConfig
+from mamba_eval.models.layers import MoE, ReluSquaredMLP
 from mamba_eval.models.ops import Ops
 from mamba_eval.models.state import NoState
 
 
-class MLPMixer(nn.Module):
+class MLPMixer(ReluSquaredMLP):
     supports_lengths = True
     state_grows = False
     state_type = NoState
 
     def __init__(self, cfg: MLPMixerConfig, d_model: int, ops: Ops, **factory):
-        super().__init__()
+        super().__init__(d_model, cfg.d_intermediate, cfg.bias, **factory)
         self.cfg, self.ops = cfg, ops
-        self.fc1 = nn.Linear(d_model, cfg.d_intermediate, bias=cfg.bias, **factory)
-        self.fc2 = nn.Linear(cfg.d_intermediate, d_model, bias=cfg.bias, **factory)
 
     def init_parameters(self):
         pass  # nn.Linear's own initialisation
@@ -46,11 +42,44 @@ class MLPMixer(nn.Module):
     def activation_bytes(self) -> int:
         return 4 * 2 * self.cfg.d_intermediate
 
-    def _mlp(self, h, linear):
-        return linear(torch.square(F.relu(linear(h, self.fc1.weight, self.fc1.bias))), self.fc2.weight, self.fc2.bias)
-
     def forward(self, h, state=None, lengths=None, padded=None):
-        return self._mlp(h, self.ops.linear), NoState(h.shape[0])
+        return super().forward(h, self.ops.linear), NoState(h.shape[0])
 
     def step(self, h, state):
-        return self._mlp(h, self.ops.step_linear)
+        return super().forward(h, self.ops.step_linear)
+
+
+class MoEMixer(MoE):
+    """``layers.MoE`` as a stateless mixer (parameters ``router``, ``router_bias``, ``fc1``, ``fc2``,
+    ``shared``); on the CPU under the invariance policy every expert runs on every row (MoE's
+    ``dense``)."""
+
+    supports_lengths = True
+    state_grows = False
+    state_type = NoState
+
+    def __init__(self, cfg: MoEMixerConfig, d_model: int, ops: Ops, **factory):
+        super().__init__(d_model, cfg.moe, dense=ops.invariance.pads_batches, **factory)
+        self.ops = ops
+
+    def init_parameters(self):
+        self.reset_parameters()
+
+    def zero_state(self, batch_size: int, *, capacity, dtype, state_dtype, device) -> NoState:
+        return NoState(batch_size)
+
+    def state_bytes(self, elem: int) -> int:
+        return 0
+
+    def kv_bytes(self, elem: int) -> int:
+        return 0
+
+    def activation_bytes(self) -> int:
+        return 4 * 3 * (self.fc1.shape[1] + (self.shared.fc1.out_features if self.shared is not None else 0))
+
+    def forward(self, h, state=None, lengths=None, padded=None):
+        return super().forward(h, self.ops.linear), NoState(h.shape[0])
+
+    def step(self, h, state):
+        return self._all_experts(h, self.ops.step_linear)
+
