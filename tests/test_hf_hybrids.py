@@ -302,3 +302,25 @@ def test_nemotron_h_moe_config_and_invariance(nemotron_moe):
             for bs in (1, 4)]
     assert runs[0] == runs[1]
 
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("Bamba", dict(attn_layer_indices=[3, 11, 19, 27])),  # transformers' defaults: Bamba-9B's shape
+    ("GraniteMoeHybrid", dict(layer_types=["mamba"] * 3 + ["attention"] + ["mamba"] * 4, num_hidden_layers=8,
+                              position_embedding_type="nope")),
+    ("NemotronH", dict(hybrid_override_pattern="M-M-M*-M-M-ME*E")),
+])
+def test_full_size_configs_have_transformers_parameter_count(family, overrides):
+    """Full-size configs (transformers' defaults, hybrid layouts) build with exactly the parameters
+    of transformers' own model (on the meta device: nothing is allocated)."""
+    from mamba_eval.models.formats import config_from_dict
+    from mamba_eval.models.model import LanguageModel
+
+    config = getattr(transformers, f"{family}Config")(**overrides)
+    with torch.device("meta"):
+        theirs = getattr(transformers, f"{family}ForCausalLM")(config)
+    expected = sum(p.numel() for p in theirs.parameters())
+    expected += sum(b.numel() for n, b in theirs.named_buffers() if n.endswith("e_score_correction_bias"))
+    raw = json.loads(config.to_json_string())
+    ours = LanguageModel(config_from_dict(raw, family), device="meta")
+    assert sum(p.numel() for p in ours.parameters()) == expected
