@@ -309,6 +309,7 @@ def test_nemotron_h_moe_config_and_invariance(nemotron_moe):
     ("GraniteMoeHybrid", dict(layer_types=["mamba"] * 3 + ["attention"] + ["mamba"] * 4, num_hidden_layers=8,
                               position_embedding_type="nope")),
     ("NemotronH", dict(hybrid_override_pattern="M-M-M*-M-M-ME*E")),
+    ("FalconH1", dict(mamba_rms_norm=True, num_hidden_layers=8)),
 ])
 def test_full_size_configs_have_transformers_parameter_count(family, overrides):
     """Full-size configs (transformers' defaults, hybrid layouts) build with exactly the parameters
@@ -324,3 +325,59 @@ def test_full_size_configs_have_transformers_parameter_count(family, overrides):
     raw = json.loads(config.to_json_string())
     ours = LanguageModel(config_from_dict(raw, family), device="meta")
     assert sum(p.numel() for p in ours.parameters()) == expected
+
+
+# ----------------------------------------------------------------------------- Falcon-H1
+
+FALCON = dict(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2,
+              mamba_d_state=8, mamba_d_conv=3, mamba_chunk_size=8, rms_norm_eps=1e-6,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e5}, embedding_multiplier=2.5,
+              lm_head_multiplier=0.6, mlp_multipliers=[1.3, 0.7], key_multiplier=0.8, attention_in_multiplier=1.2,
+              attention_out_multiplier=0.9, ssm_multipliers=[0.5, 1.5, 0.8, 1.1, 2.0], ssm_in_multiplier=1.4,
+              ssm_out_multiplier=0.75)
+FALCONS = {
+    "no-norm": dict(FALCON, mamba_rms_norm=False, tie_word_embeddings=True),
+    "norm-after-gate-biases": dict(FALCON, mamba_rms_norm=True, mamba_norm_before_gate=False, attention_bias=True,
+                                   mamba_proj_bias=True, projectors_bias=True, tie_word_embeddings=False),
+    "norm-before-gate": dict(FALCON, mamba_rms_norm=True, mamba_norm_before_gate=True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FALCONS))
+def falcon(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"falcon-{request.param}")
+    torch.manual_seed(0)
+    model = transformers.FalconH1ForCausalLM(transformers.FalconH1Config(**FALCONS[request.param])).eval()
+    perturb(model, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+        if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+            model.lm_head.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
+    model.save_pretrained(folder)
+    return request.param, folder, model
+
+
+def test_falcon_h1_logits_and_decoding(falcon):
+    name, folder, theirs = falcon
+    ours = load_model(folder, dtype="float32")
+    assert ours.config.kinds == ("parallel",)
+    ids = _ids(FALCON["vocab_size"])
+    with torch.no_grad():
+        expected = theirs(ids, use_cache=False).logits
+        full, _ = ours(ids)
+        state = ours.allocate_state(2, max_length=LENGTH)
+        stepped = torch.stack([ours.step(ids[:, t], state) for t in range(LENGTH)], dim=1)
+    assert expected.std() > 0.1
+    assert_close(full, expected, rtol_max=1e-4, name=f"Falcon-H1 {name} vs FalconH1ForCausalLM")
+    assert_close(stepped, full, rtol_max=1e-5, name="step by step vs one forward")
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(ssm_multipliers=[1.0, 2.0]), r"field 'ssm_multipliers' must be a list of 5 numbers"),
+    (dict(projectors_bias=True, mamba_proj_bias=False), r"field 'projectors_bias' differs from mamba_proj_bias"),
+    (dict(mlp_bias=True), r"field 'mlp_bias' = True \(MLP biases\)"),
+])
+def test_falcon_h1_refuses_what_it_does_not_implement(falcon, tmp_path, changes, match):
+    with pytest.raises(CheckpointError, match=match):
+        load_model(_bad(falcon[1], tmp_path, **changes))

@@ -53,6 +53,20 @@ def _write_checkpoint(out_dir, arch: str):
             model.model.embeddings.weight.normal_(0.0, 0.5)
         model.save_pretrained(out_dir)
         return out_dir
+    elif arch == "falcon_h1":  # attention and Mamba-2 side by side in every block, µP multipliers
+        cfg = transformers.FalconH1Config(
+            vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16,
+            mamba_d_state=16, mamba_chunk_size=32, mamba_rms_norm=True, mamba_norm_before_gate=False,
+            embedding_multiplier=2.0, lm_head_multiplier=0.5, key_multiplier=0.7, ssm_in_multiplier=1.3,
+            ssm_multipliers=[0.5, 1.5, 1.0, 0.8, 2.0], mlp_multipliers=[1.2, 0.8], tie_word_embeddings=True,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        model = transformers.FalconH1ForCausalLM(cfg)
+        with torch.no_grad():
+            model.model.embed_tokens.weight.normal_(0.0, 0.5)
+        model.save_pretrained(out_dir)
+        return out_dir
     elif arch == "granite":  # Granite 4.0-H: mixture of experts, multipliers, attention without rotary
         cfg = transformers.GraniteMoeHybridConfig(
             vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -117,6 +131,7 @@ def _run(model_name, ckpt, tok_dir, tasks, limit, include_path):
         ("bamba", ["hellaswag", "lambada_openai"], 40),
         ("granite", ["hellaswag", "lambada_openai"], 40),
         ("nemotron_h", ["hellaswag", "lambada_openai"], 40),
+        ("falcon_h1", ["hellaswag", "lambada_openai"], 40),
     ],
 )
 def test_mamba_equals_hf(tmp_path, offline_tasks, arch, tasks, limit):

@@ -97,10 +97,15 @@ class Mamba2Config:
     conv_bias: bool = True
     proj_bias: bool = False
     norm_eps: float = 1e-5  # of the gated RMSNorm
+    # "after_gate": RMSNorm(y * silu(z)) (mamba_ssm's); "before_gate": RMSNorm(y) * silu(z);
+    # "none": y * silu(z), no norm (Falcon-H1's default)
+    gate_norm: str = "after_gate"
 
     def __post_init__(self):
         _check_ints(self, ["d_inner", "d_state", "d_conv", "headdim", "ngroups", "chunk_size"])
         _check_positive_float(self, ["norm_eps"])
+        if self.gate_norm not in ("after_gate", "before_gate", "none"):
+            raise ValueError(f"gate_norm must be 'after_gate', 'before_gate' or 'none', got {self.gate_norm!r}")
         if self.d_inner % self.headdim != 0:
             raise ValueError(f"d_inner = {self.d_inner} is not a multiple of headdim = {self.headdim}")
         if self.nheads % self.ngroups != 0:
@@ -286,9 +291,24 @@ class MoEMixerConfig:
             raise ValueError(f"moe must be a MoEConfig, got {self.moe!r}")
 
 
-MixerConfig = Union[Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig, MLPMixerConfig, MoEMixerConfig]
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Attention and a Mamba-2 SSM side by side on the same normed input, their outputs summed
+    (Falcon-H1's blocks). The state is the pair of their states."""
+
+    kind: ClassVar[str] = "parallel"
+    attn: AttnConfig
+    ssm: Mamba2Config
+
+    def __post_init__(self):
+        if not isinstance(self.attn, AttnConfig) or not isinstance(self.ssm, Mamba2Config):
+            raise ValueError(f"a parallel mixer takes an AttnConfig and a Mamba2Config, got {self.attn!r}, {self.ssm!r}")
+
+
+MixerConfig = Union[Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig, MLPMixerConfig, MoEMixerConfig,
+                    ParallelConfig]
 MIXER_CONFIGS: tuple[type, ...] = (Mamba1Config, Mamba2Config, Mamba3Config, AttnConfig, MLPMixerConfig,
-                                   MoEMixerConfig)
+                                   MoEMixerConfig, ParallelConfig)
 
 
 @dataclass(frozen=True)

@@ -374,7 +374,7 @@ def weights_to_ours(state: dict, raw: dict, config: ModelConfig, path) -> dict:
     fused where a family stores one of our weights in parts, placeholders dropped."""
     family = FAMILIES.get(raw.get("model_type"))
     if family is not None:
-        return family[1](config).apply(state, path)
+        return family[1](config, raw).apply(state, path)
     out = {}
     for key, tensor in state.items():
         ours = _rename_key(key)

@@ -31,6 +31,7 @@ from mamba_eval.models.mixers.mamba1 import Mamba1Mixer
 from mamba_eval.models.mixers.mamba2 import Mamba2Mixer
 from mamba_eval.models.mixers.mamba3 import Mamba3Mixer
 from mamba_eval.models.mixers.mlp import MLPMixer, MoEMixer
+from mamba_eval.models.mixers.parallel import ParallelMixer
 
 #: Mixer class of each config ``kind``.
 MIXERS = {
@@ -40,6 +41,7 @@ MIXERS = {
     "attention": Attention,
     "mlp": MLPMixer,
     "moe": MoEMixer,
+    "parallel": ParallelMixer,
 }
 
 

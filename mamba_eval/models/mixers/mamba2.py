@@ -9,12 +9,14 @@ Parameters (mamba_ssm's names and layouts)::
     out_proj  [D, d_inner]
 
 ``[x; B; C] -> conv -> SiLU``; the SSD scan with one scalar A per head, in chunks of C
-positions; ``y = RMSNorm(y * silu(z))``; out_proj.
+positions; ``y = RMSNorm(y * silu(z))`` (or, by ``gate_norm``, ``RMSNorm(y) * silu(z)`` or
+``y * silu(z)`` without ``norm``); out_proj.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mamba_eval.models.config import Mamba2Config
@@ -36,7 +38,8 @@ class Mamba2Mixer(SSMMixer):
         self.dt_bias = nn.Parameter(torch.empty(cfg.nheads, **fp32))
         self.A_log = nn.Parameter(torch.empty(cfg.nheads, **fp32))
         self.D = nn.Parameter(torch.empty(cfg.nheads, **fp32))
-        self.norm = Norm(cfg.d_inner, is_rms=True, eps=cfg.norm_eps, **factory)  # gated, per group
+        # gated, per group (none for gate_norm "none")
+        self.norm = None if cfg.gate_norm == "none" else Norm(cfg.d_inner, is_rms=True, eps=cfg.norm_eps, **factory)
         self.out_proj = nn.Linear(cfg.d_inner, d_model, bias=cfg.proj_bias, **factory)
 
     @torch.no_grad()
@@ -64,7 +67,14 @@ class Mamba2Mixer(SSMMixer):
 
     def _gated_norm_out(self, y: torch.Tensor, z: torch.Tensor, linear) -> torch.Tensor:
         c = self.cfg
-        y = self.ops.gated_rmsnorm(y, z, self.norm.weight, c.norm_eps, c.d_inner // c.ngroups)
+        if c.gate_norm == "after_gate":
+            y = self.ops.gated_rmsnorm(y, z, self.norm.weight, c.norm_eps, c.d_inner // c.ngroups)
+        elif c.gate_norm == "none":
+            y = (y.float() * F.silu(z.float())).to(y.dtype)
+        else:  # before_gate: the norm of y per group, then the gate (both in fp32)
+            v = y.float().unflatten(-1, (c.ngroups, -1))
+            v = (v * torch.rsqrt(v.square().mean(-1, keepdim=True) + c.norm_eps)).flatten(-2)
+            y = (v * self.norm.weight.float() * F.silu(z.float())).to(y.dtype)
         return linear(y, self.out_proj.weight, self.out_proj.bias)
 
     def forward(self, h: torch.Tensor, state: SSMState | None = None, lengths: torch.Tensor | None = None,
