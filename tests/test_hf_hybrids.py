@@ -310,6 +310,7 @@ def test_nemotron_h_moe_config_and_invariance(nemotron_moe):
                               position_embedding_type="nope")),
     ("NemotronH", dict(hybrid_override_pattern="M-M-M*-M-M-ME*E")),
     ("FalconH1", dict(mamba_rms_norm=True, num_hidden_layers=8)),
+    ("Jamba", dict(num_hidden_layers=8)),
 ])
 def test_full_size_configs_have_transformers_parameter_count(family, overrides):
     """Full-size configs (transformers' defaults, hybrid layouts) build with exactly the parameters
@@ -381,3 +382,56 @@ def test_falcon_h1_logits_and_decoding(falcon):
 def test_falcon_h1_refuses_what_it_does_not_implement(falcon, tmp_path, changes, match):
     with pytest.raises(CheckpointError, match=match):
         load_model(_bad(falcon[1], tmp_path, **changes))
+
+
+# ----------------------------------------------------------------------------- Jamba
+
+JAMBA = dict(vocab_size=96, hidden_size=48, intermediate_size=40, num_hidden_layers=5, num_attention_heads=4,
+             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
+             expert_layer_offset=1, attn_layer_period=3, attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=3,
+             mamba_dt_rank=6, mamba_proj_bias=True, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def jamba(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jamba")
+    torch.manual_seed(0)
+    model = transformers.JambaForCausalLM(transformers.JambaConfig(**JAMBA)).eval()
+    perturb(model, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(2)
+        model.model.embed_tokens.weight.normal_(0.0, 0.5, generator=gen)
+        model.lm_head.weight.normal_(0.0, 0.5, generator=gen)
+        for name, p in model.named_parameters():
+            if "router" in name or "experts" in name:
+                p.normal_(0.0, 0.5, generator=gen)
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def test_jamba_config(jamba):
+    cfg = read_config(jamba[0])
+    assert cfg.layer_indices("attention") == (1, 4) and cfg.layer_indices("mamba1") == (0, 2, 3)
+    assert [type(layer.mlp).__name__ for layer in cfg.layers] == ["MLPConfig", "MoEConfig"] * 2 + ["MLPConfig"]
+    m = cfg.mixers("mamba1")[0]
+    assert (m.dt_rank, m.d_state, m.d_conv, m.bcdt_norm_weights, m.proj_bias) == (6, 8, 3, True, True)
+    assert cfg.layers[1].mlp.router == "softmax_all" and cfg.mixers("attention")[0].rotary_emb_dim == 0
+
+
+def test_jamba_logits_and_decoding(jamba):
+    folder, theirs = jamba
+    ours = load_model(folder, dtype="float32")
+    ids = _ids(JAMBA["vocab_size"])
+    with torch.no_grad():
+        expected = theirs(ids, use_cache=False).logits
+        full, _ = ours(ids)
+        state = ours.allocate_state(2, max_length=LENGTH)
+        stepped = torch.stack([ours.step(ids[:, t], state) for t in range(LENGTH)], dim=1)
+    assert expected.std() > 0.1
+    assert_close(full, expected, rtol_max=1e-4, name="Jamba vs JambaForCausalLM")
+    assert_close(stepped, full, rtol_max=1e-5, name="step by step vs one forward")
+
+
+def test_jamba_refuses_what_it_does_not_implement(jamba, tmp_path):
+    with pytest.raises(CheckpointError, match=r"field 'attn_layer_offset' = 3 must lie in \[0, attn_layer_period = 3\)"):
+        load_model(_bad(jamba[0], tmp_path, attn_layer_offset=3))

@@ -67,6 +67,20 @@ def _write_checkpoint(out_dir, arch: str):
             model.model.embed_tokens.weight.normal_(0.0, 0.5)
         model.save_pretrained(out_dir)
         return out_dir
+    elif arch == "jamba":  # Mamba-1 with weighted Δ/B/C norms, attention, experts every other layer
+        cfg = transformers.JambaConfig(
+            vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=4, attn_layer_offset=2,
+            mamba_d_state=16, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        model = transformers.JambaForCausalLM(cfg)
+        with torch.no_grad():
+            model.model.embed_tokens.weight.normal_(0.0, 0.5)
+            for name, p in model.named_parameters():
+                if "router" in name:
+                    p.normal_(0.0, 0.5)
+        model.save_pretrained(out_dir)
+        return out_dir
     elif arch == "granite":  # Granite 4.0-H: mixture of experts, multipliers, attention without rotary
         cfg = transformers.GraniteMoeHybridConfig(
             vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -132,6 +146,7 @@ def _run(model_name, ckpt, tok_dir, tasks, limit, include_path):
         ("granite", ["hellaswag", "lambada_openai"], 40),
         ("nemotron_h", ["hellaswag", "lambada_openai"], 40),
         ("falcon_h1", ["hellaswag", "lambada_openai"], 40),
+        ("jamba", ["hellaswag", "lambada_openai"], 40),
     ],
 )
 def test_mamba_equals_hf(tmp_path, offline_tasks, arch, tasks, limit):

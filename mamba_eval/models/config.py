@@ -59,10 +59,13 @@ class Mamba1Config:
     proj_bias: bool = False  # bias of in_proj / out_proj
     bcdt_rmsnorm: bool = False  # Falcon-Mamba: weightless RMSNorm of Δ (low rank), B and C
     bcdt_rmsnorm_eps: float = 1e-6
+    bcdt_norm_weights: bool = False  # Jamba: those norms have weights
 
     def __post_init__(self):
         _check_ints(self, ["d_inner", "dt_rank", "d_state", "d_conv"])
         _check_positive_float(self, ["bcdt_rmsnorm_eps"])
+        if self.bcdt_norm_weights and not self.bcdt_rmsnorm:
+            raise ValueError("bcdt_norm_weights needs bcdt_rmsnorm (the norms of Δ, B and C)")
 
     @property
     def conv_dim(self) -> int:
@@ -331,7 +334,8 @@ class MoEConfig:
     ``experts``: ``"gated"`` (Granite 4.0-H: ``fc2_e(y * silu(gate))``, ``[y; gate] = fc1_e(x)``;
     the shared expert gated too) or ``"relu2"`` (Nemotron-H: ``fc2_e(relu(fc1_e(x))^2)``, and the
     shared expert). ``router``: ``"softmax"`` (logits in the model dtype, then fp32; the weights are
-    the softmax over the chosen logits) or ``"sigmoid"`` (Nemotron-H: fp32 logits, scores
+    the softmax over the chosen logits), ``"softmax_all"`` (Jamba: the softmax over all experts' fp32
+    logits, the chosen probabilities not renormalised, rounded to the model dtype) or ``"sigmoid"`` (Nemotron-H: fp32 logits, scores
     ``sigmoid``; the choice by score plus a learned correction bias, among the ``topk_group`` of
     ``n_group`` groups of experts whose two best biased scores sum highest; weights the chosen
     scores, divided by their sum when ``norm_topk``, times ``scaling``)."""
@@ -354,9 +358,9 @@ class MoEConfig:
         _check_positive_float(self, ["scaling"])
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k = {self.top_k} exceeds num_experts = {self.num_experts}")
-        if self.experts not in ("gated", "relu2") or self.router not in ("softmax", "sigmoid"):
-            raise ValueError(f"experts must be 'gated' or 'relu2' and router 'softmax' or 'sigmoid', got "
-                             f"{self.experts!r} and {self.router!r}")
+        if self.experts not in ("gated", "relu2") or self.router not in ("softmax", "softmax_all", "sigmoid"):
+            raise ValueError(f"experts must be 'gated' or 'relu2' and router 'softmax', 'softmax_all' or 'sigmoid', "
+                             f"got {self.experts!r} and {self.router!r}")
         if self.num_experts % self.n_group or self.topk_group > self.n_group:
             raise ValueError(f"n_group = {self.n_group} must divide num_experts = {self.num_experts} and be at "
                              f"least topk_group = {self.topk_group}")

@@ -97,6 +97,9 @@ class MoE(nn.Module):
         if c.router == "softmax":
             top_logits, top_idx = linear(x, self.router.weight).float().topk(self.top_k, dim=-1)
             return top_idx, torch.softmax(top_logits, dim=-1).to(x.dtype)
+        if c.router == "softmax_all":
+            top_p, top_idx = torch.softmax(linear(x, self.router.weight).float(), dim=-1).topk(self.top_k, dim=-1)
+            return top_idx, top_p.to(x.dtype)
         scores = torch.sigmoid(linear(x.float(), self.router.weight))
         choice = scores + self.router_bias
         if c.n_group > 1:

@@ -12,7 +12,8 @@ Parameters (mamba_ssm's names and layouts)::
 
 ``x -> conv -> SiLU``; ``Δ = softplus(dt_proj(Δ_low) + bias)``; the selective scan
 ``h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t``, ``y_t = C_t h_t + D x_t``, gated ``y * silu(z)``.
-Falcon-Mamba (``bcdt_rmsnorm``) RMS-normalises the low-rank Δ, B and C (no weight) first.
+Falcon-Mamba (``bcdt_rmsnorm``) RMS-normalises the low-rank Δ, B and C (no weight) first; Jamba
+(``bcdt_norm_weights``) with weights ``dt_layernorm``, ``b_layernorm``, ``c_layernorm``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from mamba_eval.kernels.norm import weightless_rmsnorm_ref
 from mamba_eval.models.config import Mamba1Config
+from mamba_eval.models.layers import Norm
 from mamba_eval.models.mixers.ssm import (
     SSMMixer, conv_params, inverse_softplus_dt, mask_padded_dt, padding_mask,
 )
@@ -50,6 +52,10 @@ class Mamba1Mixer(SSMMixer):
         self.A_log = nn.Parameter(torch.empty(di, n, **fp32))
         self.D = nn.Parameter(torch.empty(di, **fp32))
         self.out_proj = nn.Linear(di, d_model, bias=cfg.proj_bias, **factory)
+        if cfg.bcdt_norm_weights:  # Jamba's norms of Δ, B and C have weights
+            self.dt_layernorm = Norm(r, is_rms=True, eps=cfg.bcdt_rmsnorm_eps, **factory)
+            self.b_layernorm = Norm(n, is_rms=True, eps=cfg.bcdt_rmsnorm_eps, **factory)
+            self.c_layernorm = Norm(n, is_rms=True, eps=cfg.bcdt_rmsnorm_eps, **factory)
 
     @torch.no_grad()
     def init_parameters(self):
@@ -65,6 +71,9 @@ class Mamba1Mixer(SSMMixer):
         dt, B, C = linear(x, self.x_proj.weight).split([c.dt_rank, c.d_state, c.d_state], dim=-1)
         if self.bcdt_eps is not None:
             dt, B, C = (weightless_rmsnorm_ref(t, self.bcdt_eps) for t in (dt, B, C))
+            if c.bcdt_norm_weights:
+                dt, B, C = (t * norm.weight for t, norm in zip(
+                    (dt, B, C), (self.dt_layernorm, self.b_layernorm, self.c_layernorm)))
         return linear(dt, self.dt_proj.weight), B, C
 
     def forward(self, h: torch.Tensor, state: SSMState | None = None, lengths: torch.Tensor | None = None,
@@ -98,7 +107,8 @@ class Mamba1Mixer(SSMMixer):
         ops = self.ops
         linear = ops.step_linear
         x, z = linear(h, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
-        if not ops.invariance.enabled and x.shape[0] * x.shape[1] <= FUSED_DECODE_MAX_ELEMENTS:
+        fusable = not self.cfg.bcdt_norm_weights  # the fused step knows weightless norms only
+        if fusable and not ops.invariance.enabled and x.shape[0] * x.shape[1] <= FUSED_DECODE_MAX_ELEMENTS:
             y = ops.mamba1_decode(
                 x, z, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight,
                 self.dt_proj.weight, self.dt_proj.bias, self.neg_A(), self.D, bcdt_eps=self.bcdt_eps,
