@@ -1,0 +1,97 @@
+"""**Bamba** (``model_type`` "bamba", ``BambaForCausalLM``; ibm-ai-platform/Bamba-9B): Mamba-2 layers,
+grouped-query attention at ``attn_layer_indices`` (rotary embedding on the first
+``partial_rotary_factor`` of each head, 0.5 unless ``rope_parameters`` says otherwise, GPT-NeoX
+halves), a gated MLP after every mixer (``down(silu(gate(x)) * up(x))``), RMSNorm everywhere,
+the residual stream in the model dtype. Mamba-2 fields ``mamba_n_heads, mamba_d_head,
+mamba_n_groups, mamba_d_state, mamba_d_conv, mamba_expand, mamba_chunk_size, mamba_conv_bias,
+mamba_proj_bias``; the gated norm groups by ``mamba_n_groups`` with eps ``rms_norm_eps``.
+Weights ``model.embed_tokens``, ``model.layers.N.{input_layernorm, pre_ff_layernorm, mamba.*,
+self_attn.{q,k,v,o}_proj, feed_forward.{gate,up,down}_proj}``, ``model.final_layernorm``,
+``lm_head``: q/k/v become the attention's ``in_proj`` rows and [up; gate] the MLP's ``fc1``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mamba_eval.models.config import AttnConfig, ModelConfig, mamba_stack
+from mamba_eval.models.config_fields import CheckpointError, Fields, generic_config_keys, is_default_dt_limit
+from mamba_eval.models.hf_hybrids.common import WeightMap, rope
+
+
+_BAMBA_READ = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings", "attn_layer_indices",
+    "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_expand",
+    "mamba_chunk_size", "mamba_conv_bias", "mamba_proj_bias", "time_step_limit", "rope_parameters", "rope_theta",
+    "rope_scaling", "partial_rotary_factor", "attention_bias", "mlp_bias",
+}
+# Fields of training, initialisation, generation defaults or the runtime.
+_BAMBA_IGNORED = {
+    "initializer_range", "use_cache", "num_logits_to_keep", "max_position_embeddings", "attention_dropout",
+    "z_loss_coefficient", "time_step_min", "time_step_max", "time_step_floor", "pad_token_id", "bos_token_id",
+    "eos_token_id",
+}
+
+BAMBA_WEIGHTS = WeightMap(
+    renames=(
+        (r"^model\.embed_tokens\.", "backbone.embedding."),
+        (r"^model\.final_layernorm\.", "backbone.norm_f."),
+        (r"^model\.layers\.(\d+)\.input_layernorm\.", r"backbone.layers.\1.norm."),
+        (r"^model\.layers\.(\d+)\.pre_ff_layernorm\.", r"backbone.layers.\1.norm2."),
+        (r"^model\.layers\.(\d+)\.mamba\.", r"backbone.layers.\1.mixer."),
+        (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"backbone.layers.\1.mixer.out_proj."),
+        (r"^model\.layers\.(\d+)\.feed_forward\.down_proj\.", r"backbone.layers.\1.mlp.fc2."),
+    ),
+    fusions=(
+        (r"^model\.layers\.(\d+)\.self_attn\.(?P<part>[qkv])_proj\.(weight|bias)$",
+         r"backbone.layers.\1.mixer.in_proj.\3", ("q", "k", "v")),
+        (r"^model\.layers\.(\d+)\.feed_forward\.(?P<part>up|gate)_proj\.weight$",
+         r"backbone.layers.\1.mlp.fc1.weight", ("up", "gate")),  # our fc1 rows: [y; gate]
+    ),
+)
+
+
+def bamba_config(raw: dict, where: Path) -> ModelConfig:
+    f = Fields(raw, where)
+    unknown = sorted(set(raw) - _BAMBA_READ - _BAMBA_IGNORED - generic_config_keys())
+    if unknown:
+        f.fail(unknown[0], "is not a known setting of transformers' BambaConfig")
+    f.unsupported_unless("hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
+    f.unsupported_unless("mlp_bias", lambda v: v is False, "MLP biases")
+    f.unsupported_unless("time_step_limit", is_default_dt_limit, "clamped Δ")
+    hidden, n_layer = f.int("hidden_size", required=True), f.int("num_hidden_layers", required=True)
+    expand, n_heads = f.int("mamba_expand", 2), f.int("mamba_n_heads", 128)
+    d_head = f.get("mamba_d_head", "auto")
+    if n_heads < 1 or (expand * hidden) % n_heads:
+        f.fail("mamba_n_heads", f"= {n_heads} does not divide mamba_expand * hidden_size = {expand * hidden}")
+    headdim = (expand * hidden) // n_heads if d_head == "auto" else f.int("mamba_d_head")
+    if headdim * n_heads != expand * hidden:
+        f.fail("mamba_d_head", f"= {d_head} times mamba_n_heads = {n_heads} is not mamba_expand * hidden_size = "
+               f"{expand * hidden}")
+    heads = f.int("num_attention_heads", 32)
+    if heads < 1:
+        f.fail("num_attention_heads", f"must be positive, got {heads}")
+    if f.get("head_dim") is None and hidden % heads:
+        f.fail("num_attention_heads", f"= {heads} does not divide hidden_size = {hidden} and head_dim is missing")
+    head_dim = f.int("head_dim", hidden // heads)
+    theta, factor = rope(f)
+    idx = f.get("attn_layer_indices") or []
+    if not isinstance(idx, list) or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_layer
+                                        for i in idx):
+        f.fail("attn_layer_indices", f"must list layer indices in [0, {n_layer}), got {idx!r}")
+    bias = f.bool("attention_bias", False)
+    try:
+        attn = AttnConfig(num_heads=heads, num_heads_kv=f.int("num_key_value_heads", 8), head_dim=head_dim,
+                          rotary_emb_dim=int(head_dim * factor), rotary_emb_base=theta, qkv_proj_bias=bias,
+                          out_proj_bias=bias)
+        return mamba_stack(
+            arch="mamba2", d_model=hidden, n_layer=n_layer, vocab_size=f.int("vocab_size", required=True),
+            d_state=f.int("mamba_d_state", 256), d_conv=f.int("mamba_d_conv", 4), expand=expand, headdim=headdim,
+            ngroups=f.int("mamba_n_groups", 1), chunk_size=f.int("mamba_chunk_size", 256),
+            conv_bias=f.bool("mamba_conv_bias", True), proj_bias=f.bool("mamba_proj_bias", False), rms_norm=True,
+            norm_eps=f.float("rms_norm_eps", 1e-5), residual_in_fp32=False,
+            tie_embeddings=f.bool("tie_word_embeddings", False),
+            d_intermediate=f.int("intermediate_size", 14336), attn_layer_idx=sorted(set(idx)), attn=attn)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None

@@ -1,0 +1,88 @@
+"""What the readers of transformers' hybrid families share: the weight map and the rotary fields."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mamba_eval.models.config_fields import CheckpointError, Fields
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    """Stored names -> ours: ``renames`` (regex, replacement) applied to each key, and ``fusions``
+    (regex with a group ``part``, the target, the parts in order): the stored tensors of one target
+    concatenated along dim 0 in that order."""
+
+    renames: tuple[tuple[str, str], ...]
+    fusions: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    swap_halves: tuple[str, ...] = ()  # stored keys whose two halves of rows (dim -2) we store the other way round
+    drops: tuple[str, ...] = ()  # stored keys that are not part of the language model
+    # (regex with a numeric group ``part``, target): tensors stacked in order, matched on the names
+    # after the renames and fusions
+    stacks: tuple[tuple[str, str], ...] = ()
+    # (regex, fn(tensor) -> tensor) applied to a stored tensor before anything else: multipliers
+    # that a family applies around a linear map, folded into its weight and bias
+    transforms: tuple[tuple[str, Callable], ...] = ()
+
+    def apply(self, state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        stacked: dict[str, dict[int, torch.Tensor]] = {}
+        order: dict[str, tuple[str, ...]] = {}
+        for key, tensor in state.items():
+            if any(re.match(pattern, key) for pattern in self.drops):
+                continue
+            for pattern, fn in self.transforms:
+                if re.match(pattern, key):
+                    tensor = fn(tensor)
+            if any(re.match(pattern, key) for pattern in self.swap_halves):
+                first, second = tensor.chunk(2, dim=-2)
+                tensor = torch.cat([second, first], dim=-2)
+            for pattern, target, parts in self.fusions:
+                m = re.match(pattern, key)
+                if m:
+                    name = m.expand(target)
+                    pending.setdefault(name, {})[m.group("part")] = tensor
+                    order[name] = parts
+                    break
+            else:
+                ours = key
+                for pattern, replacement in self.renames:
+                    ours = re.sub(pattern, replacement, ours)
+                out[ours] = tensor
+        for name, got in pending.items():
+            missing = [p for p in order[name] if p not in got]
+            if missing:
+                raise CheckpointError(f"{where}: the checkpoint lacks the {missing[0]!r} part of {name!r}")
+            out[name] = torch.cat([got[p] for p in order[name]], dim=0)
+        for key in list(out):  # stacks gather the renamed and fused tensors
+            stack = next(((m, target) for pattern, target in self.stacks if (m := re.match(pattern, key))), None)
+            if stack is not None:
+                m, target = stack
+                stacked.setdefault(m.expand(target), {})[int(m.group("part"))] = out.pop(key)
+        for name, got in stacked.items():
+            missing = sorted(set(range(max(got) + 1)) - set(got))
+            if missing:
+                raise CheckpointError(f"{where}: the checkpoint lacks part {missing[0]} of {name!r}")
+            out[name] = torch.stack([got[i] for i in range(len(got))])
+        return out
+
+
+def rope(f: Fields) -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor) as transformers' BambaConfig resolves them: from
+    ``rope_parameters`` (transformers 5) or the older top-level ``rope_theta``; the factor is 0.5
+    unless ``rope_parameters`` holds one (BambaConfig sets it there by default)."""
+    params = f.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict):
+            f.fail("rope_parameters", f"must be an object, got {params!r}")
+        p = Fields(params, f.where, prefix="rope_parameters.")
+        p.unsupported_unless("rope_type", lambda v: v == "default", "scaled rotary embedding")
+        return p.float("rope_theta", 10000.0), p.float("partial_rotary_factor", 0.5)
+    f.unsupported_unless("rope_scaling", lambda v: v is None, "scaled rotary embedding")
+    return f.float("rope_theta", 10000.0), 0.5
