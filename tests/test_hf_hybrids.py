@@ -43,6 +43,22 @@ def _ids(vocab, batch=2, seed=0):
     return torch.randint(0, vocab, (batch, LENGTH), generator=torch.Generator().manual_seed(seed))
 
 
+def _assert_matches_transformers(folder, theirs, vocab: int, name: str, batch: int = 2):
+    """Our fp32 logits of the checkpoint equal transformers' model's, and step-by-step decoding
+    equals our forward."""
+    ours = load_model(folder, dtype="float32")
+    ids = _ids(vocab, batch=batch)
+    with torch.no_grad():
+        expected = theirs(ids, use_cache=False).logits
+        full, _ = ours(ids)
+        state = ours.allocate_state(batch, max_length=LENGTH)
+        stepped = torch.stack([ours.step(ids[:, t], state) for t in range(LENGTH)], dim=1)
+    assert expected.std() > 0.1
+    assert_close(full, expected, rtol_max=1e-4, name=f"{name} vs transformers")
+    assert_close(stepped, full, rtol_max=1e-5, name="step by step vs one forward")
+    return ours
+
+
 def test_bamba_config(bamba):
     cfg = read_config(bamba[0])
     attn = cfg.mixers("attention")[0]
@@ -58,16 +74,7 @@ def test_bamba_config(bamba):
 
 def test_bamba_logits_and_decoding(bamba):
     folder, theirs = bamba
-    ours = load_model(folder, dtype="float32")
-    ids = _ids(BAMBA["vocab_size"])
-    with torch.no_grad():
-        expected = theirs(ids, use_cache=False).logits
-        full, _ = ours(ids)
-        state = ours.allocate_state(2, max_length=LENGTH)
-        stepped = torch.stack([ours.step(ids[:, t], state) for t in range(LENGTH)], dim=1)
-    assert expected.std() > 0.1
-    assert_close(full, expected, rtol_max=1e-4, name="Bamba vs BambaForCausalLM")
-    assert_close(stepped, full, rtol_max=1e-5, name="step by step vs one forward")
+    _assert_matches_transformers(folder, theirs, BAMBA["vocab_size"], "Bamba")
 
 
 def _bad(folder, tmp_path, **changes):
@@ -157,16 +164,7 @@ def test_granite_config(granite):
 
 def test_granite_logits_and_decoding(granite):
     name, folder, theirs = granite
-    ours = load_model(folder, dtype="float32")
-    ids = _ids(GRANITE["vocab_size"], batch=3)
-    with torch.no_grad():
-        expected = theirs(ids, use_cache=False).logits
-        full, _ = ours(ids)
-        state = ours.allocate_state(3, max_length=LENGTH)
-        stepped = torch.stack([ours.step(ids[:, t], state) for t in range(LENGTH)], dim=1)
-    assert expected.std() > 0.1
-    assert_close(full, expected, rtol_max=1e-4, name=f"Granite {name} vs GraniteMoeHybridForCausalLM")
-    assert_close(stepped, full, rtol_max=1e-5, name="step by step vs one forward")
+    _assert_matches_transformers(folder, theirs, GRANITE["vocab_size"], f"Granite {name}", batch=3)
 
 
 def test_granite_scores_are_batch_invariant(granite):
@@ -257,16 +255,7 @@ def test_nemotron_h_config(nemotron):
 @pytest.mark.parametrize("which", ["nemotron", "nemotron_moe"])
 def test_nemotron_h_logits_and_decoding(which, request):
     folder, theirs = request.getfixturevalue(which)
-    ours = load_model(folder, dtype="float32")
-    ids = _ids(NEMOTRON["vocab_size"])
-    with torch.no_grad():
-        expected = theirs(ids, use_cache=False).logits
-        full, _ = ours(ids)
-        state = ours.allocate_state(2, max_length=LENGTH)
-        stepped = torch.stack([ours.step(ids[:, t], state) for t in range(LENGTH)], dim=1)
-    assert expected.std() > 0.1
-    assert_close(full, expected, rtol_max=1e-4, name="Nemotron-H vs NemotronHForCausalLM")
-    assert_close(stepped, full, rtol_max=1e-5, name="step by step vs one forward")
+    _assert_matches_transformers(folder, theirs, NEMOTRON["vocab_size"], "Nemotron-H")
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -361,17 +350,8 @@ def falcon(request, tmp_path_factory):
 
 def test_falcon_h1_logits_and_decoding(falcon):
     name, folder, theirs = falcon
-    ours = load_model(folder, dtype="float32")
+    ours = _assert_matches_transformers(folder, theirs, FALCON["vocab_size"], f"Falcon-H1 {name}")
     assert ours.config.kinds == ("parallel",)
-    ids = _ids(FALCON["vocab_size"])
-    with torch.no_grad():
-        expected = theirs(ids, use_cache=False).logits
-        full, _ = ours(ids)
-        state = ours.allocate_state(2, max_length=LENGTH)
-        stepped = torch.stack([ours.step(ids[:, t], state) for t in range(LENGTH)], dim=1)
-    assert expected.std() > 0.1
-    assert_close(full, expected, rtol_max=1e-4, name=f"Falcon-H1 {name} vs FalconH1ForCausalLM")
-    assert_close(stepped, full, rtol_max=1e-5, name="step by step vs one forward")
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -420,16 +400,7 @@ def test_jamba_config(jamba):
 
 def test_jamba_logits_and_decoding(jamba):
     folder, theirs = jamba
-    ours = load_model(folder, dtype="float32")
-    ids = _ids(JAMBA["vocab_size"])
-    with torch.no_grad():
-        expected = theirs(ids, use_cache=False).logits
-        full, _ = ours(ids)
-        state = ours.allocate_state(2, max_length=LENGTH)
-        stepped = torch.stack([ours.step(ids[:, t], state) for t in range(LENGTH)], dim=1)
-    assert expected.std() > 0.1
-    assert_close(full, expected, rtol_max=1e-4, name="Jamba vs JambaForCausalLM")
-    assert_close(stepped, full, rtol_max=1e-5, name="step by step vs one forward")
+    _assert_matches_transformers(folder, theirs, JAMBA["vocab_size"], "Jamba")
 
 
 def test_jamba_refuses_what_it_does_not_implement(jamba, tmp_path):

@@ -21,6 +21,18 @@ transformers = pytest.importorskip("transformers")
 VOCAB_ROWS = 50280  # GPT-NeoX-20B's 50277 tokens padded to a multiple of 8, as the releases do
 
 
+def _save(model, out_dir, embedding: str, routers: bool = False):
+    """Spread the output distribution (the embedding; the routers, so that the experts' choice
+    varies) so that ranking answers depends on the model, and save it."""
+    with torch.no_grad():
+        getattr(model.model, embedding).weight.normal_(0.0, 0.5)
+        for name, p in model.named_parameters():
+            if routers and "router" in name:
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
 def _write_checkpoint(out_dir, arch: str):
     torch.manual_seed(0)
     if arch == "mamba1":
@@ -37,22 +49,14 @@ def _write_checkpoint(out_dir, arch: str):
             mamba_d_state=16, mamba_chunk_size=32, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
             pad_token_id=0,
         )
-        model = transformers.BambaForCausalLM(cfg)
-        with torch.no_grad():
-            model.model.embed_tokens.weight.normal_(0.0, 0.5)
-        model.save_pretrained(out_dir)
-        return out_dir
+        return _save(transformers.BambaForCausalLM(cfg), out_dir, "embed_tokens")
     elif arch == "nemotron_h":  # one sublayer per block: Mamba-2, attention without positions, squared-ReLU MLP
         cfg = transformers.NemotronHConfig(
             vocab_size=VOCAB_ROWS, hidden_size=64, hybrid_override_pattern="M*-M", num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
             n_groups=2, chunk_size=32, intermediate_size=96, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
-        model = transformers.NemotronHForCausalLM(cfg)
-        with torch.no_grad():
-            model.model.embeddings.weight.normal_(0.0, 0.5)
-        model.save_pretrained(out_dir)
-        return out_dir
+        return _save(transformers.NemotronHForCausalLM(cfg), out_dir, "embeddings")
     elif arch == "falcon_h1":  # attention and Mamba-2 side by side in every block, µP multipliers
         cfg = transformers.FalconH1Config(
             vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -62,25 +66,14 @@ def _write_checkpoint(out_dir, arch: str):
             ssm_multipliers=[0.5, 1.5, 1.0, 0.8, 2.0], mlp_multipliers=[1.2, 0.8], tie_word_embeddings=True,
             bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
-        model = transformers.FalconH1ForCausalLM(cfg)
-        with torch.no_grad():
-            model.model.embed_tokens.weight.normal_(0.0, 0.5)
-        model.save_pretrained(out_dir)
-        return out_dir
+        return _save(transformers.FalconH1ForCausalLM(cfg), out_dir, "embed_tokens")
     elif arch == "jamba":  # Mamba-1 with weighted Δ/B/C norms, attention, experts every other layer
         cfg = transformers.JambaConfig(
             vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=4, attn_layer_offset=2,
             mamba_d_state=16, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
-        model = transformers.JambaForCausalLM(cfg)
-        with torch.no_grad():
-            model.model.embed_tokens.weight.normal_(0.0, 0.5)
-            for name, p in model.named_parameters():
-                if "router" in name:
-                    p.normal_(0.0, 0.5)
-        model.save_pretrained(out_dir)
-        return out_dir
+        return _save(transformers.JambaForCausalLM(cfg), out_dir, "embed_tokens", routers=True)
     elif arch == "granite":  # Granite 4.0-H: mixture of experts, multipliers, attention without rotary
         cfg = transformers.GraniteMoeHybridConfig(
             vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -90,14 +83,7 @@ def _write_checkpoint(out_dir, arch: str):
             attention_multiplier=0.25, logits_scaling=2.0, position_embedding_type="nope",
             tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
-        model = transformers.GraniteMoeHybridForCausalLM(cfg)
-        with torch.no_grad():
-            model.model.embed_tokens.weight.normal_(0.0, 0.5)
-            for name, p in model.named_parameters():
-                if "router" in name:
-                    p.normal_(0.0, 0.5)
-        model.save_pretrained(out_dir)
-        return out_dir
+        return _save(transformers.GraniteMoeHybridForCausalLM(cfg), out_dir, "embed_tokens", routers=True)
     else:
         cfg = transformers.Mamba2Config(
             vocab_size=VOCAB_ROWS, hidden_size=64, num_hidden_layers=2, state_size=16,

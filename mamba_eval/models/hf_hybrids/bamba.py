@@ -15,8 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mamba_eval.models.config import AttnConfig, ModelConfig, mamba_stack
-from mamba_eval.models.config_fields import CheckpointError, Fields, generic_config_keys, is_default_dt_limit
-from mamba_eval.models.hf_hybrids.common import WeightMap, rope
+from mamba_eval.models.config_fields import CheckpointError, Fields, is_default_dt_limit
+from mamba_eval.models.hf_hybrids.common import (
+    EMBED, INPUT_NORM, attention, check_known, ff_norm, final_norm, gated_mlp, mamba_to, rope, WeightMap,
+)
 
 
 _BAMBA_READ = {
@@ -34,30 +36,15 @@ _BAMBA_IGNORED = {
 }
 
 BAMBA_WEIGHTS = WeightMap(
-    renames=(
-        (r"^model\.embed_tokens\.", "backbone.embedding."),
-        (r"^model\.final_layernorm\.", "backbone.norm_f."),
-        (r"^model\.layers\.(\d+)\.input_layernorm\.", r"backbone.layers.\1.norm."),
-        (r"^model\.layers\.(\d+)\.pre_ff_layernorm\.", r"backbone.layers.\1.norm2."),
-        (r"^model\.layers\.(\d+)\.mamba\.", r"backbone.layers.\1.mixer."),
-        (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"backbone.layers.\1.mixer.out_proj."),
-        (r"^model\.layers\.(\d+)\.feed_forward\.down_proj\.", r"backbone.layers.\1.mlp.fc2."),
-    ),
-    fusions=(
-        (r"^model\.layers\.(\d+)\.self_attn\.(?P<part>[qkv])_proj\.(weight|bias)$",
-         r"backbone.layers.\1.mixer.in_proj.\3", ("q", "k", "v")),
-        (r"^model\.layers\.(\d+)\.feed_forward\.(?P<part>up|gate)_proj\.weight$",
-         r"backbone.layers.\1.mlp.fc1.weight", ("up", "gate")),  # our fc1 rows: [y; gate]
-    ),
+    renames=(EMBED, final_norm("final_layernorm"), INPUT_NORM, ff_norm("pre_ff_layernorm"), mamba_to(),
+             attention()[0], gated_mlp()[0]),
+    fusions=(attention()[1], gated_mlp()[1]),
 )
 
 
 def bamba_config(raw: dict, where: Path) -> ModelConfig:
     f = Fields(raw, where)
-    unknown = sorted(set(raw) - _BAMBA_READ - _BAMBA_IGNORED - generic_config_keys())
-    if unknown:
-        f.fail(unknown[0], "is not a known setting of transformers' BambaConfig")
-    f.unsupported_unless("hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
+    check_known(f, _BAMBA_READ, _BAMBA_IGNORED, "BambaConfig")
     f.unsupported_unless("mlp_bias", lambda v: v is False, "MLP biases")
     f.unsupported_unless("time_step_limit", is_default_dt_limit, "clamped Δ")
     hidden, n_layer = f.int("hidden_size", required=True), f.int("num_hidden_layers", required=True)

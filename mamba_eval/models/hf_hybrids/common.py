@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from mamba_eval.models.config_fields import CheckpointError, Fields
+from mamba_eval.models.config_fields import CheckpointError, Fields, generic_config_keys
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,46 @@ def rope(f: Fields) -> tuple[float, float]:
         return p.float("rope_theta", 10000.0), p.float("partial_rotary_factor", 0.5)
     f.unsupported_unless("rope_scaling", lambda v: v is None, "scaled rotary embedding")
     return f.float("rope_theta", 10000.0), 0.5
+
+
+# Pieces of transformers' decoder naming that several families share (our names on the right).
+EMBED = (r"^model\.embed_tokens\.", "backbone.embedding.")
+INPUT_NORM = (r"^model\.layers\.(\d+)\.input_layernorm\.", r"backbone.layers.\1.norm.")
+
+
+def final_norm(name: str) -> tuple[str, str]:
+    return (rf"^model\.{name}\.", "backbone.norm_f.")
+
+
+def ff_norm(name: str) -> tuple[str, str]:
+    """The norm before the MLP (``pre_ff_layernorm``, ``post_attention_layernorm``)."""
+    return (rf"^model\.layers\.(\d+)\.{name}\.", r"backbone.layers.\1.norm2.")
+
+
+def mamba_to(ours: str = "mixer") -> tuple[str, str]:
+    """The Mamba layer's module (``mamba.*``) as ours (the mixer, or a part of it)."""
+    return (r"^model\.layers\.(\d+)\.mamba\.", rf"backbone.layers.\1.{ours}.")
+
+
+def attention(ours: str = "mixer") -> tuple[tuple[str, str], tuple[str, str, tuple[str, ...]]]:
+    """(the rename of ``self_attn.o_proj``, the fusion of ``self_attn.{q,k,v}_proj`` into in_proj)."""
+    return ((r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", rf"backbone.layers.\1.{ours}.out_proj."),
+            (r"^model\.layers\.(\d+)\.self_attn\.(?P<part>[qkv])_proj\.(weight|bias)$",
+             rf"backbone.layers.\1.{ours}.in_proj.\3", ("q", "k", "v")))
+
+
+def gated_mlp() -> tuple[tuple[str, str], tuple[str, str, tuple[str, ...]]]:
+    """(the rename of ``feed_forward.down_proj``, the fusion of its up and gate projections into our
+    fc1, whose rows are [y; gate])."""
+    return ((r"^model\.layers\.(\d+)\.feed_forward\.down_proj\.", r"backbone.layers.\1.mlp.fc2."),
+            (r"^model\.layers\.(\d+)\.feed_forward\.(?P<part>up|gate)_proj\.weight$",
+             r"backbone.layers.\1.mlp.fc1.weight", ("up", "gate")))
+
+
+def check_known(f: Fields, read: set, ignored: set, config_class: str) -> None:
+    """Refuse a field that is neither read nor known to be irrelevant, and an activation other than
+    SiLU where the family has ``hidden_act``."""
+    unknown = sorted(set(f.raw) - read - ignored - generic_config_keys())
+    if unknown:
+        f.fail(unknown[0], f"is not a known setting of transformers' {config_class}")
+    f.unsupported_unless("hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from mamba_eval.models.config import AttnConfig, LayerConfig, Mamba2Config, MLPConfig, ModelConfig, ParallelConfig
-from mamba_eval.models.config_fields import CheckpointError, Fields, generic_config_keys, is_default_dt_limit
-from mamba_eval.models.hf_hybrids.common import WeightMap, rope
+from mamba_eval.models.config_fields import CheckpointError, Fields, is_default_dt_limit
+from mamba_eval.models.hf_hybrids.common import (
+    EMBED, INPUT_NORM, attention, check_known, ff_norm, final_norm, gated_mlp, mamba_to, rope, WeightMap,
+)
 
 
 _FALCON_READ = {
@@ -46,10 +48,7 @@ def _as_number(v):
 
 def falcon_h1_config(raw: dict, where: Path) -> ModelConfig:
     f = Fields(raw, where)
-    unknown = sorted(set(raw) - _FALCON_READ - _FALCON_IGNORED - generic_config_keys())
-    if unknown:
-        f.fail(unknown[0], "is not a known setting of transformers' FalconH1Config")
-    f.unsupported_unless("hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
+    check_known(f, _FALCON_READ, _FALCON_IGNORED, "FalconH1Config")
     f.unsupported_unless("mlp_bias", lambda v: v is False, "MLP biases")
     f.unsupported_unless("time_step_limit", is_default_dt_limit, "clamped Δ")
     if f.bool("projectors_bias", False) != f.bool("mamba_proj_bias", False):
@@ -114,21 +113,9 @@ def falcon_h1_weights(config: ModelConfig, raw: dict) -> WeightMap:
 
     layer = r"^model\.layers\.\d+\."
     return WeightMap(
-        renames=(
-            (r"^model\.embed_tokens\.", "backbone.embedding."),
-            (r"^model\.final_layernorm\.", "backbone.norm_f."),
-            (r"^model\.layers\.(\d+)\.input_layernorm\.", r"backbone.layers.\1.norm."),
-            (r"^model\.layers\.(\d+)\.pre_ff_layernorm\.", r"backbone.layers.\1.norm2."),
-            (r"^model\.layers\.(\d+)\.mamba\.", r"backbone.layers.\1.mixer.ssm."),
-            (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"backbone.layers.\1.mixer.attn.out_proj."),
-            (r"^model\.layers\.(\d+)\.feed_forward\.down_proj\.", r"backbone.layers.\1.mlp.fc2."),
-        ),
-        fusions=(
-            (r"^model\.layers\.(\d+)\.self_attn\.(?P<part>[qkv])_proj\.(weight|bias)$",
-             r"backbone.layers.\1.mixer.attn.in_proj.\3", ("q", "k", "v")),
-            (r"^model\.layers\.(\d+)\.feed_forward\.(?P<part>up|gate)_proj\.weight$",
-             r"backbone.layers.\1.mlp.fc1.weight", ("up", "gate")),
-        ),
+        renames=(EMBED, final_norm("final_layernorm"), INPUT_NORM, ff_norm("pre_ff_layernorm"),
+                 mamba_to("mixer.ssm"), attention("mixer.attn")[0], gated_mlp()[0]),
+        fusions=(attention("mixer.attn")[1], gated_mlp()[1]),
         transforms=(
             (layer + r"mamba\.in_proj\.weight$", fold(lambda t: t * rows[:, None] * s_in)),
             (layer + r"mamba\.in_proj\.bias$", fold(lambda t: t * rows)),

@@ -17,8 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from mamba_eval.models.config import AttnConfig, LayerConfig, MLPConfig, ModelConfig, MoEConfig, mamba_stack
-from mamba_eval.models.config_fields import CheckpointError, Fields, generic_config_keys, is_default_dt_limit
-from mamba_eval.models.hf_hybrids.common import WeightMap, rope
+from mamba_eval.models.config_fields import CheckpointError, Fields, is_default_dt_limit
+from mamba_eval.models.hf_hybrids.common import (
+    EMBED, INPUT_NORM, attention, check_known, ff_norm, final_norm, mamba_to, rope, WeightMap,
+)
 
 
 _GRANITE_READ = {
@@ -38,22 +40,14 @@ _MAMBA_TYPES, _ATTN_TYPES = ("mamba", "linear_attention"), ("attention", "full_a
 
 _GRANITE_WEIGHTS = WeightMap(
     renames=(
-        (r"^model\.embed_tokens\.", "backbone.embedding."),
-        (r"^model\.norm\.", "backbone.norm_f."),
-        (r"^model\.layers\.(\d+)\.input_layernorm\.", r"backbone.layers.\1.norm."),
-        (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"backbone.layers.\1.norm2."),
-        (r"^model\.layers\.(\d+)\.mamba\.", r"backbone.layers.\1.mixer."),
-        (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"backbone.layers.\1.mixer.out_proj."),
+        EMBED, final_norm("norm"), INPUT_NORM, ff_norm("post_attention_layernorm"), mamba_to(), attention()[0],
         (r"^model\.layers\.(\d+)\.block_sparse_moe\.router\.layer\.", r"backbone.layers.\1.mlp.router."),
         (r"^model\.layers\.(\d+)\.block_sparse_moe\.input_linear\.weight$", r"backbone.layers.\1.mlp.fc1"),
         (r"^model\.layers\.(\d+)\.block_sparse_moe\.output_linear\.weight$", r"backbone.layers.\1.mlp.fc2"),
         (r"^model\.layers\.(\d+)\.shared_mlp\.input_linear\.", r"backbone.layers.\1.mlp.shared.fc1."),
         (r"^model\.layers\.(\d+)\.shared_mlp\.output_linear\.", r"backbone.layers.\1.mlp.shared.fc2."),
     ),
-    fusions=(
-        (r"^model\.layers\.(\d+)\.self_attn\.(?P<part>[qkv])_proj\.(weight|bias)$",
-         r"backbone.layers.\1.mixer.in_proj.\3", ("q", "k", "v")),
-    ),
+    fusions=(attention()[1],),
     # Granite's gated MLPs compute act(first half) * second half; ours y * silu(gate) with [y; gate].
     swap_halves=(r"^model\.layers\.\d+\.(block_sparse_moe|shared_mlp)\.input_linear\.weight$",),
 )
@@ -68,10 +62,7 @@ def granite_weights(config: ModelConfig) -> WeightMap:
 
 def granite_config(raw: dict, where: Path) -> ModelConfig:
     f = Fields(raw, where)
-    unknown = sorted(set(raw) - _GRANITE_READ - _GRANITE_IGNORED - generic_config_keys())
-    if unknown:
-        f.fail(unknown[0], "is not a known setting of transformers' GraniteMoeHybridConfig")
-    f.unsupported_unless("hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
+    check_known(f, _GRANITE_READ, _GRANITE_IGNORED, "GraniteMoeHybridConfig")
     f.unsupported_unless("normalization_function", lambda v: v == "rmsnorm", "a norm other than RMSNorm")
     f.unsupported_unless("time_step_limit", is_default_dt_limit, "clamped Δ")
     hidden, n_layer = f.int("hidden_size", required=True), f.int("num_hidden_layers", required=True)

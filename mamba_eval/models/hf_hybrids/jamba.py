@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mamba_eval.models.config import AttnConfig, LayerConfig, Mamba1Config, MLPConfig, ModelConfig, MoEConfig
-from mamba_eval.models.config_fields import CheckpointError, Fields, generic_config_keys
-from mamba_eval.models.hf_hybrids.common import WeightMap
+from mamba_eval.models.config_fields import CheckpointError, Fields
+from mamba_eval.models.hf_hybrids.common import (
+    EMBED, INPUT_NORM, attention, check_known, ff_norm, final_norm, gated_mlp, mamba_to, WeightMap,
+)
 
 
 _JAMBA_READ = {
@@ -29,24 +31,17 @@ _JAMBA_IGNORED = {
 
 JAMBA_WEIGHTS = WeightMap(
     renames=(
-        (r"^model\.embed_tokens\.", "backbone.embedding."),
-        (r"^model\.final_layernorm\.", "backbone.norm_f."),
-        (r"^model\.layers\.(\d+)\.input_layernorm\.", r"backbone.layers.\1.norm."),
-        (r"^model\.layers\.(\d+)\.pre_ff_layernorm\.", r"backbone.layers.\1.norm2."),
-        (r"^model\.layers\.(\d+)\.mamba\.", r"backbone.layers.\1.mixer."),
-        (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"backbone.layers.\1.mixer.out_proj."),
+        EMBED, final_norm("final_layernorm"), INPUT_NORM, ff_norm("pre_ff_layernorm"), mamba_to(), attention()[0],
         (r"^model\.layers\.(\d+)\.feed_forward\.router\.", r"backbone.layers.\1.mlp.router."),
         (r"^model\.layers\.(\d+)\.feed_forward\.experts\.(\d+)\.down_proj\.weight$",
          r"backbone.layers.\1.mlp.experts.\2.fc2"),
-        (r"^model\.layers\.(\d+)\.feed_forward\.down_proj\.", r"backbone.layers.\1.mlp.fc2."),
+        gated_mlp()[0],
     ),
     fusions=(
-        (r"^model\.layers\.(\d+)\.self_attn\.(?P<part>[qkv])_proj\.(weight|bias)$",
-         r"backbone.layers.\1.mixer.in_proj.\3", ("q", "k", "v")),
+        attention()[1],
         (r"^model\.layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(?P<part>up|gate)_proj\.weight$",
          r"backbone.layers.\1.mlp.experts.\2.fc1", ("up", "gate")),
-        (r"^model\.layers\.(\d+)\.feed_forward\.(?P<part>up|gate)_proj\.weight$",
-         r"backbone.layers.\1.mlp.fc1.weight", ("up", "gate")),
+        gated_mlp()[1],
     ),
     stacks=(
         (r"^backbone\.layers\.(\d+)\.mlp\.experts\.(?P<part>\d+)\.fc1$", r"backbone.layers.\1.mlp.fc1"),
@@ -57,10 +52,7 @@ JAMBA_WEIGHTS = WeightMap(
 
 def jamba_config(raw: dict, where: Path) -> ModelConfig:
     f = Fields(raw, where)
-    unknown = sorted(set(raw) - _JAMBA_READ - _JAMBA_IGNORED - generic_config_keys())
-    if unknown:
-        f.fail(unknown[0], "is not a known setting of transformers' JambaConfig")
-    f.unsupported_unless("hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
+    check_known(f, _JAMBA_READ, _JAMBA_IGNORED, "JambaConfig")
     hidden, n_layer = f.int("hidden_size", required=True), f.int("num_hidden_layers", required=True)
     periods = {}
     for kind, (period, offset) in (("attn", (8, 4)), ("expert", (2, 1))):

@@ -18,8 +18,8 @@ from pathlib import Path
 from mamba_eval.models.config import (
     AttnConfig, LayerConfig, Mamba2Config, MLPMixerConfig, ModelConfig, MoEConfig, MoEMixerConfig,
 )
-from mamba_eval.models.config_fields import CheckpointError, Fields, generic_config_keys, is_default_dt_limit
-from mamba_eval.models.hf_hybrids.common import WeightMap
+from mamba_eval.models.config_fields import CheckpointError, Fields, is_default_dt_limit
+from mamba_eval.models.hf_hybrids.common import check_known, WeightMap
 
 
 _NEMOTRON_READ = {
@@ -89,9 +89,7 @@ def _nemotron_moe(f: Fields) -> MoEMixerConfig:
 
 def nemotron_h_config(raw: dict, where: Path) -> ModelConfig:
     f = Fields(raw, where)
-    unknown = sorted(set(raw) - _NEMOTRON_READ - _NEMOTRON_IGNORED - generic_config_keys())
-    if unknown:
-        f.fail(unknown[0], "is not a known setting of transformers' NemotronHConfig")
+    check_known(f, _NEMOTRON_READ, _NEMOTRON_IGNORED, "NemotronHConfig")
     f.unsupported_unless("mamba_hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
     f.unsupported_unless("mlp_hidden_act", lambda v: v == "relu2", "an MLP activation other than squared ReLU")
     f.unsupported_unless("time_step_limit", is_default_dt_limit, "clamped Δ")

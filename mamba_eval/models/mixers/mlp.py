@@ -18,17 +18,12 @@ from mamba_eval.models.ops import Ops
 from mamba_eval.models.state import NoState
 
 
-class MLPMixer(ReluSquaredMLP):
+class _Stateless:
+    """The state half of the mixer interface for a sublayer that carries nothing between positions."""
+
     supports_lengths = True
     state_grows = False
     state_type = NoState
-
-    def __init__(self, cfg: MLPMixerConfig, d_model: int, ops: Ops, **factory):
-        super().__init__(d_model, cfg.d_intermediate, cfg.bias, **factory)
-        self.cfg, self.ops = cfg, ops
-
-    def init_parameters(self):
-        pass  # nn.Linear's own initialisation
 
     def zero_state(self, batch_size: int, *, capacity, dtype, state_dtype, device) -> NoState:
         return NoState(batch_size)
@@ -38,6 +33,15 @@ class MLPMixer(ReluSquaredMLP):
 
     def kv_bytes(self, elem: int) -> int:
         return 0
+
+
+class MLPMixer(_Stateless, ReluSquaredMLP):
+    def __init__(self, cfg: MLPMixerConfig, d_model: int, ops: Ops, **factory):
+        super().__init__(d_model, cfg.d_intermediate, cfg.bias, **factory)
+        self.cfg, self.ops = cfg, ops
+
+    def init_parameters(self):
+        pass  # nn.Linear's own initialisation
 
     def activation_bytes(self) -> int:
         return 4 * 2 * self.cfg.d_intermediate
@@ -49,14 +53,10 @@ class MLPMixer(ReluSquaredMLP):
         return super().forward(h, self.ops.step_linear)
 
 
-class MoEMixer(MoE):
+class MoEMixer(_Stateless, MoE):
     """``layers.MoE`` as a stateless mixer (parameters ``router``, ``router_bias``, ``fc1``, ``fc2``,
     ``shared``); on the CPU under the invariance policy every expert runs on every row (MoE's
     ``dense``)."""
-
-    supports_lengths = True
-    state_grows = False
-    state_type = NoState
 
     def __init__(self, cfg: MoEMixerConfig, d_model: int, ops: Ops, **factory):
         super().__init__(d_model, cfg.moe, dense=ops.invariance.pads_batches, **factory)
@@ -64,15 +64,6 @@ class MoEMixer(MoE):
 
     def init_parameters(self):
         self.reset_parameters()
-
-    def zero_state(self, batch_size: int, *, capacity, dtype, state_dtype, device) -> NoState:
-        return NoState(batch_size)
-
-    def state_bytes(self, elem: int) -> int:
-        return 0
-
-    def kv_bytes(self, elem: int) -> int:
-        return 0
 
     def activation_bytes(self) -> int:
         return 4 * 3 * (self.fc1.shape[1] + (self.shared.fc1.out_features if self.shared is not None else 0))
@@ -82,4 +73,3 @@ class MoEMixer(MoE):
 
     def step(self, h, state):
         return self._all_experts(h, self.ops.step_linear)
-
