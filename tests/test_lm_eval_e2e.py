@@ -128,11 +128,11 @@ def _run(model_name, ckpt, tok_dir, tasks, limit, include_path):
         # Whole documents, several 2048-token windows each: two are enough.
         ("mamba1", ["wikitext"], 2),
         ("mamba2", ["hellaswag", "piqa", "lambada_openai", "arc_easy", "winogrande"], 120),
-        ("bamba", ["hellaswag", "lambada_openai"], 40),
-        ("granite", ["hellaswag", "lambada_openai"], 40),
-        ("nemotron_h", ["hellaswag", "lambada_openai"], 40),
-        ("falcon_h1", ["hellaswag", "lambada_openai"], 40),
-        ("jamba", ["hellaswag", "lambada_openai"], 40),
+        ("bamba", ["hellaswag", "lambada_openai"], 24),
+        ("granite", ["hellaswag", "lambada_openai"], 24),
+        ("nemotron_h", ["hellaswag", "lambada_openai"], 24),
+        ("falcon_h1", ["hellaswag", "lambada_openai"], 24),
+        ("jamba", ["hellaswag", "lambada_openai"], 24),
     ],
 )
 def test_mamba_equals_hf(tmp_path, offline_tasks, arch, tasks, limit):
