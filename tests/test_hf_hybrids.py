@@ -406,3 +406,35 @@ def test_jamba_logits_and_decoding(jamba):
 def test_jamba_refuses_what_it_does_not_implement(jamba, tmp_path):
     with pytest.raises(CheckpointError, match=r"field 'attn_layer_offset' = 3 must lie in \[0, attn_layer_period = 3\)"):
         load_model(_bad(jamba[0], tmp_path, attn_layer_offset=3))
+
+
+def _check_greedy_generation(folder):
+    """The decoder on a hybrid: greedy tokens equal the full forward's argmax, and under the
+    invariance policy they are the same at batch sizes 1 and 3 (prompts of different lengths)."""
+    from mamba_eval.harness.generation import generate
+
+    model = load_model(folder, dtype="float32", batch_invariant=True)
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (7, 4, 9)]
+    outs = {b: generate(model, prompts, max_new_tokens=5, batch_size=b, device=torch.device("cpu")) for b in (1, 3)}
+    assert outs[1] == outs[3]
+    for prompt, out in zip(prompts, outs[1]):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([prompt + out]))
+        assert out == logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
+
+
+def test_generation_granite(granite):  # experts in every layer
+    _check_greedy_generation(granite[1])
+
+
+def test_generation_nemotron_moe(nemotron_moe):  # MLP-free blocks of experts
+    _check_greedy_generation(nemotron_moe[0])
+
+
+def test_generation_falcon_h1(falcon):  # the parallel mixer's pair of states
+    _check_greedy_generation(falcon[1])
+
+
+def test_generation_jamba(jamba):
+    _check_greedy_generation(jamba[0])
