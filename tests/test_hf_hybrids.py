@@ -438,3 +438,9 @@ def test_generation_falcon_h1(falcon):  # the parallel mixer's pair of states
 
 def test_generation_jamba(jamba):
     _check_greedy_generation(jamba[0])
+
+
+@pytest.mark.parametrize("method", ["fp8", "bitsandbytes"])
+def test_quantised_checkpoints_are_refused_in_one_line(bamba, tmp_path, method):
+    with pytest.raises(CheckpointError, match=rf"quantised weights \(quantization_config: {method}\) are not supported"):
+        load_model(_bad(bamba[0], tmp_path, quantization_config={"quant_method": method}))

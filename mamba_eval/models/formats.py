@@ -327,6 +327,11 @@ _TRANSFORMERS_CLASSES = {"MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamb
 def config_from_dict(raw: dict, file: Path) -> ModelConfig:
     """The ``ModelConfig`` of a checkpoint's parsed ``config.json`` (``file``, for messages), from
     either dialect."""
+    quant = raw.get("quantization_config")
+    if quant is not None:  # FP8, bitsandbytes, GPTQ, ...: the weights are not plain floats
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise CheckpointError(f"{file}: quantised weights (quantization_config: {method}) are not supported; "
+                              "use the unquantised release")
     model_type = raw.get("model_type")
     if model_type is None and "Mamba3ForCausalLM" in (raw.get("architectures") or []):
         model_type = "mamba3"
