@@ -17,7 +17,8 @@ from pathlib import Path
 from mamba_eval.models.config import AttnConfig, ModelConfig, mamba_stack
 from mamba_eval.models.config_fields import CheckpointError, Fields, is_default_dt_limit
 from mamba_eval.models.hf_hybrids.common import (
-    EMBED, INPUT_NORM, attention, check_known, ff_norm, final_norm, gated_mlp, mamba_to, rope, WeightMap,
+    EMBED, INPUT_NORM, attention, check_known, ff_norm, final_norm, gated_mlp, mamba2_fields, mamba_to, rope,
+    WeightMap,
 )
 
 
@@ -48,14 +49,8 @@ def bamba_config(raw: dict, where: Path) -> ModelConfig:
     f.unsupported_unless("mlp_bias", lambda v: v is False, "MLP biases")
     f.unsupported_unless("time_step_limit", is_default_dt_limit, "clamped Δ")
     hidden, n_layer = f.int("hidden_size", required=True), f.int("num_hidden_layers", required=True)
-    expand, n_heads = f.int("mamba_expand", 2), f.int("mamba_n_heads", 128)
-    d_head = f.get("mamba_d_head", "auto")
-    if n_heads < 1 or (expand * hidden) % n_heads:
-        f.fail("mamba_n_heads", f"= {n_heads} does not divide mamba_expand * hidden_size = {expand * hidden}")
-    headdim = (expand * hidden) // n_heads if d_head == "auto" else f.int("mamba_d_head")
-    if headdim * n_heads != expand * hidden:
-        f.fail("mamba_d_head", f"= {d_head} times mamba_n_heads = {n_heads} is not mamba_expand * hidden_size = "
-               f"{expand * hidden}")
+    expand = f.int("mamba_expand", 2)
+    ssm = mamba2_fields(f, expand * hidden)
     heads = f.int("num_attention_heads", 32)
     if heads < 1:
         f.fail("num_attention_heads", f"must be positive, got {heads}")
@@ -74,10 +69,7 @@ def bamba_config(raw: dict, where: Path) -> ModelConfig:
                           out_proj_bias=bias)
         return mamba_stack(
             arch="mamba2", d_model=hidden, n_layer=n_layer, vocab_size=f.int("vocab_size", required=True),
-            d_state=f.int("mamba_d_state", 256), d_conv=f.int("mamba_d_conv", 4), expand=expand, headdim=headdim,
-            ngroups=f.int("mamba_n_groups", 1), chunk_size=f.int("mamba_chunk_size", 256),
-            conv_bias=f.bool("mamba_conv_bias", True), proj_bias=f.bool("mamba_proj_bias", False), rms_norm=True,
-            norm_eps=f.float("rms_norm_eps", 1e-5), residual_in_fp32=False,
+            expand=expand, rms_norm=True, norm_eps=f.float("rms_norm_eps", 1e-5), residual_in_fp32=False, **ssm,
             tie_embeddings=f.bool("tie_word_embeddings", False),
             d_intermediate=f.int("intermediate_size", 14336), attn_layer_idx=sorted(set(idx)), attn=attn)
     except ValueError as e:

@@ -129,3 +129,18 @@ def check_known(f: Fields, read: set, ignored: set, config_class: str) -> None:
     if unknown:
         f.fail(unknown[0], f"is not a known setting of transformers' {config_class}")
     f.unsupported_unless("hidden_act", lambda v: v in ("silu", "swish"), "activation other than SiLU")
+
+
+def mamba2_fields(f: Fields, d_inner: int) -> dict:
+    """The ``mamba_*`` Mamba-2 fields that Bamba, Granite 4.0-H and Falcon-H1 share (transformers'
+    defaults), as keyword arguments of ``Mamba2Config`` / ``mamba_stack``; ``mamba_d_head`` "auto"
+    is the SSM width ``d_inner`` over ``mamba_n_heads``."""
+    n_heads, d_head = f.int("mamba_n_heads", 128), f.get("mamba_d_head", "auto")
+    if n_heads < 1 or d_inner % n_heads:
+        f.fail("mamba_n_heads", f"= {n_heads} does not divide the SSM width {d_inner}")
+    headdim = d_inner // n_heads if d_head == "auto" else f.int("mamba_d_head")
+    if headdim * n_heads != d_inner:
+        f.fail("mamba_d_head", f"= {d_head} times mamba_n_heads = {n_heads} is not the SSM width {d_inner}")
+    return dict(d_state=f.int("mamba_d_state", 256), d_conv=f.int("mamba_d_conv", 4), headdim=headdim,
+                ngroups=f.int("mamba_n_groups", 1), chunk_size=f.int("mamba_chunk_size", 256),
+                conv_bias=f.bool("mamba_conv_bias", True), proj_bias=f.bool("mamba_proj_bias", False))

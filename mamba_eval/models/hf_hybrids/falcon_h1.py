@@ -15,7 +15,8 @@ import torch
 from mamba_eval.models.config import AttnConfig, LayerConfig, Mamba2Config, MLPConfig, ModelConfig, ParallelConfig
 from mamba_eval.models.config_fields import CheckpointError, Fields, is_default_dt_limit
 from mamba_eval.models.hf_hybrids.common import (
-    EMBED, INPUT_NORM, attention, check_known, ff_norm, final_norm, gated_mlp, mamba_to, rope, WeightMap,
+    EMBED, INPUT_NORM, attention, check_known, ff_norm, final_norm, gated_mlp, mamba2_fields, mamba_to, rope,
+    WeightMap,
 )
 
 
@@ -57,11 +58,7 @@ def falcon_h1_config(raw: dict, where: Path) -> ModelConfig:
     hidden, n_layer = f.int("hidden_size", required=True), f.int("num_hidden_layers", required=True)
     d_ssm = f.int("mamba_d_ssm", 1024) if "mamba_d_ssm" not in raw or raw["mamba_d_ssm"] is not None \
         else f.int("mamba_expand", 2) * hidden
-    n_heads = f.int("mamba_n_heads", 128)
-    d_head = f.get("mamba_d_head", "auto")
-    headdim = d_ssm // max(n_heads, 1) if d_head == "auto" else f.int("mamba_d_head")
-    if n_heads < 1 or headdim * n_heads != d_ssm:
-        f.fail("mamba_d_head", f"= {d_head} times mamba_n_heads = {n_heads} is not the SSM width {d_ssm}")
+    ssm = mamba2_fields(f, d_ssm)
     heads = f.int("num_attention_heads", 32)
     if heads < 1 or (f.get("head_dim") is None and hidden % heads):
         f.fail("num_attention_heads", f"= {heads} does not divide hidden_size = {hidden} and head_dim is missing")
@@ -75,10 +72,7 @@ def falcon_h1_config(raw: dict, where: Path) -> ModelConfig:
         mixer = ParallelConfig(
             attn=AttnConfig(num_heads=heads, num_heads_kv=f.int("num_key_value_heads", 8), head_dim=head_dim,
                             rotary_emb_dim=head_dim, rotary_emb_base=theta, qkv_proj_bias=bias, out_proj_bias=bias),
-            ssm=Mamba2Config(d_inner=d_ssm, d_state=f.int("mamba_d_state", 256), d_conv=f.int("mamba_d_conv", 4),
-                             headdim=headdim, ngroups=f.int("mamba_n_groups", 1),
-                             chunk_size=f.int("mamba_chunk_size", 256), conv_bias=f.bool("mamba_conv_bias", True),
-                             proj_bias=f.bool("mamba_proj_bias", False), norm_eps=eps, gate_norm=gate_norm))
+            ssm=Mamba2Config(d_inner=d_ssm, norm_eps=eps, gate_norm=gate_norm, **ssm))
         mlp = MLPConfig(f.int("intermediate_size", 14336))
         return ModelConfig(d_model=hidden, vocab_size=f.int("vocab_size", required=True),
                            layers=tuple(LayerConfig(mixer, mlp) for _ in range(n_layer)), rms_norm=True,

@@ -19,7 +19,7 @@ from pathlib import Path
 from mamba_eval.models.config import AttnConfig, LayerConfig, MLPConfig, ModelConfig, MoEConfig, mamba_stack
 from mamba_eval.models.config_fields import CheckpointError, Fields, is_default_dt_limit
 from mamba_eval.models.hf_hybrids.common import (
-    EMBED, INPUT_NORM, attention, check_known, ff_norm, final_norm, mamba_to, rope, WeightMap,
+    EMBED, INPUT_NORM, attention, check_known, ff_norm, final_norm, mamba2_fields, mamba_to, rope, WeightMap,
 )
 
 
@@ -73,11 +73,8 @@ def granite_config(raw: dict, where: Path) -> ModelConfig:
     bad = sorted({t for t in types if t not in _MAMBA_TYPES + _ATTN_TYPES}, key=str)
     if bad:
         f.fail(key, f"holds {bad[0]!r}, not a layer type we know (mamba, attention)")
-    expand, n_heads = f.int("mamba_expand", 2), f.int("mamba_n_heads", 128)
-    d_head = f.get("mamba_d_head", "auto")
-    if n_heads < 1 or (expand * hidden) % n_heads:
-        f.fail("mamba_n_heads", f"= {n_heads} does not divide mamba_expand * hidden_size = {expand * hidden}")
-    headdim = (expand * hidden) // n_heads if d_head == "auto" else f.int("mamba_d_head")
+    expand = f.int("mamba_expand", 2)
+    ssm = mamba2_fields(f, expand * hidden)
     heads = f.int("num_attention_heads", 32)
     if heads < 1 or hidden % heads:
         f.fail("num_attention_heads", f"= {heads} does not divide hidden_size = {hidden}")
@@ -99,10 +96,7 @@ def granite_config(raw: dict, where: Path) -> ModelConfig:
                           out_proj_bias=bias, softmax_scale=f.float("attention_multiplier", 1.0))
         stack = mamba_stack(
             arch="mamba2", d_model=hidden, n_layer=n_layer, vocab_size=f.int("vocab_size", required=True),
-            d_state=f.int("mamba_d_state", 256), d_conv=f.int("mamba_d_conv", 4), expand=expand, headdim=headdim,
-            ngroups=f.int("mamba_n_groups", 1), chunk_size=f.int("mamba_chunk_size", 256),
-            conv_bias=f.bool("mamba_conv_bias", True), proj_bias=f.bool("mamba_proj_bias", False), rms_norm=True,
-            norm_eps=f.float("rms_norm_eps", 1e-6), residual_in_fp32=False,
+            expand=expand, rms_norm=True, norm_eps=f.float("rms_norm_eps", 1e-6), residual_in_fp32=False, **ssm,
             tie_embeddings=f.bool("tie_word_embeddings", False),
             attn_layer_idx=[i for i, t in enumerate(types) if t in _ATTN_TYPES], attn=attn)
         layers = tuple(LayerConfig(layer.mixer, mlp) for layer in stack.layers)
