@@ -103,10 +103,14 @@ class Mamba2Config:
     # "after_gate": RMSNorm(y * silu(z)) (mamba_ssm's); "before_gate": RMSNorm(y) * silu(z);
     # "none": y * silu(z), no norm (Falcon-H1's default)
     gate_norm: str = "after_gate"
+    # Δ = max(softplus(dt + dt_bias), dt_min): Zamba2 clamps Δ from below at its time_step_min
+    dt_min: float = 0.0
 
     def __post_init__(self):
         _check_ints(self, ["d_inner", "d_state", "d_conv", "headdim", "ngroups", "chunk_size"])
         _check_positive_float(self, ["norm_eps"])
+        if not isinstance(self.dt_min, (int, float)) or isinstance(self.dt_min, bool) or not self.dt_min >= 0:
+            raise ValueError(f"dt_min must be a non-negative number, got {self.dt_min!r}")
         if self.gate_norm not in ("after_gate", "before_gate", "none"):
             raise ValueError(f"gate_norm must be 'after_gate', 'before_gate' or 'none', got {self.gate_norm!r}")
         if self.d_inner % self.headdim != 0:
@@ -367,18 +371,59 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class SharedBlockConfig:
+    """A transformer block whose weights several layers share (Zamba2's): it reads the
+    concatenation [stream; original embedding] (2 D channels), ``attn`` over that RMS-normed input
+    (its output D channels), an RMSNorm, then a gated MLP ``fc2(act(gate) * up)`` with
+    ``[gate; up] = fc1(x)`` of width ``d_intermediate`` (``activation`` "gelu", exact). No residual
+    inside: its output is a branch that the using layer adds to its mixer's input."""
+
+    attn: AttnConfig
+    d_intermediate: int
+    activation: str = "gelu"
+    mlp_bias: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.attn, AttnConfig):
+            raise ValueError(f"attn must be an AttnConfig, got {self.attn!r}")
+        _check_ints(self, ["d_intermediate"])
+        if self.activation != "gelu":
+            raise ValueError(f"activation must be 'gelu', got {self.activation!r}")
+
+
+@dataclass(frozen=True)
+class SharedUseConfig:
+    """A layer's use of shared block ``block``: its own low-rank adapters of rank ``rank`` (added to
+    the block's [gate; up] projection, and to q, k and v when ``attn_adapters``) and its own linear
+    map of the block's output (D x D)."""
+
+    block: int
+    rank: int
+    attn_adapters: bool = False
+
+    def __post_init__(self):
+        _check_ints(self, ["rank"])
+        _check_ints(self, ["block"], minimum=0)
+
+
+@dataclass(frozen=True)
 class LayerConfig:
     """One block: ``residual += x; x = mixer(norm(residual))``, then with an MLP
-    ``residual += x; x = mlp(norm2(residual))``."""
+    ``residual += x; x = mlp(norm2(residual))``. With ``shared`` (Zamba2's hybrid layers), the
+    mixer reads ``norm(residual + t)`` instead, ``t`` the output of a shared block
+    (:class:`SharedUseConfig`) on the stream and the embeddings; ``t`` does not join the stream."""
 
     mixer: MixerConfig
     mlp: MLPConfig | MoEConfig | None = None
+    shared: SharedUseConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.mixer, MIXER_CONFIGS):
             raise ValueError(f"mixer must be one of {[c.__name__ for c in MIXER_CONFIGS]}, got {self.mixer!r}")
         if self.mlp is not None and not isinstance(self.mlp, (MLPConfig, MoEConfig)):
             raise ValueError(f"mlp must be an MLPConfig, a MoEConfig or None, got {self.mlp!r}")
+        if self.shared is not None and not isinstance(self.shared, SharedUseConfig):
+            raise ValueError(f"shared must be a SharedUseConfig or None, got {self.shared!r}")
 
 
 @dataclass(frozen=True)
@@ -403,19 +448,32 @@ class ModelConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_multiplier: float = 1.0
+    # Transformer blocks that layers share (Zamba2), used by the layers whose ``shared`` names them.
+    shared_blocks: tuple[SharedBlockConfig, ...] = ()
 
     def __post_init__(self):
         _check_ints(self, ["d_model", "vocab_size"])
         _check_positive_float(self, ["norm_eps", "embedding_multiplier", "residual_multiplier", "logits_multiplier"])
         if not isinstance(self.layers, tuple) or not self.layers:
             raise ValueError(f"layers must be a non-empty tuple of LayerConfig, got {self.layers!r}")
+        if not isinstance(self.shared_blocks, tuple) or not all(
+                isinstance(b, SharedBlockConfig) for b in self.shared_blocks):
+            raise ValueError(f"shared_blocks must be a tuple of SharedBlockConfig, got {self.shared_blocks!r}")
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, LayerConfig):
                 raise ValueError(f"layer {i} must be a LayerConfig, got {type(layer).__name__}")
+            if layer.shared is not None and layer.shared.block >= len(self.shared_blocks):
+                raise ValueError(f"layer {i} uses shared block {layer.shared.block}, but there are "
+                                 f"{len(self.shared_blocks)}")
 
     @property
     def n_layer(self) -> int:
         return len(self.layers)
+
+    def shared_uses(self, block: int) -> tuple[int, ...]:
+        """The indices of the layers that use shared block ``block``."""
+        return tuple(i for i, layer in enumerate(self.layers)
+                     if layer.shared is not None and layer.shared.block == block)
 
     @property
     def kinds(self) -> tuple[str, ...]:

@@ -7,6 +7,8 @@ renaming (``mamba_eval.models.formats`` maps the other formats onto these names)
     backbone.layers.i.norm       pre-norm (fused with the residual add)
     backbone.layers.i.mixer      the layer's mixer (``mamba_eval.models.mixers``)
     backbone.layers.i.norm2/mlp  pre-norm and gated MLP after the mixer, when the layer has one
+    backbone.layers.i.shared_use a layer's use of a shared block (Zamba2: ``mamba_eval.models.shared``)
+    backbone.shared.b            the shared blocks
     backbone.norm_f              final norm
     lm_head                      [V, D], the embedding itself when tie_embeddings
 
@@ -14,8 +16,9 @@ A block computes ``residual = x + residual; x = mixer(norm(residual))`` and then
 (or a mixture of experts), ``residual = x + residual; x = mlp(norm2(residual))``; each branch's x
 is scaled by ``config.residual_multiplier`` before it joins the stream, the embedding output by
 ``embedding_multiplier`` and the logits by ``logits_multiplier`` (all 1 but for Granite 4.0-H);
-the residual stream is kept in fp32 when ``config.residual_in_fp32``. The SSM parameters (``A_log``, ``D`` and the Δ bias) stay fp32
-whatever the model dtype, as the scans consume them in fp32.
+the residual stream is kept in fp32 when ``config.residual_in_fp32``. The SSM parameters
+(``A_log``, ``D`` and the Δ bias) stay fp32 whatever the model dtype, as the scans consume them
+in fp32.
 
 The interface the scoring engine and generation use, and nothing else of the model:
 
@@ -47,9 +50,11 @@ from mamba_eval.models.config import LayerConfig, ModelConfig, MoEConfig
 from mamba_eval.models.invariance import Invariance
 from mamba_eval.models.layers import GatedMLP, MoE, Norm
 from mamba_eval.models.mixers import build_mixer
+from mamba_eval.models.mixers.parallel import PairState
 from mamba_eval.models.mixers.ssm import padding_mask
 from mamba_eval.models.ops import Ops, get_ops
 from mamba_eval.models.rows import run_rows
+from mamba_eval.models.shared import SharedBlock, SharedUse
 from mamba_eval.models.state import ModelState
 
 
@@ -73,7 +78,13 @@ class CostHints:
 
 class Block(nn.Module):
     """``residual = x + residual; x = mixer(norm(residual))`` (add and norm fused, as in mamba_ssm),
-    then with an MLP ``residual = x + residual; x = mlp(norm2(residual))``."""
+    then with an MLP ``residual = x + residual; x = mlp(norm2(residual))``. A layer that uses a
+    shared block (``shared_use``, Zamba2's hybrid layers) feeds its mixer ``norm(residual + t)``,
+    ``t`` the shared block's output on the stream and the embeddings (``mamba_eval.models.shared``).
+
+    The block is the unit of state the model sees: the mixer's, or with a shared block the
+    :class:`PairState` of the use's key/value cache (``attn``) and the mixer's state (``ssm``);
+    :attr:`state_type`, :meth:`zero_state` and the cost methods answer for the whole block."""
 
     def __init__(self, layer: LayerConfig, config: ModelConfig, ops: Ops, **factory):
         super().__init__()
@@ -90,6 +101,42 @@ class Block(nn.Module):
         elif layer.mlp is not None:
             self.norm2 = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
             self.mlp = GatedMLP(config.d_model, layer.mlp.d_intermediate, **factory)
+        self.shared_use = None
+        if layer.shared is not None:
+            self.shared_use = SharedUse(layer.shared, config.shared_blocks[layer.shared.block], config.d_model,
+                                        **factory)
+
+    # -- the state of the block
+
+    @property
+    def state_type(self) -> type:
+        return self.mixer.state_type if self.shared_use is None else PairState
+
+    @property
+    def supports_lengths(self) -> bool:
+        return self.mixer.supports_lengths and self.shared_use is None
+
+    @property
+    def state_grows(self) -> bool:
+        return self.mixer.state_grows or self.shared_use is not None
+
+    def zero_state(self, batch_size: int, **kwargs):
+        state = self.mixer.zero_state(batch_size, **kwargs)
+        if self.shared_use is None:
+            return state
+        return PairState(self.shared_use.zero_state(batch_size, **kwargs), state)
+
+    def state_bytes(self, elem: int) -> int:
+        return self.mixer.state_bytes(elem)
+
+    def kv_bytes(self, elem: int) -> int:
+        return self.mixer.kv_bytes(elem) + (0 if self.shared_use is None else self.shared_use.kv_bytes(elem))
+
+    def activation_bytes(self) -> int:
+        shared = 0 if self.shared_use is None else self.shared_use.activation_bytes()
+        return max(self.mixer.activation_bytes(), shared)
+
+    # -- computation
 
     def _scaled(self, x):
         return x if self.scale == 1.0 else x * self.scale
@@ -101,26 +148,47 @@ class Block(nn.Module):
         x, residual = self.norm2.add_norm(self.ops, x, residual, self.residual_in_fp32)
         return self._scaled((self.mlp.step if step else self.mlp)(x, linear)), residual
 
-    def forward(self, x, residual, state, **mixer_args):
-        """``mixer_args``: the mixer's ``lengths`` and ``padded`` (see ``backbone_forward``).
-        Returns the branch output already scaled by the residual multiplier."""
+    def _with_shared(self, t, residual):
+        """The mixer's input ``norm(residual + t)``; the stream stays ``residual``."""
+        x, _ = self.norm.add_norm(self.ops, t, residual, self.residual_in_fp32)
+        return x
+
+    def forward(self, x, residual, state, embedded=None, shared=None, **mixer_args):
+        """``mixer_args``: the mixer's ``lengths`` and ``padded`` (see ``backbone_forward``);
+        ``embedded`` (the embedding output) and ``shared`` (the model's shared blocks) for a layer
+        with a ``shared_use``. Returns the branch output already scaled by the residual multiplier."""
         x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
-        x, state = self.mixer(x, state, **mixer_args)
+        if self.shared_use is None:
+            x, state = self.mixer(x, state, **mixer_args)
+        else:
+            block = shared[self.shared_use.cfg.block]
+            t, attn_state = block(residual, embedded, self.shared_use, None if state is None else state.attn)
+            x, ssm_state = self.mixer(self._with_shared(t, residual), None if state is None else state.ssm,
+                                      **mixer_args)
+            state = PairState(attn_state, ssm_state)
         x, residual = self._mlp(x, residual, self.ops.linear, step=False)
         return x, residual, state
 
-    def step(self, x, residual, state):
+    def step(self, x, residual, state, embedded=None, shared=None):
         x, residual = self.norm.add_norm(self.ops, x, residual, self.residual_in_fp32)
-        return self._mlp(self.mixer.step(x, state), residual, self.ops.step_linear, step=True)
+        if self.shared_use is None:
+            x = self.mixer.step(x, state)
+        else:
+            t = shared[self.shared_use.cfg.block].step(residual, embedded, self.shared_use, state.attn)
+            x = self.mixer.step(self._with_shared(t, residual), state.ssm)
+        return self._mlp(x, residual, self.ops.step_linear, step=True)
 
 
 class Backbone(nn.Module):
-    """Embedding, the blocks and the final norm (mamba_ssm's ``MixerModel``)."""
+    """Embedding, the blocks, the shared blocks (Zamba2; none elsewhere) and the final norm
+    (mamba_ssm's ``MixerModel``)."""
 
     def __init__(self, config: ModelConfig, ops: Ops, **factory):
         super().__init__()
         self.embedding = nn.Embedding(config.vocab_size, config.d_model, **factory)
         self.layers = nn.ModuleList(Block(layer, config, ops, **factory) for layer in config.layers)
+        self.shared = nn.ModuleList(SharedBlock(b, config.d_model, config.norm_eps, ops, **factory)
+                                    for b in config.shared_blocks)
         self.norm_f = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
 
 
@@ -189,28 +257,31 @@ class LanguageModel(nn.Module):
     def supports_lengths(self) -> bool:
         """Whether rows of different lengths may share a forward (``backbone_forward(lengths=)``):
         not when a layer's state would hold the padding (attention's key/value cache)."""
-        return all(layer.mixer.supports_lengths for layer in self.backbone.layers)
+        return all(layer.supports_lengths for layer in self.backbone.layers)
 
     @property
     def state_grows(self) -> bool:
         """Whether some layer's state grows with the sequence (a key/value cache): then
         ``allocate_state`` needs the longest sequence it must hold."""
-        return any(layer.mixer.state_grows for layer in self.backbone.layers)
+        return any(layer.state_grows for layer in self.backbone.layers)
 
     @property
     def cost(self) -> CostHints:
         """Memory and compute per token and per sequence (:class:`CostHints`), for the model's
         dtype as it is now."""
         elem = torch.finfo(self.dtype).bits // 8
-        mixers = [layer.mixer for layer in self.backbone.layers]
-        kv = sum(m.kv_bytes(elem) for m in mixers)
+        layers = self.backbone.layers
+        kv = sum(layer.kv_bytes(elem) for layer in layers)
         skip = {id(self.backbone.embedding.weight), id(self.lm_head.weight)}
         weights = sum(p.numel() for p in self.parameters() if id(p) not in skip)
+        for b, block in enumerate(self.backbone.shared):  # stored once, run by each layer that uses it
+            uses = len(self.config.shared_uses(b))
+            weights += (uses - 1) * sum(p.numel() for p in block.parameters())
         for moe in (m for layer in self.backbone.layers for m in (layer.mixer, layer.mlp) if isinstance(m, MoE)):
             weights -= round((1 - moe.active_fraction()) * (moe.fc1.numel() + moe.fc2.numel()))  # only chosen experts run
         return CostHints(
-            token_bytes=4 * 3 * self.config.d_model + max(m.activation_bytes() for m in mixers) + kv,
-            state_bytes=sum(m.state_bytes(elem) for m in mixers),
+            token_bytes=4 * 3 * self.config.d_model + max(layer.activation_bytes() for layer in layers) + kv,
+            state_bytes=sum(layer.state_bytes(elem) for layer in layers),
             kv_bytes=kv,
             logit_row_bytes=3 * 4 * self.config.vocab_size,
             flops_per_token=2 * weights,
@@ -228,7 +299,7 @@ class LanguageModel(nn.Module):
         if state and state[0].batch_size != batch_size:
             raise ValueError(f"state is for batch size {state[0].batch_size}, input_ids for {batch_size}")
         for i, (layer, layer_state) in enumerate(zip(self.backbone.layers, state)):
-            expected = layer.mixer.state_type
+            expected = layer.state_type
             if not isinstance(layer_state, expected):
                 raise ValueError(
                     f"state of layer {i} is a {type(layer_state).__name__}, the layer needs a {expected.__name__}"
@@ -283,6 +354,8 @@ class LanguageModel(nn.Module):
                 raise ValueError(f"lengths is on {lengths.device}, input_ids on {input_ids.device}")
             mixer_args = {"lengths": lengths, "padded": padding_mask(lengths, input_ids.shape[1])}
         x, residual = self._embed(input_ids), None
+        if self.config.shared_blocks:
+            mixer_args.update(embedded=x, shared=self.backbone.shared)
         final_states = [] if return_state else None
         for i, layer in enumerate(self.backbone.layers):
             x, residual, layer_state = layer(x, residual, None if state is None else state[i], **mixer_args)
@@ -323,8 +396,8 @@ class LanguageModel(nn.Module):
         is what bounds large-batch decoding; mamba_ssm's inference cache keeps it in the
         model's dtype.
         """
-        return [layer.mixer.zero_state(batch_size, capacity=max_length, dtype=self.dtype, state_dtype=state_dtype,
-                                       device=self.device)
+        return [layer.zero_state(batch_size, capacity=max_length, dtype=self.dtype, state_dtype=state_dtype,
+                                 device=self.device)
                 for layer in self.backbone.layers]
 
     def step(self, input_ids: torch.Tensor, state: ModelState) -> torch.Tensor:
@@ -333,8 +406,9 @@ class LanguageModel(nn.Module):
             raise ValueError(f"step takes one token per sequence, input_ids [B]; got shape {tuple(input_ids.shape)}")
         self._check_state(state, input_ids.shape[0])
         x, residual = self._embed(input_ids), None
+        shared = {"embedded": x, "shared": self.backbone.shared} if self.config.shared_blocks else {}
         for layer, layer_state in zip(self.backbone.layers, state):
-            x, residual = layer.step(x, residual, layer_state)
+            x, residual = layer.step(x, residual, layer_state, **shared)
         hidden, _ = self.backbone.norm_f.add_norm(self.ops, x, residual, self.config.residual_in_fp32)
         return self.lm_logits(hidden, self.ops.step_linear)
 

@@ -125,6 +125,16 @@ class AttnState:
         return self
 
 
+def attn_zero_state(cfg: AttnConfig, batch_size: int, capacity: int | None, *, dtype, device) -> AttnState:
+    """An empty cache of an attention layer for ``capacity`` positions (required)."""
+    if capacity is None or capacity < 1:
+        raise ValueError(
+            f"this model has attention layers: a state for decoding needs the number of positions their "
+            f"key/value caches must hold (got {capacity!r})"
+        )
+    return AttnState.zeros(batch_size, cfg, capacity, dtype=dtype, device=device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rotary embedding
 
@@ -170,7 +180,9 @@ class Attention(nn.Module):
     state_grows = True
     state_type = AttnState
 
-    def __init__(self, cfg: AttnConfig, d_model: int, ops: Ops, **factory):
+    def __init__(self, cfg: AttnConfig, d_model: int, ops: Ops, d_out: int | None = None, **factory):
+        """``d_out``: the width of the output when it is not that of the input (Zamba2's shared
+        blocks read 2 D channels and return D)."""
         super().__init__()
         a = self.cfg = cfg
         self.ops = ops
@@ -179,19 +191,14 @@ class Attention(nn.Module):
         if a.d_conv > 0:
             self.conv1d = nn.Conv1d(a.qkv_dim, a.qkv_dim, a.d_conv, groups=a.qkv_dim, padding=a.d_conv - 1,
                                     bias=True, **factory)
-        self.out_proj = nn.Linear(a.out_dim + a.mlp_dim // 2, d_model, bias=a.out_proj_bias, **factory)
+        self.out_proj = nn.Linear(a.out_dim + a.mlp_dim // 2, d_out or d_model, bias=a.out_proj_bias, **factory)
 
     def init_parameters(self):
         """Nothing beyond the linear layers' defaults."""
 
     def zero_state(self, batch_size: int, *, capacity: int | None, dtype, state_dtype, device) -> AttnState:
         """An empty cache for ``capacity`` positions (required)."""
-        if capacity is None or capacity < 1:
-            raise ValueError(
-                f"this model has attention layers: a state for decoding needs the number of positions their "
-                f"key/value caches must hold (got {capacity!r})"
-            )
-        return AttnState.zeros(batch_size, self.cfg, capacity, dtype=dtype, device=device)
+        return attn_zero_state(self.cfg, batch_size, capacity, dtype=dtype, device=device)
 
     def state_bytes(self, elem: int) -> int:
         """One sequence's state apart from its keys and values: the q/k/v conv window."""
@@ -206,10 +213,13 @@ class Attention(nn.Module):
         a = self.cfg
         return 4 * (2 * (a.qkv_dim + a.mlp_dim) + 2 * a.out_dim)
 
-    def _project(self, h: torch.Tensor, linear):
-        """in_proj, split into q/k/v channels and the parallel MLP's output (or None)."""
+    def _project(self, h: torch.Tensor, linear, adapter=None):
+        """in_proj, split into q/k/v channels and the parallel MLP's output (or None); ``adapter(h,
+        linear)``, when given, is added to the q/k/v channels."""
         a = self.cfg
         proj = linear(h, self.in_proj.weight, self.in_proj.bias)
+        if adapter is not None:
+            proj = proj + adapter(h, linear)
         if a.mlp_dim == 0:
             return proj, None
         qkv, mlp = proj.split([a.qkv_dim, a.mlp_dim], dim=-1)
@@ -246,15 +256,16 @@ class Attention(nn.Module):
             ctx = torch.cat([ctx, mlp], dim=-1)
         return linear(ctx, self.out_proj.weight, self.out_proj.bias)
 
-    def forward(self, h: torch.Tensor, state: AttnState | None = None, lengths=None, padded=None
+    def forward(self, h: torch.Tensor, state: AttnState | None = None, lengths=None, padded=None, adapter=None
                 ) -> tuple[torch.Tensor, AttnState]:
         """h [B, L, D] -> (out [B, L, D], cache of the ``state``'s positions and these L). Rows of
-        one length only (``lengths`` must be None: :attr:`supports_lengths`)."""
+        one length only (``lengths`` must be None: :attr:`supports_lengths`). ``adapter(h, linear)``
+        (optional): added to the q/k/v projection (a shared block's per-use low-rank adapters)."""
         if lengths is not None:
             raise ValueError("an attention layer cannot take rows of different lengths: its cache would hold "
                              "the padding")
         batch, length, _ = h.shape
-        qkv, mlp = self._project(h, self.ops.linear)
+        qkv, mlp = self._project(h, self.ops.linear, adapter)
         conv_state = None
         if self.conv1d is not None:
             y, conv_state = self.ops.causal_conv1d(
@@ -277,11 +288,11 @@ class Attention(nn.Module):
         filled = torch.full((1,), offset + length, dtype=torch.long, device=h.device)
         return self._out(ctx, mlp, self.ops.linear), AttnState(k, v, filled, conv_state)
 
-    def step(self, h: torch.Tensor, state: AttnState) -> torch.Tensor:
+    def step(self, h: torch.Tensor, state: AttnState, adapter=None) -> torch.Tensor:
         """h [B, D] -> out [B, D]: writes the position ``state.length`` of the cache and advances
         ``state.length``, IN PLACE; attends over the filled positions by a mask over the whole
-        cache (fixed shapes, no host synchronisation)."""
-        qkv, mlp = self._project(h, self.ops.step_linear)
+        cache (fixed shapes, no host synchronisation). ``adapter`` as in :meth:`forward`."""
+        qkv, mlp = self._project(h, self.ops.step_linear, adapter)
         if self.conv1d is not None:
             qkv = self.ops.causal_conv1d_update(qkv, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                                 None)

@@ -10,7 +10,9 @@ Parameters (mamba_ssm's names and layouts)::
 
 ``[x; B; C] -> conv -> SiLU``; the SSD scan with one scalar A per head, in chunks of C
 positions; ``y = RMSNorm(y * silu(z))`` (or, by ``gate_norm``, ``RMSNorm(y) * silu(z)`` or
-``y * silu(z)`` without ``norm``); out_proj.
+``y * silu(z)`` without ``norm``); out_proj. With ``dt_min > 0`` (Zamba2), Δ is formed here,
+``max(softplus(dt + dt_bias), dt_min)`` in fp32, and the scans take it as it is; forward and step
+both clamp (transformers clamps in its sequence forward only), so decoding equals the forward.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamba_eval.kernels.utils import discretise_dt
 from mamba_eval.models.config import Mamba2Config
 from mamba_eval.models.layers import Norm
 from mamba_eval.models.mixers.ssm import (
@@ -54,6 +57,17 @@ class Mamba2Mixer(SSMMixer):
         extra = 4 * 3 * self.cfg.nheads * self.cfg.chunk_size if self.ops.name == "ref" else 0
         return super().activation_bytes() + extra
 
+    def _dt(self, dt: torch.Tensor, padded: torch.Tensor | None = None):
+        """(Δ before or after discretisation, the scans' ``dt_bias``, ``dt_softplus``). The clamp of
+        ``dt_min`` is applied here, and padded positions (Δ exactly 0 after the softplus of -inf)
+        are set back to 0 after it so that they still leave the state unchanged."""
+        if self.cfg.dt_min == 0:
+            return dt, self.dt_bias, True
+        delta = discretise_dt(dt, self.dt_bias, True).clamp_min(self.cfg.dt_min)
+        if padded is not None:
+            delta = delta.masked_fill(padded.view(*padded.shape, *([1] * (delta.ndim - 2))), 0.0)
+        return delta, None, False
+
     def _split(self, zxbcdt: torch.Tensor):
         c = self.cfg
         return zxbcdt.split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
@@ -86,11 +100,11 @@ class Mamba2Mixer(SSMMixer):
         ops = self.ops
         z, xbc_in, dt = self._split(ops.linear(h, self.in_proj.weight, self.in_proj.bias))
         xbc, conv_state = self.convolve(xbc_in, state, lengths)  # [B, conv_dim, L]
-        dt = mask_padded_dt(dt, padded)
+        dt, dt_bias, softplus = self._dt(mask_padded_dt(dt, padded), padded)
         x, B, C = self._split_xbc(xbc.transpose(1, 2))
         y, ssm_state = ops.ssd_scan(
             x, dt, self.neg_A(), B, C, self.cfg.chunk_size, self.D,
-            dt_bias=self.dt_bias, dt_softplus=True, initial_state=None if state is None else state.ssm,
+            dt_bias=dt_bias, dt_softplus=softplus, initial_state=None if state is None else state.ssm,
         )  # [B, L, H, P]
         return self._gated_norm_out(y.flatten(-2), z, ops.linear), SSMState(conv_state, ssm_state)
 
@@ -100,7 +114,8 @@ class Mamba2Mixer(SSMMixer):
         z, xbc, dt = self._split(ops.step_linear(h, self.in_proj.weight, self.in_proj.bias))
         xbc = ops.causal_conv1d_update(xbc, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         x, B, C = self._split_xbc(xbc)
+        dt, dt_bias, softplus = self._dt(dt)
         y = ops.ssd_state_update(
-            state.ssm, x, dt, self.neg_A(), B, C, self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            state.ssm, x, dt, self.neg_A(), B, C, self.D, dt_bias=dt_bias, dt_softplus=softplus,
         )  # [B, H, P]
         return self._gated_norm_out(y.flatten(-2), z, ops.step_linear)
