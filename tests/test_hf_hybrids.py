@@ -300,6 +300,7 @@ def test_nemotron_h_moe_config_and_invariance(nemotron_moe):
     ("NemotronH", dict(hybrid_override_pattern="M-M-M*-M-M-ME*E")),
     ("FalconH1", dict(mamba_rms_norm=True, num_hidden_layers=8)),
     ("Jamba", dict(num_hidden_layers=8)),
+    ("Zamba2", dict(use_shared_attention_adapter=True, num_mem_blocks=2)),  # Zamba2-2.7B's shape, 54 layers
 ])
 def test_full_size_configs_have_transformers_parameter_count(family, overrides):
     """Full-size configs (transformers' defaults, hybrid layouts) build with exactly the parameters
@@ -408,6 +409,89 @@ def test_jamba_refuses_what_it_does_not_implement(jamba, tmp_path):
         load_model(_bad(jamba[0], tmp_path, attn_layer_offset=3))
 
 
+# ----------------------------------------------------------------------------- Zamba2
+
+ZAMBA2 = dict(vocab_size=96, hidden_size=32, num_hidden_layers=6, intermediate_size=40, num_attention_heads=4,
+              layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"], mamba_d_state=8,
+              n_mamba_heads=4, mamba_ngroups=2, mamba_d_conv=3, chunk_size=8, adapter_rank=6, rms_norm_eps=1e-6,
+              time_step_min=0.2)  # a clamp of Δ that matters
+ZAMBAS2 = {  # two blocks used alternately, with all adapters and rotary; one block, biases, no rotary
+    "two-blocks": dict(ZAMBA2, num_mem_blocks=2, use_shared_attention_adapter=True, use_mem_rope=True,
+                       rope_parameters={"rope_type": "default", "rope_theta": 300.0}),
+    "one-block": dict(ZAMBA2, num_mem_blocks=1, add_bias_linear=True,
+                      layers_block_type=["hybrid", "mamba", "hybrid", "mamba", "mamba", "hybrid"]),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ZAMBAS2))
+def zamba2(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"zamba2-{request.param}")
+    torch.manual_seed(0)
+    model = transformers.Zamba2ForCausalLM(transformers.Zamba2Config(**ZAMBAS2[request.param])).eval()
+    perturb(model, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    model.save_pretrained(folder)
+    return request.param, folder, model
+
+
+def test_zamba2_config(zamba2):
+    which, folder, _ = zamba2
+    cfg = read_config(folder)
+    uses = [(i, layer.shared.block) for i, layer in enumerate(cfg.layers) if layer.shared is not None]
+    assert uses == ([(1, 0), (3, 1), (4, 0)] if which == "two-blocks" else [(0, 0), (2, 0), (5, 0)])
+    assert len(cfg.shared_blocks) == (2 if which == "two-blocks" else 1) and cfg.kinds == ("mamba2",)
+    attn = cfg.shared_blocks[0].attn
+    assert (attn.num_heads, attn.head_dim, attn.scale) == (4, 16, 8 ** -0.5)
+    assert attn.rotary_emb_dim == (16 if which == "two-blocks" else 0)
+    assert cfg.layers[1].shared is None or cfg.layers[1].shared.attn_adapters == (which == "two-blocks")
+    m = cfg.mixers("mamba2")[0]
+    assert (m.nheads, m.headdim, m.ngroups, m.d_state, m.dt_min, m.proj_bias) == (
+        4, 16, 2, 8, 0.2, which == "one-block")
+    assert not cfg.residual_in_fp32 and cfg.tie_embeddings
+
+
+def test_zamba2_logits_and_decoding(zamba2):
+    which, folder, theirs = zamba2
+    _assert_matches_transformers(folder, theirs, ZAMBA2["vocab_size"], f"Zamba2 {which}")
+
+
+def test_zamba2_shared_weights_read_from_any_using_layer(zamba2, tmp_path):
+    """A shared block stored under another of its layers (an alias) reads the same; an alias that
+    disagrees is refused."""
+    from safetensors.torch import load_file, save_file
+
+    which, folder, _ = zamba2
+    state = load_file(str(folder / "model.safetensors"))
+    first, other = (1, 4) if which == "two-blocks" else (0, 5)  # two layers of block 0
+    moved = {k.replace(f"layers.{first}.shared_transformer", f"layers.{other}.shared_transformer"): v
+             for k, v in state.items()}
+    for name, tensors in (("moved", moved), ("clash", {**state, **{
+            k: v + 1 for k, v in moved.items() if f"layers.{other}.shared_transformer.pre_ff" in k}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text((folder / "config.json").read_text())
+        save_file(tensors, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    ids = _ids(ZAMBA2["vocab_size"])
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "moved", dtype="float32")(ids)[0],
+                           load_model(folder, dtype="float32")(ids)[0])
+    with pytest.raises(CheckpointError, match=r"stores 'backbone.shared.0.norm_ff.weight' twice, with different"):
+        load_model(tmp_path / "clash")
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(layers_block_type=["mamba", "hybrid", "attention", "hybrid", "hybrid", "mamba"]),
+     r"field 'layers_block_type' has the unknown layer type 'attention'"),
+    (dict(hidden_act="silu"), r"field 'hidden_act' = 'silu' \(activation other than GELU\)"),
+    (dict(use_long_context=True), r"field 'use_long_context' = True \(rescaled rotary embedding\)"),
+    (dict(mamba_new_feature=1), r"field 'mamba_new_feature' is not a known setting of transformers' Zamba2Config"),
+    (dict(num_attention_heads=5), r"field 'num_attention_heads' = 5 does not divide the attention width"),
+])
+def test_zamba2_refuses_what_it_does_not_implement(zamba2, tmp_path, changes, match):
+    with pytest.raises(CheckpointError, match=match):
+        load_model(_bad(zamba2[1], tmp_path, **changes))
+
+
 def _check_greedy_generation(folder):
     """The decoder on a hybrid: greedy tokens equal the full forward's argmax, and under the
     invariance policy they are the same at batch sizes 1 and 3 (prompts of different lengths)."""
@@ -438,6 +522,10 @@ def test_generation_falcon_h1(falcon):  # the parallel mixer's pair of states
 
 def test_generation_jamba(jamba):
     _check_greedy_generation(jamba[0])
+
+
+def test_generation_zamba2(zamba2):  # the shared blocks' key/value caches, one per use
+    _check_greedy_generation(zamba2[1])
 
 
 @pytest.mark.parametrize("method", ["fp8", "bitsandbytes"])

@@ -84,6 +84,14 @@ def _write_checkpoint(out_dir, arch: str):
             tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
         return _save(transformers.GraniteMoeHybridForCausalLM(cfg), out_dir, "embed_tokens", routers=True)
+    elif arch == "zamba2":  # Mamba-2 and two shared transformer blocks, each use with its own adapters
+        cfg = transformers.Zamba2Config(
+            vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            layers_block_type=["mamba", "hybrid", "hybrid"], mamba_d_state=16, n_mamba_heads=8,
+            chunk_size=32, num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        return _save(transformers.Zamba2ForCausalLM(cfg), out_dir, "embed_tokens")
     else:
         cfg = transformers.Mamba2Config(
             vocab_size=VOCAB_ROWS, hidden_size=64, num_hidden_layers=2, state_size=16,
@@ -133,6 +141,7 @@ def _run(model_name, ckpt, tok_dir, tasks, limit, include_path):
         ("nemotron_h", ["hellaswag", "lambada_openai"], 24),
         ("falcon_h1", ["hellaswag", "lambada_openai"], 24),
         ("jamba", ["hellaswag", "lambada_openai"], 24),
+        ("zamba2", ["hellaswag", "lambada_openai"], 24),
     ],
 )
 def test_mamba_equals_hf(tmp_path, offline_tasks, arch, tasks, limit):

@@ -16,7 +16,8 @@ from mamba_eval.models.config_fields import CheckpointError, Fields, generic_con
 class WeightMap:
     """Stored names -> ours: ``renames`` (regex, replacement) applied to each key, and ``fusions``
     (regex with a group ``part``, the target, the parts in order): the stored tensors of one target
-    concatenated along dim 0 in that order."""
+    concatenated along dim 0 in that order. Several stored tensors may map to one of ours (aliases
+    of a shared weight, as Zamba2's shared blocks may be stored) only if they are equal."""
 
     renames: tuple[tuple[str, str], ...]
     fusions: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
@@ -47,14 +48,15 @@ class WeightMap:
                 m = re.match(pattern, key)
                 if m:
                     name = m.expand(target)
-                    pending.setdefault(name, {})[m.group("part")] = tensor
+                    _put(pending.setdefault(name, {}), m.group("part"), tensor, f"the {m.group('part')!r} part of "
+                                                                                 f"{name!r}", where)
                     order[name] = parts
                     break
             else:
                 ours = key
                 for pattern, replacement in self.renames:
                     ours = re.sub(pattern, replacement, ours)
-                out[ours] = tensor
+                _put(out, ours, tensor, repr(ours), where)
         for name, got in pending.items():
             missing = [p for p in order[name] if p not in got]
             if missing:
@@ -71,6 +73,12 @@ class WeightMap:
                 raise CheckpointError(f"{where}: the checkpoint lacks part {missing[0]} of {name!r}")
             out[name] = torch.stack([got[i] for i in range(len(got))])
         return out
+
+
+def _put(into: dict, key: str, tensor: torch.Tensor, what: str, where: Path) -> None:
+    if key in into and not (into[key].shape == tensor.shape and torch.equal(into[key], tensor)):
+        raise CheckpointError(f"{where}: the checkpoint stores {what} twice, with different values")
+    into[key] = tensor
 
 
 def rope(f: Fields) -> tuple[float, float]:
