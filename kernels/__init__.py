@@ -9,8 +9,11 @@ train them.
 - ``conv1d``: depthwise causal convolution over time (+ SiLU), full sequence and one-token update.
 - ``selective_scan``: the Mamba-1 selective SSM (diagonal A per channel), sequence and one step.
 - ``ssd``: the Mamba-2 SSD scan (scalar A per head, chunked), sequence and one step.
-- ``mamba3``: the Mamba-3 SSM (trapezoidal rule, rotated B/C, MIMO ranks): references only so far
-  (chunked form, recurrence, one step).
+- ``mamba3``: the Mamba-3 SSM (trapezoidal rule, rotated B/C, MIMO ranks): chunked form,
+  recurrence and one step; Triton kernels of the chunked scan and the step (the model uses the
+  references until they are checked on a GPU).
+- ``moe``: the routed experts of a mixture of experts as grouped products over tokens sorted by
+  expert, each token's result independent of the others (not yet used by the model).
 - ``mamba1_step``: one Mamba-1 decoding step between the projections (conv update, x_proj,
   dt_proj, state update) in two kernels.
 - ``norm``: fused residual-add + RMSNorm/LayerNorm, and Mamba-2's gated, grouped RMSNorm.

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamba_eval.kernels.moe import moe_experts_ref
 from mamba_eval.models.ops import Ops
 
 
@@ -130,10 +131,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         top_idx, weights = self._route(x, linear)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e in torch.unique(top_idx).tolist():  # ascending: every token sums its experts in one order
-            rows, slot = torch.nonzero(top_idx == e, as_tuple=True)
-            out.index_add_(0, rows, (self._expert(e, x[rows], linear) * weights[rows, slot, None]).float())
+        out = moe_experts_ref(x, self.fc1, self.fc2, top_idx, weights, self.cfg.experts, linear=linear)
         return self._finish(out, x, linear, shape)
 
     def _all_experts(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
