@@ -51,6 +51,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,8 +114,14 @@ def run_logged(cmd: list[str], env: dict, log: Path, timeout: float) -> tuple[in
         try:
             rc = proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the benchmark and whatever it started (lm_eval children)
-            proc.wait()
+            # SIGINT first: pytest then still writes its report (the tests run so far, the
+            # failures among them) before it exits.
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the benchmark and whatever it started (lm_eval children)
+                proc.wait()
             rc = None
     return rc, time.perf_counter() - t0
 
@@ -141,20 +148,21 @@ def test_workers() -> list[str]:
         import xdist  # noqa: F401
     except ImportError:
         return []
-    return ["-n", str(max(1, min(6, (os.cpu_count() or 1) // 2)))]
+    return ["-n", str(max(1, min(12, (os.cpu_count() or 1) - 2)))]
 
 
 def run_tests(group: str, env: dict, log: Path, work: Path, timeout: float) -> dict:
     xml = work / f"{group}.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *test_workers(),
-           *GPU_TESTS[group]]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={xml}",
+           *test_workers(), *GPU_TESTS[group]]
     rc, seconds = run_logged(cmd, {**env, "MAMBA_EVAL_TEST_SIZES": "real"}, log, timeout)
     entry = {"command": "MAMBA_EVAL_TEST_SIZES=real python -m pytest " + " ".join(GPU_TESTS[group]),
              "seconds": round(seconds, 1)}
-    if rc is None or not xml.is_file():
+    if not xml.is_file():
         return {**entry, "status": "cut at the time budget" if rc is None else f"pytest exited {rc} without a report"}
     result = parse_junit(xml)
-    status = "passed" if rc == 0 else "failed" if result["failed"] or result["errors"] else f"pytest exited {rc}"
+    status = ("cut at the time budget" if rc is None else "passed" if rc == 0
+              else "failed" if result["failed"] or result["errors"] else f"pytest exited {rc}")
     return {**entry, **result, "status": status}
 
 

@@ -172,6 +172,20 @@ def test_junit_counts_and_reasons(tmp_path):
                                           "skip_reasons": {"needs a CUDA GPU": 1}}
 
 
+def test_tests_cut_at_the_budget_still_report_their_failures(tmp_path, monkeypatch):
+    """A test group stopped at its time budget is interrupted, not killed: pytest's report then
+    names the failures found so far."""
+    (tmp_path / "test_cut.py").write_text(
+        "import time\n\ndef test_fails():\n    assert 1 == 2\n\n"
+        "def test_runs_past_the_budget():\n    time.sleep(60)\n")
+    monkeypatch.setitem(gpu_check.GPU_TESTS, "cut", [str(tmp_path / "test_cut.py")])
+    monkeypatch.setattr(gpu_check, "test_workers", lambda: [])
+    log = tmp_path / "log"
+    entry = gpu_check.run_tests("cut", {**gpu_check.os.environ, "PYTHONUNBUFFERED": "1"}, log, tmp_path, 6)
+    assert entry["status"] == "cut at the time budget", log.read_text()
+    assert entry["failures"] == ["test_cut::test_fails"] and entry["seconds"] < 30
+
+
 def test_every_test_file_with_a_cuda_path_is_in_the_gpu_check():
     tests = Path(__file__).resolve().parent
     listed = [Path(p.split("::")[0]) for paths in gpu_check.GPU_TESTS.values() for p in paths]
