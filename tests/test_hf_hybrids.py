@@ -211,6 +211,8 @@ NEMOTRON = dict(vocab_size=96, hidden_size=48, hybrid_override_pattern="M*-M-*M"
 NEMOTRON_MOE = dict(NEMOTRON, hybrid_override_pattern="ME*EM", n_routed_experts=6, num_experts_per_tok=2,
                     moe_intermediate_size=20, moe_shared_expert_intermediate_size=28, n_group=3, topk_group=2,
                     routed_scaling_factor=1.7)
+# Latent experts (moe_latent_size): the routed experts in a narrower space, with biased projections.
+NEMOTRON_LATENT = dict(NEMOTRON_MOE, moe_latent_size=24)
 
 
 def _nemotron(folder, config):
@@ -240,6 +242,11 @@ def nemotron_moe(tmp_path_factory):
     return _nemotron(tmp_path_factory.mktemp("nemotron-moe"), NEMOTRON_MOE)
 
 
+@pytest.fixture(scope="module")
+def nemotron_latent(tmp_path_factory):
+    return _nemotron(tmp_path_factory.mktemp("nemotron-latent"), NEMOTRON_LATENT)
+
+
 def test_nemotron_h_config(nemotron):
     cfg = read_config(nemotron[0])
     assert cfg.kinds == ("mamba2", "attention", "mlp")
@@ -252,14 +259,14 @@ def test_nemotron_h_config(nemotron):
     assert cfg.mixers("mlp")[0].bias and not cfg.tie_embeddings and not cfg.residual_in_fp32
 
 
-@pytest.mark.parametrize("which", ["nemotron", "nemotron_moe"])
+@pytest.mark.parametrize("which", ["nemotron", "nemotron_moe", "nemotron_latent"])
 def test_nemotron_h_logits_and_decoding(which, request):
     folder, theirs = request.getfixturevalue(which)
     _assert_matches_transformers(folder, theirs, NEMOTRON["vocab_size"], "Nemotron-H")
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(hybrid_override_pattern="M*EM-*M", moe_latent_size=16), r"field 'moe_latent_size' = 16 \(latent"),
+    (dict(hybrid_override_pattern="M*EM-*M", moe_latent_size=1.5), r"field 'moe_latent_size' must be an integer"),
     (dict(hybrid_override_pattern="M*X"), r"field 'hybrid_override_pattern' holds 'X'"),
     (dict(mlp_hidden_act="gelu"), r"field 'mlp_hidden_act' = 'gelu'"),
 ])
@@ -298,6 +305,7 @@ def test_nemotron_h_moe_config_and_invariance(nemotron_moe):
     ("GraniteMoeHybrid", dict(layer_types=["mamba"] * 3 + ["attention"] + ["mamba"] * 4, num_hidden_layers=8,
                               position_embedding_type="nope")),
     ("NemotronH", dict(hybrid_override_pattern="M-M-M*-M-M-ME*E")),
+    ("NemotronH", dict(hybrid_override_pattern="M-M-M*-M-M-ME*E", moe_latent_size=1024, mlp_bias=True)),
     ("FalconH1", dict(mamba_rms_norm=True, num_hidden_layers=8)),
     ("Jamba", dict(num_hidden_layers=8)),
     ("Zamba2", dict(use_shared_attention_adapter=True, num_mem_blocks=2)),  # Zamba2-2.7B's shape, 54 layers

@@ -342,7 +342,9 @@ class MoEConfig:
     logits, the chosen probabilities not renormalised, rounded to the model dtype) or ``"sigmoid"`` (Nemotron-H: fp32 logits, scores
     ``sigmoid``; the choice by score plus a learned correction bias, among the ``topk_group`` of
     ``n_group`` groups of experts whose two best biased scores sum highest; weights the chosen
-    scores, divided by their sum when ``norm_topk``, times ``scaling``)."""
+    scores, divided by their sum when ``norm_topk``, times ``scaling``). ``d_latent > 0`` (Nemotron-H's
+    ``moe_latent_size``): the routed experts work in a narrower space, entered and left through two
+    linear maps (biases by ``shared_bias``); the router and the shared expert read the full width."""
 
     num_experts: int
     top_k: int
@@ -355,10 +357,11 @@ class MoEConfig:
     norm_topk: bool = True
     scaling: float = 1.0
     shared_bias: bool = False
+    d_latent: int = 0
 
     def __post_init__(self):
         _check_ints(self, ["num_experts", "top_k", "d_expert", "n_group", "topk_group"])
-        _check_ints(self, ["d_shared"], minimum=0)
+        _check_ints(self, ["d_shared", "d_latent"], minimum=0)
         _check_positive_float(self, ["scaling"])
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k = {self.top_k} exceeds num_experts = {self.num_experts}")

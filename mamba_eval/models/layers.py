@@ -75,8 +75,13 @@ class MoE(nn.Module):
         router_factory = {**factory, "dtype": torch.float32} if sigmoid else factory
         self.router = nn.Linear(d_model, E, bias=False, **router_factory)
         self.router_bias = nn.Parameter(torch.empty(E, **router_factory)) if sigmoid else None
-        self.fc1 = nn.Parameter(torch.empty(E, (2 if gated else 1) * cfg.d_expert, d_model, **factory))
-        self.fc2 = nn.Parameter(torch.empty(E, d_model, cfg.d_expert, **factory))
+        d_in = cfg.d_latent or d_model  # the experts' width
+        self.latent_in = self.latent_out = None
+        if cfg.d_latent:
+            self.latent_in = nn.Linear(d_model, d_in, bias=cfg.shared_bias, **factory)
+            self.latent_out = nn.Linear(d_in, d_model, bias=cfg.shared_bias, **factory)
+        self.fc1 = nn.Parameter(torch.empty(E, (2 if gated else 1) * cfg.d_expert, d_in, **factory))
+        self.fc2 = nn.Parameter(torch.empty(E, d_in, cfg.d_expert, **factory))
         self.shared = None
         if cfg.d_shared > 0:
             self.shared = (GatedMLP(d_model, cfg.d_shared, **factory) if gated else
@@ -120,7 +125,14 @@ class MoE(nn.Module):
         y, gate = linear(x, self.fc1[e]).chunk(2, dim=-1)
         return linear(y * F.silu(gate), self.fc2[e])
 
+    def _enter(self, x, linear):
+        """The experts' input: x, or its latent projection."""
+        return x if self.latent_in is None else linear(x, self.latent_in.weight, self.latent_in.bias)
+
     def _finish(self, out, x, linear, shape):
+        """The routed experts' fp32 sum (in the latent space, if any) -> the layer's output."""
+        if self.latent_out is not None:
+            out = linear(out.to(x.dtype), self.latent_out.weight, self.latent_out.bias).float()
         if self.shared is not None:
             out += self.shared(x, linear).float()
         return out.to(x.dtype).reshape(shape)
@@ -131,7 +143,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         top_idx, weights = self._route(x, linear)
-        out = moe_experts_ref(x, self.fc1, self.fc2, top_idx, weights, self.cfg.experts, linear=linear)
+        out = moe_experts_ref(self._enter(x, linear), self.fc1, self.fc2, top_idx, weights, self.cfg.experts,
+                              linear=linear)
         return self._finish(out, x, linear, shape)
 
     def _all_experts(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
@@ -142,10 +155,11 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         top_idx, weights = self._route(x, linear)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        xe = self._enter(x, linear)
+        out = torch.zeros(xe.shape, dtype=torch.float32, device=x.device)
         for e in range(self.fc1.shape[0]):
             w = (weights * (top_idx == e)).sum(-1, keepdim=True)  # the expert's weight, 0 if not chosen
-            out += (self._expert(e, x, linear) * w).float()
+            out += (self._expert(e, xe, linear) * w).float()
         return self._finish(out, x, linear, shape)
 
     step = _all_experts

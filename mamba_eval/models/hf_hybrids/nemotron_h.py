@@ -7,8 +7,8 @@ experts, a shared expert and the sigmoid router with a correction bias and exper
 head is never tied. Weights are ours but
 ``backbone.embeddings``, ``mixer.{q,k,v,o}_proj``, ``mixer.{up,down}_proj``, ``mixer.gate.{weight,
 e_score_correction_bias}``, ``mixer.experts.J.{up,down}_proj`` (stacked) and
-``mixer.shared_experts.*``; ``mtp.*`` (the
-multi-token-prediction head) is not read.
+``mixer.shared_experts.*``, ``mixer.fc{1,2}_latent_proj`` (the latent experts' projections);
+``mtp.*`` (the multi-token-prediction head) is not read.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ NEMOTRON_WEIGHTS = WeightMap(
         (r"^backbone\.layers\.(\d+)\.mixer\.gate\.e_score_correction_bias$", r"backbone.layers.\1.mixer.router_bias"),
         (r"^backbone\.layers\.(\d+)\.mixer\.shared_experts\.up_proj\.", r"backbone.layers.\1.mixer.shared.fc1."),
         (r"^backbone\.layers\.(\d+)\.mixer\.shared_experts\.down_proj\.", r"backbone.layers.\1.mixer.shared.fc2."),
+        (r"^backbone\.layers\.(\d+)\.mixer\.fc1_latent_proj\.", r"backbone.layers.\1.mixer.latent_in."),
+        (r"^backbone\.layers\.(\d+)\.mixer\.fc2_latent_proj\.", r"backbone.layers.\1.mixer.latent_out."),
     ),
     stacks=(
         (r"^(?:model|backbone)\.layers\.(\d+)\.mixer\.experts\.(?P<part>\d+)\.up_proj\.weight$",
@@ -74,15 +76,16 @@ NEMOTRON_WEIGHTS = WeightMap(
 
 def _nemotron_moe(f: Fields) -> MoEMixerConfig:
     """The "E" layers: squared-ReLU experts and shared expert, the sigmoid router with its
-    correction bias and groups (NemotronHTopkRouter)."""
-    f.unsupported_unless("moe_latent_size", lambda v: v is None, "latent projections around the experts")
+    correction bias and groups (NemotronHTopkRouter), the experts optionally in a latent space
+    (``moe_latent_size``)."""
     experts = f.int("n_routed_experts", f.int("num_local_experts", 8))
     try:
         return MoEMixerConfig(MoEConfig(
             num_experts=experts, top_k=f.int("num_experts_per_tok", 2), d_expert=f.int("moe_intermediate_size", 7688),
             d_shared=f.int("moe_shared_expert_intermediate_size", 7688), experts="relu2", router="sigmoid",
             n_group=f.int("n_group", 1), topk_group=f.int("topk_group", 1), norm_topk=f.bool("norm_topk_prob", True),
-            scaling=f.float("routed_scaling_factor", 1.0), shared_bias=f.bool("mlp_bias", False)))
+            scaling=f.float("routed_scaling_factor", 1.0), shared_bias=f.bool("mlp_bias", False),
+            d_latent=0 if f.get("moe_latent_size") is None else f.int("moe_latent_size")))
     except ValueError as e:
         raise CheckpointError(f"{f.where}: {e}") from None
 
