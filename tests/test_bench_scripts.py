@@ -208,10 +208,14 @@ def test_help(script, monkeypatch, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
-def test_tuning_sweep_says_it_needs_a_gpu():
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "tune_step_gemm.py"), "--only", "x_proj"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip() == "tune_step_gemm.py needs a CUDA GPU"
+@pytest.mark.parametrize("script, args, message", [
+    ("tune_step_gemm.py", ["--only", "x_proj"], "tune_step_gemm.py needs a CUDA GPU"),
+    ("bench_mamba3.py", ["--reference", "."],
+     "bench_mamba3.py needs a CUDA GPU (mamba_ssm's Mamba-3 kernels run there only)"),
+])
+def test_gpu_only_scripts_say_so(script, args, message):
+    proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == message
 
 
 @pytest.mark.parametrize("script,check", [
