@@ -168,11 +168,15 @@ def test_granite_logits_and_decoding(granite):
 
 
 def test_granite_scores_are_batch_invariant(granite):
+    """The experts' products included."""
+    _check_invariant_scores(granite[1])
+
+
+def _check_invariant_scores(folder):
     """The scoring engine under the invariance policy: batch sizes 1, 3 and auto give the same
-    bits (the experts' products included), and the scores equal the plain model's to rounding."""
+    bits, and the scores equal the plain model's to rounding."""
     from mamba_eval.harness.engine import score_continuations
 
-    name, folder, _ = granite
     gen = torch.Generator().manual_seed(4)
     pairs = [(torch.randint(0, 96, (int(n),), generator=gen).tolist(),
               torch.randint(0, 96, (int(m),), generator=gen).tolist())
@@ -462,6 +466,11 @@ def test_zamba2_config(zamba2):
 def test_zamba2_logits_and_decoding(zamba2):
     which, folder, theirs = zamba2
     _assert_matches_transformers(folder, theirs, ZAMBA2["vocab_size"], f"Zamba2 {which}")
+
+
+def test_zamba2_scores_are_batch_invariant(zamba2):
+    """Shared contexts fork every use's key/value cache with the Mamba states."""
+    _check_invariant_scores(zamba2[1])
 
 
 def test_zamba2_shared_weights_read_from_any_using_layer(zamba2, tmp_path):
