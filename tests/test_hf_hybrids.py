@@ -27,14 +27,21 @@ BAMBA = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_lay
              rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.75})
 
 
+def _tiny(family: str, config: dict):
+    """transformers' ``{family}ForCausalLM`` of ``config``, seeded, its parameters moved off their
+    constant initial values and its embeddings spread (so that the logits depend on the model)."""
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(**config)).eval()
+    perturb(model, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    return model
+
+
 @pytest.fixture(scope="module")
 def bamba(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bamba")
-    torch.manual_seed(0)
-    model = transformers.BambaForCausalLM(transformers.BambaConfig(**BAMBA)).eval()
-    perturb(model, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    model = _tiny("Bamba", BAMBA)
     model.save_pretrained(folder)
     return folder, model
 
@@ -134,12 +141,8 @@ GRANITES = {
 @pytest.fixture(scope="module", params=sorted(GRANITES))
 def granite(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"granite-{request.param}")
-    torch.manual_seed(0)
-    model = transformers.GraniteMoeHybridForCausalLM(
-        transformers.GraniteMoeHybridConfig(**GRANITES[request.param])).eval()
-    perturb(model, torch.Generator().manual_seed(1))
-    with torch.no_grad():  # spread the logits, and the routers' logits so that the choice varies by token
-        model.model.embed_tokens.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    model = _tiny("GraniteMoeHybrid", GRANITES[request.param])
+    with torch.no_grad():  # spread the routers' logits so that the choice varies by token
         for name, p in model.named_parameters():
             if "router" in name or "experts" in name:
                 p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
@@ -220,11 +223,8 @@ NEMOTRON_LATENT = dict(NEMOTRON_MOE, moe_latent_size=24)
 
 
 def _nemotron(folder, config):
-    torch.manual_seed(0)
-    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**config)).eval()
-    perturb(model, torch.Generator().manual_seed(1))
+    model = _tiny("NemotronH", config)
     with torch.no_grad():
-        model.model.embeddings.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
         gen = torch.Generator().manual_seed(3)
         for name, p in model.named_parameters():
             if ".gate." in name or ".experts." in name:
@@ -350,11 +350,8 @@ FALCONS = {
 @pytest.fixture(scope="module", params=sorted(FALCONS))
 def falcon(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"falcon-{request.param}")
-    torch.manual_seed(0)
-    model = transformers.FalconH1ForCausalLM(transformers.FalconH1Config(**FALCONS[request.param])).eval()
-    perturb(model, torch.Generator().manual_seed(1))
+    model = _tiny("FalconH1", FALCONS[request.param])
     with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
         if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
             model.lm_head.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
     model.save_pretrained(folder)
@@ -388,12 +385,9 @@ JAMBA = dict(vocab_size=96, hidden_size=48, intermediate_size=40, num_hidden_lay
 @pytest.fixture(scope="module")
 def jamba(tmp_path_factory):
     folder = tmp_path_factory.mktemp("jamba")
-    torch.manual_seed(0)
-    model = transformers.JambaForCausalLM(transformers.JambaConfig(**JAMBA)).eval()
-    perturb(model, torch.Generator().manual_seed(1))
+    model = _tiny("Jamba", JAMBA)
     with torch.no_grad():
-        gen = torch.Generator().manual_seed(2)
-        model.model.embed_tokens.weight.normal_(0.0, 0.5, generator=gen)
+        gen = torch.Generator().manual_seed(3)
         model.lm_head.weight.normal_(0.0, 0.5, generator=gen)
         for name, p in model.named_parameters():
             if "router" in name or "experts" in name:
@@ -438,11 +432,7 @@ ZAMBAS2 = {  # two blocks used alternately, with all adapters and rotary; one bl
 @pytest.fixture(scope="module", params=sorted(ZAMBAS2))
 def zamba2(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"zamba2-{request.param}")
-    torch.manual_seed(0)
-    model = transformers.Zamba2ForCausalLM(transformers.Zamba2Config(**ZAMBAS2[request.param])).eval()
-    perturb(model, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    model = _tiny("Zamba2", ZAMBAS2[request.param])
     model.save_pretrained(folder)
     return request.param, folder, model
 
