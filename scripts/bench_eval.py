@@ -20,6 +20,11 @@ and the table shows its times and our speed over it. Without it, the figures sto
     python scripts/bench_eval.py --modes shared,unshared --shapes mamba-130m  # context sharing on/off
     python scripts/bench_eval.py --shapes tiny --device cpu --dtype float32 --limit 8 --batch-size 8  # smoke test
 
+The hybrids in transformers' format (``--shapes bamba-9b,zamba2-2.7b``: transformers' default
+configs, which are those releases' shapes; random init by transformers' own classes, written in
+bf16 as safetensors) are measured against lm-eval's ``--model hf`` on the same checkpoint instead
+(``--peer only`` runs the peer alone, so that each fits one command's time).
+
 ``--invariance N`` also scores the first N HellaSwag documents in this process at batch sizes 1,
 7, 64 and auto, with and without shared contexts, and reports whether the scores are bit-for-bit
 identical across batch sizes (and the largest difference when not).
@@ -51,14 +56,50 @@ SHAPES = {
     "mamba-2.8b": release("mamba-2.8b"),
     "tiny": release("mamba-130m", d_model=64, n_layer=2),
 }
+# transformers-format hybrids: (transformers family, config fields over its defaults). Zamba2's
+# vocabulary is widened to hold the GPT-NeoX tokenizer's ids.
+HF_SHAPES = {
+    "bamba-9b": ("Bamba", {}),
+    "zamba2-2.7b": ("Zamba2", {"num_mem_blocks": 2, "vocab_size": 50280}),
+    "tiny-bamba": ("Bamba", {"vocab_size": 50280, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+                             "num_attention_heads": 4, "num_key_value_heads": 2, "attn_layer_indices": [1],
+                             "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 32}),
+}
 TASK = "hellaswag"
 MODES = {"shared": "true", "unshared": "false"}
+
+
+def write_hf_checkpoint(folder: Path, shape: str, device: str) -> Path:
+    """A random-init checkpoint of a transformers-format hybrid, bf16 safetensors, drawn on the GPU
+    when there is one (reused when already written)."""
+    import torch
+    import transformers
+
+    family, fields = HF_SHAPES[shape]
+    stamp = folder / "bench_shape.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == [family, fields]:
+        return folder
+    init_device = device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    config = getattr(transformers, f"{family}Config")(**fields)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # drawn in bf16: a 9B model in fp32 would not fit beside it
+    try:
+        with torch.device(init_device):
+            model = getattr(transformers, f"{family}ForCausalLM")(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(folder)
+    del model
+    stamp.write_text(json.dumps([family, fields]))
+    return folder
 
 
 def write_checkpoint(folder: Path, shape: str, device: str) -> Path:
     """A random-init checkpoint of ``shape`` in mamba_ssm's format (reused when already written)."""
     import torch
 
+    if shape in HF_SHAPES:
+        return write_hf_checkpoint(folder, shape, device)
     config = SHAPES[shape]
     if (folder / "pytorch_model.bin").is_file() and (folder / "config.json").is_file() \
             and json.loads((folder / "config.json").read_text()) == config:
@@ -68,7 +109,8 @@ def write_checkpoint(folder: Path, shape: str, device: str) -> Path:
 
 
 def lm_eval_argv(args, checkpoint: Path, tokenizer: Path, include: Path, mode: str, out_dir: Path) -> list[str]:
-    """``mode``: shared / unshared (our ``--model mamba``), or ``mamba_ssm`` (lm-eval's wrapper)."""
+    """``mode``: shared / unshared (our ``--model mamba``), or a peer: ``mamba_ssm`` (lm-eval's
+    wrapper) or ``hf`` (lm-eval's transformers model)."""
     model_args = f"pretrained={checkpoint},tokenizer={tokenizer},dtype={args.dtype}"
     if mode in MODES:
         model_args += f",share_context={MODES[mode]}"
@@ -76,7 +118,7 @@ def lm_eval_argv(args, checkpoint: Path, tokenizer: Path, include: Path, mode: s
             model_args += f",backend={args.backend}"
         if args.batch_invariant is not None:
             model_args += f",batch_invariant={args.batch_invariant}"
-    argv = ["lm_eval", "--model", "mamba" if mode in MODES else "mamba_ssm", "--model_args", model_args,
+    argv = ["lm_eval", "--model", "mamba" if mode in MODES else mode, "--model_args", model_args,
             "--tasks", TASK,
             "--include_path", str(include), "--batch_size", str(args.batch_size), "--device", args.device,
             "--output_path", str(out_dir)]
@@ -96,6 +138,8 @@ def child(spec_path: str) -> int:
 
     if spec["model"] == "mamba":
         model_cls = lm_mod.MambaLM
+    elif spec["model"] == "hf":
+        from lm_eval.models.huggingface import HFLM as model_cls
     else:
         from lm_eval.models.mamba_lm import MambaLMWrapper as model_cls
     timing = {"loglikelihood_s": 0.0, "loglikelihood_calls": 0}
@@ -159,7 +203,7 @@ def child(spec_path: str) -> int:
 
 def run_one(args, shape: str, mode: str, checkpoint: Path, tokenizer: Path, include: Path, work: Path) -> dict:
     out_dir = work / f"out-{shape}-{mode}"
-    spec = {"model": "mamba" if mode in MODES else "mamba_ssm",
+    spec = {"model": "mamba" if mode in MODES else mode,
             "argv": lm_eval_argv(args, checkpoint, tokenizer, include, mode, out_dir),
             "out_dir": str(out_dir), "result": str(work / f"result-{shape}-{mode}.json")}
     spec_path = work / f"spec-{shape}-{mode}.json"
@@ -189,7 +233,8 @@ def add_peer(runs: list[dict], peer_runs: list[dict], gpu: str | None, tiny: boo
     for r in runs:
         peer = next((p for p in peer_runs if p["shape"] == r["shape"] and p["repeat"] == r["repeat"]), None)
         if peer is not None:
-            r.update(peer_whole_process_s=peer["whole_process_s"], peer_loglikelihood_s=peer["loglikelihood_s"],
+            r.update(peer=peer["mode"], peer_acc=peer.get("metrics", {}).get("acc"),
+                     peer_whole_process_s=peer["whole_process_s"], peer_loglikelihood_s=peer["loglikelihood_s"],
                      speed_vs_peer_whole=peer["whole_process_s"] / r["whole_process_s"],
                      speed_vs_peer_loglikelihood=peer["loglikelihood_s"] / r["loglikelihood_s"])
         elif not peer_runs and not tiny:
@@ -246,7 +291,7 @@ def print_table(runs: list[dict], peer_runs: list[dict]) -> None:
         return None if v is None else format(v, spec)
 
     header = ["shape", "mode", "whole s", "ll s", "req/s", "tokens run", "forwards", "acc", "acc_norm"]
-    header += (["mamba_ssm whole s", "mamba_ssm ll s", "speed vs mamba_ssm (whole / ll)"] if peer_runs
+    header += (["peer", "peer whole s", "peer ll s", "peer acc", "speed vs peer (whole / ll)"] if peer_runs
                else ["stored mamba_ssm whole s", "stored mamba_ssm ll s"])
     rows, phases = [], []
     for r in runs:
@@ -255,7 +300,8 @@ def print_table(runs: list[dict], peer_runs: list[dict]) -> None:
                fmt(r["requests_per_s"], ".0f"), r["tokens"], r["forward_calls"], fmt(m.get("acc"), ".4f"),
                fmt(m.get("acc_norm"), ".4f")]
         if peer_runs:
-            row += [fmt(r.get("peer_whole_process_s")), fmt(r.get("peer_loglikelihood_s")),
+            row += [r.get("peer"), fmt(r.get("peer_whole_process_s")), fmt(r.get("peer_loglikelihood_s")),
+                    fmt(r.get("peer_acc"), ".4f"),
                     None if "speed_vs_peer_whole" not in r else
                     f"{r['speed_vs_peer_whole']:.2f}x / {r['speed_vs_peer_loglikelihood']:.2f}x"]
         else:
@@ -296,8 +342,9 @@ def main() -> int:
     ap.add_argument("--verbose", action="store_true", help="show lm_eval's output")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each (shape, mode) this many times (the first compiles Triton kernels into an empty cache)")
-    ap.add_argument("--peer", choices=["auto", "off"], default="auto",
-                    help="auto: run lm-eval's mamba_ssm wrapper in the same run when mamba_ssm imports")
+    ap.add_argument("--peer", choices=["auto", "off", "only"], default="auto",
+                    help="auto: in the same run, lm-eval's mamba_ssm wrapper when mamba_ssm imports (Mamba shapes) "
+                         "or lm-eval's hf model (transformers-format hybrids); only: the peer alone")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -310,9 +357,9 @@ def main() -> int:
               file=sys.stderr)
         return 2
     shapes, modes = args.shapes.split(","), args.modes.split(",")
-    for name, allowed in ((s, SHAPES) for s in shapes):
-        if name not in allowed:
-            ap.error(f"unknown shape {name!r} (known: {', '.join(SHAPES)})")
+    for name in shapes:
+        if name not in SHAPES and name not in HF_SHAPES:
+            ap.error(f"unknown shape {name!r} (known: {', '.join([*SHAPES, *HF_SHAPES])})")
     for mode in modes:
         if mode not in MODES:
             ap.error(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
@@ -331,8 +378,14 @@ def main() -> int:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="bench_eval.")
         work = Path(tmp.name)
-    mamba_ssm = import_peer("mamba_ssm") if args.peer == "auto" and args.device.startswith("cuda") else None
+    mamba_ssm = None
+    if args.peer != "off" and args.device.startswith("cuda") and any(s in SHAPES for s in shapes):
+        mamba_ssm = import_peer("mamba_ssm")
     peer = f"lm-eval's mamba_ssm wrapper, mamba_ssm {mamba_ssm.__version__}" if mamba_ssm else None
+    if args.peer != "off" and any(s in HF_SHAPES for s in shapes):
+        import transformers
+
+        peer = ", ".join(filter(None, [peer, f"lm-eval's hf model, transformers {transformers.__version__}"]))
     info = {**run_info(args.device), "device": args.device, "batch_size": args.batch_size, "dtype": args.dtype,
             "limit": args.limit, "task": TASK, "peer": peer}
     runs, peer_runs, invariance = [], [], []
@@ -341,17 +394,18 @@ def main() -> int:
             t0 = time.perf_counter()
             checkpoint = write_checkpoint(work / f"ckpt-{shape}", shape, args.device)
             print(f"{shape}: checkpoint ready in {time.perf_counter() - t0:.1f} s ({checkpoint})", flush=True)
-            for mode in modes:
+            for mode in modes if args.peer != "only" else ():
                 for rep in range(args.repeat):
                     run = run_one(args, shape, mode, checkpoint, tokenizer, include, work)
                     run["repeat"] = rep
                     print(f"{shape}/{mode}: whole process {run['whole_process_s']:.1f} s, loglikelihood "
                           f"{run['loglikelihood_s']:.1f} s ({run['requests']} requests)", flush=True)
                     runs.append(run)
-            for rep in range(args.repeat if mamba_ssm else 0):
-                run = run_one(args, shape, "mamba_ssm", checkpoint, tokenizer, include, work)
+            peer_mode = "hf" if shape in HF_SHAPES and args.peer != "off" else "mamba_ssm" if mamba_ssm else None
+            for rep in range(args.repeat if peer_mode else 0):
+                run = run_one(args, shape, peer_mode, checkpoint, tokenizer, include, work)
                 run["repeat"] = rep
-                print(f"{shape}/lm-eval mamba_ssm: whole process {run['whole_process_s']:.1f} s, loglikelihood "
+                print(f"{shape}/lm-eval {peer_mode}: whole process {run['whole_process_s']:.1f} s, loglikelihood "
                       f"{run['loglikelihood_s']:.1f} s", flush=True)
                 peer_runs.append(run)
             if args.invariance:

@@ -248,3 +248,19 @@ def test_generation_task_through_lm_eval_beside_hf(tmp_path, data_dir):
     for r in rows.values():
         assert r["requests"] == 3 and r["generated_tokens"] == 3 * 12 and r["generation_s"] > 0
     assert rows["mamba"]["same_as_hf"] == "3/3" and rows["hf"]["same_as_ours"] == "3/3"
+
+
+def test_eval_of_a_transformers_hybrid_beside_hf(tmp_path, data_dir):
+    """bench_eval.py on a transformers-format hybrid (CPU, toy size): a checkpoint written by
+    transformers' class, scored by ``--model mamba`` and ``--model hf`` in one run, with the same
+    accuracy in fp32."""
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_eval.py"), "--shapes", "tiny-bamba", "--device", "cpu",
+                           "--dtype", "float32", "--limit", "4", "--batch-size", "4", "--data-dir", str(data_dir),
+                           "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = json.loads(out.read_text())
+    (ours,), (peer,) = data["runs"], data["peer_runs"]
+    assert peer["mode"] == "hf" and ours["peer"] == "hf" and ours["requests"] == 16
+    for metric in ("acc", "acc_norm"):
+        assert ours["metrics"][metric] == peer["metrics"][metric]
