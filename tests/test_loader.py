@@ -354,3 +354,24 @@ def test_write_random_checkpoint_both_formats(tmp_path):
     a, b, c = (load_model(str(d)).state_dict() for d in (bin_dir, st_dir, other))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["backbone.embedding.weight"], c["backbone.embedding.weight"])
+
+
+def test_loading_and_running_a_model_stays_clear_of_torch_dynamo(tmp_path):
+    """Building and running a model (attention layers included) never imports torch._dynamo, whose
+    import alone costs seconds of every start-up (a fresh process: the test session imports it)."""
+    import subprocess
+    import sys
+
+    from mamba_eval.models.releases import release, write_random_checkpoint
+
+    raw = release("mamba2attn-2.7b", d_model=64, n_layer=3, attn_layer_idx=[1],
+                  attn_cfg={"causal": True, "num_heads": 4, "head_dim": 16, "rotary_emb_dim": 8})
+    folder = write_random_checkpoint(tmp_path / "ckpt", raw)
+    code = ("import sys, torch\n"
+            "from mamba_eval.models.checkpoint import load_model\n"
+            f"model = load_model({str(folder)!r}, dtype='float32')\n"
+            "logits, _ = model(torch.tensor([[1, 2, 3, 4]]))\n"
+            "assert logits.shape == (1, 4, model.config.vocab_size)\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

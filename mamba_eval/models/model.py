@@ -185,7 +185,11 @@ class Backbone(nn.Module):
 
     def __init__(self, config: ModelConfig, ops: Ops, **factory):
         super().__init__()
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model, **factory)
+        # Given its tensor, nn.Embedding skips its own normal_ initialisation (init_weights draws
+        # the values): on the meta device that call alone would import torch._dynamo, seconds of
+        # every model load.
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model,
+                                      _weight=torch.empty(config.vocab_size, config.d_model, **factory))
         self.layers = nn.ModuleList(Block(layer, config, ops, **factory) for layer in config.layers)
         self.shared = nn.ModuleList(SharedBlock(b, config.d_model, config.norm_eps, ops, **factory)
                                     for b in config.shared_blocks)

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from mamba_eval.models.config import AttnConfig
 from mamba_eval.models.ops import Ops
@@ -280,6 +279,10 @@ class Attention(nn.Module):
         if offset > 0:
             k = torch.cat([state.k[:, :, :offset], k], dim=2)
             v = torch.cat([state.v[:, :, :offset], v], dim=2)
+            # Imported here: torch.nn.attention.bias imports torch._dynamo, seconds of start-up
+            # that a model without a cached prefix never needs.
+            from torch.nn.attention.bias import causal_lower_right
+
             mask = causal_lower_right(length, offset + length)  # query i sees keys 0 .. offset + i
         else:
             k, v = k.contiguous(), v.contiguous()
