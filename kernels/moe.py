@@ -380,9 +380,11 @@ def moe_experts(
     top_idx: torch.Tensor,  # [N, k] int, experts in [0, E), distinct within a row
     weights: torch.Tensor,  # [N, k] float16, bfloat16 or float32
     activation: str,  # "gated" | "relu2"
+    linear=None,
 ) -> torch.Tensor:
     """The Triton version of ``moe_experts_ref``: out [N, D] in fp32, each row bitwise independent
-    of the number and contents of the other rows (see the module docstring).
+    of the number and contents of the other rows (see the module docstring). ``linear`` is
+    accepted for the reference's signature and ignored (the kernels form the products).
 
     x, fc1 and fc2 share one dtype and may have any strides. No host synchronisation, no
     autotuning, buffers sized by (N, k, E, D, I) only: CUDA-graph safe."""

@@ -62,13 +62,21 @@ class MoE(nn.Module):
     the chosen fp32 logits, rounded to the activation dtype as transformers does), plus the shared
     expert's. Each expert's products run on the rows routed to it, with the model's ``linear``: a
     token's result does not depend on which other tokens share the batch when ``linear`` is
-    batch-invariant (on a GPU under the model's invariance policy). ``dense``: every expert runs on
-    every row instead (the CPU's invariance policy: there a product's rows are exact only in
-    batches shaped by the engine, which an expert's share of the rows is not)."""
+    batch-invariant (on a GPU under the model's invariance policy). ``ops``' ``moe_experts`` runs
+    the routed experts: the reference loop, or the grouped Triton kernel, which is batch-invariant
+    itself and has no host synchronisation, so that decoding steps use it too. Under the CPU's
+    invariance policy (``ops.invariance.pads_batches``) every expert runs on every row instead:
+    there a product's rows are exact only in batches shaped by the engine, which an expert's share
+    of the rows is not. Without ``ops``: the references, routed."""
 
-    def __init__(self, d_model: int, cfg, dense: bool = False, **factory):
+    def __init__(self, d_model: int, cfg, ops: Ops | None = None, **factory):
         super().__init__()
-        self.cfg, self.top_k, self.dense = cfg, cfg.top_k, dense
+        self.cfg, self.top_k = cfg, cfg.top_k
+        self.dense = ops is not None and ops.invariance.pads_batches
+        self.experts_fn = moe_experts_ref if ops is None else ops.moe_experts
+        # The reference loop synchronises with the host (which experts have rows): steps that a
+        # CUDA graph holds run every expert instead, unless the kernel serves the experts.
+        self.routed_steps = ops is not None and "moe_experts" in ops.kernels and not self.dense
         E, gated = cfg.num_experts, cfg.experts == "gated"
         sigmoid = cfg.router == "sigmoid"
         # Nemotron-H keeps its router in fp32, with the correction bias of the choice.
@@ -138,12 +146,17 @@ class MoE(nn.Module):
         return out.to(x.dtype).reshape(shape)
 
     def forward(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
-        if self.dense:
-            return self._all_experts(x, linear)
+        return self._all_experts(x, linear) if self.dense else self._routed(x, linear)
+
+    def step(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        """A decoding step: routed through the kernel when it serves the experts, else every expert."""
+        return self._routed(x, linear) if self.routed_steps else self._all_experts(x, linear)
+
+    def _routed(self, x: torch.Tensor, linear) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         top_idx, weights = self._route(x, linear)
-        out = moe_experts_ref(self._enter(x, linear), self.fc1, self.fc2, top_idx, weights, self.cfg.experts,
+        out = self.experts_fn(self._enter(x, linear), self.fc1, self.fc2, top_idx, weights, self.cfg.experts,
                               linear=linear)
         return self._finish(out, x, linear, shape)
 
@@ -161,5 +174,3 @@ class MoE(nn.Module):
             w = (weights * (top_idx == e)).sum(-1, keepdim=True)  # the expert's weight, 0 if not chosen
             out += (self._expert(e, xe, linear) * w).float()
         return self._finish(out, x, linear, shape)
-
-    step = _all_experts

@@ -97,7 +97,7 @@ class Block(nn.Module):
         if isinstance(layer.mlp, MoEConfig):
             m = layer.mlp
             self.norm2 = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
-            self.mlp = MoE(config.d_model, m, dense=ops.invariance.pads_batches, **factory)
+            self.mlp = MoE(config.d_model, m, ops, **factory)
         elif layer.mlp is not None:
             self.norm2 = Norm(config.d_model, config.rms_norm, config.norm_eps, **factory)
             self.mlp = GatedMLP(config.d_model, layer.mlp.d_intermediate, **factory)

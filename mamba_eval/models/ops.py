@@ -16,6 +16,7 @@ of the ``*_ref`` references in ``mamba_eval.kernels``:
 ``mamba1_decode``          ``kernels.mamba1_step.mamba1_decode_ref``
 ``mamba3_scan``            ``kernels.mamba3.mamba3_scan_ref`` (reference only, in every backend)
 ``mamba3_step``            ``kernels.mamba3.mamba3_step_ref`` (reference only, in every backend)
+``moe_experts``            ``kernels.moe.moe_experts_ref`` (reference only, in every backend)
 ``linear``                 ``kernels.matmul.linear_ref`` (``F.linear``)
 ``step_linear``            ``kernels.matmul.linear_step_ref`` (``F.linear``)
 =========================  =====================================================
@@ -57,9 +58,12 @@ class Ops:
     mamba1_decode: Callable
     mamba3_scan: Callable
     mamba3_step: Callable
+    moe_experts: Callable
     linear: Callable
     step_linear: Callable
     invariance: Invariance = Invariance()
+    #: the fields served by a Triton kernel (the others by their references)
+    kernels: frozenset = frozenset()
 
     @property
     def batch_invariant(self) -> bool:
@@ -80,11 +84,12 @@ _FUNCTIONS = {
     "mamba1_decode": ("mamba1_step", "mamba1_decode"),
     "mamba3_scan": ("mamba3", "mamba3_scan"),
     "mamba3_step": ("mamba3", "mamba3_step"),
+    "moe_experts": ("moe", "moe_experts"),
     "linear": ("matmul", "linear"),
     "step_linear": ("matmul", "linear_step"),
 }
 # Operators that have no Triton kernel yet: every backend uses their reference.
-_REF_ONLY = ("mamba3_scan", "mamba3_step")
+_REF_ONLY = ("mamba3_scan", "mamba3_step", "moe_experts")
 # Kernels that take ``batch_invariant`` (their references accept and ignore it).
 _INVARIANT_FIELDS = ("selective_scan", "ssd_scan", "add_norm", "gated_rmsnorm")
 
@@ -101,10 +106,11 @@ def _build(name: str, suffix: str, invariance: Invariance) -> Ops:
         else:
             suffix_ = suffix
         functions[field] = getattr(mod, function + suffix_)
+    kernels = frozenset(f for f, fn in functions.items() if not fn.__name__.endswith("_ref"))
     if batch_invariant:
         for field in _INVARIANT_FIELDS:
             functions[field] = functools.partial(functions[field], batch_invariant=True)
-    return Ops(name=name, invariance=invariance, **functions)
+    return Ops(name=name, invariance=invariance, kernels=kernels, **functions)
 
 
 # name -> builder; builders import lazily (the kernels modules are only imported when used).

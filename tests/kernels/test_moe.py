@@ -410,3 +410,28 @@ def test_cuda_graph_on_gpu():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, moe.moe_experts(x2, fc1, fc2, top2, w2, "gated"))
+
+
+@pytest.mark.parametrize("activation", moe.ACTIVATIONS)
+def test_the_layer_runs_its_experts_through_the_kernel_when_the_backend_has_it(activation, monkeypatch):
+    """MoE with the Triton backend's moe_experts (enabled here as it will be once validated on a
+    GPU): its forward and its decoding steps (routed, as a CUDA graph can hold the kernel) equal
+    the layer on the references."""
+    from mamba_eval.models import ops as ops_mod
+
+    monkeypatch.setattr(ops_mod, "_REF_ONLY", tuple(f for f in ops_mod._REF_ONLY if f != "moe_experts"))
+    triton_ops, ref_ops = ops_mod.get_ops("triton"), ops_mod.get_ops("ref")
+    assert "moe_experts" in triton_ops.kernels and "moe_experts" not in ref_ops.kernels
+    cfg = MoEConfig(num_experts=5, top_k=2, d_expert=24, d_shared=16, experts=activation,
+                    router="sigmoid" if activation == "relu2" else "softmax")
+    torch.manual_seed(0)
+    ours = MoE(40, cfg, triton_ops)
+    ours.reset_parameters()
+    reference = MoE(40, cfg, ref_ops)
+    reference.load_state_dict(ours.state_dict())
+    assert ours.routed_steps and not reference.routed_steps
+    x = torch.randn(2, 9, 40)
+    with torch.no_grad():
+        expected = reference(x)
+        assert_close(ours(x), expected, 1e-5, "forward")
+        assert_close(ours.step(x[:, 3]), expected[:, 3], 1e-5, "step")

@@ -59,7 +59,7 @@ class MoEMixer(_Stateless, MoE):
     ``dense``)."""
 
     def __init__(self, cfg: MoEMixerConfig, d_model: int, ops: Ops, **factory):
-        super().__init__(d_model, cfg.moe, dense=ops.invariance.pads_batches, **factory)
+        super().__init__(d_model, cfg.moe, ops, **factory)
         self.ops = ops
 
     def init_parameters(self):
@@ -72,4 +72,4 @@ class MoEMixer(_Stateless, MoE):
         return super().forward(h, self.ops.linear), NoState(h.shape[0])
 
     def step(self, h, state):
-        return self._all_experts(h, self.ops.step_linear)
+        return MoE.step(self, h, self.ops.step_linear)
