@@ -32,7 +32,6 @@ references have no such dependence to remove.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 from dataclasses import dataclass
