@@ -19,6 +19,8 @@ train them.
 - ``norm``: fused residual-add + RMSNorm/LayerNorm, and Mamba-2's gated, grouped RMSNorm.
 - ``matmul``: the linear layers' ``x W^T + b`` with a tiling fixed per weight shape, so that
   every row's result is bitwise independent of the other rows (batch invariance).
+- ``matmul_hopper``: the same contract for Hopper GPUs, with TMA loads and persistent programs
+  (not yet used by the model).
 - ``utils``: what the kernel files share (as ``fla/ops/utils``): the "Triton absent" guard
   (``jit``, ``require_triton``), Triton's CPU interpreter (``dot``, ``dot_acc``), the fp32
   activations (``softplus``, ``softplus_log1p``, ``silu``, ``silu_approx``), ``sm_count``,

@@ -62,7 +62,7 @@ SEQ_SHAPES = [(64, 128), (16, 2048), (1, 16384)]
 
 @dataclass
 class Case:
-    module: str  # file of kernels/: conv1d, selective_scan, ssd, norm, mamba1_step, matmul
+    module: str  # file of kernels/: conv1d, selective_scan, ssd, norm, mamba1_step, matmul, matmul_hopper
     op: str  # public kernel function; its reference is f"{op}_ref"
     shape: str  # label printed in the table
     make: Callable[[torch.device], tuple[tuple, dict]]  # -> (args, kwargs), bf16 activations
@@ -331,6 +331,8 @@ def build_cases() -> list[Case]:
                               note="linear: Triton, tiles fixed per (N, K), rows bitwise independent of M"))
             cases.append(Case("matmul", "linear", f"{shape}, torch", make, flops=flops, kernel=_torch_linear,
                               note="torch: F.linear (cuBLAS, algorithm chosen per shape, M included)"))
+            cases.append(Case("matmul_hopper", "linear_hopper", shape, make, flops=flops,
+                              note="linear_hopper: TMA loads, persistent tiles fixed per (N, K) (Hopper)"))
     # The decoding steps' products (batch 1 and 64) in a CUDA graph, each call reading another
     # copy of the weight (as each layer reads its own from memory): linear_step against F.linear.
     for m in (1, 64):
