@@ -185,11 +185,14 @@ class Backbone(nn.Module):
 
     def __init__(self, config: ModelConfig, ops: Ops, **factory):
         super().__init__()
-        # Given its tensor, nn.Embedding skips its own normal_ initialisation (init_weights draws
-        # the values): on the meta device that call alone would import torch._dynamo, seconds of
-        # every model load.
+        # Given its tensor, nn.Embedding skips its own normal_ initialisation: on the meta device
+        # that call alone would import torch._dynamo, seconds of every model load. On a real
+        # device the draw is made as nn.Embedding makes it, so that seeded models (tests, the
+        # shipped probe model's training) keep their random stream.
         self.embedding = nn.Embedding(config.vocab_size, config.d_model,
                                       _weight=torch.empty(config.vocab_size, config.d_model, **factory))
+        if self.embedding.weight.device.type != "meta":
+            nn.init.normal_(self.embedding.weight)
         self.layers = nn.ModuleList(Block(layer, config, ops, **factory) for layer in config.layers)
         self.shared = nn.ModuleList(SharedBlock(b, config.d_model, config.norm_eps, ops, **factory)
                                     for b in config.shared_blocks)
