@@ -314,8 +314,9 @@ def linear_step(
     return _linear(x, weight, bias, _step_config, "linear_step")
 
 
-def _linear(x, weight, bias, config, op: str) -> torch.Tensor:
-    """``linear`` / ``linear_step`` with the launch configuration ``config(n, k, dtype, hip)``."""
+def check_linear_args(op: str, x, weight, bias) -> tuple[int, int]:
+    """The checks every ``linear``-contract wrapper makes (Triton present, shapes, dtypes,
+    devices), each failure a ValueError naming the argument; returns (N, K)."""
     require_triton(op)
     if x.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"x must be [..., K] and weight [N, K], got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
@@ -331,6 +332,12 @@ def _linear(x, weight, bias, config, op: str) -> torch.Tensor:
             raise ValueError(f"{name} is {t.dtype}, x is {x.dtype}: linear needs one dtype")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    return n, k
+
+
+def _linear(x, weight, bias, config, op: str) -> torch.Tensor:
+    """``linear`` / ``linear_step`` with the launch configuration ``config(n, k, dtype, hip)``."""
+    n, k = check_linear_args(op, x, weight, bias)
     cfg = config(n, k, x.dtype, hip=x.is_cuda and torch.version.hip is not None)
     y = new_output((*x.shape[:-1], n), x.dtype, x.device)
     m = y.numel() // n if n else 0

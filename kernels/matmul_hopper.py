@@ -66,8 +66,8 @@ import inspect
 
 import torch
 
-from .matmul import linear, linear_ref
-from .utils import INTERPRETED, dot_acc, jit, new_output, require_triton, sm_count, tl, triton
+from .matmul import check_linear_args, linear, linear_ref
+from .utils import INTERPRETED, dot_acc, jit, new_output, sm_count, tl, triton
 
 # The reference is ``linear``'s: this is the same operation, only computed on other tiles.
 linear_hopper_ref = linear_ref
@@ -288,22 +288,7 @@ def linear_hopper(
     strides (a layout TMA cannot read is copied first). No host synchronisation, no autotuning:
     CUDA-graph safe.
     """
-    require_triton("linear_hopper")
-    if x.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"x must be [..., K] and weight [N, K], got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x [..., K] and weight [N, K] disagree on K: x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must be [N={n}], got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise ValueError(f"{name} is {t.dtype}, x is {x.dtype}: linear needs one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    n, k = check_linear_args("linear_hopper", x, weight, bias)
     cfg = _hopper_config(n, k, x.dtype)
     if cfg is None or not _HAS_TMA_API or not _has_tma(x.device) or not _tma_ready(weight):
         return linear(x, weight, bias)
