@@ -2,7 +2,7 @@
 
 For each shape and batch size: a random-init bf16 model of the published shape on the triton
 backend, a zero state, three warm-up steps, then five eager steps under ``torch.profiler``; prints
-the number of kernels per step, their summed device time per step and the heaviest kernels, then
+the number of kernels per step, their summed GPU kernel time per step and the heaviest kernels, then
 the time per step of one step captured in a CUDA graph and replayed 200 times. Needs CUDA.
 
     python scripts/prof_decode.py --shapes mamba-130m,mamba-2.8b --batches 1,64
@@ -39,7 +39,7 @@ def profile_step(model, batch: int, top: int = 14) -> None:
     events = prof.key_averages()
     total = sum(e.self_device_time_total for e in events) / 5
     kernels = sum(e.count for e in events if e.self_device_time_total > 0) / 5
-    print(f"  batch {batch}: {kernels:.0f} kernels per step, device time {total / 1e3:.3f} ms per step (eager)")
+    print(f"  batch {batch}: {kernels:.0f} kernels per step, GPU kernel time {total / 1e3:.3f} ms per step (eager)")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         if e.self_device_time_total > 0:
             print(f"    {e.count / 5:6.0f}x {e.self_device_time_total / 5:9.1f} us  {e.key[:90]}")

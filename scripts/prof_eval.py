@@ -8,7 +8,7 @@ loglikelihood, metrics and output) it prints the innermost call 90% of the phase
 inside, and the functions found most often below it (inclusive: anywhere on the stack;
 innermost: the frame running), then the number of compiled variants of each
 Triton kernel the run used. ``--torch-profile`` also runs the loglikelihood phase under
-``torch.profiler`` and prints the device time per kernel (the phase itself is then slower).
+``torch.profiler`` and prints the GPU time per kernel (the phase itself is then slower).
 ``--harness-cache`` profiles the run as ``mamba-eval`` makes it, with lm-eval's task index and
 prompt templates cached (``MAMBA_EVAL_HARNESS_CACHE=1``); without it, a plain ``lm_eval`` run.
 
@@ -130,7 +130,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="documents (smoke tests)")
     ap.add_argument("--interval", type=float, default=0.005, help="seconds between samples")
     ap.add_argument("--top", type=int, default=15, help="functions listed per phase")
-    ap.add_argument("--torch-profile", action="store_true", help="device time per kernel of the loglikelihood phase")
+    ap.add_argument("--torch-profile", action="store_true", help="GPU time per kernel of the loglikelihood phase")
     ap.add_argument("--harness-cache", action="store_true",
                     help=f"cache lm-eval's task index and templates, as mamba-eval does (sets {HARNESS_CACHE_ENV}=1)")
     ap.add_argument("--json", help="write the report (and every sample) here")
@@ -177,7 +177,7 @@ def main() -> int:
     variants = triton_variants()
     print("\ncompiled Triton variants:", ", ".join(f"{k} {v}" for k, v in sorted(variants.items())) or "none")
     if torch_table is not None and torch_table["rows"]:
-        print(f"\nloglikelihood phase under torch.profiler: device time {torch_table['total_s']:.2f} s")
+        print(f"\nloglikelihood phase under torch.profiler: GPU kernel time {torch_table['total_s']:.2f} s")
         for name, seconds, calls in torch_table["rows"]:
             print(f"   {seconds:8.3f} s  {100 * seconds / torch_table['total_s']:5.1f}%  {calls:7d}  {name[:90]}")
     if args.json:

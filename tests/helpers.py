@@ -16,6 +16,12 @@ def rel_max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return err / scale if scale > 0 else err
 
 
+# Relative max error of a matrix product against F.linear's in fp32 on the same (rounded) inputs:
+# fp32 differs in summation order only; 16-bit outputs are rounded once (bf16 step 2^-8, fp16
+# 2^-11). The GEMM kernels' tests (matmul, matmul_hopper, moe) share it.
+GEMM_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol_max: float = 1e-5, name: str = "") -> None:
     """Assert equal shapes, no NaN/inf where ``expected`` is finite, and a relative max error <= ``rtol_max``.
 

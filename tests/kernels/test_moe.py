@@ -14,18 +14,14 @@ call needs no host synchronisation and replays from a CUDA graph.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+ON_GPU = torch.cuda.is_available()  # without one, tests/conftest.py runs Triton interpreted
 triton = pytest.importorskip("triton")
-from helpers import assert_close  # noqa: E402
+from helpers import GEMM_RTOL as RTOL, assert_close  # noqa: E402
 
 import mamba_eval.kernels.matmul as mm  # noqa: E402
 from mamba_eval.kernels import moe  # noqa: E402
@@ -33,9 +29,6 @@ from mamba_eval.models.config import MoEConfig  # noqa: E402
 from mamba_eval.models.layers import MoE  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
-# Relative max error against the reference on the same inputs (test_matmul's): fp32 differs in
-# summation order only; 16-bit roundings of the intermediates may land one ulp apart.
-RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
