@@ -16,7 +16,15 @@ first call captures its graph), and the table shows its ms per token and our spe
 Without it, the figure stored in ``scripts/anchors.py`` is shown in a column of its own, with no
 ratio. Needs CUDA (exits 2 without), or ``--tiny``: toy sizes on the CPU, eager only.
 
+The transformers-format hybrids of ``bench_eval.py`` (``bamba-9b``, ``zamba2-2.7b``; ``tiny-bamba``
+for the CPU) are written once under ``--work-dir`` by transformers' own classes (random init, bf16
+safetensors) and loaded by ``mamba_eval.models.load_model``. Their peer is transformers'
+``generate`` (greedy, no EOS stop) on the same checkpoint in the same run, one timed call per row
+after a short warm-up call; it uses mamba_ssm's and causal_conv1d's kernels when they import. In fp32
+(``--tiny``) the two implementations must produce the same tokens, which the table reports.
+
     python scripts/bench_generate.py --json bench_generate.json [--shapes mamba-130m] [--batches 1,64]
+    python scripts/bench_generate.py --shapes bamba-9b --no-eager --work-dir /tmp/ckpts --json hybrid_gen.json
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors  # noqa: E402
 from bench_common import format_table, import_peer, median_seconds, run_info, write_json  # noqa: E402
+from bench_eval import HF_SHAPES, write_hf_checkpoint  # noqa: E402
 from bench_model import SHAPES, model_config, peer_model, shape_config  # noqa: E402
 
 PROMPT, NEW = 128, 256
@@ -84,9 +94,53 @@ def bench_peer(model, batch: int, device, repeats: int = 3) -> float:
     return 1e3 * median_seconds(run, reps=repeats, warmup=1, device=device) / NEW
 
 
+@torch.inference_mode()
+def bench_hf(model, prompts: list[list[int]], device, new: int) -> dict:
+    """ms per token of transformers' greedy ``generate`` on the same prompts, the whole call over
+    ``new``; one timed call after a short warm-up (its eager decoding is slow at real sizes)."""
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    model.generate(ids, max_new_tokens=4, **kw)
+    outs = []
+
+    def run():
+        outs[:] = model.generate(ids, max_new_tokens=new, **kw)[:, ids.shape[1]:].tolist()
+
+    seconds = median_seconds(run, reps=1, warmup=0, device=device)
+    if any(len(o) != new for o in outs):
+        raise RuntimeError(f"transformers generated {sorted({len(o) for o in outs})} tokens per row, expected {new}")
+    return {"ms_per_token": 1e3 * seconds / new, "tokens": outs}
+
+
+def hf_peer(folder: Path, device, dtype):
+    """transformers' model of a hybrid checkpoint, never stopping at EOS (neither does ours here)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def build_model(shape: str, args, device, dtype):
+    """(our model, its checkpoint folder or None): a hybrid shape is written in transformers' format
+    and loaded from it; a Mamba shape is built from its config with torch's random init."""
+    from mamba_eval.models.checkpoint import load_model
+    from mamba_eval.models.model import LanguageModel
+
+    if shape in HF_SHAPES:
+        folder = write_hf_checkpoint(Path(args.work_dir) / shape, shape, str(device))
+        model = load_model(folder, dtype=dtype, device=device, backend="triton", batch_invariant=args.batch_invariant)
+        return model, folder
+    torch.manual_seed(0)
+    model = LanguageModel(model_config(shape_config(shape, args.tiny)), backend="triton", device=device, dtype=dtype,
+                          batch_invariant=args.batch_invariant).eval()
+    return model, None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help=f"comma-separated, of {', '.join([*SHAPES, *HF_SHAPES])}")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--no-eager", action="store_true", help="skip the (slow) eager runs")
@@ -94,12 +148,17 @@ def main() -> int:
                     help="the batch-invariant model (as --model mamba builds it): decoding steps through "
                          "kernels.matmul.linear_step, never the fused Mamba-1 step")
     ap.add_argument("--peer", choices=["auto", "off"], default="auto",
-                    help="auto: time mamba_ssm's generate(cg=True) in the same run when it imports")
+                    help="auto: time mamba_ssm's generate(cg=True) (transformers' generate for a hybrid) in the "
+                         "same run when it imports")
+    ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "mamba_eval_bench"),
+                    help="where the hybrids' checkpoints are written (and reused)")
     ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU, eager only: checks the script")
     args = ap.parse_args()
     shapes = [s for s in args.shapes.split(",") if s]
-    if any(s not in SHAPES for s in shapes):
-        ap.error(f"unknown shapes in {args.shapes!r}; known: {', '.join(SHAPES)}")
+    if any(s not in SHAPES and s not in HF_SHAPES for s in shapes):
+        ap.error(f"unknown shapes in {args.shapes!r}; known: {', '.join([*SHAPES, *HF_SHAPES])}")
+    if args.tiny and any(s in HF_SHAPES and not s.startswith("tiny-") for s in shapes):
+        ap.error("--tiny runs the hybrids' toy shapes only (tiny-bamba)")
     batches = [int(b) for b in args.batches.split(",")]
     if args.tiny:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported, below
@@ -110,54 +169,75 @@ def main() -> int:
     else:
         device, dtype, lengths = torch.device("cuda"), torch.bfloat16, dict(prompt=PROMPT, new=NEW)
     from mamba_eval.harness.generation import GREEDY_STEPS
-    from mamba_eval.models.model import LanguageModel
 
-    mamba_ssm = import_peer("mamba_ssm") if args.peer == "auto" and not args.tiny else None
+    peer_on = args.peer == "auto"
+    mamba_ssm = import_peer("mamba_ssm") if peer_on and not args.tiny and set(shapes) - set(HF_SHAPES) else None
     info = run_info(device)
     rows = []
     for shape in shapes:
-        raw = shape_config(shape, args.tiny)
-        torch.manual_seed(0)
-        model = LanguageModel(model_config(raw), backend="triton", device=device, dtype=dtype,
-                              batch_invariant=args.batch_invariant).eval()
+        model, folder = build_model(shape, args, device, dtype)
+        shape_rows = []
         for batch in batches:
             prompts = make_prompts(batch, lengths["prompt"])
             eager = None if args.no_eager else bench(model, prompts, device, False, 1, repeats=1, new=lengths["new"])
             row = {"shape": shape, "batch": batch, "prompt": lengths["prompt"], "new_tokens": lengths["new"],
                    "greedy_steps": GREEDY_STEPS,
                    "eager_ms_per_token": eager["ms_per_token"] if eager else None}
+            tokens = [eager["tokens"]] if eager else []
             if device.type == "cuda":
                 single = bench(model, prompts, device, True, 1)
                 multi = bench(model, prompts, device, True, GREEDY_STEPS)
                 half = bench(model, prompts, device, True, GREEDY_STEPS, state_dtype=torch.bfloat16)
-                tokens = [single["tokens"], multi["tokens"]] + ([eager["tokens"]] if eager else [])
+                tokens = [single["tokens"], multi["tokens"]] + tokens
                 row.update(graphs_1_step_ms_per_token=single["ms_per_token"],
                            graphs_ms_per_token=multi["ms_per_token"],
                            graphs_bf16_state_ms_per_token=half["ms_per_token"], capture_s=multi["capture_s"],
                            same_tokens=all(t == tokens[0] for t in tokens))
-            rows.append(row)
+            shape_rows.append((row, prompts, tokens[0] if tokens else None))
+        rows += [r for r, _, _ in shape_rows]
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if mamba_ssm is not None:
+        if folder is not None and peer_on:
+            peer = hf_peer(folder, device, dtype)
+            for row, prompts, ours in shape_rows:
+                found = bench_hf(peer, prompts, device, lengths["new"])
+                row["peer"] = "transformers"
+                row["peer_ms_per_token"] = found["ms_per_token"]
+                fastest = row.get("graphs_ms_per_token") or row["eager_ms_per_token"]
+                row["speed_vs_peer"] = found["ms_per_token"] / fastest
+                # Equal greedy tokens are expected in fp32 only: bf16 rounding differs between implementations.
+                row["same_tokens_as_peer"] = found["tokens"] == ours
+            del peer
+        elif mamba_ssm is not None and folder is None:
             torch.manual_seed(0)
-            peer = peer_model(mamba_ssm, raw, device)
-            for row in rows[-len(batches):]:
+            peer = peer_model(mamba_ssm, shape_config(shape), device)
+            for row, _, _ in shape_rows:
+                row["peer"] = "mamba_ssm"
                 row["peer_ms_per_token"] = bench_peer(peer, row["batch"], device)
                 row["speed_vs_peer"] = row["peer_ms_per_token"] / row["graphs_ms_per_token"]
             del peer
-            torch.cuda.empty_cache()
-        elif not args.tiny:  # stored figures are for the published shapes, not the toy ones
-            for row in rows[-len(batches):]:
+        elif not args.tiny and folder is None:  # stored figures are for the published shapes, not the toy ones
+            for row, _, _ in shape_rows:
                 found = anchors.stored("gen", (shape, row["batch"]), info["gpu"])
                 if found:
                     row["stored_peer_ms_per_token"], source = found
                     row["stored_source"] = source.label
-    peer = f"mamba_ssm {mamba_ssm.__version__}" if mamba_ssm else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    peer = ", ".join(sorted({peer_label(r["peer"], mamba_ssm) for r in rows if r.get("peer")})) or None
     print_table(rows, peer)
     if args.json:
         write_json(args.json, {**info, "peer": peer, "batch_invariant": args.batch_invariant, "results": rows})
     return 0
+
+
+def peer_label(name: str, mamba_ssm) -> str:
+    if name == "mamba_ssm":
+        return f"mamba_ssm {mamba_ssm.__version__}"
+    import transformers
+
+    return f"transformers {transformers.__version__}"
 
 
 def print_table(rows: list[dict], peer: str | None) -> None:
@@ -166,21 +246,23 @@ def print_table(rows: list[dict], peer: str | None) -> None:
     def ms(value):
         return None if value is None else f"{value:.3f}"
 
+    yes_no = {True: "yes", False: "NO", None: None}
     header = ["shape", "batch", "eager", "graphs,1", f"graphs,{GREEDY_STEPS}", "bf16 state", "capture s",
               "same tokens"]
-    header += ["mamba_ssm cg", "speed vs mamba_ssm"] if peer else ["stored mamba_ssm cg"]
+    header += ["peer", "peer ms", "speed vs peer", "same tokens as peer"] if peer else ["stored mamba_ssm cg"]
     lines = []
     for r in rows:
         line = [r["shape"], r["batch"], ms(r["eager_ms_per_token"]), ms(r.get("graphs_1_step_ms_per_token")),
                 ms(r.get("graphs_ms_per_token")), ms(r.get("graphs_bf16_state_ms_per_token")),
-                None if r.get("capture_s") is None else f"{r['capture_s']:.2f}",
-                {True: "yes", False: "NO", None: None}[r.get("same_tokens")]]
+                None if r.get("capture_s") is None else f"{r['capture_s']:.2f}", yes_no[r.get("same_tokens")]]
         if peer:
-            line += [ms(r["peer_ms_per_token"]), f"{r['speed_vs_peer']:.2f}x"]
+            speed = r.get("speed_vs_peer")
+            line += [r.get("peer"), ms(r.get("peer_ms_per_token")), None if speed is None else f"{speed:.2f}x",
+                     yes_no[r.get("same_tokens_as_peer")]]
         else:
             line += [ms(r.get("stored_peer_ms_per_token"))]
         lines.append(line)
-    print("\n" + format_table(header, lines) + "\n(ms per generated token)")
+    print("\n" + format_table(header, lines) + "\n(ms per generated token; peer: " + (peer or "none") + ")")
     for label in sorted({r["stored_source"] for r in rows if r.get("stored_source")}):
         print(label)
 

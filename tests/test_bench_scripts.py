@@ -233,6 +233,22 @@ def test_tiny_cpu_run(script, check, tmp_path):
     assert "speed vs" not in proc.stdout and "stored:" not in proc.stdout  # toy shapes: no peer, no stored figure
 
 
+def test_hybrid_generation_beside_transformers_generate(tmp_path):
+    """bench_generate.py on a transformers-format hybrid (CPU, toy size, fp32): the checkpoint written
+    by transformers' class, decoded by our ``generate`` and by transformers' ``generate`` in one run,
+    which must give the same greedy tokens."""
+    out = tmp_path / "gen.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_generate.py"), "--tiny", "--shapes", "tiny-bamba",
+                           "--batches", "2", "--work-dir", str(tmp_path / "ckpt"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (row,) = data["results"]
+    assert data["peer"].startswith("transformers ") and row["peer"] == "transformers"
+    assert row["peer_ms_per_token"] > 0 and row["eager_ms_per_token"] > 0
+    assert row["same_tokens_as_peer"] is True
+
+
 def test_generation_task_through_lm_eval_beside_hf(tmp_path, data_dir):
     """bench_gen_task.py on the CPU: the repo's long-answer task through ``lm_eval --model mamba`` and
     ``--model hf`` on the same tensors; both decode every requested token, and in fp32 the two
