@@ -253,7 +253,8 @@ class MambaLM(TemplateLM):
             return device
         from accelerate import Accelerator
 
-        accelerator = Accelerator()
+        # accelerate takes a launch without CUDA for one process unless told it runs on CPUs.
+        accelerator = Accelerator(cpu=device.type == "cpu")
         if accelerator.num_processes > 1:
             self.accelerator = accelerator
             self._rank = accelerator.process_index
