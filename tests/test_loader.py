@@ -163,6 +163,31 @@ def test_dtype_auto(checkpoint, tmp_path):
     assert model.dtype == torch.float16 and model.backbone.layers[0].mixer.A_log.dtype == torch.float32
 
 
+def test_a_model_larger_than_the_gpu_is_refused_before_allocating(checkpoint, monkeypatch):
+    """On a GPU without room for the weights: one line with what they need, what is free and what
+    would fit, raised before any CUDA memory is touched (this machine may have no GPU at all)."""
+    from mamba_eval.errors import MambaEvalError
+    from mamba_eval.models.checkpoint import _weight_bytes
+
+    ckpt = checkpoint("mamba1-small")
+    need = _weight_bytes(load_model(str(ckpt.hf_dir), dtype="float32"))
+    need_bf16 = _weight_bytes(load_model(str(ckpt.hf_dir), dtype="bfloat16"))
+    assert need_bf16 < need < 2 * need_bf16 + 1
+    gib = 2**30
+
+    def free_memory(free):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * gib))
+        monkeypatch.setattr(torch.nn.Module, "to_empty", lambda *a, **k: pytest.fail("allocated"))
+
+    free_memory(need_bf16)
+    _raises(f"GiB in float32, more than the|free on cuda:0 (of 80.0 GiB)|with dtype=bfloat16 they need "
+            f"{need_bf16 / gib:.1f} GiB, which fits", load_model, str(ckpt.hf_dir), dtype="float32", device="cuda:0",
+            exc=MambaEvalError)
+    free_memory(need_bf16 - 1)
+    _raises("GiB in bfloat16|it needs one GPU with|(a model is not split across GPUs)", load_model, str(ckpt.hf_dir),
+            dtype="bfloat16", device="cuda", exc=MambaEvalError)
+
+
 def test_parse_dtype():
     assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("torch.float16") is torch.float16
     assert parse_dtype(torch.float32) is torch.float32 and parse_dtype("auto") == "auto"

@@ -225,6 +225,33 @@ def _auto_dtype(path: Path, state: dict[str, torch.Tensor]) -> torch.dtype:
     return state["backbone.embedding.weight"].dtype
 
 
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each shared tensor once); works on the meta device."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def check_fits(model: torch.nn.Module, config: ModelConfig, device: torch.device, path) -> None:
+    """Raise ``MambaEvalError`` before anything is allocated when the weights of ``model`` (built on
+    the meta device) exceed the free memory of the GPU ``device``, saying what would fit. A model
+    runs on one GPU: it is not split across several."""
+    from mamba_eval.models.model import LanguageModel
+
+    free, total = torch.cuda.mem_get_info(device)
+    need = _weight_bytes(model)
+    if need <= free:
+        return
+    gib = 2.0**-30
+    dtype = str(model.dtype).removeprefix("torch.")
+    hint = f"it needs one GPU with {need * gib:.1f} GiB free (a model is not split across GPUs)"
+    if model.dtype.itemsize > 2:
+        half = _weight_bytes(LanguageModel(config, device="meta", dtype=torch.bfloat16))
+        if half <= free:
+            hint = f"with dtype=bfloat16 they need {half * gib:.1f} GiB, which fits"
+    raise MambaEvalError(f"{path}: the weights need {need * gib:.1f} GiB in {dtype}, more than the "
+                         f"{free * gib:.1f} GiB free on {device} (of {total * gib:.1f} GiB); {hint}")
+
+
 def load_model(pretrained, *, revision: str | None = None, dtype="auto", device="cpu", backend: str = "ref",
                batch_invariant: bool = False):
     """Build a ``LanguageModel`` from a checkpoint folder (str or Path) or Hub id, in eval mode,
@@ -255,6 +282,8 @@ def load_model(pretrained, *, revision: str | None = None, dtype="auto", device=
         state["lm_head.weight"] = state["backbone.embedding.weight"]
     model = LanguageModel(config, backend=backend, device="meta", dtype=torch_dtype,
                           invariance=Invariance.for_device(device, batch_invariant))
+    if device.type == "cuda":
+        check_fits(model, config, device, path)
     model.to_empty(device=device)  # allocates (per-parameter dtypes kept) but un-ties
     model.tie_weights()
     model.load_state_dict(state, strict=True)  # copies, casting to each parameter's dtype
