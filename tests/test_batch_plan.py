@@ -149,6 +149,66 @@ def test_gpu_slots(monkeypatch):
     assert command[-4:] == ["-m", "mamba_eval.commands.batch", "--worker", "/tmp/x/spec.json"]
 
 
+def test_a_killed_worker_runs_again_on_another_slot(tmp_path, monkeypatch):
+    """A checkpoint whose evaluation process dies by a signal goes back to the queue and runs on the
+    other GPU, once; killed again, its unfinished units fail. Every other unit runs exactly once."""
+    import io
+    import threading
+    import time
+
+    from mamba_eval.commands.batch import executors
+    from mamba_eval.commands.batch.store import Progress
+
+    jobs = batch.plan_jobs([batch.Checkpoint(f"org/model-{c}") for c in "abcd"], ["piqa", "arc_easy"], tmp_path)
+    once, always = jobs[0].slug, jobs[1].slug
+    calls, lock = [], threading.Lock()
+
+    def fake_run_checkpoint(job):
+        with lock:
+            calls.append((job.slug, job.gpus, job.retry_if_killed))
+        time.sleep(0.05)
+        summary = {"slug": job.slug, "done": list(job.tasks), "failed": {}, "busy": None, "returncode": 0}
+        killed = job.slug == always or (job.slug == once and job.retry_if_killed)
+        if killed and job.retry_if_killed:
+            return {**summary, "done": ["piqa"], "returncode": -9, "killed": "SIGKILL"}
+        if killed:
+            return {**summary, "done": ["piqa"], "returncode": -9, "failed": {"arc_easy": "exited with status -9"}}
+        return summary
+
+    monkeypatch.setattr(executors, "run_checkpoint", fake_run_checkpoint)
+    states = {(j.slug, t): "pending" for j in jobs for t in j.tasks}
+    stream = io.StringIO()
+    executors.run_local(jobs, [("0",), ("1",)], 1, Progress(tmp_path, jobs, states, stream, "local"))
+
+    runs = {j.slug: [(gpus, retry) for slug, gpus, retry in calls if slug == j.slug] for j in jobs}
+    assert len(runs[once]) == len(runs[always]) == 2 and runs[once][0][1] and runs[always][0][1]
+    for slug in (once, always):  # the second run is on the other GPU and is the last chance
+        assert runs[slug][0][0] != runs[slug][1][0] and runs[slug][1][1] is False
+    assert [len(runs[j.slug]) for j in jobs[2:]] == [1, 1]
+    assert states == {**{k: "done" for k in states}, (always, "arc_easy"): "failed"}
+    log = stream.getvalue()
+    assert log.count("killed by SIGKILL on GPU(s)") == 2 and "run again on another worker" in log
+    assert log.count(": done") == 7 and log.count("FAILED") == 1
+
+
+def test_run_checkpoint_when_its_worker_is_killed(tmp_path, monkeypatch):
+    """An evaluation process killed by a signal: its units stay pending when another try will
+    follow, and fail with the exit status when not."""
+    import sys
+
+    from mamba_eval.commands.batch import executors
+    from mamba_eval.commands.batch.store import error_path
+
+    suicide = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    monkeypatch.setattr(executors, "worker_command", lambda job, spec: suicide)
+    (job,) = batch.plan_jobs([batch.Checkpoint("org/model")], ["piqa"], tmp_path)
+    summary = executors.run_checkpoint(dataclasses.replace(job, retry_if_killed=True))
+    assert summary["killed"] == "SIGKILL" and summary["failed"] == {} and summary["done"] == []
+    assert not error_path(job.folder, "piqa").exists()
+    summary = executors.run_checkpoint(job)
+    assert "killed" not in summary and "exited with status -9" in summary["failed"]["piqa"]
+
+
 def test_slurm_job_array_submission(tmp_path, monkeypatch):
     """With stand-ins for srun and sbatch on PATH, the slurm executor submits one job array with
     one task per checkpoint and the requested resources, and returns without waiting."""

@@ -16,6 +16,7 @@ import os
 import queue
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -77,6 +78,10 @@ def run_checkpoint(job: CheckpointJob) -> dict:
             error_path(folder, task).unlink(missing_ok=True)
         if pending:
             summary["returncode"] = _run_worker_process(job, folder, pending, lock)
+            if summary["returncode"] < 0 and job.retry_if_killed:
+                summary["killed"] = _signal_name(-summary["returncode"])
+                summary["done"] = [t for t in job.tasks if unit_state(folder, t, job.fingerprints[t]) == "done"]
+                return summary
             for task in pending:
                 if unit_state(folder, task, job.fingerprints[task]) != "done" and not error_path(folder, task).exists():
                     atomic_write(error_path(folder, task),
@@ -90,6 +95,13 @@ def run_checkpoint(job: CheckpointJob) -> dict:
     finally:
         os.close(lock)
     return summary
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _run_worker_process(job: CheckpointJob, folder: Path, pending: list[str], lock: int) -> int:
@@ -160,43 +172,80 @@ def local_slots(gpus: str, per_checkpoint: int, workers: int | None) -> list:
     return [None] * (workers or 1)
 
 
+#: How many times a checkpoint whose evaluation process was killed by a signal (out of memory, a
+#: lost GPU, an operator's kill) is started again on another slot before its units count as failed.
+KILLED_RETRIES = 1
+
+
 def run_local(jobs: list[CheckpointJob], slots: list, per_checkpoint: int, progress: Progress) -> None:
-    """Run ``jobs`` on this machine, one per slot at a time, reporting to ``progress``."""
-    pending: queue.Queue = queue.Queue()
+    """Run ``jobs`` on this machine, one per slot at a time, reporting to ``progress``. A job whose
+    evaluation process is killed by a signal goes back to the queue, for another slot when there is
+    one, ``KILLED_RETRIES`` times; its finished units are kept."""
+    pending: queue.Queue = queue.Queue()  # (job, index of a slot to avoid, or None)
     for job in jobs:
-        pending.put(job)
+        pending.put((job, None))
     finished: queue.Queue = queue.Queue()
     running: set[str] = set()
-    running_lock = threading.Lock()
+    lock = threading.Lock()
+    outstanding = [len(jobs)]  # jobs not reported yet: the slots run until it reaches 0
+    attempts: dict[str, int] = {}
+    n_slots = min(len(slots), len(jobs))
     cpu_threads = None if slots[0] is not None else max(1, (os.cpu_count() or 1) // len(slots))
 
     def slot_loop(index: int, gpus):
         while True:
+            with lock:
+                if outstanding[0] == 0:
+                    return
             try:
-                job = pending.get_nowait()
+                job, avoid = pending.get(timeout=0.2)
             except queue.Empty:
-                return
-            job = dataclasses.replace(job, gpus=gpus, processes=per_checkpoint if gpus is not None else 1,
-                                      threads=cpu_threads, port=29500 + index)
-            with running_lock:
+                continue
+            if avoid == index and n_slots > 1:  # killed here: leave it to another slot
+                pending.put((job, avoid))
+                time.sleep(0.2)
+                continue
+            with lock:
+                attempt = attempts.get(job.slug, 0)
                 running.add(job.slug)
+            run = dataclasses.replace(job, gpus=gpus, processes=per_checkpoint if gpus is not None else 1,
+                                      threads=cpu_threads, port=29500 + index,
+                                      retry_if_killed=attempt < KILLED_RETRIES)
             try:
-                finished.put(("ok", run_checkpoint(job)))
+                summary = run_checkpoint(run)
             except Exception as exc:  # noqa: BLE001 - reported as this checkpoint's failure
-                finished.put(("crash", (job.slug, one_line(exc))))
+                outcome = ("crash", (job.slug, one_line(exc)))
+            else:
+                outcome = ("killed", (summary, gpus)) if summary.get("killed") else ("ok", summary)
+            with lock:
+                running.discard(job.slug)
+                if outcome[0] == "killed":
+                    attempts[job.slug] = attempt + 1
+                    pending.put((job, index))
+                else:
+                    outstanding[0] -= 1
+                finished.put(outcome)
 
     threads = [threading.Thread(target=slot_loop, args=(i, gpus), daemon=True, name=f"batch-slot-{i}")
-               for i, gpus in enumerate(slots[:len(jobs)])]
+               for i, gpus in enumerate(slots[:n_slots])]
     for thread in threads:
         thread.start()
     try:
         while any(t.is_alive() for t in threads) or not finished.empty():
-            with running_lock:
+            with lock:
                 slugs = list(running)
             progress.poll(slugs)
             try:
                 kind, payload = finished.get(timeout=0.5)
             except queue.Empty:
+                continue
+            if kind == "killed":
+                summary, gpus = payload
+                where = f"GPU(s) {','.join(gpus)}" if gpus is not None else "a CPU worker"
+                progress.poll([summary["slug"]])
+                progress.note(f"{progress.jobs[summary['slug']].name}: evaluation process killed by "
+                              f"{summary['killed']} on {where}; its unfinished tasks run again"
+                              + (" on another worker" if n_slots > 1 else ""))
                 continue
             slug = payload["slug"] if kind == "ok" else payload[0]
             progress.poll([slug])
@@ -204,8 +253,6 @@ def run_local(jobs: list[CheckpointJob], slots: list, per_checkpoint: int, progr
                 progress.finish(payload)
             else:
                 progress.crash(*payload)
-            with running_lock:
-                running.discard(slug)
     except KeyboardInterrupt:
         for proc in list(_RUNNING.values()):
             proc.kill()

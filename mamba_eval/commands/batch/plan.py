@@ -318,6 +318,8 @@ class CheckpointJob:
     processes: int = 1  # > 1: data parallel through accelerate launch
     threads: int | None = None  # CPU threads per worker (OMP_NUM_THREADS), when set
     port: int = 29500  # accelerate's main process port (distinct per concurrent worker)
+    # A worker killed by a signal leaves its unfinished units pending (for another slot) instead of failed.
+    retry_if_killed: bool = False
 
     def describe(self) -> dict:
         """The checkpoint's description, as ``checkpoint.json`` holds it (read by ``mamba-eval table``)."""

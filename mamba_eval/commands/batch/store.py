@@ -190,6 +190,11 @@ class Progress:
         print(f"{PROG}: [{counts.get('done', 0)}/{total} done, {counts.get('failed', 0)} failed, {self.elapsed()}] "
               f"{text}", file=self.stream, flush=True)
 
+    def note(self, text: str) -> None:
+        """One progress line that is not a unit's final state (e.g. a worker started again)."""
+        with self.lock:
+            self._line(text)
+
     def counts(self) -> dict:
         return count_states(self.states)
 
