@@ -116,7 +116,7 @@ def hf_peer(folder: Path, device, dtype):
     """transformers' model of a hybrid checkpoint, never stopping at EOS (neither does ours here)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device)).eval()
     model.generation_config.eos_token_id = None
     return model
 
