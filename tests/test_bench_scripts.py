@@ -177,13 +177,14 @@ def test_tests_cut_at_the_budget_still_report_their_failures(tmp_path, monkeypat
     names the failures found so far."""
     (tmp_path / "test_cut.py").write_text(
         "import time\n\ndef test_fails():\n    assert 1 == 2\n\n"
-        "def test_runs_past_the_budget():\n    time.sleep(60)\n")
+        "def test_runs_past_the_budget():\n    time.sleep(120)\n")
     monkeypatch.setitem(gpu_check.GPU_TESTS, "cut", [str(tmp_path / "test_cut.py")])
     monkeypatch.setattr(gpu_check, "test_workers", lambda: [])
     log = tmp_path / "log"
-    entry = gpu_check.run_tests("cut", {**gpu_check.os.environ, "PYTHONUNBUFFERED": "1"}, log, tmp_path, 6)
+    # The budget leaves a loaded CI machine time to start pytest and run the first test.
+    entry = gpu_check.run_tests("cut", {**gpu_check.os.environ, "PYTHONUNBUFFERED": "1"}, log, tmp_path, 20)
     assert entry["status"] == "cut at the time budget", log.read_text()
-    assert entry["failures"] == ["test_cut::test_fails"] and entry["seconds"] < 30
+    assert entry.get("failures") == ["test_cut::test_fails"] and entry["seconds"] < 50, (entry, log.read_text())
 
 
 def test_every_test_file_with_a_cuda_path_is_in_the_gpu_check():
