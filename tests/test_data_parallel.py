@@ -1,44 +1,25 @@
 """Data parallelism, checked on the CPU: ``lm_eval --model mamba`` under ``torchrun`` with two
 processes (what ``accelerate launch`` starts, one process per GPU) shards the requests by rank and
-gathers them on rank 0; every per-sample response equals a one-process run bit for bit."""
+gathers them on rank 0; every per-sample response equals a one-process run bit for bit. The
+launch and the comparison are those of ``scripts/bench_data_parallel.py``."""
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("lm_eval")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 TASKS = ["hellaswag", "lambada_openai"]
 LIMIT = 12
 
 
-def _leaves_as_text(value):
-    """lm-eval's samples files hold each response's values as text (``str``, which round-trips floats)."""
-    if isinstance(value, (list, tuple)):
-        return [_leaves_as_text(v) for v in value]
-    return str(value)
-
-
-def _responses(samples: dict[str, list[dict]]) -> dict:
-    """(task, doc_id) -> the responses as text."""
-    return {(task, s["doc_id"]): _leaves_as_text(s["resps"]) for task, rows in samples.items() for s in rows}
-
-
-def _samples_written(out_dir) -> dict[str, list[dict]]:
-    found = {}
-    for path in glob.glob(str(out_dir / "*" / "samples_*.jsonl")):
-        task = next(t for t in TASKS if os.path.basename(path).startswith(f"samples_{t}_"))
-        found[task] = [json.loads(line) for line in open(path)]
-    return found
-
-
 def test_two_processes_score_as_one(tmp_path, data_dir):
+    import bench_data_parallel as dp
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -46,25 +27,19 @@ def test_two_processes_score_as_one(tmp_path, data_dir):
     from mamba_eval.models.releases import release, write_random_checkpoint
 
     include = prepare_offline_tasks(data_dir)
+    tokenizer = data_dir / "tokenizers" / "gpt-neox-20b"
     ckpt = write_random_checkpoint(tmp_path / "ckpt", release("mamba-130m", d_model=64, n_layer=2), seed=0,
                                    device="cpu")
-    model_args = f"pretrained={ckpt},tokenizer={data_dir / 'tokenizers' / 'gpt-neox-20b'},dtype=float32"
-    one = simple_evaluate(model="mamba", model_args=model_args, tasks=TASKS, limit=LIMIT, device="cpu", batch_size=4,
+    one = simple_evaluate(model="mamba", model_args=f"pretrained={ckpt},tokenizer={tokenizer},dtype=float32",
+                          tasks=TASKS, limit=LIMIT, device="cpu", batch_size=4,
                           task_manager=TaskManager(include_path=str(include)), log_samples=True, bootstrap_iters=0)
 
-    out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "lm_eval", "--model", "mamba", "--model_args", model_args, "--tasks", ",".join(TASKS),
-                           "--limit", str(LIMIT), "--include_path", str(include), "--device", "cpu",
-                           "--batch_size", "4", "--log_samples", "--output_path", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    # Each rank built its own share of the requests (lm-eval logs the rank that builds them).
-    for rank in (0, 1):
-        assert f"Building contexts for hellaswag on rank {rank}" in proc.stderr + proc.stdout
-    assert len(glob.glob(str(out / "*" / "results_*.json"))) == 1  # rank 0 alone writes
-    two = _samples_written(out)
-    assert sorted(two) == sorted(TASKS)
-    assert _responses(two) == _responses(one["samples"])
-    assert len(_responses(two)) == LIMIT * len(TASKS)
+    args = SimpleNamespace(dtype="float32", tasks=",".join(TASKS), batch_size=4, device="cpu", limit=LIMIT)
+    two = dp.run_one(args, "tiny", "mamba", 2, ckpt, tokenizer, include, tmp_path)
+    assert two["ranks_building_requests"] == [0, 1]  # each rank built its own share
+    assert two["command"].startswith("-m torch.distributed.run")
+    expected = {(task, s["doc_id"]): dp._text(s["resps"]) for task, rows in one["samples"].items() for s in rows}
+    assert len(expected) == LIMIT * len(TASKS)
+    assert two["samples"] == expected
+    for task in TASKS:
+        assert two["metrics"][task]["acc"] == one["results"][task]["acc,none"]
