@@ -104,13 +104,21 @@ def child_env(peaks_file: Path) -> dict:
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _default_sigint() -> None:
+    """In the child before it starts: SIGINT back to its default. A process started in the
+    background (or by a test worker) may inherit SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler, so the interrupt below would not stop pytest."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_logged(cmd: list[str], env: dict, log: Path, timeout: float) -> tuple[int | None, float]:
     """(exit status or None when cut at ``timeout``, seconds); output appended to ``log``."""
     t0 = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"\n===== {utc_now()} {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_default_sigint)
         try:
             rc = proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:

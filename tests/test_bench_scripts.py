@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,7 @@ def test_junit_counts_and_reasons(tmp_path):
                                           "skip_reasons": {"needs a CUDA GPU": 1}}
 
 
-def test_tests_cut_at_the_budget_still_report_their_failures(tmp_path, monkeypatch):
+def test_tests_cut_at_the_budget_still_report_their_failures(tmp_path, monkeypatch, request):
     """A test group stopped at its time budget is interrupted, not killed: pytest's report then
     names the failures found so far."""
     (tmp_path / "test_cut.py").write_text(
@@ -180,6 +181,9 @@ def test_tests_cut_at_the_budget_still_report_their_failures(tmp_path, monkeypat
         "def test_runs_past_the_budget():\n    time.sleep(120)\n")
     monkeypatch.setitem(gpu_check.GPU_TESTS, "cut", [str(tmp_path / "test_cut.py")])
     monkeypatch.setattr(gpu_check, "test_workers", lambda: [])
+    # As when started in the background: SIGINT ignored in this process, and so in its children.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     log = tmp_path / "log"
     # The budget leaves a loaded CI machine time to start pytest and run the first test.
     entry = gpu_check.run_tests("cut", {**gpu_check.os.environ, "PYTHONUNBUFFERED": "1"}, log, tmp_path, 20)
