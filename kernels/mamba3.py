@@ -572,10 +572,20 @@ def _mamba3_step_kernel(
     beta = (1.0 - lam) * dt * alpha
     gamma = lam * dt
 
-    # θ_t = wrap(θ_{t-1} + π tanh(angles) Δ) for the S rotated pairs; 0 (no rotation) for the rest.
+    # The states are read, then overwritten in place. A vector of BLOCK_J or BLOCK_P elements is
+    # held by more threads than it has elements (replicated across warps), and warps do not run in
+    # step: without a barrier between the reads and the writes of the same addresses, a warp can
+    # read a value another warp has already replaced.
     mask_s = j < S
-    ang = tl.load(ang_ptr + b * s_ang_b + j * s_ang_s, mask=mask_s, other=0.0).to(tl.float32)
     theta = tl.load(theta_ptr + b * s_th_b + h * s_th_h + j * s_th_s, mask=mask_s, other=0.0)
+    ss = ssm_ptr + b * s_ss_b + h * s_ss_h + p[:, None] * s_ss_p
+    s1 = alpha * tl.load(ss + first[None, :] * s_ss_n, mask=mask_pj, other=0.0).to(tl.float32)  # [BP, BJ]
+    s2 = alpha * tl.load(ss + second[None, :] * s_ss_n, mask=mask_pj, other=0.0).to(tl.float32)
+    x_prev = tl.load(v_ptr + b * s_v_b + h * s_v_h + p * s_v_p, mask=mask_p, other=0.0).to(tl.float32)
+    tl.debug_barrier()
+
+    # θ_t = wrap(θ_{t-1} + π tanh(angles) Δ) for the S rotated pairs; 0 (no rotation) for the rest.
+    ang = tl.load(ang_ptr + b * s_ang_b + j * s_ang_s, mask=mask_s, other=0.0).to(tl.float32)
     theta = theta + 3.141592653589793 * _tanh(ang) * dt
     theta = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
     theta = tl.where(mask_s, theta, 0.0)
@@ -583,12 +593,8 @@ def _mamba3_step_kernel(
     cos = tl.cos(theta)
     sin = tl.sin(theta)
 
-    ss = ssm_ptr + b * s_ss_b + h * s_ss_h + p[:, None] * s_ss_p
-    s1 = alpha * tl.load(ss + first[None, :] * s_ss_n, mask=mask_pj, other=0.0).to(tl.float32)  # [BP, BJ]
-    s2 = alpha * tl.load(ss + second[None, :] * s_ss_n, mask=mask_pj, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + b * s_x_b + h * s_x_h + p * s_x_p, mask=mask_p, other=0.0)
     xf = x.to(tl.float32)
-    x_prev = tl.load(v_ptr + b * s_v_b + h * s_v_h + p * s_v_p, mask=mask_p, other=0.0).to(tl.float32)
     for r in tl.static_range(R):
         v = xf
         v_prev = x_prev
@@ -599,6 +605,7 @@ def _mamba3_step_kernel(
         kp = k_ptr + b * s_k_b + r * s_k_r + h * s_k_h
         k1_prev = tl.load(kp + first * s_k_n, mask=mask_j, other=0.0)
         k2_prev = tl.load(kp + second * s_k_n, mask=mask_j, other=0.0)
+        tl.debug_barrier()  # every read of this rank's keys before they are replaced below
         bp = b_ptr + b * s_b_b + r * s_b_r + g * s_b_g
         bias = bb_ptr + (h * R + r) * N
         kb1 = tl.load(bp + first * s_b_n, mask=mask_j, other=0.0).to(tl.float32) + \

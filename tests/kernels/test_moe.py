@@ -422,8 +422,9 @@ def test_the_layer_runs_its_experts_through_the_kernel_when_the_backend_has_it(a
     ours.reset_parameters()
     reference = MoE(40, cfg, ref_ops)
     reference.load_state_dict(ours.state_dict())
+    ours, reference = ours.to(DEVICE), reference.to(DEVICE)
     assert ours.routed_steps and not reference.routed_steps
-    x = torch.randn(2, 9, 40)
+    x = torch.randn(2, 9, 40).to(DEVICE)
     with torch.no_grad():
         expected = reference(x)
         assert_close(ours(x), expected, 1e-5, "forward")
