@@ -163,13 +163,16 @@ def write_stamp(path: Path = STAMP) -> dict:
 def commit() -> tuple[str | None, bool | None]:
     """``(commit, dirty)``: dirty when a tracked file differs from the commit; ``(None, None)``
     when neither git nor a stamp says."""
+    stamp = json.loads(STAMP.read_text()) if STAMP.is_file() else None
+    stamp_dirty = stamp is not None and any(_blob_hash(REPO / name) != sha for name, sha in stamp["files"].items())
+    # The stamp first: the GPU machine's copy of the tree may carry a .git of an older commit.
+    if stamp is not None and not stamp_dirty:
+        return stamp["commit"], False
     if _in_git_checkout():
         dirty = bool(_git("status", "--porcelain", "--untracked-files=no").strip())
         return _git("rev-parse", "HEAD").strip(), dirty
-    if STAMP.is_file():
-        stamp = json.loads(STAMP.read_text())
-        dirty = any(_blob_hash(REPO / name) != sha for name, sha in stamp["files"].items())
-        return stamp["commit"], dirty
+    if stamp is not None:
+        return stamp["commit"], True
     return None, None
 
 

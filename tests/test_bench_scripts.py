@@ -160,6 +160,30 @@ def test_the_page_outside_the_markers_is_left_alone(tmp_path):
     assert other.read_text() == f"# Other\n\n{gpu_check.BEGIN}\nthird\n{gpu_check.END}\n"
 
 
+def test_commit_prefers_a_matching_stamp_to_an_older_git(tmp_path, monkeypatch):
+    """On the GPU machine the tree may come with the .git of an older commit: a stamp whose files
+    all match names the commit; once a file differs, git decides."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "a.py").write_text("old\n")
+    git("init", "-q")
+    git("add", "a.py")
+    git("commit", "-qm", "old")
+    old = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "a.py").write_text("new\n")
+    stamp = tmp_path / "stamp.json"
+    stamp.write_text(json.dumps({"commit": "f" * 40, "files": {"a.py": bench_common._blob_hash(tmp_path / "a.py")}}))
+    monkeypatch.setattr(bench_common, "REPO", tmp_path)
+    monkeypatch.setattr(bench_common, "STAMP", stamp)
+    assert bench_common.commit() == ("f" * 40, False)
+    (tmp_path / "a.py").write_text("newer\n")
+    assert bench_common.commit() == (old, True)
+    stamp.unlink()
+    assert bench_common.commit() == (old, True)
+
+
 def test_junit_counts_and_reasons(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text("""<testsuites><testsuite>
