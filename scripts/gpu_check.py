@@ -6,7 +6,8 @@ reasons), or a benchmark's table (its rows, the command that produced them, and 
 measured beside ours in the same run), with the GPU's name and measured peaks, the commit (and
 whether tracked files differed from it), the UTC date and the versions. Parts (``--only``):
 
-    tests-kernels  MAMBA_EVAL_TEST_SIZES=real pytest tests/kernels
+    tests-kernels  MAMBA_EVAL_TEST_SIZES=real pytest on the GEMM, MoE and norm kernels (tests/kernels)
+    tests-scans    the same for the scan, step and conv kernels
     tests-model    the other tests that need CUDA or take a CUDA path (GPU_TESTS below)
     model gen kernels eval 7b gen-task memory   scripts/bench_model.py, bench_generate.py,
                    bench_kernels.py, bench_eval.py, bench_7b.py, bench_gen_task.py, probe_memory.py
@@ -70,7 +71,11 @@ PREPARED_DATA = STAMP.parent / "data"
 
 #: Tests that need a CUDA GPU or take a CUDA path when one is there (the kernels at real sizes).
 GPU_TESTS = {
-    "tests-kernels": ["tests/kernels"],
+    # The kernels at real sizes take more than one command's time: two groups, one per command.
+    "tests-kernels": [f"tests/kernels/test_{name}.py" for name in (
+        "matmul", "matmul_hopper", "moe", "batch_invariance", "norm", "refs", "utils", "without_triton")],
+    "tests-scans": [f"tests/kernels/test_{name}.py" for name in (
+        "conv1d", "mamba1_step", "mamba3", "mamba3_scan", "mamba3_step", "selective_scan", "ssd")],
     "tests-model": ["tests/test_gpu_engine.py", "tests/test_gpu_generation.py", "tests/test_gpu_lm_eval.py",
                     "tests/test_model_triton.py", "tests/test_model_invariant.py", "tests/test_lengths.py",
                     "tests/test_falcon_codestral.py::test_triton_backend_matches_reference",
@@ -161,7 +166,7 @@ def test_workers() -> list[str]:
 
 def run_tests(group: str, env: dict, log: Path, work: Path, timeout: float) -> dict:
     xml = work / f"{group}.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={xml}",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--durations=15", "-p", "no:cacheprovider", f"--junitxml={xml}",
            *test_workers(), *GPU_TESTS[group]]
     rc, seconds = run_logged(cmd, {**env, "MAMBA_EVAL_TEST_SIZES": "real"}, log, timeout)
     entry = {"command": "MAMBA_EVAL_TEST_SIZES=real python -m pytest " + " ".join(GPU_TESTS[group]),

@@ -222,6 +222,8 @@ def test_every_test_file_with_a_cuda_path_is_in_the_gpu_check():
         if "torch.cuda.is_available()" in path.read_text():
             rel = path.relative_to(tests.parent)
             assert any(rel == p or p in rel.parents for p in listed), f"{rel} is not run by scripts/gpu_check.py"
+    for path in sorted((tests / "kernels").glob("test_*.py")):  # all of them run at real sizes there
+        assert path.relative_to(tests.parent) in listed, f"{path.name} is in no kernel group of scripts/gpu_check.py"
 
 
 # ----------------------------------------------------------------------------- the scripts themselves
