@@ -31,7 +31,9 @@ Workflow (the GPU machine takes one command of at most 10 minutes, 30 minutes a 
        export PYTHONPATH=/tmp/site:$PYTHONPATH &&
        python3 -m pip install -q --no-deps --no-build-isolation -e . &&
    and goes on with one of
-       bash .whl/peers/build.sh start; python3 scripts/gpu_check.py --since $S --only tests --out $OUT
+       bash .whl/peers/build.sh start; python3 scripts/gpu_check.py --since $S --only tests-kernels --out $OUT
+       python3 scripts/gpu_check.py --since $S --only tests-scans --out $OUT
+       python3 scripts/gpu_check.py --since $S --only tests-model --out $OUT
        bash .whl/peers/build.sh wait; python3 scripts/gpu_check.py --since $S --only model,gen,kernels --out $OUT
        python3 scripts/gpu_check.py --since $S --only eval --out $OUT
    Each writes ``$OUT/record-<UTC time>.json`` after every part (a command cut at its limit keeps
