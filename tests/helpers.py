@@ -47,6 +47,37 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol_max: float =
         )
 
 
+def seeded_randn(*shape, dtype: torch.dtype, seed: int, scale: float = 1.0, device="cpu") -> torch.Tensor:
+    """Normal values drawn on the CPU from ``seed`` (the same on every device), then cast and moved."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+
+def gemm_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``x`` [..., K] in another memory layout (the GEMM tests' inputs)."""
+    if layout == "contiguous":
+        return x
+    if layout == "column slice":  # rows K + 13 apart and the start 10 bytes off: copied for TMA
+        wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 13, dtype=x.dtype, device=x.device)
+        wide[..., 5:5 + x.shape[-1]] = x
+        return wide[..., 5:5 + x.shape[-1]]
+    if layout == "aligned slice":  # rows K + 8 apart, start 16-byte aligned: read in place
+        wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 16, dtype=x.dtype, device=x.device)
+        wide[..., 8:8 + x.shape[-1]] = x
+        return wide[..., 8:8 + x.shape[-1]]
+    if layout == "misaligned":  # contiguous, its start one element past a 16-byte boundary
+        flat = torch.zeros(x.numel() + 1, dtype=x.dtype, device=x.device)
+        flat[1:] = x.reshape(-1)
+        return flat[1:].view(x.shape)
+    if layout == "transposed":  # leading dims swapped: rows are (outer, inner) pairs
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "k strided":  # K not contiguous
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "permuted":  # three leading dims no two strides describe: copied
+        return x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+    raise AssertionError(layout)
+
+
 def assert_same_lm_eval_run(ours: dict, theirs: dict, task: str, rtol: float = 1e-4) -> None:
     """Two lm-eval runs of ``task`` (``simple_evaluate`` results with ``log_samples``, e.g.
     ``--model mamba`` and ``--model hf``) agree sample by sample: the same documents and request

@@ -11,17 +11,19 @@ the kernel runs, so an element the kernel forgets shows up.
 
 from __future__ import annotations
 
+import functools
 
 import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()  # without one, tests/conftest.py runs Triton interpreted
 triton = pytest.importorskip("triton")
-from helpers import GEMM_RTOL as RTOL, assert_close  # noqa: E402
+from helpers import GEMM_RTOL as RTOL, assert_close, gemm_layout as _layout, seeded_randn  # noqa: E402
 
 import mamba_eval.kernels.matmul as mm  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
+_randn = functools.partial(seeded_randn, device=DEVICE)
 FUNCTIONS = {"linear": (mm.linear, mm._linear_config), "linear_step": (mm.linear_step, mm._step_config)}
 
 
@@ -31,28 +33,6 @@ def _nan_outputs(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(mm, "new_output", nan_output)
-
-
-def _randn(*shape, dtype, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
-
-
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as ``x`` [..., K] in another memory layout."""
-    if layout == "contiguous":
-        return x
-    if layout == "column slice":  # rows further apart than K, as a slice of a wider projection
-        wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 13, dtype=x.dtype, device=x.device)
-        wide[..., 5:5 + x.shape[-1]] = x
-        return wide[..., 5:5 + x.shape[-1]]
-    if layout == "transposed":  # leading dims swapped: rows are (outer, inner) pairs
-        return x.transpose(0, 1).contiguous().transpose(0, 1)
-    if layout == "k strided":  # K not contiguous
-        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if layout == "permuted":  # three leading dims no two strides describe: copied by the wrapper
-        return x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
-    raise AssertionError(layout)
 
 
 # (leading dims, K, N, bias, layout); the interpreter runs the GPU configurations: N > 256 gets

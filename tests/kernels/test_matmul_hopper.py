@@ -14,6 +14,7 @@ and lie between NaN bands, so a store past their bounds shows up too.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -22,12 +23,13 @@ import torch
 
 ON_GPU = torch.cuda.is_available()  # without one, tests/conftest.py runs Triton interpreted
 triton = pytest.importorskip("triton")
-from helpers import GEMM_RTOL as RTOL, assert_close  # noqa: E402
+from helpers import GEMM_RTOL as RTOL, assert_close, gemm_layout as _layout, seeded_randn  # noqa: E402
 
 import mamba_eval.kernels.matmul as mm  # noqa: E402
 import mamba_eval.kernels.matmul_hopper as mh  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
+_randn = functools.partial(seeded_randn, device=DEVICE)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
 HOPPER = ON_GPU and torch.version.hip is None and torch.cuda.get_device_capability()[0] >= 9
@@ -51,36 +53,6 @@ def _nan_outputs(monkeypatch):
     yield
     for buf, band, numel in buffers:
         assert buf[:band].isnan().all() and buf[band + numel:].isnan().all(), "a store past the output"
-
-
-def _randn(*shape, dtype, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
-
-
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as ``x`` [..., K] in another memory layout."""
-    if layout == "contiguous":
-        return x
-    if layout == "column slice":  # rows K + 13 apart and the start 10 bytes off: copied for TMA
-        wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 13, dtype=x.dtype, device=x.device)
-        wide[..., 5:5 + x.shape[-1]] = x
-        return wide[..., 5:5 + x.shape[-1]]
-    if layout == "aligned slice":  # rows K + 8 apart, start 16-byte aligned: read in place
-        wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 16, dtype=x.dtype, device=x.device)
-        wide[..., 8:8 + x.shape[-1]] = x
-        return wide[..., 8:8 + x.shape[-1]]
-    if layout == "misaligned":  # contiguous, its start one element past a 16-byte boundary
-        flat = torch.zeros(x.numel() + 1, dtype=x.dtype, device=x.device)
-        flat[1:] = x.reshape(-1)
-        return flat[1:].view(x.shape)
-    if layout == "transposed":  # leading dims swapped: rows are (outer, inner) pairs
-        return x.transpose(0, 1).contiguous().transpose(0, 1)
-    if layout == "k strided":  # K not contiguous
-        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if layout == "permuted":  # three leading dims no two strides describe
-        return x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
-    raise AssertionError(layout)
 
 
 def _small_tiles(split: bool):
